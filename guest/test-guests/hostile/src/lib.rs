@@ -1,0 +1,101 @@
+//! A test guest of the `model` world whose `infer` does what its text input commands, so each
+//! limit and failure path can be driven from a test:
+//!
+//! | input            | behaviour                                                    |
+//! |------------------|--------------------------------------------------------------|
+//! | `echo:TEXT`      | returns `TEXT` (a well-behaved run)                          |
+//! | `work:N`         | N iterations of a small loop, then returns N (exact fuel)    |
+//! | `spin`           | loops forever without calling anything                       |
+//! | `grow`           | allocates 1 MiB blocks forever (the allocator aborts on OOM) |
+//! | `grow-pages:N`   | one `memory.grow` of N pages; returns the old size or -1     |
+//! | `recurse`        | unbounded recursion (stack overflow)                         |
+//! | `panic`          | panics with a message on stderr                              |
+//! | `bytes:N`        | returns N bytes of output                                    |
+//! | `print:N`        | writes N lines to stdout, then returns                       |
+//! | `sleep`          | sleeps for an hour in a host call                            |
+
+wit_bindgen::generate!({
+    world: "model",
+    path: "../../../wit",
+});
+
+use std::hint::black_box;
+
+use wasm_infer::model::types::{DataKind, ErrorCode};
+
+struct Hostile;
+
+fn number(arg: &str) -> u64 {
+    arg.parse().expect("numeric argument")
+}
+
+fn recurse(depth: u64) -> u64 {
+    // black_box keeps this a real call chain rather than a loop.
+    black_box(depth) + recurse(black_box(depth + 1))
+}
+
+impl Guest for Hostile {
+    fn info() -> ModelInfo {
+        ModelInfo {
+            name: "hostile".into(),
+            version: "0".into(),
+            description: "misbehaves on command, for tests".into(),
+            inputs: vec![DataKind::Text],
+            output: DataKind::Text,
+            output_dimension: 0,
+            max_input_tokens: 0,
+        }
+    }
+
+    fn infer(input: Input) -> Result<Output, ModelError> {
+        let Input::Text(command) = input else {
+            return Err(ModelError {
+                code: ErrorCode::UnsupportedInput,
+                message: "hostile takes one text".into(),
+            });
+        };
+        let (verb, arg) = command.split_once(':').unwrap_or((&command, ""));
+        match verb {
+            "echo" => Ok(Output::Text(arg.to_string())),
+            "work" => {
+                let mut acc = 0u64;
+                for i in 0..number(arg) {
+                    acc = black_box(acc.wrapping_mul(31).wrapping_add(i));
+                }
+                Ok(Output::Text(format!("{} {acc}", number(arg))))
+            }
+            "spin" => loop {
+                black_box(());
+            },
+            "grow" => {
+                let mut blocks = Vec::new();
+                loop {
+                    blocks.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            "grow-pages" => {
+                let old = core::arch::wasm32::memory_grow(0, number(arg) as usize);
+                Ok(Output::Text(format!("{}", old as isize)))
+            }
+            "recurse" => Ok(Output::Text(recurse(0).to_string())),
+            "panic" => panic!("hostile guest panicked on purpose"),
+            "bytes" => Ok(Output::Bytes(vec![7u8; number(arg) as usize])),
+            "print" => {
+                for i in 0..number(arg) {
+                    println!("line {i} of guest output");
+                }
+                Ok(Output::Text("printed".into()))
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(Output::Text("woke".into()))
+            }
+            _ => Err(ModelError {
+                code: ErrorCode::InvalidInput,
+                message: format!("unknown command {verb:?}"),
+            }),
+        }
+    }
+}
+
+export!(Hostile);

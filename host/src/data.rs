@@ -1,0 +1,169 @@
+//! The library's own input, output and model-info types, and their mapping to the WIT ABI.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bindings::wasm_infer::model::types as wit;
+use crate::error::ModelErrorCode;
+
+/// What a model is asked to process (mirrors the WIT `input` variant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Input {
+    /// One text.
+    Text(String),
+    /// A batch of texts.
+    Texts(Vec<String>),
+    /// Raw bytes.
+    Bytes(Vec<u8>),
+    /// A dense row-major tensor.
+    Tensor {
+        /// Dimensions.
+        shape: Vec<u32>,
+        /// Values.
+        data: Vec<f32>,
+    },
+}
+
+impl Input {
+    /// The payload size the input limit is checked against: the UTF-8 bytes of the texts, the
+    /// raw bytes, or 4 bytes per tensor value and dimension.
+    pub fn payload_bytes(&self) -> u64 {
+        match self {
+            Self::Text(text) => text.len() as u64,
+            Self::Texts(texts) => texts.iter().map(|t| t.len() as u64).sum(),
+            Self::Bytes(bytes) => bytes.len() as u64,
+            Self::Tensor { shape, data } => 4 * (shape.len() + data.len()) as u64,
+        }
+    }
+
+    pub(crate) fn into_wit(self) -> wit::Input {
+        match self {
+            Self::Text(text) => wit::Input::Text(text),
+            Self::Texts(texts) => wit::Input::Texts(texts),
+            Self::Bytes(bytes) => wit::Input::Bytes(bytes),
+            Self::Tensor { shape, data } => wit::Input::Tensor(wit::Tensor { shape, data }),
+        }
+    }
+}
+
+/// What a model returned (mirrors the WIT `output` variant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Output {
+    /// One vector per input text.
+    Embeddings(Vec<Vec<f32>>),
+    /// Text.
+    Text(String),
+    /// Raw bytes.
+    Bytes(Vec<u8>),
+    /// A dense row-major tensor.
+    Tensor {
+        /// Dimensions.
+        shape: Vec<u32>,
+        /// Values.
+        data: Vec<f32>,
+    },
+}
+
+impl Output {
+    /// The payload size the output limit is checked against (4 bytes per float).
+    pub fn payload_bytes(&self) -> u64 {
+        match self {
+            Self::Embeddings(vectors) => vectors.iter().map(|v| 4 * v.len() as u64).sum(),
+            Self::Text(text) => text.len() as u64,
+            Self::Bytes(bytes) => bytes.len() as u64,
+            Self::Tensor { shape, data } => 4 * (shape.len() + data.len()) as u64,
+        }
+    }
+
+    /// The embeddings, if this is an embeddings output.
+    pub fn embeddings(&self) -> Option<&[Vec<f32>]> {
+        match self {
+            Self::Embeddings(vectors) => Some(vectors),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_wit(output: wit::Output) -> Self {
+        match output {
+            wit::Output::Embeddings(vectors) => Self::Embeddings(vectors),
+            wit::Output::Text(text) => Self::Text(text),
+            wit::Output::Bytes(bytes) => Self::Bytes(bytes),
+            wit::Output::Tensor(t) => Self::Tensor {
+                shape: t.shape,
+                data: t.data,
+            },
+        }
+    }
+}
+
+/// Kinds of data a model takes or returns (mirrors the WIT `data-kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataKind {
+    /// One text.
+    Text,
+    /// A batch of texts.
+    Texts,
+    /// Raw bytes.
+    Bytes,
+    /// A tensor.
+    Tensor,
+    /// Embedding vectors.
+    Embeddings,
+}
+
+impl From<wit::DataKind> for DataKind {
+    fn from(kind: wit::DataKind) -> Self {
+        match kind {
+            wit::DataKind::Text => Self::Text,
+            wit::DataKind::Texts => Self::Texts,
+            wit::DataKind::Bytes => Self::Bytes,
+            wit::DataKind::Tensor => Self::Tensor,
+            wit::DataKind::Embeddings => Self::Embeddings,
+        }
+    }
+}
+
+/// Static facts a model reports about itself (the WIT `model-info`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Short name.
+    pub name: String,
+    /// Version or revision.
+    pub version: String,
+    /// One-line description.
+    pub description: String,
+    /// Input kinds `infer` accepts.
+    pub inputs: Vec<DataKind>,
+    /// Output kind.
+    pub output: DataKind,
+    /// Length of each output vector (0 when not applicable).
+    pub output_dimension: u32,
+    /// Longest input looked at, in tokens (0 if unbounded).
+    pub max_input_tokens: u32,
+}
+
+impl From<wit::ModelInfo> for ModelInfo {
+    fn from(info: wit::ModelInfo) -> Self {
+        Self {
+            name: info.name,
+            version: info.version,
+            description: info.description,
+            inputs: info.inputs.into_iter().map(DataKind::from).collect(),
+            output: info.output.into(),
+            output_dimension: info.output_dimension,
+            max_input_tokens: info.max_input_tokens,
+        }
+    }
+}
+
+impl From<wit::ErrorCode> for ModelErrorCode {
+    fn from(code: wit::ErrorCode) -> Self {
+        match code {
+            wit::ErrorCode::UnsupportedInput => Self::UnsupportedInput,
+            wit::ErrorCode::InvalidInput => Self::InvalidInput,
+            wit::ErrorCode::Internal => Self::Internal,
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! A model: a component compiled once, then run many times, each run in a fresh sandbox.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Component;
+use wasmtime::{Store, Trap, UpdateDeadline};
+
+use crate::bindings::{Model as ModelBindings, ModelPre};
+use crate::cache;
+use crate::data::{Input, ModelInfo, Output};
+use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
+use crate::limits::{Limits, DEFAULT_MAX_LOG_BYTES};
+use crate::runtime::Runtime;
+use crate::sandbox::RunState;
+use crate::usage::Usage;
+
+/// How a model's compiled code was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CodeSource {
+    /// Compiled now (and written to the cache, if there is one).
+    Compiled,
+    /// Loaded from the precompiled cache.
+    Cached,
+}
+
+/// What loading a model cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadReport {
+    /// Compiled now or loaded from the cache.
+    pub code: CodeSource,
+    /// Time to compile or to load the compiled code.
+    #[serde(serialize_with = "micros")]
+    pub code_time: Duration,
+    /// SHA-256 of the component's bytes.
+    pub component_sha256: String,
+    /// Component size in bytes.
+    pub component_bytes: u64,
+}
+
+fn micros<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_micros() as u64)
+}
+
+/// A successful run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What the model returned.
+    pub output: Output,
+    /// What the run used.
+    pub usage: Usage,
+}
+
+/// A compiled, validated model. Cheap to clone, `Send + Sync`: share one across threads and
+/// tasks; every [`run`](Model::run) gets its own fresh store and limits.
+#[derive(Clone)]
+pub struct Model {
+    inner: Arc<ModelInner>,
+}
+
+struct ModelInner {
+    runtime: Runtime,
+    pre: ModelPre<RunState>,
+    info: ModelInfo,
+    load: LoadReport,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("info", &self.inner.info)
+            .field("load", &self.inner.load)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads the component at `path` (see [`Model::from_bytes`]).
+    pub fn load(runtime: &Runtime, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(runtime, &bytes)
+    }
+
+    /// Validates `wasm` as a component of the `wasm-infer:model` world, compiles it (or loads the
+    /// compiled code from the cache) and asks it for its [`ModelInfo`].
+    pub fn from_bytes(runtime: &Runtime, wasm: &[u8]) -> Result<Self> {
+        check_header(wasm)?;
+        let engine = runtime.engine();
+        let key = cache::key(engine, wasm);
+        let started = Instant::now();
+        let cache_path = runtime
+            .config()
+            .cache_dir
+            .as_deref()
+            .map(|dir| cache::entry_path(dir, &key));
+        let cached = cache_path.as_deref().and_then(|p| cache::load(engine, p));
+        let (component, code) = match cached {
+            Some(component) => (component, CodeSource::Cached),
+            None => {
+                let component = Component::new(engine, wasm)
+                    .map_err(|e| InvalidModel::Malformed(format!("{e:#}")))?;
+                if let Some(path) = &cache_path {
+                    cache::store(&component, path);
+                }
+                (component, CodeSource::Compiled)
+            }
+        };
+        let code_time = started.elapsed();
+        let instance_pre = runtime
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| InvalidModel::UnsupportedImport(format!("{e:#}")))?;
+        let pre = ModelPre::new(instance_pre)
+            .map_err(|e| InvalidModel::WrongWorld(format!("{e:#}")))?;
+        let load = LoadReport {
+            code,
+            code_time,
+            component_sha256: key_of_component(wasm),
+            component_bytes: wasm.len() as u64,
+        };
+        let info = fetch_info(runtime, &pre)?;
+        Ok(Self {
+            inner: Arc::new(ModelInner {
+                runtime: runtime.clone(),
+                pre,
+                info,
+                load,
+            }),
+        })
+    }
+
+    /// The model's self-description.
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// How the model's code was obtained and what that cost.
+    pub fn load_report(&self) -> &LoadReport {
+        &self.inner.load
+    }
+
+    /// Runs `input` in a fresh sandbox under `limits`, blocking the calling thread.
+    ///
+    /// Must not be called from within an async runtime; use [`Model::run_async`] there.
+    pub fn run(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| RunError {
+                error: Error::Internal(format!("starting the run's executor: {e}")),
+                usage: Usage::default(),
+            })?;
+        rt.block_on(self.run_async(input, limits))
+    }
+
+    /// Runs `input` in a fresh sandbox under `limits`, on the caller's tokio runtime (which
+    /// must have its time driver enabled, as `#[tokio::main]` does). The guest yields to the
+    /// executor at every epoch tick, so many runs can share a few threads.
+    pub async fn run_async(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
+        let started = Instant::now();
+        let mut usage = Usage {
+            input_bytes: input.payload_bytes(),
+            ..Usage::default()
+        };
+        if usage.input_bytes > limits.max_input {
+            usage.wall_time = started.elapsed();
+            return Err(RunError {
+                error: LimitExceeded::Input {
+                    limit: limits.max_input,
+                    size: usage.input_bytes,
+                }
+                .into(),
+                usage,
+            });
+        }
+        let mut store = new_store(&self.inner.runtime, limits, started);
+        // wasmtime checks fuel only at function entries and loop headers, and `get_fuel`
+        // clamps at zero, so a run may end slightly past its fuel and still "succeed". Giving
+        // it limit + 1 and treating a zero balance as a trip makes the cap exact: a run that
+        // needs N units succeeds with `--fuel N` and fails with `--fuel N-1`.
+        let fuel_budget = limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1));
+        store.set_fuel(fuel_budget).map_err(|e| RunError {
+            error: Error::Internal(format!("{e:#}")),
+            usage: usage.clone(),
+        })?;
+        let deadline = started + limits.wall_time + self.inner.runtime.epoch_tick();
+        let call = async {
+            let instance = self.inner.pre.instantiate_async(&mut store).await;
+            let instantiated = Instant::now();
+            let result = match instance {
+                Ok(instance) => instance.call_infer(&mut store, &input.into_wit()).await,
+                Err(e) => Err(e),
+            };
+            (result, instantiated)
+        };
+        // The epoch callback stops runaway wasm; this outer timeout also ends a run that is
+        // blocked in a host call, where no epoch check happens.
+        let result = tokio::time::timeout_at(deadline.into(), call).await;
+        let elapsed = started.elapsed();
+        usage.wall_time = elapsed;
+        let remaining = store.get_fuel().unwrap_or(0);
+        usage.fuel_consumed = fuel_budget - remaining;
+        let state = store.data();
+        usage.peak_memory_bytes = state.limiter.peak;
+        usage.guest_stdout_bytes = state.stdout.contents().len() as u64;
+        usage.guest_stderr_bytes = state.stderr.contents().len() as u64;
+        let fail = |error: Error, usage: Usage| Err(RunError { error, usage });
+        let (result, instantiated) = match result {
+            Ok(r) => r,
+            Err(_elapsed) => {
+                return fail(
+                    LimitExceeded::WallTime {
+                        limit: limits.wall_time,
+                        elapsed,
+                    }
+                    .into(),
+                    usage,
+                )
+            }
+        };
+        usage.instantiate_time = instantiated - started;
+        match result {
+            Err(e) => fail(classify(e, state, limits, fuel_budget), usage),
+            Ok(_) if limits.fuel.is_some() && remaining == 0 => {
+                let limit = limits.fuel.unwrap_or_default();
+                fail(
+                    LimitExceeded::Fuel {
+                        limit,
+                        consumed: fuel_budget,
+                    }
+                    .into(),
+                    usage,
+                )
+            }
+            Ok(Err(model_error)) => fail(
+                Error::Model {
+                    code: model_error.code.into(),
+                    message: model_error.message,
+                },
+                usage,
+            ),
+            Ok(Ok(output)) => {
+                let output = Output::from_wit(output);
+                let size = output.payload_bytes();
+                if size > limits.max_output {
+                    return fail(
+                        LimitExceeded::Output {
+                            limit: limits.max_output,
+                            size,
+                        }
+                        .into(),
+                        usage,
+                    );
+                }
+                usage.output_bytes = size;
+                Ok(Outcome { output, usage })
+            }
+        }
+    }
+}
+
+/// A fresh store for one run: its own WASI context, memory limiter, and a wall-time check at
+/// every epoch tick that also yields to the executor.
+fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) -> Store<RunState> {
+    let log_capacity = DEFAULT_MAX_LOG_BYTES as usize;
+    let mut store = Store::new(
+        runtime.engine(),
+        RunState::new(limits, log_capacity, started),
+    );
+    store.limiter(|state| &mut state.limiter);
+    let wall_limit = limits.wall_time;
+    store.epoch_deadline_callback(move |mut ctx| {
+        let elapsed = ctx.data().started.elapsed();
+        if elapsed >= wall_limit {
+            ctx.data_mut().timed_out = Some(elapsed);
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            // Let other tasks on this executor thread run, then check again next tick.
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store.set_epoch_deadline(1);
+    store
+}
+
+/// Decides what a failed call means, from what the host observed rather than the message.
+fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits, fuel_budget: u64) -> Error {
+    if let Some(elapsed) = state.timed_out {
+        return LimitExceeded::WallTime {
+            limit: limits.wall_time,
+            elapsed,
+        }
+        .into();
+    }
+    // A refused growth usually surfaces as the guest allocator's `unreachable`, or as an
+    // instantiation failure: either way the limiter's record is the truth.
+    if let Some(requested) = state.limiter.refused {
+        return LimitExceeded::Memory {
+            limit: limits.memory,
+            requested,
+        }
+        .into();
+    }
+    let code = e.downcast_ref::<Trap>().copied();
+    if code == Some(Trap::OutOfFuel) {
+        if let Some(limit) = limits.fuel {
+            return LimitExceeded::Fuel {
+                limit,
+                consumed: fuel_budget,
+            }
+            .into();
+        }
+    }
+    let stderr = state.stderr.contents();
+    let tail = &stderr[stderr.len().saturating_sub(4096)..];
+    Error::Trap {
+        code,
+        message: format!("{e:#}"),
+        guest_stderr: String::from_utf8_lossy(tail).into_owned(),
+    }
+}
+
+/// Checks the 8-byte preamble: `\0asm`, then version/layer. Core modules are `01 00 00 00`,
+/// components `0d 00 01 00`.
+fn check_header(wasm: &[u8]) -> Result<(), InvalidModel> {
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(InvalidModel::NotWasm);
+    }
+    match wasm[4..8] {
+        [_, _, 0, 0] => Err(InvalidModel::NotAComponent),
+        _ => Ok(()),
+    }
+}
+
+fn key_of_component(wasm: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(wasm)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Instantiates once under default limits to ask the model for its `info`.
+fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> {
+    let limits = Limits::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::Internal(format!("starting the load executor: {e}")))?;
+    rt.block_on(async {
+        let mut store = new_store(runtime, &limits, Instant::now());
+        store
+            .set_fuel(u64::MAX)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let result = async {
+            let instance: ModelBindings = pre.instantiate_async(&mut store).await?;
+            instance.call_info(&mut store).await
+        }
+        .await;
+        match result {
+            Ok(info) => Ok(ModelInfo::from(info)),
+            Err(e) => Err(classify(e, store.data(), &limits, u64::MAX)),
+        }
+    })
+}

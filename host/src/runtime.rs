@@ -1,0 +1,160 @@
+//! The shared engine: one per process, configured once for metering and determinism, with the
+//! epoch ticker that enforces wall-time limits and the precompiled-model cache location.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine};
+
+use crate::error::{Error, Result};
+use crate::sandbox::RunState;
+
+/// Default epoch tick: 10 ms. A run ends at most one tick after its wall-time limit; each tick
+/// also lets a long run yield to the async executor. Shorter ticks cost a little throughput
+/// (every tick is a check in every running guest).
+pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How a [`Runtime`] is set up.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled models are cached (`None`: no cache, compile on every load). Default:
+    /// `$WASM_INFER_CACHE_DIR`, else `$XDG_CACHE_HOME/wasm-infer/precompiled`, else
+    /// `~/.cache/wasm-infer/precompiled`.
+    pub cache_dir: Option<PathBuf>,
+    /// Epoch tick, the granularity of wall-time enforcement. Default: [`DEFAULT_EPOCH_TICK`].
+    pub epoch_tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: default_cache_dir(),
+            epoch_tick: DEFAULT_EPOCH_TICK,
+        }
+    }
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("WASM_INFER_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("wasm-infer").join("precompiled"))
+}
+
+/// The engine and everything shared by all models and runs. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Runtime {
+    pub(crate) inner: Arc<RuntimeInner>,
+}
+
+pub(crate) struct RuntimeInner {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<RunState>,
+    pub(crate) config: RuntimeConfig,
+    ticker: Ticker,
+}
+
+impl Runtime {
+    /// A runtime with the default configuration.
+    pub fn new() -> Result<Self> {
+        Self::with_config(RuntimeConfig::default())
+    }
+
+    /// A runtime with `config`.
+    pub fn with_config(config: RuntimeConfig) -> Result<Self> {
+        let engine = Engine::new(&engine_config()).map_err(internal)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
+        let ticker = Ticker::start(engine.clone(), config.epoch_tick);
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                ticker,
+            }),
+        })
+    }
+
+    /// The wasmtime engine (for embedders that want to share it).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The configuration this runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn epoch_tick(&self) -> Duration {
+        self.inner.ticker.tick
+    }
+}
+
+/// The engine settings every run relies on.
+///
+/// - fuel metering: the deterministic compute cap and the fuel figure in every usage report;
+/// - epoch interruption: the wall-time limit, and periodic yields so that async runs share
+///   threads fairly (cheaper than fuel-based yielding, which would cost determinism nothing but
+///   adds a check per yield interval);
+/// - NaN canonicalisation and deterministic relaxed SIMD: the same bits on every machine.
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    config
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .cranelift_nan_canonicalization(true)
+        .relaxed_simd_deterministic(true)
+        .wasm_component_model(true);
+    config
+}
+
+fn internal(e: wasmtime::Error) -> Error {
+    Error::Internal(format!("{e:#}"))
+}
+
+/// A thread that advances the engine's epoch every tick until the runtime is dropped.
+struct Ticker {
+    tick: Duration,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine, tick: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("wasm-infer-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .expect("spawning the epoch ticker thread")
+        };
+        Self {
+            tick,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! What one run used, reported for every run (successful or not) so limits can be tuned.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::limits::{format_count, format_size};
+
+/// Resources one run consumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Fuel units consumed by the guest (instantiation included). Deterministic.
+    pub fuel_consumed: u64,
+    /// Highest total linear memory of the guest, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Wall time from the start of the run to its end, instantiation included.
+    #[serde(serialize_with = "as_micros", rename = "wall_time_us")]
+    pub wall_time: Duration,
+    /// Time spent creating the fresh instance, within `wall_time`.
+    #[serde(serialize_with = "as_micros", rename = "instantiate_time_us")]
+    pub instantiate_time: Duration,
+    /// Input payload size, in bytes.
+    pub input_bytes: u64,
+    /// Output payload size, in bytes (0 when the run failed).
+    pub output_bytes: u64,
+    /// Bytes the guest wrote to stdout (captured, not passed through).
+    pub guest_stdout_bytes: u64,
+    /// Bytes the guest wrote to stderr (captured, not passed through).
+    pub guest_stderr_bytes: u64,
+}
+
+fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_micros() as u64)
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fuel {} · peak memory {} · wall {:.1} ms (instantiate {:.2} ms) · in {} · out {}",
+            format_count(self.fuel_consumed),
+            format_size(self.peak_memory_bytes),
+            self.wall_time.as_secs_f64() * 1e3,
+            self.instantiate_time.as_secs_f64() * 1e3,
+            format_size(self.input_bytes),
+            format_size(self.output_bytes),
+        )
+    }
+}
