@@ -183,8 +183,8 @@ pub struct RunError {
     /// What went wrong.
     #[source]
     pub error: Error,
-    /// What the run used up to the failure.
-    pub usage: Usage,
+    /// What the run used up to the failure (boxed to keep `Result`s small).
+    pub usage: Box<Usage>,
 }
 
 impl From<RunError> for Error {

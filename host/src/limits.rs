@@ -192,7 +192,13 @@ pub fn parse_fuel(s: &str) -> Result<u64, ParseError> {
         "m" => 1_000_000,
         "g" => 1_000_000_000,
         "t" => 1_000_000_000_000,
-        _ => return Err(parse_error(WHAT, s, "expected a number with an optional K/M/G/T suffix")),
+        _ => {
+            return Err(parse_error(
+                WHAT,
+                s,
+                "expected a number with an optional K/M/G/T suffix",
+            ))
+        }
     };
     scaled(WHAT, s, number, scale)
 }
@@ -232,7 +238,7 @@ pub fn format_count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -273,7 +279,9 @@ mod fuel_serde {
         match Option::<NumberOrText>::deserialize(d)? {
             None => Ok(None),
             Some(NumberOrText::Number(n)) => Ok(Some(n)),
-            Some(NumberOrText::Text(t)) => parse_fuel(&t).map(Some).map_err(serde::de::Error::custom),
+            Some(NumberOrText::Text(t)) => {
+                parse_fuel(&t).map(Some).map_err(serde::de::Error::custom)
+            }
         }
     }
 }
@@ -354,7 +362,13 @@ mod tests {
         assert_eq!(limits.max_input, DEFAULT_MAX_INPUT_BYTES);
         let limits: Limits =
             serde_json::from_str(r#"{"fuel":1000,"memory":65536,"wall_time":1500}"#).unwrap();
-        assert_eq!(limits, Limits::default().fuel(1000).memory(65536).wall_time(Duration::from_millis(1500)));
+        assert_eq!(
+            limits,
+            Limits::default()
+                .fuel(1000)
+                .memory(65536)
+                .wall_time(Duration::from_millis(1500))
+        );
         let round_trip: Limits =
             serde_json::from_str(&serde_json::to_string(&limits).unwrap()).unwrap();
         assert_eq!(round_trip, limits);

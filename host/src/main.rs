@@ -220,7 +220,9 @@ fn error_kind(error: &Error) -> &'static str {
 }
 
 fn load(path: &Path, cache: &CacheArgs) -> Result<Model, u8> {
-    let runtime = cache.runtime().map_err(|e| report_error(&e, exit_code(&e)))?;
+    let runtime = cache
+        .runtime()
+        .map_err(|e| report_error(&e, exit_code(&e)))?;
     Model::load(&runtime, path).map_err(|e| {
         eprintln!("error: {}: {e}", path.display());
         exit_code(&e)
@@ -260,7 +262,10 @@ fn run(args: &RunArgs) -> u8 {
         Ok(outcome) => {
             let json = render_output(&model, &outcome.output);
             let mut stdout = std::io::stdout().lock();
-            if writeln!(stdout, "{json}").and_then(|_| stdout.flush()).is_err() {
+            if writeln!(stdout, "{json}")
+                .and_then(|_| stdout.flush())
+                .is_err()
+            {
                 return exit::INTERNAL;
             }
             if !args.quiet {
@@ -376,7 +381,10 @@ fn inspect(args: &InspectArgs) -> u8 {
         println!("version:     {}", info.version);
         println!("description: {}", info.description);
         println!("inputs:      {:?}", info.inputs);
-        println!("output:      {:?} (dimension {})", info.output, info.output_dimension);
+        println!(
+            "output:      {:?} (dimension {})",
+            info.output, info.output_dimension
+        );
         println!("max tokens:  {}", info.max_input_tokens);
         println!(
             "component:   {} ({}, sha256 {})",

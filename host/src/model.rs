@@ -117,8 +117,8 @@ impl Model {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| InvalidModel::UnsupportedImport(format!("{e:#}")))?;
-        let pre = ModelPre::new(instance_pre)
-            .map_err(|e| InvalidModel::WrongWorld(format!("{e:#}")))?;
+        let pre =
+            ModelPre::new(instance_pre).map_err(|e| InvalidModel::WrongWorld(format!("{e:#}")))?;
         let load = LoadReport {
             code,
             code_time,
@@ -155,7 +155,7 @@ impl Model {
             .build()
             .map_err(|e| RunError {
                 error: Error::Internal(format!("starting the run's executor: {e}")),
-                usage: Usage::default(),
+                usage: Box::default(),
             })?;
         rt.block_on(self.run_async(input, limits))
     }
@@ -177,7 +177,7 @@ impl Model {
                     size: usage.input_bytes,
                 }
                 .into(),
-                usage,
+                usage: Box::new(usage),
             });
         }
         let mut store = new_store(&self.inner.runtime, limits, started);
@@ -185,11 +185,23 @@ impl Model {
         // clamps at zero, so a run may end slightly past its fuel and still "succeed". Giving
         // it limit + 1 and treating a zero balance as a trip makes the cap exact: a run that
         // needs N units succeeds with `--fuel N` and fails with `--fuel N-1`.
+        let metered = self.inner.runtime.config().meter_fuel;
+        if limits.fuel.is_some() && !metered {
+            return Err(RunError {
+                error: Error::Internal(
+                    "a fuel limit needs a runtime with fuel metering (RuntimeConfig::meter_fuel)"
+                        .into(),
+                ),
+                usage: Box::new(usage),
+            });
+        }
         let fuel_budget = limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1));
-        store.set_fuel(fuel_budget).map_err(|e| RunError {
-            error: Error::Internal(format!("{e:#}")),
-            usage: usage.clone(),
-        })?;
+        if metered {
+            store.set_fuel(fuel_budget).map_err(|e| RunError {
+                error: Error::Internal(format!("{e:#}")),
+                usage: Box::new(usage.clone()),
+            })?;
+        }
         let deadline = started + limits.wall_time + self.inner.runtime.epoch_tick();
         let call = async {
             let instance = self.inner.pre.instantiate_async(&mut store).await;
@@ -205,13 +217,22 @@ impl Model {
         let result = tokio::time::timeout_at(deadline.into(), call).await;
         let elapsed = started.elapsed();
         usage.wall_time = elapsed;
-        let remaining = store.get_fuel().unwrap_or(0);
+        let remaining = if metered {
+            store.get_fuel().unwrap_or(0)
+        } else {
+            fuel_budget
+        };
         usage.fuel_consumed = fuel_budget - remaining;
         let state = store.data();
         usage.peak_memory_bytes = state.limiter.peak;
         usage.guest_stdout_bytes = state.stdout.contents().len() as u64;
         usage.guest_stderr_bytes = state.stderr.contents().len() as u64;
-        let fail = |error: Error, usage: Usage| Err(RunError { error, usage });
+        let fail = |error: Error, usage: Usage| {
+            Err(RunError {
+                error,
+                usage: Box::new(usage),
+            })
+        };
         let (result, instantiated) = match result {
             Ok(r) => r,
             Err(_elapsed) => {
@@ -319,11 +340,24 @@ fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits, fuel_budget: 
         }
     }
     let stderr = state.stderr.contents();
-    let tail = &stderr[stderr.len().saturating_sub(4096)..];
+    let tail = &stderr[stderr.len().saturating_sub(GUEST_STDERR_TAIL_BYTES)..];
     Error::Trap {
         code,
-        message: format!("{e:#}"),
+        message: trap_message(&e, code),
         guest_stderr: String::from_utf8_lossy(tail).into_owned(),
+    }
+}
+
+/// How much of the guest's stderr a trap error carries: enough for a panic message.
+const GUEST_STDERR_TAIL_BYTES: usize = 4096;
+
+/// The trap in wasmtime's words ("wasm trap: call stack exhausted"); the full guest backtrace
+/// goes to the debug log (`WASM_INFER_LOG=debug`), not into the error.
+fn trap_message(e: &wasmtime::Error, code: Option<Trap>) -> String {
+    tracing::debug!("guest trap: {e:?}");
+    match code {
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
     }
 }
 
@@ -356,9 +390,11 @@ fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> 
         .map_err(|e| Error::Internal(format!("starting the load executor: {e}")))?;
     rt.block_on(async {
         let mut store = new_store(runtime, &limits, Instant::now());
-        store
-            .set_fuel(u64::MAX)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        if runtime.config().meter_fuel {
+            store
+                .set_fuel(u64::MAX)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+        }
         let result = async {
             let instance: ModelBindings = pre.instantiate_async(&mut store).await?;
             instance.call_info(&mut store).await

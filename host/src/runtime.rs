@@ -27,6 +27,10 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Epoch tick, the granularity of wall-time enforcement. Default: [`DEFAULT_EPOCH_TICK`].
     pub epoch_tick: Duration,
+    /// Meter fuel (default `true`). Metering costs some speed (see the README's benchmark);
+    /// without it runs report no fuel figure and a [`Limits::fuel`](crate::Limits::fuel) cap
+    /// is refused, leaving wall time as the only compute bound.
+    pub meter_fuel: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -34,6 +38,7 @@ impl Default for RuntimeConfig {
         Self {
             cache_dir: default_cache_dir(),
             epoch_tick: DEFAULT_EPOCH_TICK,
+            meter_fuel: true,
         }
     }
 }
@@ -69,7 +74,7 @@ impl Runtime {
 
     /// A runtime with `config`.
     pub fn with_config(config: RuntimeConfig) -> Result<Self> {
-        let engine = Engine::new(&engine_config()).map_err(internal)?;
+        let engine = Engine::new(&engine_config(config.meter_fuel)).map_err(internal)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
         let ticker = Ticker::start(engine.clone(), config.epoch_tick);
@@ -105,10 +110,10 @@ impl Runtime {
 ///   threads fairly (cheaper than fuel-based yielding, which would cost determinism nothing but
 ///   adds a check per yield interval);
 /// - NaN canonicalisation and deterministic relaxed SIMD: the same bits on every machine.
-fn engine_config() -> Config {
+fn engine_config(meter_fuel: bool) -> Config {
     let mut config = Config::new();
     config
-        .consume_fuel(true)
+        .consume_fuel(meter_fuel)
         .epoch_interruption(true)
         .cranelift_nan_canonicalization(true)
         .relaxed_simd_deterministic(true)

@@ -147,7 +147,9 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let requested = self.table_elements.saturating_add((desired - current) as u64);
+        let requested = self
+            .table_elements
+            .saturating_add((desired - current) as u64);
         if requested > MAX_TABLE_ELEMENTS {
             return Ok(false);
         }

@@ -11,7 +11,10 @@ use serde::Deserialize;
 use wasm_infer::{Model, Runtime, RuntimeConfig};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn target_dir() -> PathBuf {
@@ -41,7 +44,14 @@ pub fn hostile_wasm() -> PathBuf {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = Command::new(cargo)
                 .current_dir(workspace_root())
-                .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "hostile"])
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip2",
+                    "-p",
+                    "hostile",
+                ])
                 .arg("--target-dir")
                 .arg(&target)
                 .env_remove("CARGO_ENCODED_RUSTFLAGS")

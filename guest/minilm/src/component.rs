@@ -47,8 +47,9 @@ impl Guest for MiniLm {
         ModelInfo {
             name: NAME.to_string(),
             version: "sentence-transformers/all-MiniLM-L6-v2".to_string(),
-            description: "English sentence embeddings (BERT, 6 layers), mean-pooled and L2-normalised"
-                .to_string(),
+            description:
+                "English sentence embeddings (BERT, 6 layers), mean-pooled and L2-normalised"
+                    .to_string(),
             inputs: vec![DataKind::Text, DataKind::Texts],
             output: DataKind::Embeddings,
             output_dimension: DIMENSION as u32,

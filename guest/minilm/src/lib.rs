@@ -57,7 +57,8 @@ impl Embedder {
     /// The unit-length sentence embedding of one text.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, String> {
         let ids = self.token_ids(text)?;
-        self.embed_ids(&ids).map_err(|e| format!("BERT forward: {e}"))
+        self.embed_ids(&ids)
+            .map_err(|e| format!("BERT forward: {e}"))
     }
 
     fn embed_ids(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
@@ -85,6 +86,10 @@ pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> candle_core::Resul
 /// Scales each row of `x` (batch, dim) to unit L2 norm, as sentence-transformers' `Normalize`
 /// (`torch.nn.functional.normalize`, which clamps the norm at 1e-12).
 pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12f32, f32::MAX)?;
     x.broadcast_div(&norm)
 }

@@ -1,0 +1,58 @@
+# wasm-infer tasks. `bash scripts/setup.sh` first on a fresh machine (installs just itself).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+model_dir := env_var_or_default("WASM_INFER_MODEL_DIR", env_var("HOME") / ".cache/wasm-infer/model")
+minilm := "target/wasm32-wasip2/release/minilm.wasm"
+demo_text := "WebAssembly sandboxes keep untrusted models in check."
+
+# List the recipes.
+default:
+    @just --list
+
+# Install the wasm target and just, fetch and verify the model files.
+setup:
+    bash scripts/setup.sh
+
+# Fetch the model files only (part of setup).
+model:
+    bash scripts/setup.sh
+
+# Build the MiniLM guest component (release, simd128), embedding the model files.
+guest:
+    WASM_INFER_MODEL_DIR="{{model_dir}}" cargo build --release --target wasm32-wasip2 -p minilm
+
+# Build the host library and the wasm-infer binary.
+build:
+    cargo build --release -p wasm-infer
+
+# Embed one sentence in the sandbox and print the 384-d vector and the usage line.
+demo: guest build
+    ./target/release/wasm-infer --fuel 10G --mem 2G {{minilm}} "{{demo_text}}"
+
+# Run every test (unit, library, CLI) against the built guests.
+test: guest
+    cargo test --release
+
+# Rewrite tests/golden/fuel.json after a toolchain, wasmtime or guest change (review the diff).
+bless: guest
+    BLESS=1 cargo test --release
+    git diff --stat tests/golden
+
+# fmt check and clippy, host and guests.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --release --all-targets -- -D warnings
+    WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -- -D warnings
+
+# Benchmarks: native candle vs the sandbox (fuel on / epochs only, with and without simd128),
+# compile, precompiled-load and instantiate times. Markdown table on stdout.
+bench: guest build
+    RUSTFLAGS="-C target-feature=-simd128" WASM_INFER_MODEL_DIR="{{model_dir}}" \
+        cargo build --release --target wasm32-wasip2 -p minilm --target-dir target/nosimd
+    cargo run --release -p wasm-infer --example bench -- {{minilm}} \
+        no-simd=target/nosimd/wasm32-wasip2/release/minilm.wasm
+
+# Regenerate the reference embeddings with sentence-transformers (needs the venv in its docstring).
+reference:
+    ~/.cache/wasm-infer/pyref/bin/python tests/fixtures/make_reference.py "{{model_dir}}"

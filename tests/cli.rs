@@ -1,0 +1,231 @@
+//! The `wasm-infer` binary, driven as a user would: exit statuses, JSON on stdout only on
+//! success, usage on stderr, the same fuel figure as the library.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use support::{assert_golden, cache_dir, case, cosine, hostile_wasm, minilm_wasm, reference};
+
+fn wasm_infer(args: &[&str]) -> Output {
+    wasm_infer_with_stdin(args, None)
+}
+
+fn wasm_infer_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .env("WASM_INFER_CACHE_DIR", cache_dir())
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running wasm-infer");
+    if let Some(bytes) = stdin {
+        // A refused input may close the pipe early; that is the point of some tests.
+        let _ = child.stdin.take().unwrap().write_all(bytes);
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().expect("exited, not killed")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts a failure: the exit status, nothing at all on stdout, and `needle` on stderr.
+fn assert_fails(output: &Output, status: i32, needle: &str) {
+    assert_eq!(code(output), status, "stderr: {}", stderr(output));
+    assert!(
+        output.stdout.is_empty(),
+        "stdout must stay empty on failure"
+    );
+    assert!(
+        stderr(output).contains(needle),
+        "stderr lacks {needle:?}: {}",
+        stderr(output)
+    );
+}
+
+fn minilm() -> String {
+    minilm_wasm().display().to_string()
+}
+
+fn hostile() -> String {
+    hostile_wasm().display().to_string()
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).expect("JSON")
+}
+
+#[test]
+fn the_documented_command_prints_a_384_dimension_embedding() {
+    let text = case("plain").text;
+    let out = wasm_infer(&["--fuel", "10G", "--mem", "2G", &minilm(), &text]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let value = json(&out.stdout);
+    assert_eq!(value["model"], "all-MiniLM-L6-v2");
+    assert_eq!(value["dimension"], 384);
+    let vector: Vec<f32> = serde_json::from_value(value["embeddings"][0].clone()).unwrap();
+    assert!(cosine(&vector, &case("plain").embedding) >= 0.9999);
+    assert!(stderr(&out).starts_with("usage: fuel "), "{}", stderr(&out));
+}
+
+#[test]
+fn fuel_from_the_cli_equals_the_library_golden_figure_in_fresh_processes() {
+    let text = case("short_bench").text;
+    for _ in 0..2 {
+        let out = wasm_infer(&["--report", "json", &minilm(), &text]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let report = json(&out.stderr);
+        assert_eq!(report["status"], "ok");
+        assert_golden(
+            "minilm_short_bench",
+            report["usage"]["fuel_consumed"].as_u64().unwrap(),
+        );
+    }
+}
+
+#[test]
+fn stdin_and_files_are_one_text_per_line() {
+    let texts = ["plain", "emoji", "cyrillic"].map(|n| case(n).text);
+    let input = texts.join("\n") + "\n";
+    let from_stdin = wasm_infer_with_stdin(&["-q", &minilm(), "-"], Some(input.as_bytes()));
+    assert_eq!(code(&from_stdin), 0, "{}", stderr(&from_stdin));
+    assert!(from_stdin.stderr.is_empty(), "--quiet prints no usage");
+    let path = support::target_dir().join("cli-input.txt");
+    std::fs::write(&path, &input).unwrap();
+    let from_file = wasm_infer(&["-q", &minilm(), &format!("@{}", path.display())]);
+    assert_eq!(from_stdin.stdout, from_file.stdout);
+    let value = json(&from_stdin.stdout);
+    for (i, name) in ["plain", "emoji", "cyrillic"].iter().enumerate() {
+        let vector: Vec<f32> = serde_json::from_value(value["embeddings"][i].clone()).unwrap();
+        assert!(cosine(&vector, &case(name).embedding) >= 0.9999, "{name}");
+    }
+}
+
+#[test]
+fn fuel_trip_exits_10_with_nothing_on_stdout() {
+    let out = wasm_infer(&["--fuel", "1M", &minilm(), "hello"]);
+    assert_fails(&out, 10, "fuel limit of 1,000,000 exhausted");
+}
+
+#[test]
+fn memory_trip_exits_11() {
+    let out = wasm_infer(&["--mem", "64M", &minilm(), "hello"]);
+    assert_fails(&out, 11, "memory limit of 64.00 MiB exceeded");
+}
+
+#[test]
+fn wall_time_trip_exits_12() {
+    let out = wasm_infer(&["--timeout", "200ms", &hostile(), "spin"]);
+    assert_fails(&out, 12, "wall-time limit of 200ms exceeded");
+}
+
+#[test]
+fn input_and_output_size_trips_exit_13_and_14() {
+    let out = wasm_infer(&["--max-input", "4", &minilm(), "hello"]);
+    assert_fails(&out, 13, "input of 5 B exceeds the input limit of 4 B");
+    let big = vec![b'a'; 1 << 20];
+    let out = wasm_infer_with_stdin(&["--max-input", "1K", &minilm(), "-"], Some(&big));
+    assert_fails(&out, 13, "exceeds the input limit of 1.00 KiB");
+    let out = wasm_infer(&["--max-output", "100", &hostile(), "bytes:101"]);
+    assert_fails(
+        &out,
+        14,
+        "output of 101 B exceeds the output limit of 100 B",
+    );
+}
+
+#[test]
+fn guest_trap_exits_4_and_model_error_exits_5() {
+    let out = wasm_infer(&[&hostile(), "panic"]);
+    assert_fails(&out, 4, "hostile guest panicked on purpose");
+    let out = wasm_infer(&[&hostile(), "recurse"]);
+    assert_fails(&out, 4, "call stack exhausted");
+    let out = wasm_infer(&[&hostile(), "nonsense"]);
+    assert_fails(&out, 5, "model error (invalid input)");
+}
+
+#[test]
+fn json_report_names_the_limit_on_failure() {
+    let out = wasm_infer(&["--report", "json", "--fuel", "1000", &hostile(), "spin"]);
+    assert_eq!(code(&out), 10);
+    assert!(out.stdout.is_empty());
+    let report = json(&out.stderr);
+    assert_eq!(report["status"], "error");
+    assert_eq!(report["error"]["kind"], "fuel");
+    assert_eq!(report["error"]["exit_code"], 10);
+    assert_eq!(report["limits"]["fuel"], 1000);
+}
+
+#[test]
+fn invalid_models_exit_3() {
+    let dir = support::target_dir().join("cli-bad-models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_wasm = dir.join("not.wasm");
+    std::fs::write(&not_wasm, b"this is not wasm").unwrap();
+    let core = dir.join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let truncated = dir.join("truncated.wasm");
+    let hostile_bytes = std::fs::read(hostile_wasm()).unwrap();
+    std::fs::write(&truncated, &hostile_bytes[..hostile_bytes.len() / 2]).unwrap();
+    for (path, needle) in [
+        (not_wasm, "not a WebAssembly file"),
+        (core, "a core WebAssembly module, not a component"),
+        (truncated, "malformed component"),
+        (dir.join("missing.wasm"), "No such file"),
+    ] {
+        let out = wasm_infer(&[path.to_str().unwrap(), "hi"]);
+        assert_fails(&out, 3, needle);
+    }
+}
+
+#[test]
+fn malformed_flags_exit_2() {
+    for args in [
+        ["--mem", "2X"],
+        ["--fuel", "-1"],
+        ["--timeout", "abc"],
+        ["--report", "xml"],
+    ] {
+        let mut all = args.to_vec();
+        let model = minilm();
+        all.extend([model.as_str(), "hi"]);
+        let out = wasm_infer(&all);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty());
+    }
+    let out = wasm_infer(&[&minilm()]);
+    assert_eq!(code(&out), 2);
+}
+
+#[test]
+fn non_utf8_input_exits_6() {
+    let out = wasm_infer_with_stdin(&[&minilm(), "-"], Some(&[0xff, 0xfe, 0x00]));
+    assert_fails(&out, 6, "not UTF-8");
+}
+
+#[test]
+fn inspect_prints_info_and_world() {
+    let out = wasm_infer(&["inspect", "--json", &minilm()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let value = json(&out.stdout);
+    assert_eq!(value["world"], "wasm-infer:model/model@0.1.0");
+    assert_eq!(value["info"]["name"], "all-MiniLM-L6-v2");
+    assert_eq!(value["info"]["output_dimension"], 384);
+    assert_eq!(value["info"]["max_input_tokens"], 256);
+    let text = wasm_infer(&["inspect", &minilm()]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("world:       wasm-infer:model/model@0.1.0")
+    );
+    assert_eq!(reference().dimension, 384);
+}

@@ -1,0 +1,325 @@
+//! Each limit, specified by the figures it trips at: the exact fuel cap, the exact memory
+//! ceiling, the wall-time deadline, the input and output ceilings; and that a trip harms
+//! neither the model nor concurrent runs.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{assert_golden, case, cosine, hostile, minilm};
+use wasm_infer::{Error, Input, LimitExceeded, Limits, Output, Trap};
+
+fn text(s: &str) -> Input {
+    Input::Text(s.to_string())
+}
+
+/// A good MiniLM run after a trip: the right embedding and the usual fuel figure.
+fn assert_model_still_healthy() {
+    let short = case("short_bench");
+    let outcome = minilm()
+        .run(Input::Text(short.text), &Limits::default())
+        .expect("a good run after a trip");
+    let vector = &outcome.output.embeddings().unwrap()[0];
+    assert!(cosine(vector, &short.embedding) >= 0.9999);
+    assert_golden("minilm_short_bench", outcome.usage.fuel_consumed);
+}
+
+fn limit_of(result: Result<wasm_infer::Outcome, wasm_infer::RunError>) -> LimitExceeded {
+    match result {
+        Err(failure) => match failure.error {
+            Error::Limit(limit) => limit,
+            other => panic!("expected a limit trip, got {other}"),
+        },
+        Ok(outcome) => panic!(
+            "expected a limit trip, the run succeeded: {}",
+            outcome.usage
+        ),
+    }
+}
+
+#[test]
+fn fuel_cap_is_exact_for_the_real_model() {
+    let input = Input::Text(case("plain").text);
+    let needed = minilm()
+        .run(input.clone(), &Limits::default())
+        .unwrap()
+        .usage
+        .fuel_consumed;
+    assert_golden("minilm_plain", needed);
+
+    let exact = minilm()
+        .run(input.clone(), &Limits::default().fuel(needed))
+        .expect("exactly the fuel it needs is enough");
+    assert_eq!(exact.usage.fuel_consumed, needed);
+
+    let short = limit_of(minilm().run(input, &Limits::default().fuel(needed - 1)));
+    assert_eq!(
+        short,
+        LimitExceeded::Fuel {
+            limit: needed - 1,
+            consumed: needed
+        }
+    );
+    assert_model_still_healthy();
+}
+
+#[test]
+fn fuel_cap_is_exact_for_a_small_loop() {
+    let needed = hostile()
+        .run(text("work:1000"), &Limits::default())
+        .unwrap()
+        .usage
+        .fuel_consumed;
+    assert_golden("hostile_work_1000", needed);
+    assert!(hostile()
+        .run(text("work:1000"), &Limits::default().fuel(needed))
+        .is_ok());
+    assert!(matches!(
+        limit_of(hostile().run(text("work:1000"), &Limits::default().fuel(needed - 1))),
+        LimitExceeded::Fuel { limit, .. } if limit == needed - 1
+    ));
+}
+
+#[test]
+fn a_spinning_guest_runs_out_of_fuel() {
+    let limit = limit_of(hostile().run(text("spin"), &Limits::default().fuel(5_000_000)));
+    assert!(
+        matches!(limit, LimitExceeded::Fuel { limit: 5_000_000, consumed } if consumed > 5_000_000)
+    );
+}
+
+#[test]
+fn memory_ceiling_is_exact_for_the_real_model() {
+    let input = Input::Text(case("plain").text);
+    let peak = minilm()
+        .run(input.clone(), &Limits::default())
+        .unwrap()
+        .usage
+        .peak_memory_bytes;
+    assert_golden("minilm_plain_peak_memory", peak);
+
+    let enough = minilm()
+        .run(input.clone(), &Limits::default().memory(peak))
+        .expect("a ceiling at the peak is enough");
+    assert_eq!(enough.usage.peak_memory_bytes, peak);
+
+    // The growth that would reach the peak is refused; the guest's allocator then aborts with
+    // `unreachable`, and the run is still reported as a memory trip with the exact figures.
+    let short = limit_of(minilm().run(input, &Limits::default().memory(peak - 1)));
+    assert_eq!(
+        short,
+        LimitExceeded::Memory {
+            limit: peak - 1,
+            requested: peak
+        }
+    );
+    assert_model_still_healthy();
+}
+
+#[test]
+fn memory_ceiling_below_the_embedded_weights_fails_at_instantiation() {
+    let limit = 64 << 20;
+    match limit_of(minilm().run(text("hi"), &Limits::default().memory(limit))) {
+        LimitExceeded::Memory {
+            limit: l,
+            requested,
+        } => {
+            assert_eq!(l, limit);
+            // The initial memory holds the ~87 MiB of embedded weights.
+            assert!(requested > 87 << 20, "requested {requested}");
+            assert_golden("minilm_initial_memory", requested);
+        }
+        other => panic!("expected a memory trip, got {other}"),
+    }
+    assert_model_still_healthy();
+}
+
+#[test]
+fn a_memory_bomb_is_refused_at_the_ceiling() {
+    let limit = 32 << 20;
+    match limit_of(hostile().run(text("grow"), &Limits::default().memory(limit))) {
+        LimitExceeded::Memory {
+            limit: l,
+            requested,
+        } => {
+            assert_eq!(l, limit);
+            assert!(
+                requested > limit && requested <= limit + (2 << 20),
+                "{requested}"
+            );
+        }
+        other => panic!("expected a memory trip, got {other}"),
+    }
+}
+
+#[test]
+fn wall_time_stops_a_spinning_guest_within_a_tick_or_two() {
+    let limit = Duration::from_millis(300);
+    let failure = hostile()
+        .run(text("spin"), &Limits::default().wall_time(limit))
+        .unwrap_err();
+    match failure.error {
+        Error::Limit(LimitExceeded::WallTime { limit: l, elapsed }) => {
+            assert_eq!(l, limit);
+            assert!(elapsed >= limit);
+            // Two 10 ms ticks is the design; the bound is generous for a loaded machine.
+            assert!(elapsed < limit + Duration::from_secs(2), "{elapsed:?}");
+        }
+        other => panic!("expected a wall-time trip, got {other}"),
+    }
+    assert!(failure.usage.fuel_consumed > 0);
+}
+
+#[test]
+fn wall_time_stops_a_guest_blocked_in_a_host_call() {
+    let limit = Duration::from_millis(300);
+    let result = hostile().run(text("sleep"), &Limits::default().wall_time(limit));
+    match limit_of(result) {
+        LimitExceeded::WallTime { limit: l, elapsed } => {
+            assert_eq!(l, limit);
+            assert!(
+                elapsed >= limit && elapsed < limit + Duration::from_secs(2),
+                "{elapsed:?}"
+            );
+        }
+        other => panic!("expected a wall-time trip, got {other}"),
+    }
+}
+
+#[test]
+fn oversized_input_is_refused_before_any_guest_work() {
+    let input = "x".repeat(101);
+    let failure = minilm()
+        .run(Input::Text(input), &Limits::default().max_input(100))
+        .unwrap_err();
+    assert!(matches!(
+        failure.error,
+        Error::Limit(LimitExceeded::Input {
+            limit: 100,
+            size: 101
+        })
+    ));
+    assert_eq!(failure.usage.fuel_consumed, 0);
+    assert_eq!(failure.usage.peak_memory_bytes, 0);
+    let batch = Input::Texts(vec!["x".repeat(60), "y".repeat(41)]);
+    assert!(matches!(
+        limit_of(minilm().run(batch, &Limits::default().max_input(100))),
+        LimitExceeded::Input {
+            limit: 100,
+            size: 101
+        }
+    ));
+    assert!(minilm()
+        .run(
+            Input::Text("x".repeat(100)),
+            &Limits::default().max_input(100)
+        )
+        .is_ok());
+}
+
+#[test]
+fn oversized_output_is_withheld() {
+    let limits = Limits::default().max_output(1000);
+    let ok = hostile().run(text("bytes:1000"), &limits).unwrap();
+    assert_eq!(ok.output, Output::Bytes(vec![7; 1000]));
+    assert_eq!(ok.usage.output_bytes, 1000);
+    assert_eq!(
+        limit_of(hostile().run(text("bytes:1001"), &limits)),
+        LimitExceeded::Output {
+            limit: 1000,
+            size: 1001
+        }
+    );
+    // 384 floats of 4 bytes: one MiniLM embedding is 1536 bytes of output.
+    assert_eq!(
+        limit_of(minilm().run(text("hi"), &Limits::default().max_output(1535))),
+        LimitExceeded::Output {
+            limit: 1535,
+            size: 1536
+        }
+    );
+}
+
+#[test]
+fn guest_traps_are_typed_with_their_trap_code() {
+    let failure = hostile()
+        .run(text("recurse"), &Limits::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            failure.error,
+            Error::Trap {
+                code: Some(Trap::StackOverflow),
+                ..
+            }
+        ),
+        "{failure}"
+    );
+    let failure = hostile()
+        .run(text("panic"), &Limits::default())
+        .unwrap_err();
+    match &failure.error {
+        Error::Trap {
+            code, guest_stderr, ..
+        } => {
+            assert_eq!(*code, Some(Trap::UnreachableCodeReached));
+            assert!(
+                guest_stderr.contains("hostile guest panicked on purpose"),
+                "{guest_stderr}"
+            );
+        }
+        other => panic!("expected a trap, got {other}"),
+    }
+    assert!(hostile().run(text("echo:fine"), &Limits::default()).is_ok());
+}
+
+#[test]
+fn guest_stdout_is_captured_and_counted_not_passed_through() {
+    let outcome = hostile().run(text("print:3"), &Limits::default()).unwrap();
+    let expected: usize = (0..3)
+        .map(|i| format!("line {i} of guest output\n").len())
+        .sum();
+    assert_eq!(outcome.usage.guest_stdout_bytes, expected as u64);
+}
+
+#[test]
+fn a_runaway_guest_does_not_disturb_concurrent_good_runs() {
+    let names = ["plain", "emoji"];
+    let expected: Vec<u64> = names
+        .iter()
+        .map(|n| {
+            minilm()
+                .run(Input::Text(case(n).text), &Limits::default())
+                .unwrap()
+                .usage
+                .fuel_consumed
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let bad = scope.spawn(|| {
+            hostile().run(
+                text("spin"),
+                &Limits::default().wall_time(Duration::from_millis(500)),
+            )
+        });
+        let bomb = scope.spawn(|| hostile().run(text("grow"), &Limits::default().memory(16 << 20)));
+        let good: Vec<_> = names
+            .iter()
+            .map(|n| {
+                scope.spawn(move || {
+                    minilm()
+                        .run(Input::Text(case(n).text), &Limits::default())
+                        .unwrap()
+                })
+            })
+            .collect();
+        for ((name, handle), fuel) in names.iter().zip(good).zip(&expected) {
+            let outcome = handle.join().unwrap();
+            assert_eq!(outcome.usage.fuel_consumed, *fuel, "{name}");
+            let vector = &outcome.output.embeddings().unwrap()[0];
+            assert!(cosine(vector, &case(name).embedding) >= 0.9999);
+        }
+        assert!(bad.join().unwrap().is_err());
+        assert!(bomb.join().unwrap().is_err());
+    });
+}
