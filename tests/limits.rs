@@ -168,6 +168,7 @@ fn wall_time_stops_a_spinning_guest_within_a_tick_or_two() {
         other => panic!("expected a wall-time trip, got {other}"),
     }
     assert!(failure.usage.fuel_consumed > 0);
+    assert_model_still_healthy();
 }
 
 #[test]
@@ -215,6 +216,7 @@ fn oversized_input_is_refused_before_any_guest_work() {
             &Limits::default().max_input(100)
         )
         .is_ok());
+    assert_model_still_healthy();
 }
 
 #[test]
@@ -322,4 +324,23 @@ fn a_runaway_guest_does_not_disturb_concurrent_good_runs() {
         assert!(bad.join().unwrap().is_err());
         assert!(bomb.join().unwrap().is_err());
     });
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn blocking_entry_points_do_not_panic_inside_an_async_runtime() {
+    // Loading asks the guest for its info, and `run` blocks: both drive a private executor,
+    // on a helper thread when the caller is already inside one.
+    let model = wasm_infer::Model::load(support::runtime(), support::hostile_wasm()).unwrap();
+    let outcome = model.run(text("echo:inside"), &Limits::default()).unwrap();
+    assert_eq!(outcome.output, Output::Text("inside".into()));
+    let failure = model
+        .run(
+            text("spin"),
+            &Limits::default().wall_time(Duration::from_millis(100)),
+        )
+        .unwrap_err();
+    assert!(matches!(
+        failure.error,
+        Error::Limit(LimitExceeded::WallTime { .. })
+    ));
 }

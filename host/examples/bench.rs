@@ -53,21 +53,29 @@ fn reference_text(name: &str) -> String {
 fn model_dir() -> PathBuf {
     std::env::var_os("WASM_INFER_MODEL_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/wasm-infer/model"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/wasm-infer/model")
+        })
 }
 
 fn main() {
     // Single-threaded native baseline: candle sizes its thread pool from this variable.
     std::env::set_var("RAYON_NUM_THREADS", "1");
     let mut args = std::env::args().skip(1);
-    let minilm = PathBuf::from(args.next().expect("usage: bench MINILM_WASM [LABEL=WASM ...]"));
+    let minilm = PathBuf::from(
+        args.next()
+            .expect("usage: bench MINILM_WASM [LABEL=WASM ...]"),
+    );
     let mut components = vec![("simd128".to_string(), minilm.clone())];
     for extra in args {
         let (label, path) = extra.split_once('=').expect("LABEL=PATH");
         components.push((label.to_string(), PathBuf::from(path)));
     }
     let long = reference_text("long_bench");
-    let inputs = [("short (22 tokens)", SHORT.to_string()), ("long (127 tokens)", long)];
+    let inputs = [
+        ("short (22 tokens)", SHORT.to_string()),
+        ("long (127 tokens)", long),
+    ];
 
     let dir = model_dir();
     let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
@@ -86,7 +94,10 @@ fn main() {
             native.embed(text).unwrap();
         });
         native_times.push(t);
-        println!("| native candle, 1 thread, per embedding | {label} | {} | 1.00x |", ms(t));
+        println!(
+            "| native candle, 1 thread, per embedding | {label} | {} | 1.00x |",
+            ms(t)
+        );
     }
 
     let cache = std::env::temp_dir().join(format!("wasm-infer-bench-{}", std::process::id()));
@@ -133,7 +144,10 @@ fn main() {
     .unwrap();
     let t = Instant::now();
     Model::from_bytes(&runtime, &wasm).unwrap();
-    println!("| compile the component (no cache) | - | {} | |", ms(t.elapsed()));
+    println!(
+        "| compile the component (no cache) | - | {} | |",
+        ms(t.elapsed())
+    );
     let cached = Runtime::with_config(RuntimeConfig {
         cache_dir: Some(cache.clone()),
         ..RuntimeConfig::default()
@@ -142,10 +156,18 @@ fn main() {
     Model::from_bytes(&cached, &wasm).unwrap();
     let load = median(
         (0..ITERATIONS)
-            .map(|_| Model::from_bytes(&cached, &wasm).unwrap().load_report().code_time)
+            .map(|_| {
+                Model::from_bytes(&cached, &wasm)
+                    .unwrap()
+                    .load_report()
+                    .code_time
+            })
             .collect(),
     );
-    println!("| load precompiled code from the cache | - | {} | |", ms(load));
+    println!(
+        "| load precompiled code from the cache | - | {} | |",
+        ms(load)
+    );
     let model = Model::from_bytes(&cached, &wasm).unwrap();
     let instantiate = median(
         (0..ITERATIONS)
@@ -158,6 +180,9 @@ fn main() {
             })
             .collect(),
     );
-    println!("| instantiate a fresh sandbox | - | {} | |", ms(instantiate));
+    println!(
+        "| instantiate a fresh sandbox | - | {} | |",
+        ms(instantiate)
+    );
     let _ = std::fs::remove_dir_all(&cache);
 }

@@ -148,16 +148,15 @@ impl Model {
 
     /// Runs `input` in a fresh sandbox under `limits`, blocking the calling thread.
     ///
-    /// Must not be called from within an async runtime; use [`Model::run_async`] there.
+    /// In async code prefer [`Model::run_async`]; called from within a tokio runtime this
+    /// still works, but blocks that executor thread for the whole run.
     pub fn run(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| RunError {
-                error: Error::Internal(format!("starting the run's executor: {e}")),
+        block_on(self.run_async(input, limits)).unwrap_or_else(|error| {
+            Err(RunError {
+                error,
                 usage: Box::default(),
-            })?;
-        rt.block_on(self.run_async(input, limits))
+            })
+        })
     }
 
     /// Runs `input` in a fresh sandbox under `limits`, on the caller's tokio runtime (which
@@ -384,11 +383,7 @@ fn key_of_component(wasm: &[u8]) -> String {
 /// Instantiates once under default limits to ask the model for its `info`.
 fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> {
     let limits = Limits::default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .map_err(|e| Error::Internal(format!("starting the load executor: {e}")))?;
-    rt.block_on(async {
+    block_on(async {
         let mut store = new_store(runtime, &limits, Instant::now());
         if runtime.config().meter_fuel {
             store
@@ -404,5 +399,28 @@ fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> 
             Ok(info) => Ok(ModelInfo::from(info)),
             Err(e) => Err(classify(e, store.data(), &limits, u64::MAX)),
         }
-    })
+    })?
+}
+
+/// Drives `future` to completion on a private current-thread tokio runtime (with the time
+/// driver the wall-time limit needs). Inside an async runtime, where blocking the thread with a
+/// nested runtime would panic, it does so on a scoped helper thread instead.
+fn block_on<F>(future: F) -> Result<F::Output>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    let drive = move || -> Result<F::Output> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Internal(format!("starting an executor: {e}")))?;
+        Ok(rt.block_on(future))
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|scope| scope.spawn(drive).join())
+            .unwrap_or_else(|_| Err(Error::Internal("the executor thread panicked".into())))
+    } else {
+        drive()
+    }
 }
