@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::OnceLock;
 
-use support::{assert_golden, case, cosine, minilm, model_dir, reference};
+use support::{assert_golden, case, cosine, embed_case, minilm, model_dir, reference};
 use wasm_infer::{Input, Limits, Outcome, Output};
 
 /// The accuracy the issue asks for against the independent reference.
@@ -140,22 +140,14 @@ fn concurrent_runs_do_not_change_each_others_fuel() {
     let names = ["plain", "cjk_japanese", "emoji", "long_bench"];
     let sequential: Vec<u64> = names
         .iter()
-        .map(|n| {
-            minilm()
-                .run(Input::Text(case(n).text), &Limits::default())
-                .unwrap()
-                .usage
-                .fuel_consumed
-        })
+        .map(|n| embed_case(n).usage.fuel_consumed)
         .collect();
     let parallel: Vec<(u64, Output)> = std::thread::scope(|scope| {
         let handles: Vec<_> = names
             .iter()
             .map(|n| {
                 scope.spawn(move || {
-                    let outcome = minilm()
-                        .run(Input::Text(case(n).text), &Limits::default())
-                        .unwrap();
+                    let outcome = embed_case(n);
                     (outcome.usage.fuel_consumed, outcome.output)
                 })
             })
@@ -187,13 +179,9 @@ async fn async_runs_share_an_executor_and_agree_with_blocking_runs() {
         .collect();
     for task in tasks {
         let (name, outcome) = task.await.unwrap();
-        let blocking = tokio::task::spawn_blocking(move || {
-            minilm()
-                .run(Input::Text(case(name).text), &Limits::default())
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let blocking = tokio::task::spawn_blocking(move || embed_case(name))
+            .await
+            .unwrap();
         assert_eq!(
             outcome.usage.fuel_consumed, blocking.usage.fuel_consumed,
             "{name}"

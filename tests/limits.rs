@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{assert_golden, case, cosine, hostile, minilm};
+use support::{assert_golden, case, cosine, embed_case, hostile, minilm};
 use wasm_infer::{Error, Input, LimitExceeded, Limits, Output, Trap};
 
 fn text(s: &str) -> Input {
@@ -289,13 +289,7 @@ fn a_runaway_guest_does_not_disturb_concurrent_good_runs() {
     let names = ["plain", "emoji"];
     let expected: Vec<u64> = names
         .iter()
-        .map(|n| {
-            minilm()
-                .run(Input::Text(case(n).text), &Limits::default())
-                .unwrap()
-                .usage
-                .fuel_consumed
-        })
+        .map(|n| embed_case(n).usage.fuel_consumed)
         .collect();
     std::thread::scope(|scope| {
         let bad = scope.spawn(|| {
@@ -307,13 +301,7 @@ fn a_runaway_guest_does_not_disturb_concurrent_good_runs() {
         let bomb = scope.spawn(|| hostile().run(text("grow"), &Limits::default().memory(16 << 20)));
         let good: Vec<_> = names
             .iter()
-            .map(|n| {
-                scope.spawn(move || {
-                    minilm()
-                        .run(Input::Text(case(n).text), &Limits::default())
-                        .unwrap()
-                })
-            })
+            .map(|n| scope.spawn(move || embed_case(n)))
             .collect();
         for ((name, handle), fuel) in names.iter().zip(good).zip(&expected) {
             let outcome = handle.join().unwrap();

@@ -25,14 +25,22 @@ impl Hasher for Sha256Hasher {
     }
 }
 
-/// The cache key of `wasm` compiled by `engine`, as lowercase hex.
-pub(crate) fn key(engine: &Engine, wasm: &[u8]) -> String {
+/// SHA-256 of a component's bytes, as lowercase hex.
+pub(crate) fn component_digest(wasm: &[u8]) -> String {
+    hex(&Sha256::digest(wasm))
+}
+
+/// The cache key of the component with digest `component_digest` compiled by `engine`.
+pub(crate) fn key(engine: &Engine, component_digest: &str) -> String {
     use std::hash::Hash;
     let mut hasher = Sha256Hasher(Sha256::new());
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    hasher.0.update(Sha256::digest(wasm));
-    let digest = hasher.0.finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hasher.0.update(component_digest.as_bytes());
+    hex(&hasher.0.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(crate) fn entry_path(dir: &Path, key: &str) -> PathBuf {

@@ -92,7 +92,8 @@ impl Model {
     pub fn from_bytes(runtime: &Runtime, wasm: &[u8]) -> Result<Self> {
         check_header(wasm)?;
         let engine = runtime.engine();
-        let key = cache::key(engine, wasm);
+        let component_sha256 = cache::component_digest(wasm);
+        let key = cache::key(engine, &component_sha256);
         let started = Instant::now();
         let cache_path = runtime
             .config()
@@ -122,7 +123,7 @@ impl Model {
         let load = LoadReport {
             code,
             code_time,
-            component_sha256: key_of_component(wasm),
+            component_sha256,
             component_bytes: wasm.len() as u64,
         };
         let info = fetch_info(runtime, &pre)?;
@@ -370,14 +371,6 @@ fn check_header(wasm: &[u8]) -> Result<(), InvalidModel> {
         [_, _, 0, 0] => Err(InvalidModel::NotAComponent),
         _ => Ok(()),
     }
-}
-
-fn key_of_component(wasm: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(wasm)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Instantiates once under default limits to ask the model for its `info`.

@@ -109,6 +109,16 @@ pub fn hostile() -> &'static Model {
     MODEL.get_or_init(|| Model::load(runtime(), hostile_wasm()).expect("loading hostile.wasm"))
 }
 
+/// A MiniLM run on the reference case `name` under default limits.
+pub fn embed_case(name: &str) -> wasm_infer::Outcome {
+    minilm()
+        .run(
+            wasm_infer::Input::Text(case(name).text),
+            &wasm_infer::Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
 /// The committed reference embeddings (tests/fixtures/make_reference.py).
 #[derive(Deserialize)]
 pub struct Reference {
