@@ -4,7 +4,8 @@
 //! name is the SHA-256 of wasmtime's precompile-compatibility hash (wasmtime version, target,
 //! every codegen-relevant engine setting) and of the component's bytes, so a stale or foreign
 //! entry is never even looked at. The cache directory is trusted like the binary itself: its
-//! entries are native code.
+//! entries are native code, and they are memory-mapped while a model is loaded, so they are
+//! only ever replaced whole (write to a temporary file, then rename), never rewritten in place.
 
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};

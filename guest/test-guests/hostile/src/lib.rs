@@ -29,6 +29,7 @@ fn number(arg: &str) -> u64 {
     arg.parse().expect("numeric argument")
 }
 
+#[allow(unconditional_recursion)] // the point: it never returns, the stack overflows
 fn recurse(depth: u64) -> u64 {
     // black_box keeps this a real call chain rather than a loop.
     black_box(depth) + recurse(black_box(depth + 1))
