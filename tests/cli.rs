@@ -229,3 +229,13 @@ fn inspect_prints_info_and_world() {
     );
     assert_eq!(reference().dimension, 384);
 }
+
+#[test]
+fn guest_stdout_never_reaches_the_cli_stdout() {
+    let out = wasm_infer(&["-q", &hostile(), "print:1000"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "{\"model\":\"hostile\",\"output\":{\"text\":\"printed\"}}\n"
+    );
+}

@@ -277,11 +277,21 @@ fn guest_traps_are_typed_with_their_trap_code() {
 
 #[test]
 fn guest_stdout_is_captured_and_counted_not_passed_through() {
+    let line_bytes = |n: u64| -> u64 {
+        (0..n)
+            .map(|i| format!("line {i} of guest output\n").len() as u64)
+            .sum()
+    };
     let outcome = hostile().run(text("print:3"), &Limits::default()).unwrap();
-    let expected: usize = (0..3)
-        .map(|i| format!("line {i} of guest output\n").len())
-        .sum();
-    assert_eq!(outcome.usage.guest_stdout_bytes, expected as u64);
+    assert_eq!(outcome.usage.guest_stdout_bytes, line_bytes(3));
+    // A flood far past the 64 KiB the host keeps: the guest's writes keep succeeding, the host
+    // keeps only the cap, and the usage report counts every byte.
+    let flood = hostile()
+        .run(text("print:100000"), &Limits::default())
+        .unwrap();
+    assert_eq!(flood.output, Output::Text("printed".into()));
+    assert_eq!(flood.usage.guest_stdout_bytes, line_bytes(100_000));
+    assert!(flood.usage.guest_stdout_bytes > 40 * wasm_infer::limits::DEFAULT_MAX_LOG_BYTES);
 }
 
 #[test]

@@ -24,9 +24,9 @@ pub const DEFAULT_WALL_TIME: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_INPUT_BYTES: u64 = 1 << 20;
 /// Default output ceiling: 16 MiB of output payload (about 10,000 384-dimension embeddings).
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 16 << 20;
-/// Default ceiling on what the guest may write to its stdout and stderr, each: 64 KiB. Guest
-/// output is captured for diagnostics, never passed through; writes beyond this are an error
-/// to the guest.
+/// How much of what the guest writes to its stdout and stderr the host keeps, each: 64 KiB.
+/// Guest output is captured for diagnostics, never passed through; bytes beyond this are
+/// counted (in the usage report) and discarded, and the guest's writes still succeed.
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 << 10;
 /// Table elements a guest may have in total: 100,000 (each costs the host a pointer). Real
 /// components use a few hundred.

@@ -225,8 +225,8 @@ impl Model {
         usage.fuel_consumed = fuel_budget - remaining;
         let state = store.data();
         usage.peak_memory_bytes = state.limiter.peak;
-        usage.guest_stdout_bytes = state.stdout.contents().len() as u64;
-        usage.guest_stderr_bytes = state.stderr.contents().len() as u64;
+        usage.guest_stdout_bytes = state.stdout.written();
+        usage.guest_stderr_bytes = state.stderr.written();
         let fail = |error: Error, usage: Usage| {
             Err(RunError {
                 error,
@@ -341,6 +341,7 @@ fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits, fuel_budget: 
     }
     let stderr = state.stderr.contents();
     let tail = &stderr[stderr.len().saturating_sub(GUEST_STDERR_TAIL_BYTES)..];
+
     Error::Trap {
         code,
         message: trap_message(&e, code),

@@ -1,10 +1,14 @@
 //! The per-run store state: WASI with no ambient authority, the memory limiter, captured stdio.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::random::Deterministic;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -23,8 +27,8 @@ pub(crate) struct RunState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
-    pub(crate) stdout: MemoryOutputPipe,
-    pub(crate) stderr: MemoryOutputPipe,
+    pub(crate) stdout: GuestLog,
+    pub(crate) stderr: GuestLog,
     /// When the run started; the epoch callback measures the wall-time limit from here.
     pub(crate) started: Instant,
     /// Set by the epoch callback when it stops the run for its wall-time limit.
@@ -33,8 +37,8 @@ pub(crate) struct RunState {
 
 impl RunState {
     pub(crate) fn new(limits: &Limits, log_capacity: usize, started: Instant) -> Self {
-        let stdout = MemoryOutputPipe::new(log_capacity);
-        let stderr = MemoryOutputPipe::new(log_capacity);
+        let stdout = GuestLog::new(log_capacity);
+        let stderr = GuestLog::new(log_capacity);
         // No args, no env, no preopens, no network (the default socket check denies every
         // address, and name lookup is off), no stdin: only fixed clocks and seeded randomness.
         let wasi = WasiCtx::builder()
@@ -165,5 +169,106 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     }
     fn memories(&self) -> usize {
         MAX_MEMORIES
+    }
+}
+
+/// Captures what the guest writes to stdout or stderr: keeps the first `capacity` bytes, counts
+/// and discards the rest. A chatty guest therefore neither fails (its writes always succeed) nor
+/// makes the host hold more than `capacity` bytes.
+#[derive(Clone)]
+pub(crate) struct GuestLog {
+    inner: Arc<Mutex<LogBuffer>>,
+}
+
+struct LogBuffer {
+    kept: Vec<u8>,
+    capacity: usize,
+    written: u64,
+}
+
+/// What `check-write` grants per call: any size works, since writes never block or fail.
+const LOG_WRITE_PERMIT: usize = 64 << 10;
+
+impl GuestLog {
+    fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(LogBuffer {
+                kept: Vec::new(),
+                capacity,
+                written: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogBuffer> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut log = self.lock();
+        let room = log.capacity - log.kept.len();
+        log.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        log.written += bytes.len() as u64;
+    }
+
+    /// The kept bytes (at most the capacity).
+    pub(crate) fn contents(&self) -> Vec<u8> {
+        self.lock().kept.clone()
+    }
+
+    /// Everything the guest wrote, kept or not.
+    pub(crate) fn written(&self) -> u64 {
+        self.lock().written
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestLog {
+    async fn ready(&mut self) {}
+}
+
+#[async_trait::async_trait]
+impl OutputStream for GuestLog {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(LOG_WRITE_PERMIT)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestLog {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
     }
 }
