@@ -180,11 +180,6 @@ impl Model {
                 usage: Box::new(usage),
             });
         }
-        let mut store = new_store(&self.inner.runtime, limits, started);
-        // wasmtime checks fuel only at function entries and loop headers, and `get_fuel`
-        // clamps at zero, so a run may end slightly past its fuel and still "succeed". Giving
-        // it limit + 1 and treating a zero balance as a trip makes the cap exact: a run that
-        // needs N units succeeds with `--fuel N` and fails with `--fuel N-1`.
         let metered = self.inner.runtime.config().meter_fuel;
         if limits.fuel.is_some() && !metered {
             return Err(RunError {
@@ -195,6 +190,11 @@ impl Model {
                 usage: Box::new(usage),
             });
         }
+        let mut store = new_store(&self.inner.runtime, limits, started);
+        // wasmtime checks fuel only at function entries and loop headers, and `get_fuel`
+        // clamps at zero, so a run may end slightly past its fuel and still "succeed". Giving
+        // it limit + 1 and treating a zero balance as a trip makes the cap exact: a run that
+        // needs N units succeeds with `--fuel N` and fails with `--fuel N-1`.
         let fuel_budget = limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1));
         if metered {
             store.set_fuel(fuel_budget).map_err(|e| RunError {
@@ -247,27 +247,24 @@ impl Model {
             }
         };
         usage.instantiate_time = instantiated - started;
-        match result {
-            Err(e) => fail(classify(e, state, limits, fuel_budget), usage),
-            Ok(_) if limits.fuel.is_some() && remaining == 0 => {
-                let limit = limits.fuel.unwrap_or_default();
-                fail(
-                    LimitExceeded::Fuel {
-                        limit,
-                        consumed: fuel_budget,
-                    }
-                    .into(),
-                    usage,
-                )
-            }
-            Ok(Err(model_error)) => fail(
+        match (result, limits.fuel) {
+            (Err(e), _) => fail(classify(e, state, limits, fuel_budget), usage),
+            (Ok(_), Some(limit)) if remaining == 0 => fail(
+                LimitExceeded::Fuel {
+                    limit,
+                    consumed: fuel_budget,
+                }
+                .into(),
+                usage,
+            ),
+            (Ok(Err(model_error)), _) => fail(
                 Error::Model {
                     code: model_error.code.into(),
                     message: model_error.message,
                 },
                 usage,
             ),
-            Ok(Ok(output)) => {
+            (Ok(Ok(output)), _) => {
                 let output = Output::from_wit(output);
                 let size = output.payload_bytes();
                 if size > limits.max_output {
