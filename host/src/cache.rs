@@ -69,10 +69,17 @@ pub(crate) fn load(engine: &Engine, path: &Path) -> Option<Component> {
 /// Writes a compiled component atomically (temp file + rename), so a concurrent reader never
 /// sees half an entry. Failure only costs the next load a compilation.
 pub(crate) fn store(component: &Component, path: &Path) {
+    match component.serialize() {
+        Ok(bytes) => {
+            store_bytes(&bytes, path);
+        }
+        Err(e) => tracing::warn!(error = %e, "could not serialise the compiled model"),
+    }
+}
+
+/// Writes `bytes` to `path` atomically; `false` (and a warning) if that failed.
+pub(crate) fn store_bytes(bytes: &[u8], path: &Path) -> bool {
     let result = (|| -> std::io::Result<()> {
-        let bytes = component
-            .serialize()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let dir = path.parent().expect("cache entries live in a directory");
         std::fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(
@@ -83,7 +90,8 @@ pub(crate) fn store(component: &Component, path: &Path) {
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, path)
     })();
-    if let Err(e) = result {
+    if let Err(e) = &result {
         tracing::warn!(path = %path.display(), error = %e, "could not write the compiled-model cache");
     }
+    result.is_ok()
 }

@@ -92,6 +92,15 @@ pub enum InvalidModel {
     /// The component imports something the host does not provide.
     #[error("component imports something wasm-infer does not provide: {0}")]
     UnsupportedImport(String),
+    /// A snapshot made by another wasm-infer format, wasmtime version or engine configuration.
+    #[error("snapshot does not match this runtime: {0}")]
+    SnapshotMismatch(String),
+    /// Asked to snapshot a component that does not export `wizer-initialize`.
+    #[error(
+        "component cannot be pre-initialised: it does not export `wizer-initialize` \
+         (the wasm-infer:model/preinit-model world)"
+    )]
+    NotPreinitialisable,
 }
 
 /// Codes a model uses to refuse an input (mirrors the WIT `error-code`).
@@ -125,6 +134,10 @@ pub enum Error {
     /// The file is not a usable model.
     #[error("invalid model: {0}")]
     InvalidModel(#[from] InvalidModel),
+    /// Pre-initialising the model (building its snapshot) failed: the initialisation hit a
+    /// limit, trapped, or called an import.
+    #[error("pre-initialising the model failed: {0}")]
+    Init(Box<Error>),
     /// The guest crashed: a wasm trap (panic, `unreachable`, stack overflow, out-of-bounds
     /// access, ...) or a misuse of a host interface.
     #[error("guest trapped: {message}{}", stderr_suffix(.guest_stderr))]
@@ -171,6 +184,7 @@ impl Error {
     pub fn limit(&self) -> Option<&LimitExceeded> {
         match self {
             Self::Limit(limit) => Some(limit),
+            Self::Init(inner) => inner.limit(),
             _ => None,
         }
     }

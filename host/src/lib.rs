@@ -20,12 +20,13 @@ pub mod limits;
 mod model;
 mod runtime;
 mod sandbox;
+pub mod snapshot;
 mod usage;
 
 pub use data::{DataKind, Input, ModelInfo, Output};
 pub use error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, Result, RunError};
 pub use limits::Limits;
-pub use model::{CodeSource, LoadReport, Model, Outcome};
+pub use model::{CodeSource, LoadOptions, LoadReport, Model, Outcome, Preinit, PreinitSource};
 pub use runtime::{Runtime, RuntimeConfig, DEFAULT_EPOCH_TICK};
 pub use usage::Usage;
 pub use wasmtime::Trap;

@@ -30,7 +30,8 @@ Examples:
   wasm-infer --fuel 2G --mem 512M minilm.wasm \"a sentence to embed\"
   wasm-infer minilm.wasm @sentences.txt --report json
   cat sentences.txt | wasm-infer --timeout 5s minilm.wasm -
-  wasm-infer inspect minilm.wasm";
+  wasm-infer inspect minilm.wasm
+  wasm-infer snapshot minilm.wasm -o minilm.snap.wasm";
 
 /// Exit statuses, one per failure kind (see `EXIT_STATUSES`).
 mod exit {
@@ -69,6 +70,25 @@ enum Command {
     Run(RunArgs),
     /// Print a model's info and the world it implements, without running it.
     Inspect(InspectArgs),
+    /// Pre-initialise a model (it must export `wizer-initialize`) and write the snapshot: a
+    /// component whose runs start with the model already built. `run` does this by itself
+    /// (and caches the result); use this to ship or inspect the snapshot as a file.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    /// The model component (.wasm) to pre-initialise.
+    model: PathBuf,
+    /// Where to write the snapshot component.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Limits for the initialisation (as for a run).
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Print what initialisation cost as JSON on stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -138,6 +158,9 @@ struct CacheArgs {
     /// Compile the model afresh and do not touch the cache.
     #[arg(long)]
     no_cache: bool,
+    /// Do not pre-initialise: every run builds the model itself (slower; for comparison).
+    #[arg(long)]
+    no_preinit: bool,
 }
 
 impl CacheArgs {
@@ -183,6 +206,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Run(args)) => run(&args),
+        Some(Command::Snapshot(args)) => snapshot(&args),
         None => run(&cli.run),
     };
     ExitCode::from(code)
@@ -201,6 +225,7 @@ fn exit_code(error: &Error) -> u8 {
         Error::Trap { .. } => exit::TRAP,
         Error::Model { .. } => exit::MODEL_ERROR,
         Error::Internal(_) => exit::INTERNAL,
+        Error::Init(inner) => exit_code(inner),
     }
 }
 
@@ -216,6 +241,7 @@ fn error_kind(error: &Error) -> &'static str {
         Error::Trap { .. } => "trap",
         Error::Model { .. } => "model-error",
         Error::Internal(_) => "internal",
+        Error::Init(inner) => error_kind(inner),
     }
 }
 
@@ -223,7 +249,11 @@ fn load(path: &Path, cache: &CacheArgs) -> Result<Model, u8> {
     let runtime = cache
         .runtime()
         .map_err(|e| report_error(&e, exit_code(&e)))?;
-    Model::load(&runtime, path).map_err(|e| {
+    let options = wasm_infer::LoadOptions {
+        preinit: !cache.no_preinit,
+        ..Default::default()
+    };
+    Model::load_with(&runtime, path, &options).map_err(|e| {
         eprintln!("error: {}: {e}", path.display());
         exit_code(&e)
     })
@@ -269,18 +299,24 @@ fn run(args: &RunArgs) -> u8 {
                 return exit::INTERNAL;
             }
             if !args.quiet {
-                print_report(args.report, &outcome.usage, &limits, None);
+                print_report(args.report, &model, &outcome.usage, &limits, None);
             }
             0
         }
         Err(failure) => {
             let code = exit_code(&failure.error);
             if args.report == Report::Json && !args.quiet {
-                print_report(args.report, &failure.usage, &limits, Some(&failure.error));
+                print_report(
+                    args.report,
+                    &model,
+                    &failure.usage,
+                    &limits,
+                    Some(&failure.error),
+                );
             } else {
                 eprintln!("error: {}", failure.error);
                 if !args.quiet {
-                    print_report(args.report, &failure.usage, &limits, None);
+                    print_report(args.report, &model, &failure.usage, &limits, None);
                 }
             }
             code
@@ -301,7 +337,13 @@ fn render_output(model: &Model, output: &Output) -> String {
     value.to_string()
 }
 
-fn print_report(report: Report, usage: &wasm_infer::Usage, limits: &Limits, error: Option<&Error>) {
+fn print_report(
+    report: Report,
+    model: &Model,
+    usage: &wasm_infer::Usage,
+    limits: &Limits,
+    error: Option<&Error>,
+) {
     match report {
         Report::Text => eprintln!("usage: {usage}"),
         Report::Json => {
@@ -317,6 +359,7 @@ fn print_report(report: Report, usage: &wasm_infer::Usage, limits: &Limits, erro
                 "usage": usage,
                 "limits": limits,
                 "error": error,
+                "load": model.load_report(),
             });
             eprintln!("{value}");
         }
@@ -394,6 +437,67 @@ fn inspect(args: &InspectArgs) -> u8 {
                 wasm_infer::CodeSource::Compiled => "compiled now",
             },
             load.component_sha256
+        );
+        match &load.preinit {
+            Some(preinit) => println!(
+                "preinit:     snapshot {} ({}); initialisation cost {} fuel, {} memory, {} \
+                 once; runs start from it",
+                match preinit.source {
+                    wasm_infer::PreinitSource::Made => "made now",
+                    wasm_infer::PreinitSource::Cached => "from cache",
+                    wasm_infer::PreinitSource::File => "given as the file",
+                },
+                limits::format_size(preinit.init.snapshot_bytes),
+                limits::format_count(preinit.init.fuel),
+                limits::format_size(preinit.init.memory_bytes),
+                humantime::format_duration(Duration::from_millis(
+                    preinit.init.time.as_millis() as u64
+                )),
+            ),
+            None => println!("preinit:     none (every run initialises the model)"),
+        }
+    }
+    0
+}
+
+fn snapshot(args: &SnapshotArgs) -> u8 {
+    let runtime = match Runtime::with_config(RuntimeConfig {
+        cache_dir: None,
+        ..RuntimeConfig::default()
+    }) {
+        Ok(runtime) => runtime,
+        Err(e) => return report_error(&e, exit_code(&e)),
+    };
+    let wasm = match std::fs::read(&args.model) {
+        Ok(wasm) => wasm,
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.model.display());
+            return exit::INVALID_MODEL;
+        }
+    };
+    let snap = match wasm_infer::snapshot::snapshot(&runtime, &wasm, &args.limits.limits()) {
+        Ok(snap) => snap,
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.model.display());
+            return exit_code(&e);
+        }
+    };
+    if let Err(e) = std::fs::write(&args.output, &snap.wasm) {
+        eprintln!("error: {}: {e}", args.output.display());
+        return exit::INTERNAL;
+    }
+    let init = &snap.info.init;
+    if args.json {
+        eprintln!("{}", serde_json::json!(snap.info));
+    } else {
+        eprintln!(
+            "snapshot: {} -> {} ({}); initialisation: {} fuel, {} memory, {}",
+            args.model.display(),
+            args.output.display(),
+            limits::format_size(init.snapshot_bytes),
+            limits::format_count(init.fuel),
+            limits::format_size(init.memory_bytes),
+            humantime::format_duration(Duration::from_millis(init.time.as_millis() as u64)),
         );
     }
     0

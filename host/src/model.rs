@@ -14,6 +14,7 @@ use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
 use crate::limits::{Limits, DEFAULT_MAX_LOG_BYTES};
 use crate::runtime::Runtime;
 use crate::sandbox::RunState;
+use crate::snapshot::{self, InitReport, SnapshotInfo};
 use crate::usage::Usage;
 
 /// How a model's compiled code was obtained.
@@ -31,13 +32,57 @@ pub enum CodeSource {
 pub struct LoadReport {
     /// Compiled now or loaded from the cache.
     pub code: CodeSource,
-    /// Time to compile or to load the compiled code.
-    #[serde(serialize_with = "micros")]
+    /// Time to obtain the code that runs: compile (and pre-initialise, when a snapshot is made
+    /// now) or load it from the cache.
+    #[serde(rename = "code_time_us", serialize_with = "micros")]
     pub code_time: Duration,
-    /// SHA-256 of the component's bytes.
+    /// SHA-256 of the component's bytes (as given, before any snapshot).
     pub component_sha256: String,
-    /// Component size in bytes.
+    /// Component size in bytes (as given).
     pub component_bytes: u64,
+    /// Whether runs start from a pre-initialised snapshot, and what initialisation cost.
+    pub preinit: Option<Preinit>,
+}
+
+/// How a model's runs come to start pre-initialised.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Preinit {
+    /// Where the snapshot came from.
+    pub source: PreinitSource,
+    /// What the one-time initialisation cost (recorded when the snapshot was made).
+    pub init: InitReport,
+}
+
+/// Where a model's snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PreinitSource {
+    /// Made now, while loading (and written to the cache, if there is one).
+    Made,
+    /// Made by an earlier load, loaded from the precompiled cache.
+    Cached,
+    /// The file given was already a snapshot (`wasm-infer snapshot`).
+    File,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pre-initialise a component that exports `wizer-initialize` and start every run from the
+    /// snapshot (default `true`). With `false`, every run initialises the model itself, as a
+    /// component without that export always does.
+    pub preinit: bool,
+    /// Limits for the one-time initialisation (default: [`Limits::default`], no fuel cap).
+    pub init_limits: Limits,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            preinit: true,
+            init_limits: Limits::default(),
+        }
+    }
 }
 
 fn micros<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -77,40 +122,60 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Loads the component at `path` (see [`Model::from_bytes`]).
+    /// Loads the component at `path` with the default [`LoadOptions`] (see
+    /// [`Model::from_bytes_with`]).
     pub fn load(runtime: &Runtime, path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with(runtime, path, &LoadOptions::default())
+    }
+
+    /// Loads the component at `path` (see [`Model::from_bytes_with`]).
+    pub fn load_with(
+        runtime: &Runtime,
+        path: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_bytes(runtime, &bytes)
+        Self::from_bytes_with(runtime, &bytes, options)
+    }
+
+    /// [`Model::from_bytes_with`] with the default [`LoadOptions`].
+    pub fn from_bytes(runtime: &Runtime, wasm: &[u8]) -> Result<Self> {
+        Self::from_bytes_with(runtime, wasm, &LoadOptions::default())
     }
 
     /// Validates `wasm` as a component of the `wasm-infer:model` world, compiles it (or loads the
     /// compiled code from the cache) and asks it for its [`ModelInfo`].
-    pub fn from_bytes(runtime: &Runtime, wasm: &[u8]) -> Result<Self> {
+    ///
+    /// A component that exports `wizer-initialize` is pre-initialised first (unless
+    /// `options.preinit` is off): initialised once under `options.init_limits`, snapshotted,
+    /// and the snapshot is what runs (and what the cache keeps, so this happens once per
+    /// component and engine). A snapshot made by `wasm-infer snapshot` is checked against this
+    /// runtime's engine and refused with [`InvalidModel::SnapshotMismatch`] if it differs.
+    pub fn from_bytes_with(runtime: &Runtime, wasm: &[u8], options: &LoadOptions) -> Result<Self> {
         check_header(wasm)?;
-        let engine = runtime.engine();
         let component_sha256 = cache::component_digest(wasm);
-        let key = cache::key(engine, &component_sha256);
         let started = Instant::now();
-        let cache_path = runtime
-            .config()
-            .cache_dir
-            .as_deref()
-            .map(|dir| cache::entry_path(dir, &key));
-        let cached = cache_path.as_deref().and_then(|p| cache::load(engine, p));
-        let (component, code) = match cached {
-            Some(component) => (component, CodeSource::Cached),
-            None => {
-                let component = Component::new(engine, wasm)
-                    .map_err(|e| InvalidModel::Malformed(format!("{e:#}")))?;
-                if let Some(path) = &cache_path {
-                    cache::store(&component, path);
-                }
-                (component, CodeSource::Compiled)
-            }
+        let snapshot_file = snapshot::read_info(wasm)?;
+        if let Some(info) = &snapshot_file {
+            info.check(runtime)?;
+        }
+        let make_snapshot =
+            snapshot_file.is_none() && options.preinit && snapshot::exports_init(wasm)?;
+        let (component, code, preinit) = if make_snapshot {
+            let (component, code, source, init) =
+                load_preinitialised(runtime, wasm, &component_sha256, &options.init_limits)?;
+            (component, code, Some(Preinit { source, init }))
+        } else {
+            let (component, code) = load_component(runtime, wasm, &component_sha256)?;
+            let preinit = snapshot_file.map(|info| Preinit {
+                source: PreinitSource::File,
+                init: info.init,
+            });
+            (component, code, preinit)
         };
         let code_time = started.elapsed();
         let instance_pre = runtime
@@ -125,6 +190,7 @@ impl Model {
             code_time,
             component_sha256,
             component_bytes: wasm.len() as u64,
+            preinit,
         };
         let info = fetch_info(runtime, &pre)?;
         Ok(Self {
@@ -205,7 +271,7 @@ impl Model {
         let deadline = started + limits.wall_time + self.inner.runtime.epoch_tick();
         let call = async {
             let instance = self.inner.pre.instantiate_async(&mut store).await;
-            let instantiated = Instant::now();
+            let instantiated = (Instant::now(), store.data().limiter.peak);
             let result = match instance {
                 Ok(instance) => instance.call_infer(&mut store, &input.into_wit()).await,
                 Err(e) => Err(e),
@@ -246,7 +312,8 @@ impl Model {
                 )
             }
         };
-        usage.instantiate_time = instantiated - started;
+        usage.instantiate_time = instantiated.0 - started;
+        usage.initial_memory_bytes = instantiated.1;
         match (result, limits.fuel) {
             (Err(e), _) => fail(classify(e, state, limits, fuel_budget), usage),
             (Ok(_), Some(limit)) if remaining == 0 => fail(
@@ -284,9 +351,80 @@ impl Model {
     }
 }
 
+/// Compiles `wasm` as it is, or loads its compiled code from the cache.
+fn load_component(runtime: &Runtime, wasm: &[u8], digest: &str) -> Result<(Component, CodeSource)> {
+    let engine = runtime.engine();
+    let cache_path = runtime
+        .config()
+        .cache_dir
+        .as_deref()
+        .map(|dir| cache::entry_path(dir, &cache::key(engine, digest)));
+    if let Some(component) = cache_path.as_deref().and_then(|p| cache::load(engine, p)) {
+        return Ok((component, CodeSource::Cached));
+    }
+    let component =
+        Component::new(engine, wasm).map_err(|e| InvalidModel::Malformed(format!("{e:#}")))?;
+    if let Some(path) = &cache_path {
+        cache::store(&component, path);
+    }
+    Ok((component, CodeSource::Compiled))
+}
+
+/// Loads the compiled snapshot of `wasm` from the cache, or makes, compiles and caches it.
+/// The cache keeps the snapshot's compiled code and its [`SnapshotInfo`] side by side, under
+/// a key derived from the source component's digest and the snapshot format.
+fn load_preinitialised(
+    runtime: &Runtime,
+    wasm: &[u8],
+    digest: &str,
+    init_limits: &Limits,
+) -> Result<(Component, CodeSource, PreinitSource, InitReport)> {
+    let engine = runtime.engine();
+    let key = cache::key(
+        engine,
+        &format!("{digest}+preinit-v{}", snapshot::SNAPSHOT_FORMAT),
+    );
+    let cache_path = runtime
+        .config()
+        .cache_dir
+        .as_deref()
+        .map(|dir| cache::entry_path(dir, &key));
+    if let Some(path) = &cache_path {
+        let info: Option<SnapshotInfo> = std::fs::read(path.with_extension("json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        if let Some(info) = info.filter(|info| info.check(runtime).is_ok()) {
+            if let Some(component) = cache::load(engine, path) {
+                return Ok((
+                    component,
+                    CodeSource::Cached,
+                    PreinitSource::Cached,
+                    info.init,
+                ));
+            }
+        }
+    }
+    let snap = snapshot::snapshot(runtime, wasm, init_limits)?;
+    let component = Component::new(engine, &snap.wasm)
+        .map_err(|e| Error::Internal(format!("compiling the snapshot: {e:#}")))?;
+    if let Some(path) = &cache_path {
+        // Description first: an entry counts only once its code is there.
+        let json = serde_json::to_vec_pretty(&snap.info).expect("snapshot info serialises");
+        if cache::store_bytes(&json, &path.with_extension("json")) {
+            cache::store(&component, path);
+        }
+    }
+    Ok((
+        component,
+        CodeSource::Compiled,
+        PreinitSource::Made,
+        snap.info.init,
+    ))
+}
+
 /// A fresh store for one run: its own WASI context, memory limiter, and a wall-time check at
 /// every epoch tick that also yields to the executor.
-fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) -> Store<RunState> {
+pub(crate) fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) -> Store<RunState> {
     let log_capacity = DEFAULT_MAX_LOG_BYTES as usize;
     let mut store = Store::new(
         runtime.engine(),
@@ -309,7 +447,12 @@ fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) -> Store<RunS
 }
 
 /// Decides what a failed call means, from what the host observed rather than the message.
-fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits, fuel_budget: u64) -> Error {
+pub(crate) fn classify(
+    e: wasmtime::Error,
+    state: &RunState,
+    limits: &Limits,
+    fuel_budget: u64,
+) -> Error {
     if let Some(elapsed) = state.timed_out {
         return LimitExceeded::WallTime {
             limit: limits.wall_time,
@@ -361,7 +504,7 @@ fn trap_message(e: &wasmtime::Error, code: Option<Trap>) -> String {
 
 /// Checks the 8-byte preamble: `\0asm`, then version/layer. Core modules are `01 00 00 00`,
 /// components `0d 00 01 00`.
-fn check_header(wasm: &[u8]) -> Result<(), InvalidModel> {
+pub(crate) fn check_header(wasm: &[u8]) -> Result<(), InvalidModel> {
     if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
         return Err(InvalidModel::NotWasm);
     }
@@ -396,7 +539,7 @@ fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> 
 /// Drives `future` to completion on a private current-thread tokio runtime (with the time
 /// driver the wall-time limit needs). Inside an async runtime, where blocking the thread with a
 /// nested runtime would panic, it does so on a scoped helper thread instead.
-fn block_on<F>(future: F) -> Result<F::Output>
+pub(crate) fn block_on<F>(future: F) -> Result<F::Output>
 where
     F: std::future::Future + Send,
     F::Output: Send,

@@ -9,10 +9,14 @@ use crate::limits::{format_count, format_size};
 /// Resources one run consumed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
-    /// Fuel units consumed by the guest (instantiation included). Deterministic.
+    /// Fuel units consumed by the guest (instantiation included; a pre-initialised model's
+    /// one-time initialisation is not, see [`LoadReport`](crate::LoadReport)). Deterministic.
     pub fuel_consumed: u64,
     /// Highest total linear memory of the guest, in bytes.
     pub peak_memory_bytes: u64,
+    /// Total linear memory when the instance was created: its memory image (a snapshot's
+    /// built model, or embedded weights). `peak - initial` is what the request itself grew.
+    pub initial_memory_bytes: u64,
     /// Wall time from the start of the run to its end, instantiation included.
     #[serde(serialize_with = "as_micros", rename = "wall_time_us")]
     pub wall_time: Duration,
@@ -37,9 +41,11 @@ impl std::fmt::Display for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "fuel {} · peak memory {} · wall {:.1} ms (instantiate {:.2} ms) · in {} · out {}",
+            "fuel {} · peak memory {} (initial {}) · wall {:.1} ms (instantiate {:.2} ms) · \
+             in {} · out {}",
             format_count(self.fuel_consumed),
             format_size(self.peak_memory_bytes),
+            format_size(self.initial_memory_bytes),
             self.wall_time.as_secs_f64() * 1e3,
             self.instantiate_time.as_secs_f64() * 1e3,
             format_size(self.input_bytes),

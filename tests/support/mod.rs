@@ -104,6 +104,18 @@ pub fn minilm() -> &'static Model {
     MODEL.get_or_init(|| Model::load(runtime(), minilm_wasm()).expect("loading minilm.wasm"))
 }
 
+/// MiniLM without pre-initialisation: every run builds the model itself.
+pub fn minilm_no_preinit() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let options = wasm_infer::LoadOptions {
+            preinit: false,
+            ..Default::default()
+        };
+        Model::load_with(runtime(), minilm_wasm(), &options).expect("loading minilm.wasm")
+    })
+}
+
 pub fn hostile() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| Model::load(runtime(), hostile_wasm()).expect("loading hostile.wasm"))

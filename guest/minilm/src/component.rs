@@ -4,14 +4,16 @@
 //! `build.rs`) rather than read from a preopened directory: the guest then needs no filesystem
 //! at all (no authority to grant, no path convention for the CLI), the component is one
 //! self-contained artifact, and a later pre-initialisation snapshot can build the model without
-//! calling a single import. Parsing happens lazily on the first `infer`, so `info` stays cheap.
+//! calling a single import. The host calls `wizer-initialize` once and snapshots the result, so
+//! every run starts with the model built; without a snapshot, `infer` builds it on first use,
+//! and `info` stays cheap either way.
 
 use std::sync::OnceLock;
 
 use crate::{Embedder, DIMENSION, MAX_TOKENS, NAME};
 
 wit_bindgen::generate!({
-    world: "model",
+    world: "preinit-model",
     path: "../../wit",
 });
 
@@ -43,6 +45,11 @@ fn internal(message: String) -> ModelError {
 struct MiniLm;
 
 impl Guest for MiniLm {
+    fn wizer_initialize() {
+        // Errors are kept in the OnceLock and reported by the first `infer`.
+        let _ = embedder();
+    }
+
     fn info() -> ModelInfo {
         ModelInfo {
             name: NAME.to_string(),

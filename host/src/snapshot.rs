@@ -1,0 +1,584 @@
+//! Pre-initialised snapshots: build the model once, start every run from the built state.
+//!
+//! A model component that exports `wizer-initialize` (the `preinit-model` world in `wit/`) is
+//! instantiated once under the loader's limits, that function is called (the guest parses its
+//! weights, builds its tensors, loads its tokenizer), and the initialised instance's linear
+//! memories and globals are written back into the component as data segments
+//! ([`wasmtime_wizer`]). The result is an ordinary `model` component whose runs begin where
+//! initialisation ended, so a run's fuel and memory measure the request alone, and wasmtime's
+//! copy-on-write memory images let every concurrent instance share the snapshot's pages.
+//!
+//! Initialisation runs with every import but `wasi:random` defined as a trap: whatever it could
+//! learn from the host (clock, files, stdio handles) would be frozen into the snapshot and
+//! replayed into runs that never asked for it, so a guest that calls one there is refused.
+//! Randomness is the exception because it is seeded identically in every store.
+//!
+//! A snapshot carries a `wasm-infer-snapshot` custom section: the format, the wasm-infer and
+//! wasmtime versions and engine settings that made it, the source component's digest and what
+//! initialisation cost. Loading a snapshot made under other settings is refused with the
+//! differences spelled out, because its state (and its recorded figures) came from semantics
+//! this runtime does not have.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Instance, Linker, WasmList};
+use wasmtime::Store;
+use wasmtime_wizer::{ComponentInstanceState, Wizer};
+
+use crate::error::{Error, InvalidModel, LimitExceeded, Result};
+use crate::limits::Limits;
+use crate::model::{classify, new_store};
+use crate::runtime::Runtime;
+use crate::sandbox::RunState;
+
+/// The export a pre-initialisable model provides (wizer's default name).
+pub const INIT_EXPORT: &str = "wizer-initialize";
+/// Name of the custom section that marks and describes a snapshot.
+pub const SNAPSHOT_SECTION: &str = "wasm-infer-snapshot";
+/// Version of the snapshot section's layout and of the snapshotting procedure.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// The engine settings that decide what initialisation computes and what its figures mean.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineFingerprint {
+    /// wasmtime's version.
+    pub wasmtime: String,
+    /// Fuel metering on (the recorded init fuel is only meaningful then).
+    pub fuel: bool,
+    /// Epoch interruption on.
+    pub epochs: bool,
+    /// WebAssembly SIMD (v128) enabled.
+    pub simd: bool,
+    /// Relaxed-SIMD instructions give the same result on every CPU.
+    pub relaxed_simd_deterministic: bool,
+    /// NaN results canonicalised.
+    pub nan_canonicalization: bool,
+}
+
+impl EngineFingerprint {
+    /// The fingerprint of `runtime`'s engine.
+    pub fn of(runtime: &Runtime) -> Self {
+        Self {
+            wasmtime: env!("WASM_INFER_WASMTIME_VERSION").to_string(),
+            fuel: runtime.config().meter_fuel,
+            epochs: true,
+            simd: true,
+            relaxed_simd_deterministic: true,
+            nan_canonicalization: true,
+        }
+    }
+
+    /// Human-readable list of the settings that differ, `snapshot` vs `runtime`.
+    fn differences(&self, runtime: &Self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.wasmtime != runtime.wasmtime {
+            out.push(format!(
+                "wasmtime {} (this build: {})",
+                self.wasmtime, runtime.wasmtime
+            ));
+        }
+        let flags = [
+            ("fuel", self.fuel, runtime.fuel),
+            ("epochs", self.epochs, runtime.epochs),
+            ("simd", self.simd, runtime.simd),
+            (
+                "relaxed-simd-deterministic",
+                self.relaxed_simd_deterministic,
+                runtime.relaxed_simd_deterministic,
+            ),
+            (
+                "nan-canonicalization",
+                self.nan_canonicalization,
+                runtime.nan_canonicalization,
+            ),
+        ];
+        for (name, snap, this) in flags {
+            if snap != this {
+                out.push(format!(
+                    "{name}={} (this runtime: {name}={})",
+                    on(snap),
+                    on(this)
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn on(flag: bool) -> &'static str {
+    if flag {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// What pre-initialising a model cost. Paid once, when the snapshot is made; runs started
+/// from the snapshot do not pay it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitReport {
+    /// Fuel consumed by instantiation plus `wizer-initialize` (0 without fuel metering).
+    pub fuel: u64,
+    /// Linear memory (all memories) when initialisation ended: the snapshot's initial memory.
+    pub memory_bytes: u64,
+    /// Wall time of instantiation plus initialisation (not of compiling or rewriting).
+    #[serde(rename = "time_us", with = "micros")]
+    pub time: Duration,
+    /// Size of the component that was initialised.
+    pub source_bytes: u64,
+    /// Size of the snapshot component.
+    pub snapshot_bytes: u64,
+}
+
+/// The `wasm-infer-snapshot` section's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// [`SNAPSHOT_FORMAT`] of the wasm-infer that made it.
+    pub format: u32,
+    /// wasm-infer version that made it.
+    pub wasm_infer: String,
+    /// Engine that ran the initialisation.
+    pub engine: EngineFingerprint,
+    /// SHA-256 of the component it was made from.
+    pub source_sha256: String,
+    /// What initialisation cost.
+    pub init: InitReport,
+}
+
+impl SnapshotInfo {
+    /// Refuses a snapshot made by another format or engine configuration.
+    pub fn check(&self, runtime: &Runtime) -> Result<(), InvalidModel> {
+        let mut differences = Vec::new();
+        if self.format != SNAPSHOT_FORMAT {
+            differences.push(format!(
+                "snapshot format {} (this build: {SNAPSHOT_FORMAT})",
+                self.format
+            ));
+        }
+        differences.extend(self.engine.differences(&EngineFingerprint::of(runtime)));
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidModel::SnapshotMismatch(format!(
+                "made by wasm-infer {} with {}; make it again from the original component \
+                 with this build (`wasm-infer snapshot`)",
+                self.wasm_infer,
+                differences.join(", ")
+            )))
+        }
+    }
+}
+
+/// A pre-initialised component and its description.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The snapshot component (an ordinary `model` component with a snapshot section).
+    pub wasm: Vec<u8>,
+    /// What is in its snapshot section.
+    pub info: SnapshotInfo,
+}
+
+/// Pre-initialises `wasm` (which must export [`INIT_EXPORT`]) under `limits` and returns the
+/// snapshot. Blocking; see [`snapshot_async`].
+pub fn snapshot(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Result<Snapshot> {
+    crate::model::block_on(snapshot_async(runtime, wasm, limits))?
+}
+
+/// Pre-initialises `wasm` under `limits` (fuel, memory and wall time bound the initialisation
+/// like a run) and returns the snapshot.
+pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Result<Snapshot> {
+    crate::model::check_header(wasm)?;
+    if read_info(wasm)?.is_some() {
+        return Err(InvalidModel::Malformed("already a wasm-infer snapshot".into()).into());
+    }
+    if !exports_init(wasm)? {
+        return Err(InvalidModel::NotPreinitialisable.into());
+    }
+    let mut wizer = Wizer::new();
+    // The component-level export lifts the core module's `wizer-initialize`; wizer 48 drops
+    // the core export but not the lift, which leaves an invalid component. Keeping it is
+    // harmless: the snapshot's model is already built, so a second call does nothing.
+    wizer.keep_init_func(true);
+    let (context, instrumented) = wizer
+        .instrument_component(wasm)
+        .map_err(|e| InvalidModel::Malformed(format!("preparing the snapshot: {e:#}")))?;
+    let engine = runtime.engine();
+    let component = Component::new(engine, &instrumented)
+        .map_err(|e| InvalidModel::Malformed(format!("{e:#}")))?;
+    let init_index = match component.get_export(None, INIT_EXPORT) {
+        Some((ComponentItem::ComponentFunc(ty), index))
+            if ty.params().len() == 0 && ty.results().len() == 0 =>
+        {
+            index
+        }
+        _ => {
+            return Err(InvalidModel::WrongWorld(format!(
+                "`{INIT_EXPORT}` must be a function with no parameters and no results"
+            ))
+            .into())
+        }
+    };
+    let linker = init_linker(engine, &component).map_err(|e| Error::Internal(format!("{e:#}")))?;
+
+    let started = Instant::now();
+    let mut store = new_store(runtime, limits, started);
+    let fuel_budget = limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1));
+    if runtime.config().meter_fuel {
+        store
+            .set_fuel(fuel_budget)
+            .map_err(|e| Error::Internal(format!("{e:#}")))?;
+    } else if limits.fuel.is_some() {
+        return Err(Error::Internal(
+            "a fuel limit needs a runtime with fuel metering".into(),
+        ));
+    }
+    let deadline = started + limits.wall_time + runtime.epoch_tick();
+    let init = async {
+        let instance = linker.instantiate_async(&mut store, &component).await?;
+        let func = instance.get_typed_func::<(), ()>(&mut store, init_index)?;
+        func.call_async(&mut store, ()).await?;
+        Ok::<_, wasmtime::Error>(instance)
+    };
+    let instance = match tokio::time::timeout_at(deadline.into(), init).await {
+        Err(_) => {
+            return Err(init_failed(
+                LimitExceeded::WallTime {
+                    limit: limits.wall_time,
+                    elapsed: started.elapsed(),
+                }
+                .into(),
+            ))
+        }
+        Ok(Err(e)) => {
+            let error = classify(e, store.data(), limits, fuel_budget);
+            return Err(init_failed(error));
+        }
+        Ok(Ok(instance)) => instance,
+    };
+    // Whole microseconds: the figure is stored that way, and must compare equal once read back.
+    let time = Duration::from_micros(started.elapsed().as_micros() as u64);
+    let fuel = if runtime.config().meter_fuel {
+        let remaining = store.get_fuel().unwrap_or(0);
+        if remaining == 0 {
+            if let Some(limit) = limits.fuel {
+                return Err(init_failed(
+                    LimitExceeded::Fuel {
+                        limit,
+                        consumed: fuel_budget,
+                    }
+                    .into(),
+                ));
+            }
+        }
+        fuel_budget - remaining
+    } else {
+        0
+    };
+    let memory_bytes = store.data().limiter.peak;
+    // wizer reads each memory whole as one `list<u8>`; the default cap on data copied per
+    // host call (128 MiB, a guard against guests) is for runs, not for reading our own snapshot.
+    store.set_hostcall_fuel(usize::MAX);
+    let rewritten = wizer
+        .snapshot_component(
+            &context,
+            &mut Access {
+                store: &mut store,
+                instance,
+            },
+        )
+        .await
+        .map_err(|e| Error::Internal(format!("writing the snapshot: {e:#}")))?;
+    drop(store);
+
+    let mut info = SnapshotInfo {
+        format: SNAPSHOT_FORMAT,
+        wasm_infer: env!("CARGO_PKG_VERSION").to_string(),
+        engine: EngineFingerprint::of(runtime),
+        source_sha256: crate::cache::component_digest(wasm),
+        init: InitReport {
+            fuel,
+            memory_bytes,
+            time,
+            source_bytes: wasm.len() as u64,
+            snapshot_bytes: 0,
+        },
+    };
+    // The recorded size includes the section itself; its JSON length settles in two passes
+    // at most (the size's digits are the only part that changes).
+    let mut wasm_out = rewritten.clone();
+    for _ in 0..3 {
+        wasm_out = rewritten.clone();
+        append_custom_section(&mut wasm_out, SNAPSHOT_SECTION, &section_payload(&info));
+        if info.init.snapshot_bytes == wasm_out.len() as u64 {
+            break;
+        }
+        info.init.snapshot_bytes = wasm_out.len() as u64;
+    }
+    tracing::debug!(
+        fuel,
+        memory_bytes,
+        ?time,
+        bytes = wasm_out.len(),
+        "pre-initialised the model"
+    );
+    Ok(Snapshot {
+        wasm: wasm_out,
+        info,
+    })
+}
+
+/// The imports initialisation may use: only `wasi:random`, which is seeded deterministically
+/// in every store (Rust's std seeds its `HashMap`s from it, so nearly every guest calls it while
+/// initialising), so what it returned is what a run would have seen. Every other import traps.
+fn init_linker(
+    engine: &wasmtime::Engine,
+    component: &Component,
+) -> wasmtime::Result<Linker<RunState>> {
+    use wasmtime_wasi::p2::bindings::random;
+    use wasmtime_wasi::random::WasiRandom;
+    use wasmtime_wasi::WasiView;
+
+    let mut linker: Linker<RunState> = Linker::new(engine);
+    random::random::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
+    random::insecure::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
+    random::insecure_seed::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
+    linker.define_unknown_imports_as_traps(component)?;
+    Ok(linker)
+}
+
+fn init_failed(error: Error) -> Error {
+    Error::Init(Box::new(error))
+}
+
+fn section_payload(info: &SnapshotInfo) -> Vec<u8> {
+    serde_json::to_vec(info).expect("snapshot info serialises")
+}
+
+/// Reads the snapshot section, if `wasm` has one.
+pub fn read_info(wasm: &[u8]) -> Result<Option<SnapshotInfo>, InvalidModel> {
+    let mut found = None;
+    for_each_top_level(wasm, |payload| {
+        if let wasmparser::Payload::CustomSection(reader) = payload {
+            if reader.name() == SNAPSHOT_SECTION {
+                let info: SnapshotInfo = serde_json::from_slice(reader.data()).map_err(|e| {
+                    InvalidModel::Malformed(format!("{SNAPSHOT_SECTION} section: {e}"))
+                })?;
+                found = Some(info);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// Whether the component itself (not a nested module) exports [`INIT_EXPORT`].
+pub fn exports_init(wasm: &[u8]) -> Result<bool, InvalidModel> {
+    let mut found = false;
+    for_each_top_level(wasm, |payload| {
+        if let wasmparser::Payload::ComponentExportSection(reader) = payload {
+            for export in reader {
+                let export = export.map_err(|e| InvalidModel::Malformed(e.to_string()))?;
+                if export.name.name == INIT_EXPORT {
+                    found = true;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// Calls `f` with every payload of the outermost component or module, skipping nested ones.
+fn for_each_top_level(
+    wasm: &[u8],
+    mut f: impl FnMut(wasmparser::Payload<'_>) -> Result<(), InvalidModel>,
+) -> Result<(), InvalidModel> {
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        let payload = payload.map_err(|e| InvalidModel::Malformed(e.to_string()))?;
+        match payload {
+            wasmparser::Payload::Version { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            payload if depth == 1 => f(payload)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn append_custom_section(wasm: &mut Vec<u8>, name: &str, payload: &[u8]) {
+    let mut body = Vec::with_capacity(name.len() + payload.len() + 5);
+    leb128(&mut body, name.len() as u64);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(payload);
+    wasm.push(0);
+    leb128(wasm, body.len() as u64);
+    wasm.extend_from_slice(&body);
+}
+
+fn leb128(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Lets wizer read the initialised instance's memories and globals.
+struct Access<'a> {
+    store: &'a mut Store<RunState>,
+    instance: Instance,
+}
+
+impl Access<'_> {
+    async fn call<R: wasmtime::component::Lift + Send + Sync + 'static, T>(
+        &mut self,
+        instance: &str,
+        func: &str,
+        with: impl FnOnce(&Store<RunState>, R) -> T,
+    ) -> T {
+        // The accessors are wizer's own instrumentation of a component that just initialised
+        // successfully, so a failure here is a bug in the snapshot machinery, not the guest's.
+        let (_, instance_index) = self
+            .instance
+            .get_export(&mut *self.store, None, instance)
+            .expect("wizer's accessor instance is exported");
+        let (_, func_index) = self
+            .instance
+            .get_export(&mut *self.store, Some(&instance_index), func)
+            .expect("wizer's accessor is exported");
+        let typed = self
+            .instance
+            .get_typed_func::<(), (R,)>(&mut *self.store, func_index)
+            .expect("wizer's accessor has the expected type");
+        let (value,) = typed
+            .call_async(&mut *self.store, ())
+            .await
+            .expect("wizer's accessor does not trap");
+        with(self.store, value)
+    }
+}
+
+impl ComponentInstanceState for Access<'_> {
+    async fn call_func_ret_list_u8(
+        &mut self,
+        instance: &str,
+        func: &str,
+        contents: impl FnOnce(&[u8]) + Send,
+    ) {
+        self.call(instance, func, |store, list: WasmList<u8>| {
+            contents(list.as_le_slice(store))
+        })
+        .await
+    }
+
+    async fn call_func_ret_s32(&mut self, instance: &str, func: &str) -> i32 {
+        self.call(instance, func, |_, v| v).await
+    }
+
+    async fn call_func_ret_s64(&mut self, instance: &str, func: &str) -> i64 {
+        self.call(instance, func, |_, v| v).await
+    }
+
+    async fn call_func_ret_f32(&mut self, instance: &str, func: &str) -> u32 {
+        self.call(instance, func, |_, v: f32| v.to_bits()).await
+    }
+
+    async fn call_func_ret_f64(&mut self, instance: &str, func: &str) -> u64 {
+        self.call(instance, func, |_, v: f64| v.to_bits()).await
+    }
+}
+
+mod micros {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_micros() as u64)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let micros = <u64 as serde::Deserialize>::deserialize(d)?;
+        Ok(Duration::from_micros(micros))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leb128_matches_the_spec_examples() {
+        let mut out = Vec::new();
+        leb128(&mut out, 624_485);
+        assert_eq!(out, [0xe5, 0x8e, 0x26]);
+        out.clear();
+        leb128(&mut out, 0);
+        assert_eq!(out, [0]);
+    }
+
+    #[test]
+    fn a_custom_section_round_trips_and_ignores_nested_modules() {
+        let mut wasm = wat::parse_str(
+            r#"(component
+                (core module $m (@custom "wasm-infer-snapshot" "not json"))
+            )"#,
+        )
+        .unwrap();
+        // The nested module's section is not the component's: no snapshot.
+        assert_eq!(read_info(&wasm).unwrap(), None);
+        let info = SnapshotInfo {
+            format: SNAPSHOT_FORMAT,
+            wasm_infer: "0.0.0".into(),
+            engine: EngineFingerprint {
+                wasmtime: "1.2.3".into(),
+                fuel: true,
+                epochs: true,
+                simd: true,
+                relaxed_simd_deterministic: true,
+                nan_canonicalization: true,
+            },
+            source_sha256: "ab".repeat(32),
+            init: InitReport {
+                fuel: 7,
+                memory_bytes: 65536,
+                time: Duration::from_micros(12),
+                source_bytes: 100,
+                snapshot_bytes: 200,
+            },
+        };
+        append_custom_section(&mut wasm, SNAPSHOT_SECTION, &section_payload(&info));
+        wasmparser::Validator::new().validate_all(&wasm).unwrap();
+        assert_eq!(read_info(&wasm).unwrap(), Some(info));
+    }
+
+    #[test]
+    fn fingerprint_differences_name_each_setting() {
+        let a = EngineFingerprint {
+            wasmtime: "48.0.8".into(),
+            fuel: true,
+            epochs: true,
+            simd: true,
+            relaxed_simd_deterministic: true,
+            nan_canonicalization: true,
+        };
+        let b = EngineFingerprint {
+            wasmtime: "47.0.0".into(),
+            fuel: false,
+            ..a.clone()
+        };
+        assert_eq!(
+            b.differences(&a),
+            [
+                "wasmtime 47.0.0 (this build: 48.0.8)",
+                "fuel=off (this runtime: fuel=on)"
+            ]
+        );
+        assert!(a.differences(&a).is_empty());
+    }
+}
