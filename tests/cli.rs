@@ -239,3 +239,61 @@ fn guest_stdout_never_reaches_the_cli_stdout() {
         "{\"model\":\"hostile\",\"output\":{\"text\":\"printed\"}}\n"
     );
 }
+
+#[test]
+fn snapshot_writes_a_file_that_runs_like_the_transparent_snapshot() {
+    let dir = support::target_dir().join("cli-snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("minilm.snap.wasm");
+    let out_str = out.display().to_string();
+    let made = wasm_infer(&["snapshot", &minilm(), "-o", &out_str, "--json"]);
+    assert_eq!(code(&made), 0, "{}", stderr(&made));
+    assert!(made.stdout.is_empty());
+    let info = json(&made.stderr);
+    assert_golden("minilm_init_fuel", info["init"]["fuel"].as_u64().unwrap());
+    assert_eq!(
+        info["init"]["snapshot_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
+
+    let text = case("short_bench").text;
+    let from_file = wasm_infer(&["--report", "json", &out_str, &text]);
+    let transparent = wasm_infer(&["--report", "json", &minilm(), &text]);
+    assert_eq!(code(&from_file), 0, "{}", stderr(&from_file));
+    assert_eq!(from_file.stdout, transparent.stdout);
+    let report = json(&from_file.stderr);
+    assert_golden(
+        "minilm_short_bench",
+        report["usage"]["fuel_consumed"].as_u64().unwrap(),
+    );
+    assert_eq!(report["load"]["preinit"]["source"], "file");
+    assert_eq!(
+        json(&transparent.stderr)["load"]["preinit"]["init"]["fuel"],
+        info["init"]["fuel"]
+    );
+
+    // Without the snapshot the same request pays for initialisation.
+    let plain = wasm_infer(&["--no-preinit", "--report", "json", &minilm(), &text]);
+    assert_eq!(plain.stdout, transparent.stdout);
+    assert_golden(
+        "minilm_no_preinit_short_bench",
+        json(&plain.stderr)["usage"]["fuel_consumed"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert!(json(&plain.stderr)["load"]["preinit"].is_null());
+
+    let inspect = wasm_infer(&["inspect", &out_str]);
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("given as the file"));
+
+    // A component without `wizer-initialize` cannot be snapshotted: exit 3, no file.
+    let refused_path = dir.join("hostile.snap.wasm");
+    let refused = wasm_infer(&[
+        "snapshot",
+        &hostile(),
+        "-o",
+        &refused_path.display().to_string(),
+    ]);
+    assert_fails(&refused, 3, "wizer-initialize");
+    assert!(!refused_path.exists());
+}

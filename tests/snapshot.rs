@@ -301,3 +301,57 @@ fn one_model_handle_runs_many_fresh_sandboxes_concurrently() {
         assert_eq!(seq.usage.fuel_consumed, par.usage.fuel_consumed, "{name}");
     }
 }
+
+#[test]
+fn a_pooled_runtime_reuses_slots_cleanly_after_trips_and_queues_beyond_its_size() {
+    let pooled = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(support::cache_dir()),
+        pool: Some(2),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let model = Model::load(&pooled, minilm_wasm()).unwrap();
+    let reference = run(minilm(), "short_bench");
+    let check = |outcome: &Outcome| {
+        assert_eq!(bits(outcome), bits(&reference));
+        assert_eq!(outcome.usage.fuel_consumed, reference.usage.fuel_consumed);
+        assert_eq!(
+            outcome.usage.peak_memory_bytes,
+            reference.usage.peak_memory_bytes
+        );
+    };
+    check(&run(&model, "short_bench"));
+
+    // A memory trip inside a pooled slot (the long input grows past the image), then fuel.
+    let long = Input::Text(case("long_truncated").text);
+    let peak = run(minilm(), "long_truncated").usage.peak_memory_bytes;
+    let failure = model
+        .run(long, &Limits::default().memory(peak - 1))
+        .unwrap_err();
+    assert_eq!(
+        failure.error.limit(),
+        Some(&LimitExceeded::Memory {
+            limit: peak - 1,
+            requested: peak
+        })
+    );
+    check(&run(&model, "short_bench"));
+    let input = Input::Text(case("short_bench").text);
+    let failure = model
+        .run(input, &Limits::default().fuel(1_000_000))
+        .unwrap_err();
+    assert!(matches!(
+        failure.error.limit(),
+        Some(LimitExceeded::Fuel { .. })
+    ));
+
+    // Six runs on two slots: all complete, with the same bits and fuel.
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| scope.spawn(|| run(&model, "short_bench")))
+            .collect();
+        for handle in handles {
+            check(&handle.join().unwrap());
+        }
+    });
+}

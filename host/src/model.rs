@@ -230,9 +230,12 @@ impl Model {
     /// must have its time driver enabled, as `#[tokio::main]` does). The guest yields to the
     /// executor at every epoch tick, so many runs can share a few threads.
     pub async fn run_async(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
+        let queued = Instant::now();
+        let _slot = self.inner.runtime.slot().await;
         let started = Instant::now();
         let mut usage = Usage {
             input_bytes: input.payload_bytes(),
+            queue_time: started - queued,
             ..Usage::default()
         };
         if usage.input_bytes > limits.max_input {
@@ -518,6 +521,7 @@ pub(crate) fn check_header(wasm: &[u8]) -> Result<(), InvalidModel> {
 fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> {
     let limits = Limits::default();
     block_on(async {
+        let _slot = runtime.slot().await;
         let mut store = new_store(runtime, &limits, Instant::now());
         if runtime.config().meter_fuel {
             store

@@ -8,9 +8,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::error::{Error, Result};
+use crate::limits::MAX_TABLE_ELEMENTS;
 use crate::sandbox::RunState;
 
 /// Default epoch tick: 10 ms. A run ends at most one tick after its wall-time limit; each tick
@@ -31,6 +32,17 @@ pub struct RuntimeConfig {
     /// without it runs report no fuel figure and a [`Limits::fuel`](crate::Limits::fuel) cap
     /// is refused, leaving wall time as the only compute bound.
     pub meter_fuel: bool,
+    /// `Some(n)`: wasmtime's pooling allocator with slots for `n` concurrent sandboxes (linear
+    /// memories, tables, instance state and async stacks reserved once and reused, memory
+    /// images mapped copy-on-write into each slot); a run that finds every slot busy waits for
+    /// one instead of failing, and the wait is reported as [`Usage::queue_time`]
+    /// (crate::Usage::queue_time), outside its wall-time limit. Loading a model (its info call
+    /// and pre-initialisation) takes a slot too. Each slot allows a component up to 20 core
+    /// instances, 4 memories of up to 4 GiB and 8 tables.
+    ///
+    /// `None` (default): each run's instance is allocated on demand (still copy-on-write), the
+    /// right choice for one-shot use such as the CLI.
+    pub pool: Option<u32>,
 }
 
 impl Default for RuntimeConfig {
@@ -39,6 +51,7 @@ impl Default for RuntimeConfig {
             cache_dir: default_cache_dir(),
             epoch_tick: DEFAULT_EPOCH_TICK,
             meter_fuel: true,
+            pool: None,
         }
     }
 }
@@ -63,6 +76,8 @@ pub(crate) struct RuntimeInner {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<RunState>,
     pub(crate) config: RuntimeConfig,
+    /// One permit per pooled slot (`None` without a pool).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
     ticker: Ticker,
 }
 
@@ -74,18 +89,34 @@ impl Runtime {
 
     /// A runtime with `config`.
     pub fn with_config(config: RuntimeConfig) -> Result<Self> {
-        let engine = Engine::new(&engine_config(config.meter_fuel)).map_err(internal)?;
+        if config.pool == Some(0) {
+            return Err(Error::Internal("a pool needs at least one slot".into()));
+        }
+        let engine =
+            Engine::new(&engine_config(config.meter_fuel, config.pool)).map_err(internal)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
         let ticker = Ticker::start(engine.clone(), config.epoch_tick);
+        let slots = config
+            .pool
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
         Ok(Self {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
                 config,
+                slots,
                 ticker,
             }),
         })
+    }
+
+    /// Waits for a free pooled slot (immediately `None` without a pool). Hold the permit for as
+    /// long as the store lives.
+    pub(crate) async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = self.inner.slots.clone()?;
+        // The semaphore is never closed.
+        slots.acquire_owned().await.ok()
     }
 
     /// The wasmtime engine (for embedders that want to share it).
@@ -110,8 +141,23 @@ impl Runtime {
 ///   threads fairly (cheaper than fuel-based yielding, which would cost determinism nothing but
 ///   adds a check per yield interval);
 /// - NaN canonicalisation and deterministic relaxed SIMD: the same bits on every machine.
-fn engine_config(meter_fuel: bool) -> Config {
+fn engine_config(meter_fuel: bool, pool: Option<u32>) -> Config {
     let mut config = Config::new();
+    if let Some(n) = pool {
+        let mut pooling = PoolingAllocationConfig::new();
+        pooling
+            .total_component_instances(n)
+            .total_core_instances(n.saturating_mul(20))
+            .max_core_instances_per_component(20)
+            .total_memories(n.saturating_mul(4))
+            .max_memories_per_component(4)
+            .max_memory_size(4 << 30)
+            .total_tables(n.saturating_mul(8))
+            .max_tables_per_component(8)
+            .table_elements(MAX_TABLE_ELEMENTS as usize)
+            .total_stacks(n);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    }
     config
         .consume_fuel(meter_fuel)
         .epoch_interruption(true)

@@ -222,6 +222,7 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
     };
     let linker = init_linker(engine, &component).map_err(|e| Error::Internal(format!("{e:#}")))?;
 
+    let _slot = runtime.slot().await;
     let started = Instant::now();
     let mut store = new_store(runtime, limits, started);
     let fuel_budget = limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1));

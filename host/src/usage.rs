@@ -20,6 +20,10 @@ pub struct Usage {
     /// Wall time from the start of the run to its end, instantiation included.
     #[serde(serialize_with = "as_micros", rename = "wall_time_us")]
     pub wall_time: Duration,
+    /// Time spent waiting for a free pooled slot before the run started (not in `wall_time`;
+    /// always zero without a pool, see [`RuntimeConfig::pool`](crate::RuntimeConfig::pool)).
+    #[serde(serialize_with = "as_micros", rename = "queue_time_us")]
+    pub queue_time: Duration,
     /// Time spent creating the fresh instance, within `wall_time`.
     #[serde(serialize_with = "as_micros", rename = "instantiate_time_us")]
     pub instantiate_time: Duration,
