@@ -34,6 +34,10 @@ demo: guest build
 test: guest
     cargo test --release
 
+# Soak: thousands of hostile runs mixed with good ones, then RSS, fds and cache must be as before.
+soak: guest
+    cargo test --release --test soak -- --ignored --nocapture
+
 # Rewrite tests/golden/fuel.json after a toolchain, wasmtime or guest change (review the diff).
 bless: guest
     BLESS=1 cargo test --release

@@ -178,11 +178,28 @@ fn invalid_models_exit_3() {
     let truncated = dir.join("truncated.wasm");
     let hostile_bytes = std::fs::read(hostile_wasm()).unwrap();
     std::fs::write(&truncated, &hostile_bytes[..hostile_bytes.len() / 2]).unwrap();
+    let wrong_world = dir.join("wrong-world.wasm");
+    std::fs::write(&wrong_world, wat::parse_str("(component)").unwrap()).unwrap();
+    let foreign_import = dir.join("foreign-import.wasm");
+    std::fs::write(
+        &foreign_import,
+        wat::parse_str(r#"(component (import "evil:host/escape" (func)))"#).unwrap(),
+    )
+    .unwrap();
     for (path, needle) in [
         (not_wasm, "not a WebAssembly file"),
         (core, "a core WebAssembly module, not a component"),
         (truncated, "malformed component"),
+        (
+            wrong_world,
+            "does not implement the wasm-infer:model/model world",
+        ),
+        (
+            foreign_import,
+            "imports something wasm-infer does not provide",
+        ),
         (dir.join("missing.wasm"), "No such file"),
+        (dir.clone(), "Is a directory"),
     ] {
         let out = wasm_infer(&[path.to_str().unwrap(), "hi"]);
         assert_fails(&out, 3, needle);
@@ -196,6 +213,9 @@ fn malformed_flags_exit_2() {
         ["--fuel", "-1"],
         ["--timeout", "abc"],
         ["--report", "xml"],
+        ["--max-input", "lots"],
+        ["--fuel", "1.5.3"],
+        ["--mem", ""],
     ] {
         let mut all = args.to_vec();
         let model = minilm();
@@ -209,9 +229,41 @@ fn malformed_flags_exit_2() {
 }
 
 #[test]
-fn non_utf8_input_exits_6() {
+fn non_utf8_binary_or_missing_input_exits_6() {
     let out = wasm_infer_with_stdin(&[&minilm(), "-"], Some(&[0xff, 0xfe, 0x00]));
     assert_fails(&out, 6, "not UTF-8");
+    let binary = support::target_dir().join("cli-binary-input.bin");
+    std::fs::write(&binary, (0..=255u8).cycle().take(4096).collect::<Vec<u8>>()).unwrap();
+    let out = wasm_infer(&[&minilm(), &format!("@{}", binary.display())]);
+    assert_fails(&out, 6, "not UTF-8");
+    let out = wasm_infer(&[&minilm(), "@/nonexistent/input.txt"]);
+    assert_fails(&out, 6, "No such file");
+}
+
+#[test]
+fn an_empty_input_file_is_an_empty_batch() {
+    let empty = support::target_dir().join("cli-empty-input.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let out = wasm_infer(&["-q", &minilm(), &format!("@{}", empty.display())]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(json(&out.stdout)["embeddings"], serde_json::json!([]));
+}
+
+#[test]
+fn a_table_bomb_exits_11_and_a_giant_output_exits_14() {
+    let bomb = support::target_dir().join("cli-table-bomb.wasm");
+    let body = r#"
+        (block $refused
+            (loop $grow
+                (br_if $refused (i32.eq (table.grow $t (ref.null func) (i32.const 1000))
+                                        (i32.const -1)))
+                (br $grow)))
+        unreachable"#;
+    std::fs::write(&bomb, support::wat_model(body, "(table $t 0 funcref)")).unwrap();
+    let out = wasm_infer(&[bomb.to_str().unwrap(), "x"]);
+    assert_fails(&out, 11, "table limit of 100,000 elements exceeded");
+    let out = wasm_infer(&[&hostile(), "bytes:200000000"]);
+    assert_fails(&out, 14, "exceeds the output limit of 16.00 MiB");
 }
 
 #[test]

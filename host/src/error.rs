@@ -33,6 +33,19 @@ pub enum LimitExceeded {
         /// Total linear memory the refused growth would have reached, in bytes.
         requested: u64,
     },
+    /// The guest asked to grow its tables to `requested` elements in total, beyond `limit`
+    /// (fixed: [`MAX_TABLE_ELEMENTS`](crate::limits::MAX_TABLE_ELEMENTS)).
+    #[error(
+        "table limit of {} elements exceeded: the guest asked for {} in total",
+        format_count(*limit),
+        format_count(*requested)
+    )]
+    Table {
+        /// The ceiling, in table elements.
+        limit: u64,
+        /// Total elements the refused growth would have reached.
+        requested: u64,
+    },
     /// The run was still going when its wall-time limit passed.
     #[error(
         "wall-time limit of {} exceeded: stopped after {} (raise --timeout)",
@@ -57,7 +70,9 @@ pub enum LimitExceeded {
         /// The input's payload size, in bytes.
         size: u64,
     },
-    /// The guest returned more output than allowed; nothing of it is returned.
+    /// The guest returned more output than allowed; nothing of it is returned. When the output
+    /// was so large that the host stopped copying it out of the sandbox (it never holds more
+    /// than about `limit` + 1 MiB of a guest's output), `size` is a lower bound.
     #[error(
         "output of {} exceeds the output limit of {} (raise --max-output)",
         format_size(*size),

@@ -20,7 +20,7 @@ Exit status:
   5   the model refused the input (model error)
   6   the input could not be read or is not UTF-8
   10  fuel limit exceeded (--fuel)
-  11  memory limit exceeded (--mem)
+  11  memory limit exceeded (--mem), or the fixed table-size limit
   12  wall-time limit exceeded (--timeout)
   13  input larger than --max-input
   14  output larger than --max-output
@@ -216,7 +216,7 @@ fn exit_code(error: &Error) -> u8 {
     match error {
         Error::Limit(limit) => match limit {
             LimitExceeded::Fuel { .. } => exit::FUEL,
-            LimitExceeded::Memory { .. } => exit::MEMORY,
+            LimitExceeded::Memory { .. } | LimitExceeded::Table { .. } => exit::MEMORY,
             LimitExceeded::WallTime { .. } => exit::WALL_TIME,
             LimitExceeded::Input { .. } => exit::INPUT_SIZE,
             LimitExceeded::Output { .. } => exit::OUTPUT_SIZE,
@@ -234,6 +234,7 @@ fn error_kind(error: &Error) -> &'static str {
     match error {
         Error::Limit(LimitExceeded::Fuel { .. }) => "fuel",
         Error::Limit(LimitExceeded::Memory { .. }) => "memory",
+        Error::Limit(LimitExceeded::Table { .. }) => "table",
         Error::Limit(LimitExceeded::WallTime { .. }) => "wall-time",
         Error::Limit(LimitExceeded::Input { .. }) => "input-size",
         Error::Limit(LimitExceeded::Output { .. }) => "output-size",

@@ -108,7 +108,11 @@ pub(crate) struct MemoryLimiter {
     pub(crate) peak: u64,
     /// Total bytes the first refused growth would have reached.
     pub(crate) refused: Option<u64>,
+    /// The growth last allowed, taken back if the grow then fails anyway.
+    last_growth: u64,
     table_elements: u64,
+    /// Total table elements the first refused table growth would have reached.
+    pub(crate) table_refused: Option<u64>,
 }
 
 impl MemoryLimiter {
@@ -118,7 +122,9 @@ impl MemoryLimiter {
             total: 0,
             peak: 0,
             refused: None,
+            last_growth: 0,
             table_elements: 0,
+            table_refused: None,
         }
     }
 }
@@ -135,6 +141,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             self.refused.get_or_insert(requested);
             return Ok(false);
         }
+        self.last_growth = requested - self.total;
         self.total = requested;
         self.peak = self.peak.max(requested);
         Ok(true)
@@ -142,6 +149,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 
     fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
         // Growth we allowed but the OS or the memory's own maximum refused: nothing was added.
+        self.total -= std::mem::take(&mut self.last_growth);
         Ok(())
     }
 
@@ -155,6 +163,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             .table_elements
             .saturating_add((desired - current) as u64);
         if requested > MAX_TABLE_ELEMENTS {
+            self.table_refused.get_or_insert(requested);
             return Ok(false);
         }
         self.table_elements = requested;

@@ -201,3 +201,42 @@ pub fn assert_golden(name: &str, figure: u64) {
          rewrites {GOLDEN} after review)"
     );
 }
+
+/// A component of the `model` world built from a hand-written core module: `info` returns an
+/// all-zero record (empty strings and lists), `infer` runs `infer_body` (WAT instructions with
+/// the five flattened `input` parameters as locals 0-4) and then returns `Ok(embeddings([]))`.
+/// `extra` adds module fields (tables, memories, functions) for the body to use.
+pub fn wat_model(infer_body: &str, extra: &str) -> Vec<u8> {
+    let core = format!(
+        r#"(module
+            (memory (export "memory") 1)
+            (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) i32.const 4096)
+            (func (export "info") (result i32) i32.const 1024)
+            (func (export "infer") (param i32 i32 i32 i32 i32) (result i32)
+                {infer_body}
+                i32.const 1024)
+            {extra}
+        )"#
+    );
+    let mut module = wat::parse_str(&core).expect("core module WAT");
+    let mut resolve = wit_parser::Resolve::default();
+    let package = resolve
+        .push_file(workspace_root().join("wit/model.wit"))
+        .expect("parsing wit/model.wit");
+    let world = resolve
+        .select_world(&[package], Some("model"))
+        .expect("the model world");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+    )
+    .expect("embedding the world");
+    wit_component::ComponentEncoder::default()
+        .module(&module)
+        .expect("componentising the module")
+        .validate(true)
+        .encode()
+        .expect("encoding the component")
+}

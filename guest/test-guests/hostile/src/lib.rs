@@ -13,6 +13,15 @@
 //! | `bytes:N`        | returns N bytes of output                                    |
 //! | `print:N`        | writes N lines to stdout, then returns                       |
 //! | `sleep`          | sleeps for an hour in a host call                            |
+//! | `host-loop`      | calls a cheap import (the monotonic clock) forever           |
+//! | `clock:N`        | reads both clocks N times; reports what it saw               |
+//! | `env`            | counts environment variables and arguments                   |
+//! | `read-file:PATH` | tries to read PATH; reports the error                        |
+//! | `list-dir:PATH`  | tries to list PATH; reports the error                        |
+//! | `connect:ADDR`   | tries a TCP connection to ADDR; reports the error            |
+//! | `resolve:HOST`   | tries a DNS lookup of HOST; reports the error                |
+//! | `abort`          | `std::process::abort()`                                      |
+//! | `stdin`          | reads stdin to the end; reports how much it got              |
 
 wit_bindgen::generate!({
     world: "model",
@@ -90,6 +99,58 @@ impl Guest for Hostile {
             "sleep" => {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
                 Ok(Output::Text("woke".into()))
+            }
+            "host-loop" => loop {
+                black_box(std::time::Instant::now());
+            },
+            "clock" => {
+                let wall = std::time::SystemTime::now();
+                let start = std::time::Instant::now();
+                let mut advanced = false;
+                for _ in 0..number(arg) {
+                    advanced |= black_box(std::time::Instant::now()) != start;
+                }
+                let secs = wall
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                Ok(Output::Text(format!(
+                    "wall={secs} monotonic_advanced={advanced}"
+                )))
+            }
+            "env" => Ok(Output::Text(format!(
+                "vars={} args={} cwd={:?}",
+                std::env::vars_os().count(),
+                std::env::args_os().count(),
+                std::env::current_dir().ok()
+            ))),
+            "read-file" => Ok(Output::Text(match std::fs::read(arg) {
+                Ok(bytes) => format!("read {} bytes", bytes.len()),
+                Err(e) => format!("denied: {:?}", e.kind()),
+            })),
+            "list-dir" => Ok(Output::Text(match std::fs::read_dir(arg) {
+                Ok(entries) => format!("listed {} entries", entries.count()),
+                Err(e) => format!("denied: {:?}", e.kind()),
+            })),
+            "connect" => Ok(Output::Text(match std::net::TcpStream::connect(arg) {
+                Ok(_) => "connected".to_string(),
+                Err(e) => format!("denied: {:?}", e.kind()),
+            })),
+            "resolve" => Ok(Output::Text(
+                match std::net::ToSocketAddrs::to_socket_addrs(&(arg, 80)) {
+                    Ok(addrs) => format!("resolved {} addresses", addrs.count()),
+                    Err(e) => format!("denied: {:?}", e.kind()),
+                },
+            )),
+            "abort" => std::process::abort(),
+            "stdin" => {
+                let mut buf = Vec::new();
+                let result = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf);
+                Ok(Output::Text(format!(
+                    "stdin: {} bytes, {:?}",
+                    buf.len(),
+                    result.is_ok()
+                )))
             }
             _ => Err(ModelError {
                 code: ErrorCode::InvalidInput,

@@ -1,0 +1,467 @@
+//! The attack suite: one test per denial-of-service or escape vector a model component (or its
+//! input) can try, each asserting the exact error the user sees and that the same `Model` and
+//! `Runtime` then complete good runs correctly. The README's attack table lists these tests
+//! one to one; SECURITY.md states the threat model.
+//!
+//! Verdicts never depend on timing, except the wall-time trips' generous upper bounds.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{assert_golden, case, cosine, hostile, minilm, runtime, wat_model};
+use wasm_infer::{Error, Input, LimitExceeded, Limits, Model, Output, RunError, Trap};
+
+fn text(s: &str) -> Input {
+    Input::Text(s.to_string())
+}
+
+fn hostile_run(command: &str, limits: &Limits) -> Result<wasm_infer::Outcome, RunError> {
+    hostile().run(text(command), limits)
+}
+
+fn reply(command: &str) -> String {
+    match hostile_run(command, &Limits::default()) {
+        Ok(outcome) => match outcome.output {
+            Output::Text(text) => text,
+            other => panic!("{command}: expected text, got {other:?}"),
+        },
+        Err(e) => panic!("{command}: {e}"),
+    }
+}
+
+fn limit(result: Result<wasm_infer::Outcome, RunError>) -> LimitExceeded {
+    match result {
+        Err(failure) => match failure.error {
+            Error::Limit(limit) => limit,
+            other => panic!("expected a limit trip, got {other}"),
+        },
+        Ok(outcome) => panic!("expected a limit trip, it succeeded: {}", outcome.usage),
+    }
+}
+
+fn trap(result: Result<wasm_infer::Outcome, RunError>) -> (Option<Trap>, String, String) {
+    match result {
+        Err(RunError {
+            error:
+                Error::Trap {
+                    code,
+                    message,
+                    guest_stderr,
+                },
+            ..
+        }) => (code, message, guest_stderr),
+        Err(other) => panic!("expected a trap, got {}", other.error),
+        Ok(outcome) => panic!("expected a trap, it succeeded: {}", outcome.usage),
+    }
+}
+
+/// After an attack: the hostile model still answers, with its golden fuel, and MiniLM on the
+/// same runtime still gives the right embedding with its golden fuel.
+fn assert_host_unharmed() {
+    let echo = hostile_run("work:1000", &Limits::default()).expect("a good hostile run");
+    assert_golden("hostile_work_1000", echo.usage.fuel_consumed);
+    let short = case("short_bench");
+    let outcome = minilm()
+        .run(Input::Text(short.text), &Limits::default())
+        .expect("a good MiniLM run after an attack");
+    assert!(cosine(&outcome.output.embeddings().unwrap()[0], &short.embedding) >= 0.9999);
+    assert_golden("minilm_short_bench", outcome.usage.fuel_consumed);
+}
+
+/// A run of a WAT-built model (see `support::wat_model`) on the shared runtime.
+fn wat_run(
+    infer_body: &str,
+    extra: &str,
+    limits: &Limits,
+) -> Result<wasm_infer::Outcome, RunError> {
+    let model = Model::from_bytes(runtime(), &wat_model(infer_body, extra)).expect("loading");
+    model.run(text("x"), limits)
+}
+
+// --- compute ------------------------------------------------------------------------------
+
+#[test]
+fn infinite_loop_without_calls_is_stopped_by_fuel_and_by_wall_time() {
+    assert_eq!(
+        limit(hostile_run("spin", &Limits::default().fuel(3_000_000))),
+        LimitExceeded::Fuel {
+            limit: 3_000_000,
+            consumed: 3_000_001
+        }
+    );
+    let wall = Duration::from_millis(300);
+    let failure = hostile_run("spin", &Limits::default().wall_time(wall)).unwrap_err();
+    assert!(failure.usage.fuel_consumed > 0);
+    match failure.error.limit() {
+        Some(&LimitExceeded::WallTime { limit, elapsed }) => {
+            assert_eq!(limit, wall);
+            // One or two 10 ms ticks is the design; the bound is generous for a loaded machine.
+            assert!(
+                elapsed >= wall && elapsed < wall + Duration::from_secs(2),
+                "{elapsed:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_host_unharmed();
+}
+
+#[test]
+fn infinite_loop_calling_a_host_function_is_stopped_by_fuel_and_by_wall_time() {
+    assert_eq!(
+        limit(hostile_run("host-loop", &Limits::default().fuel(3_000_000))),
+        LimitExceeded::Fuel {
+            limit: 3_000_000,
+            consumed: 3_000_001
+        }
+    );
+    assert!(matches!(
+        limit(hostile_run(
+            "host-loop",
+            &Limits::default().wall_time(Duration::from_millis(100))
+        )),
+        LimitExceeded::WallTime { elapsed, .. } if elapsed < Duration::from_secs(10)
+    ));
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_guest_blocked_inside_a_host_call_is_stopped_by_wall_time() {
+    // `sleep` blocks in wasi:clocks for an hour: no wasm runs, so no epoch check can fire;
+    // the outer deadline ends it.
+    assert!(matches!(
+        limit(hostile_run(
+            "sleep",
+            &Limits::default().wall_time(Duration::from_millis(100))
+        )),
+        LimitExceeded::WallTime { elapsed, .. } if elapsed < Duration::from_secs(10)
+    ));
+    assert_host_unharmed();
+}
+
+#[test]
+fn unbounded_recursion_is_a_stack_overflow_trap() {
+    let (code, _, _) = trap(hostile_run("recurse", &Limits::default()));
+    assert_eq!(code, Some(Trap::StackOverflow));
+    assert_host_unharmed();
+}
+
+// --- memory and tables --------------------------------------------------------------------
+
+#[test]
+fn a_memory_bomb_is_refused_at_the_ceiling() {
+    let ceiling = 48 << 20;
+    match limit(hostile_run("grow", &Limits::default().memory(ceiling))) {
+        LimitExceeded::Memory { limit, requested } => {
+            assert_eq!(limit, ceiling);
+            assert!(
+                requested > ceiling && requested <= ceiling + (2 << 20),
+                "{requested}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_single_huge_grow_is_denied_and_the_guest_sees_minus_one() {
+    // 65,536 pages = 4 GiB, far past the 1 GiB default: `memory.grow` returns -1 (the guest
+    // can carry on), nothing is allocated, and the run reports the unchanged memory.
+    let outcome = hostile_run("grow-pages:65536", &Limits::default()).unwrap();
+    assert_eq!(outcome.output, Output::Text("-1".into()));
+    assert_eq!(
+        outcome.usage.peak_memory_bytes,
+        outcome.usage.initial_memory_bytes
+    );
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_table_growth_bomb_is_refused_at_the_table_limit() {
+    // Grow by 1,000 elements until refused, then abort as an allocator would.
+    let body = r#"
+        (block $refused
+            (loop $grow
+                (br_if $refused (i32.eq (table.grow $t (ref.null func) (i32.const 1000))
+                                        (i32.const -1)))
+                (br $grow)))
+        unreachable"#;
+    let result = wat_run(body, "(table $t 0 funcref)", &Limits::default());
+    let max = wasm_infer::limits::MAX_TABLE_ELEMENTS;
+    match limit(result) {
+        LimitExceeded::Table { limit, requested } => {
+            assert_eq!(limit, max);
+            // The refused growth: past the cap by at most one step (plus the component's own
+            // small tables).
+            assert!(
+                requested > max && requested <= max + 1000 + 100,
+                "{requested}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_host_unharmed();
+}
+
+#[test]
+fn too_many_memories_fail_instantiation_at_load() {
+    // 21 memories in one module, one over the per-store cap of 20: the first instantiation
+    // (loading asks the model for its info) fails, so the model never loads.
+    let extra: String = (0..20).map(|i| format!("(memory $m{i} 1)\n")).collect();
+    match Model::from_bytes(runtime(), &wat_model("", &extra)) {
+        Err(Error::Trap { code, message, .. }) => {
+            assert_eq!(code, None);
+            assert_eq!(
+                message,
+                "resource limit exceeded: memory count too high at 21"
+            );
+        }
+        other => panic!("expected an instantiation failure, got {other:?}"),
+    }
+    assert_host_unharmed();
+}
+
+// --- output -------------------------------------------------------------------------------
+
+#[test]
+fn a_giant_output_is_refused_without_the_host_copying_it() {
+    // 200 MB built in the guest (under its 1 GiB memory limit); the host stops copying at the
+    // output limit + 1 MiB instead of allocating 200 MB.
+    let limits = Limits::default();
+    assert_eq!(
+        limit(hostile_run("bytes:200000000", &limits)),
+        LimitExceeded::Output {
+            limit: limits.max_output,
+            size: limits.max_output + (1 << 20) + 1
+        }
+    );
+    assert_host_unharmed();
+}
+
+#[test]
+fn output_just_under_and_at_the_cap_is_returned_and_one_byte_over_is_withheld() {
+    let cap = 4096;
+    let limits = Limits::default().max_output(cap);
+    for size in [cap - 1, cap] {
+        let outcome = hostile_run(&format!("bytes:{size}"), &limits).unwrap();
+        assert_eq!(outcome.output, Output::Bytes(vec![7; size as usize]));
+        assert_eq!(outcome.usage.output_bytes, size);
+    }
+    assert_eq!(
+        limit(hostile_run(&format!("bytes:{}", cap + 1), &limits)),
+        LimitExceeded::Output {
+            limit: cap,
+            size: cap + 1
+        }
+    );
+    assert_host_unharmed();
+}
+
+// --- crashes ------------------------------------------------------------------------------
+
+#[test]
+fn a_panic_is_a_trap_carrying_the_panic_message() {
+    let (code, _, stderr) = trap(hostile_run("panic", &Limits::default()));
+    assert_eq!(code, Some(Trap::UnreachableCodeReached));
+    assert!(
+        stderr.contains("hostile guest panicked on purpose"),
+        "{stderr}"
+    );
+    assert_host_unharmed();
+}
+
+#[test]
+fn abort_is_an_unreachable_trap() {
+    let (code, _, _) = trap(hostile_run("abort", &Limits::default()));
+    assert_eq!(code, Some(Trap::UnreachableCodeReached));
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_bare_unreachable_is_a_trap() {
+    let (code, _, stderr) = trap(wat_run("unreachable", "", &Limits::default()));
+    assert_eq!(code, Some(Trap::UnreachableCodeReached));
+    assert!(stderr.is_empty());
+    assert_host_unharmed();
+}
+
+#[test]
+fn integer_division_by_zero_is_a_trap() {
+    let body = "(drop (i32.div_s (i32.const 1) (local.get 0)))"; // local 0 = discriminant 0
+    let (code, _, _) = trap(wat_run(body, "", &Limits::default()));
+    assert_eq!(code, Some(Trap::IntegerDivisionByZero));
+    assert_host_unharmed();
+}
+
+#[test]
+fn an_out_of_bounds_access_is_a_trap() {
+    let body = "(drop (i32.load (i32.const -4)))";
+    let (code, _, _) = trap(wat_run(body, "", &Limits::default()));
+    assert_eq!(code, Some(Trap::MemoryOutOfBounds));
+    assert_host_unharmed();
+}
+
+// --- stdio --------------------------------------------------------------------------------
+
+#[test]
+fn printing_in_a_loop_is_captured_capped_and_counted() {
+    let outcome = hostile_run("print:100000", &Limits::default()).unwrap();
+    assert_eq!(outcome.output, Output::Text("printed".into()));
+    let expected: u64 = (0..100_000u64)
+        .map(|i| format!("line {i} of guest output\n").len() as u64)
+        .sum();
+    assert_eq!(outcome.usage.guest_stdout_bytes, expected);
+    assert_host_unharmed();
+}
+
+#[test]
+fn stdin_is_empty() {
+    assert_eq!(reply("stdin"), "stdin: 0 bytes, true");
+}
+
+// --- escape attempts: each denied or harmless ---------------------------------------------
+
+#[test]
+fn files_are_unreachable_there_is_no_preopened_directory() {
+    for path in ["/etc/passwd", "../../secret", "/proc/self/environ", "."] {
+        assert_eq!(
+            reply(&format!("read-file:{path}")),
+            "denied: NotFound",
+            "{path}"
+        );
+    }
+    for path in ["/", "."] {
+        assert_eq!(
+            reply(&format!("list-dir:{path}")),
+            "denied: NotFound",
+            "{path}"
+        );
+    }
+    assert_host_unharmed();
+}
+
+#[test]
+fn sockets_and_name_lookup_are_denied() {
+    for addr in ["127.0.0.1:22", "10.0.0.1:80", "[::1]:443"] {
+        assert_eq!(
+            reply(&format!("connect:{addr}")),
+            "denied: PermissionDenied",
+            "{addr}"
+        );
+    }
+    assert!(reply("resolve:localhost").starts_with("denied:"));
+    assert_host_unharmed();
+}
+
+#[test]
+fn environment_and_arguments_are_empty() {
+    std::env::set_var("WASM_INFER_TEST_SECRET", "hunter2");
+    assert_eq!(reply("env"), "vars=0 args=0 cwd=Some(\"/\")");
+}
+
+#[test]
+fn clocks_are_frozen_so_reading_them_in_a_loop_leaks_nothing() {
+    // Wall clock pinned to 2000-01-01, monotonic clock does not move: no timing side channel
+    // through the clocks, and the reading loop is bounded by fuel like any other.
+    assert_eq!(
+        reply("clock:100000"),
+        "wall=946684800 monotonic_advanced=false"
+    );
+    assert_eq!(
+        limit(hostile_run(
+            "clock:100000000",
+            &Limits::default().fuel(5_000_000)
+        )),
+        LimitExceeded::Fuel {
+            limit: 5_000_000,
+            consumed: 5_000_001
+        }
+    );
+}
+
+// --- concurrency --------------------------------------------------------------------------
+
+#[test]
+fn attacks_in_parallel_leave_good_runs_outputs_and_fuel_unchanged() {
+    let names = ["plain", "emoji", "cyrillic"];
+    let expected: Vec<(u64, Vec<u32>)> = names
+        .iter()
+        .map(|n| {
+            let o = support::embed_case(n);
+            let bits = o.output.embeddings().unwrap()[0]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            (o.usage.fuel_consumed, bits)
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let short = Limits::default().wall_time(Duration::from_millis(500));
+        let attacks: Vec<_> = [
+            ("spin", short.clone()),
+            ("host-loop", short.clone()),
+            ("grow", Limits::default().memory(32 << 20)),
+            ("recurse", Limits::default()),
+            ("bytes:200000000", Limits::default()),
+            ("print:20000", Limits::default()),
+        ]
+        .into_iter()
+        .map(|(command, limits)| scope.spawn(move || hostile_run(command, &limits)))
+        .collect();
+        let good: Vec<_> = names
+            .iter()
+            .map(|n| scope.spawn(move || support::embed_case(n)))
+            .collect();
+        for ((name, handle), (fuel, bits)) in names.iter().zip(good).zip(&expected) {
+            let outcome = handle.join().unwrap();
+            assert_eq!(outcome.usage.fuel_consumed, *fuel, "{name}");
+            let got: Vec<u32> = outcome.output.embeddings().unwrap()[0]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(&got, bits, "{name}");
+        }
+        for attack in attacks {
+            let _ = attack.join().expect("an attack thread must not panic");
+        }
+    });
+    assert_host_unharmed();
+}
+
+// --- bad inputs to a good model -----------------------------------------------------------
+
+#[test]
+fn bad_inputs_to_a_good_model_get_typed_errors() {
+    // Empty text: a valid input (the reference has it).
+    let empty = minilm().run(text(""), &Limits::default()).unwrap();
+    assert_eq!(empty.output.embeddings().unwrap()[0].len(), 384);
+    // Binary input to a text model: the model refuses it.
+    match minilm().run(Input::Bytes(vec![0xff, 0x00, 0xfe]), &Limits::default()) {
+        Err(RunError {
+            error: Error::Model { code, .. },
+            usage,
+        }) => {
+            assert_eq!(code, wasm_infer::ModelErrorCode::UnsupportedInput);
+            assert_eq!(usage.input_bytes, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Huge input: refused before the guest sees it, with zero fuel burnt.
+    let huge = "a".repeat(2 << 20);
+    let failure = minilm().run(text(&huge), &Limits::default()).unwrap_err();
+    assert_eq!(
+        failure.error.limit(),
+        Some(&LimitExceeded::Input {
+            limit: 1 << 20,
+            size: 2 << 20
+        })
+    );
+    assert_eq!(failure.usage.fuel_consumed, 0);
+    // A huge batch of tiny texts: fine (each is embedded on its own).
+    let many = Input::Texts(vec!["ok".to_string(); 64]);
+    let outcome = minilm().run(many, &Limits::default()).unwrap();
+    assert_eq!(outcome.output.embeddings().unwrap().len(), 64);
+    assert_host_unharmed();
+}
