@@ -118,7 +118,7 @@ fn thousands_of_hostile_runs_leave_the_host_as_it_was() {
                     let (mut good, mut bad) = (0usize, 0usize);
                     for i in 0..RUNS_PER_THREAD {
                         let pick = i * THREADS + thread;
-                        if pick % 10 == 0 {
+                        if pick.is_multiple_of(10) {
                             let outcome = minilm()
                                 .run(good_input.clone(), &Limits::default())
                                 .expect("a good run during the soak");
