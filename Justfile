@@ -60,3 +60,10 @@ bench: guest build
 # Regenerate the reference embeddings with sentence-transformers (needs the venv in its docstring).
 reference:
     ~/.cache/wasm-infer/pyref/bin/python tests/fixtures/make_reference.py "{{model_dir}}"
+
+# Fuzz loading and input decoding (cargo-fuzz; installs it if missing). TARGET is
+# load_component or run_input; SECONDS bounds the run. Findings land in fuzz/artifacts/.
+fuzz TARGET="load_component" SECONDS="300":
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    cargo build --release --target wasm32-wasip2 -p hostile --target-dir target/test-guests
+    cd fuzz && CARGO_TARGET_DIR=../target/fuzz cargo fuzz run --sanitizer none {{TARGET}} -- -max_total_time={{SECONDS}} -rss_limit_mb=4096

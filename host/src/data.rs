@@ -36,6 +36,14 @@ impl Input {
         }
     }
 
+    /// Decodes a text file's bytes (what the CLI reads from `@file` or stdin) as a batch: one
+    /// text per line (`\n` or `\r\n`), no trailing empty text. Fails on bytes that are not
+    /// UTF-8.
+    pub fn from_lines(bytes: Vec<u8>) -> Result<Self, std::string::FromUtf8Error> {
+        let text = String::from_utf8(bytes)?;
+        Ok(Self::Texts(text.lines().map(str::to_string).collect()))
+    }
+
     pub(crate) fn into_wit(self) -> wit::Input {
         match self {
             Self::Text(text) => wit::Input::Text(text),
@@ -165,5 +173,22 @@ impl From<wit::ErrorCode> for ModelErrorCode {
             wit::ErrorCode::InvalidInput => Self::InvalidInput,
             wit::ErrorCode::Internal => Self::Internal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_decode_as_a_batch() {
+        let input = Input::from_lines(b"one\r\ntwo\n\nfour".to_vec()).unwrap();
+        assert_eq!(
+            input,
+            Input::Texts(vec!["one".into(), "two".into(), "".into(), "four".into()])
+        );
+        assert_eq!(input.payload_bytes(), 10);
+        assert_eq!(Input::from_lines(Vec::new()).unwrap(), Input::Texts(vec![]));
+        assert!(Input::from_lines(vec![b'a', 0xff]).is_err());
     }
 }

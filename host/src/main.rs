@@ -386,10 +386,7 @@ fn read_input(arg: &str, max_input: u64) -> Result<Input, InputError> {
         }
         return Ok(Input::Text(arg.to_string()));
     };
-    let text = String::from_utf8(bytes)
-        .map_err(|e| InputError::Unreadable(format!("not UTF-8 text ({e})")))?;
-    let texts: Vec<String> = text.lines().map(str::to_string).collect();
-    Ok(Input::Texts(texts))
+    Input::from_lines(bytes).map_err(|e| InputError::Unreadable(format!("not UTF-8 text ({e})")))
 }
 
 fn read_capped(reader: impl Read, max_input: u64) -> Result<Vec<u8>, InputError> {
