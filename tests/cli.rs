@@ -252,14 +252,7 @@ fn an_empty_input_file_is_an_empty_batch() {
 #[test]
 fn a_table_bomb_exits_11_and_a_giant_output_exits_14() {
     let bomb = support::target_dir().join("cli-table-bomb.wasm");
-    let body = r#"
-        (block $refused
-            (loop $grow
-                (br_if $refused (i32.eq (table.grow $t (ref.null func) (i32.const 1000))
-                                        (i32.const -1)))
-                (br $grow)))
-        unreachable"#;
-    std::fs::write(&bomb, support::wat_model(body, "(table $t 0 funcref)")).unwrap();
+    std::fs::write(&bomb, support::table_bomb_wasm()).unwrap();
     let out = wasm_infer(&[bomb.to_str().unwrap(), "x"]);
     assert_fails(&out, 11, "table limit of 100,000 elements exceeded");
     let out = wasm_infer(&[&hostile(), "bytes:200000000"]);

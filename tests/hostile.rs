@@ -180,15 +180,8 @@ fn a_single_huge_grow_is_denied_and_the_guest_sees_minus_one() {
 
 #[test]
 fn a_table_growth_bomb_is_refused_at_the_table_limit() {
-    // Grow by 1,000 elements until refused, then abort as an allocator would.
-    let body = r#"
-        (block $refused
-            (loop $grow
-                (br_if $refused (i32.eq (table.grow $t (ref.null func) (i32.const 1000))
-                                        (i32.const -1)))
-                (br $grow)))
-        unreachable"#;
-    let result = wat_run(body, "(table $t 0 funcref)", &Limits::default());
+    let model = Model::from_bytes(runtime(), &support::table_bomb_wasm()).unwrap();
+    let result = model.run(text("x"), &Limits::default());
     let max = wasm_infer::limits::MAX_TABLE_ELEMENTS;
     match limit(result) {
         LimitExceeded::Table { limit, requested } => {
@@ -289,8 +282,8 @@ fn a_bare_unreachable_is_a_trap() {
 
 #[test]
 fn integer_division_by_zero_is_a_trap() {
-    let body = "(drop (i32.div_s (i32.const 1) (local.get 0)))"; // local 0 = discriminant 0
-    let (code, _, _) = trap(wat_run(body, "", &Limits::default()));
+    let model = Model::from_bytes(runtime(), &support::div_zero_wasm()).unwrap();
+    let (code, _, _) = trap(model.run(text("x"), &Limits::default()));
     assert_eq!(code, Some(Trap::IntegerDivisionByZero));
     assert_host_unharmed();
 }

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Instant;
 
-use support::{case, hostile, minilm, runtime, wat_model};
+use support::{case, hostile, minilm, runtime};
 use wasm_infer::{CodeSource, Input, Limits, Model, Output};
 
 /// Runs per thread (one in ten is a good MiniLM run).
@@ -64,23 +64,8 @@ fn thousands_of_hostile_runs_leave_the_host_as_it_was() {
     let reference = minilm()
         .run(good_input.clone(), &Limits::default())
         .unwrap();
-    let table_bomb = Model::from_bytes(
-        runtime(),
-        &wat_model(
-            r#"(block $refused (loop $grow
-                (br_if $refused (i32.eq (table.grow $t (ref.null func) (i32.const 1000))
-                                        (i32.const -1)))
-                (br $grow)))
-              unreachable"#,
-            "(table $t 0 funcref)",
-        ),
-    )
-    .unwrap();
-    let div_zero = Model::from_bytes(
-        runtime(),
-        &wat_model("(drop (i32.div_s (i32.const 1) (local.get 0)))", ""),
-    )
-    .unwrap();
+    let table_bomb = Model::from_bytes(runtime(), &support::table_bomb_wasm()).unwrap();
+    let div_zero = Model::from_bytes(runtime(), &support::div_zero_wasm()).unwrap();
     let fuel = |n| Limits::default().fuel(n);
     let attacks: Vec<(&str, Limits)> = vec![
         ("spin", fuel(2_000_000)),

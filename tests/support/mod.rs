@@ -240,3 +240,22 @@ pub fn wat_model(infer_body: &str, extra: &str) -> Vec<u8> {
         .encode()
         .expect("encoding the component")
 }
+
+/// A model whose `infer` grows a table by 1,000 elements until refused, then aborts with
+/// `unreachable` as an allocator would.
+pub fn table_bomb_wasm() -> Vec<u8> {
+    wat_model(
+        r#"(block $refused
+            (loop $grow
+                (br_if $refused (i32.eq (table.grow $t (ref.null func) (i32.const 1000))
+                                        (i32.const -1)))
+                (br $grow)))
+            unreachable"#,
+        "(table $t 0 funcref)",
+    )
+}
+
+/// A model whose `infer` divides by its input's discriminant (0 for a text): a wasm trap.
+pub fn div_zero_wasm() -> Vec<u8> {
+    wat_model("(drop (i32.div_s (i32.const 1) (local.get 0)))", "")
+}
