@@ -342,3 +342,29 @@ fn snapshot_writes_a_file_that_runs_like_the_transparent_snapshot() {
     assert_fails(&refused, 3, "wizer-initialize");
     assert!(!refused_path.exists());
 }
+
+#[test]
+fn device_budget_trip_exits_15_and_accel_off_offers_no_device() {
+    let out = wasm_infer(&["--vram", "64M", &hostile(), "accel-unwrap"]);
+    assert_fails(
+        &out,
+        15,
+        "device-memory budget exceeded: 4.00 GiB requested",
+    );
+    let report = wasm_infer(&[
+        "--vram",
+        "8M",
+        "--report",
+        "json",
+        &hostile(),
+        "accel-loop:1",
+    ]);
+    assert_eq!(code(&report), 0, "{}", stderr(&report));
+    let usage = &json(&report.stderr)["usage"];
+    assert_eq!(usage["device_peak_bytes"], 8 << 20);
+    assert_eq!(usage["accel_refusals"], 1);
+    let off = wasm_infer(&["-q", "--accel", "off", &hostile(), "accel-info"]);
+    assert!(String::from_utf8_lossy(&off.stdout).contains("kind=DeviceKind::None"));
+    let inspect = wasm_infer(&["inspect", "--accel", "cpu", &hostile()]);
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("accel:       cpu (host CPU"));
+}

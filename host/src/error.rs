@@ -46,6 +46,24 @@ pub enum LimitExceeded {
         /// Total elements the refused growth would have reached.
         requested: u64,
     },
+    /// The guest failed after the accelerator refused a device allocation that would have
+    /// taken `used + requested` bytes past `budget` (the run's `--vram`, or what the host-wide
+    /// budget had left). A guest that falls back to in-sandbox compute instead succeeds, and
+    /// its usage counts the refusal.
+    #[error(
+        "device-memory budget exceeded: {} requested with {} in use, budget {} (raise --vram)",
+        format_size(*requested),
+        format_size(*used),
+        format_size(*budget)
+    )]
+    DeviceMemory {
+        /// Bytes the refused allocation asked for.
+        requested: u64,
+        /// Bytes already held against that budget.
+        used: u64,
+        /// The budget that would have been exceeded.
+        budget: u64,
+    },
     /// The run was still going when its wall-time limit passed.
     #[error(
         "wall-time limit of {} exceeded: stopped after {} (raise --timeout)",

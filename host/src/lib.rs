@@ -12,6 +12,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod accel;
 mod bindings;
 mod cache;
 mod data;
@@ -23,10 +24,11 @@ mod sandbox;
 pub mod snapshot;
 mod usage;
 
+pub use accel::{AccelMode, DeviceUsage};
 pub use data::{DataKind, Input, ModelInfo, Output};
 pub use error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, Result, RunError};
 pub use limits::Limits;
 pub use model::{CodeSource, LoadOptions, LoadReport, Model, Outcome, Preinit, PreinitSource};
-pub use runtime::{Runtime, RuntimeConfig, DEFAULT_EPOCH_TICK};
+pub use runtime::{Runtime, RuntimeConfig, DEFAULT_EPOCH_TICK, DEFAULT_HOST_DEVICE_MEMORY};
 pub use usage::Usage;
 pub use wasmtime::Trap;

@@ -24,6 +24,8 @@ pub const DEFAULT_WALL_TIME: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_INPUT_BYTES: u64 = 1 << 20;
 /// Default output ceiling: 16 MiB of output payload (about 10,000 384-dimension embeddings).
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 16 << 20;
+/// Default device-memory (VRAM) budget of one run on the accelerator path: 512 MiB.
+pub const DEFAULT_DEVICE_MEMORY_BYTES: u64 = 512 << 20;
 /// How much of what the guest writes to its stdout and stderr the host keeps, each: 64 KiB.
 /// Guest output is captured for diagnostics, never passed through; bytes beyond this are
 /// counted (in the usage report) and discarded, and the guest's writes still succeed.
@@ -71,6 +73,14 @@ pub struct Limits {
     /// [`DEFAULT_MAX_OUTPUT_BYTES`].
     #[serde(with = "size_serde")]
     pub max_output: u64,
+    /// Device memory (VRAM, or host RAM on the CPU backend) the run may hold on the
+    /// accelerator path at once, in bytes; also bounded by the runtime's host-wide budget. An
+    /// allocation past either is refused with `budget-exceeded` before anything is allocated;
+    /// a run that then fails reports
+    /// [`LimitExceeded::DeviceMemory`](crate::LimitExceeded::DeviceMemory). Default:
+    /// [`DEFAULT_DEVICE_MEMORY_BYTES`].
+    #[serde(with = "size_serde")]
+    pub device_memory: u64,
 }
 
 impl Default for Limits {
@@ -81,6 +91,7 @@ impl Default for Limits {
             wall_time: DEFAULT_WALL_TIME,
             max_input: DEFAULT_MAX_INPUT_BYTES,
             max_output: DEFAULT_MAX_OUTPUT_BYTES,
+            device_memory: DEFAULT_DEVICE_MEMORY_BYTES,
         }
     }
 }
@@ -109,6 +120,11 @@ impl Limits {
     /// Sets the output ceiling in bytes.
     pub fn max_output(mut self, bytes: u64) -> Self {
         self.max_output = bytes;
+        self
+    }
+    /// Sets the device-memory budget in bytes.
+    pub fn device_memory(mut self, bytes: u64) -> Self {
+        self.device_memory = bytes;
         self
     }
 }

@@ -24,6 +24,7 @@ Exit status:
   12  wall-time limit exceeded (--timeout)
   13  input larger than --max-input
   14  output larger than --max-output
+  15  device-memory budget exceeded (--vram) and the model did not fall back
 On any failure nothing is written to stdout.
 
 Examples:
@@ -46,6 +47,7 @@ mod exit {
     pub const WALL_TIME: u8 = 12;
     pub const INPUT_SIZE: u8 = 13;
     pub const OUTPUT_SIZE: u8 = 14;
+    pub const DEVICE_MEMORY: u8 = 15;
 }
 
 /// Run a model component in a WebAssembly sandbox with fuel, memory and time limits.
@@ -135,6 +137,11 @@ struct LimitArgs {
     /// discarded, not printed.
     #[arg(long, value_parser = parse_size, default_value = "16MiB")]
     max_output: u64,
+    /// Device-memory budget of the run on the accelerator path (VRAM, or host RAM on the CPU
+    /// backend); an allocation past it is refused and the model falls back to in-sandbox
+    /// compute (or fails with exit 15).
+    #[arg(long, env = "WASM_INFER_VRAM", value_parser = parse_size, default_value = "512MiB")]
+    vram: u64,
 }
 
 impl LimitArgs {
@@ -145,6 +152,7 @@ impl LimitArgs {
             wall_time: self.timeout,
             max_input: self.max_input,
             max_output: self.max_output,
+            device_memory: self.vram,
         }
     }
 }
@@ -161,11 +169,38 @@ struct CacheArgs {
     /// Do not pre-initialise: every run builds the model itself (slower; for comparison).
     #[arg(long)]
     no_preinit: bool,
+    /// The device offered to the model's accelerator imports: `auto` (CUDA if built with it
+    /// and present, else the CPU), `cpu`, `cuda`, or `off` (no device; models compute in the
+    /// sandbox).
+    #[arg(long, env = "WASM_INFER_ACCEL", value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AccelArg {
+    Auto,
+    Cpu,
+    Cuda,
+    Off,
+}
+
+impl From<AccelArg> for wasm_infer::AccelMode {
+    fn from(arg: AccelArg) -> Self {
+        match arg {
+            AccelArg::Auto => Self::Auto,
+            AccelArg::Cpu => Self::Cpu,
+            AccelArg::Cuda => Self::Cuda,
+            AccelArg::Off => Self::Off,
+        }
+    }
 }
 
 impl CacheArgs {
     fn runtime(&self) -> Result<Runtime, Error> {
-        let mut config = RuntimeConfig::default();
+        let mut config = RuntimeConfig {
+            accel: self.accel.into(),
+            ..RuntimeConfig::default()
+        };
         if self.no_cache {
             config.cache_dir = None;
         } else if let Some(dir) = &self.cache_dir {
@@ -220,6 +255,7 @@ fn exit_code(error: &Error) -> u8 {
             LimitExceeded::WallTime { .. } => exit::WALL_TIME,
             LimitExceeded::Input { .. } => exit::INPUT_SIZE,
             LimitExceeded::Output { .. } => exit::OUTPUT_SIZE,
+            LimitExceeded::DeviceMemory { .. } => exit::DEVICE_MEMORY,
         },
         Error::InvalidModel(_) | Error::Io { .. } => exit::INVALID_MODEL,
         Error::Trap { .. } => exit::TRAP,
@@ -238,6 +274,7 @@ fn error_kind(error: &Error) -> &'static str {
         Error::Limit(LimitExceeded::WallTime { .. }) => "wall-time",
         Error::Limit(LimitExceeded::Input { .. }) => "input-size",
         Error::Limit(LimitExceeded::Output { .. }) => "output-size",
+        Error::Limit(LimitExceeded::DeviceMemory { .. }) => "device-memory",
         Error::InvalidModel(_) | Error::Io { .. } => "invalid-model",
         Error::Trap { .. } => "trap",
         Error::Model { .. } => "model-error",
@@ -414,6 +451,7 @@ fn inspect(args: &InspectArgs) -> u8 {
             "world": WORLD,
             "info": info,
             "component": load,
+            "accel": { "kind": model.runtime().device().0, "name": model.runtime().device().1 },
         });
         println!("{value}");
     } else {
@@ -436,6 +474,8 @@ fn inspect(args: &InspectArgs) -> u8 {
             },
             load.component_sha256
         );
+        let (kind, name) = model.runtime().device();
+        println!("accel:       {kind} ({name})");
         match &load.preinit {
             Some(preinit) => println!(
                 "preinit:     snapshot {} ({}); initialisation cost {} fuel, {} memory, {} \

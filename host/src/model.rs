@@ -208,6 +208,11 @@ impl Model {
         &self.inner.info
     }
 
+    /// The runtime this model was loaded into.
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner.runtime
+    }
+
     /// How the model's code was obtained and what that cost.
     pub fn load_report(&self) -> &LoadReport {
         &self.inner.load
@@ -294,6 +299,11 @@ impl Model {
         usage.fuel_consumed = fuel_budget - remaining;
         let state = store.data();
         usage.peak_memory_bytes = state.limiter.peak;
+        usage.device_peak_bytes = state.device.peak;
+        usage.device_uploaded_bytes = state.device.uploaded;
+        usage.device_downloaded_bytes = state.device.downloaded;
+        usage.accel_ops = state.device.ops;
+        usage.accel_refusals = state.device.refusals;
         usage.guest_stdout_bytes = state.stdout.written();
         usage.guest_stderr_bytes = state.stderr.written();
         let fail = |error: Error, usage: Usage| {
@@ -431,7 +441,7 @@ pub(crate) fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) ->
     let log_capacity = DEFAULT_MAX_LOG_BYTES as usize;
     let mut store = Store::new(
         runtime.engine(),
-        RunState::new(limits, log_capacity, started),
+        RunState::new(limits, runtime.inner.accel.clone(), log_capacity, started),
     );
     store.limiter(|state| &mut state.limiter);
     store.set_hostcall_fuel(hostcall_budget(limits));
@@ -500,6 +510,15 @@ pub(crate) fn classify(
         .into();
     }
     let code = e.downcast_ref::<Trap>().copied();
+    // A guest that does not fall back after a device-budget refusal and fails instead.
+    if let (Some(refusal), false) = (state.device.refused, code == Some(Trap::OutOfFuel)) {
+        return LimitExceeded::DeviceMemory {
+            requested: refusal.requested,
+            used: refusal.used,
+            budget: refusal.budget,
+        }
+        .into();
+    }
     if code == Some(Trap::OutOfFuel) {
         if let Some(limit) = limits.fuel {
             return LimitExceeded::Fuel {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use crate::accel::{Accel, AccelMode, DeviceUsage};
 use crate::error::{Error, Result};
 use crate::limits::MAX_TABLE_ELEMENTS;
 use crate::sandbox::RunState;
@@ -43,7 +44,17 @@ pub struct RuntimeConfig {
     /// `None` (default): each run's instance is allocated on demand (still copy-on-write), the
     /// right choice for one-shot use such as the CLI.
     pub pool: Option<u32>,
+    /// The device offered to guests on the accelerator path (default [`AccelMode::Auto`]:
+    /// CUDA when built with the `cuda` feature and a GPU is present, else the CPU).
+    pub accel: AccelMode,
+    /// Host-wide device-memory budget shared by all concurrent runs, in bytes (default
+    /// [`DEFAULT_HOST_DEVICE_MEMORY`]). Each run is also bounded by its own
+    /// [`Limits::device_memory`](crate::Limits::device_memory).
+    pub device_memory: u64,
 }
+
+/// Default host-wide device-memory budget: 2 GiB.
+pub const DEFAULT_HOST_DEVICE_MEMORY: u64 = 2 << 30;
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -52,6 +63,8 @@ impl Default for RuntimeConfig {
             epoch_tick: DEFAULT_EPOCH_TICK,
             meter_fuel: true,
             pool: None,
+            accel: AccelMode::Auto,
+            device_memory: DEFAULT_HOST_DEVICE_MEMORY,
         }
     }
 }
@@ -76,6 +89,7 @@ pub(crate) struct RuntimeInner {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<RunState>,
     pub(crate) config: RuntimeConfig,
+    pub(crate) accel: Arc<Accel>,
     /// One permit per pooled slot (`None` without a pool).
     slots: Option<Arc<tokio::sync::Semaphore>>,
     ticker: Ticker,
@@ -96,6 +110,9 @@ impl Runtime {
             Engine::new(&engine_config(config.meter_fuel, config.pool)).map_err(internal)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
+        crate::accel::add_to_linker(&mut linker).map_err(internal)?;
+        let accel =
+            Arc::new(Accel::new(config.accel, config.device_memory).map_err(Error::Internal)?);
         let ticker = Ticker::start(engine.clone(), config.epoch_tick);
         let slots = config
             .pool
@@ -105,10 +122,21 @@ impl Runtime {
                 engine,
                 linker,
                 config,
+                accel,
                 slots,
                 ticker,
             }),
         })
+    }
+
+    /// The host-wide device-memory figures (all runs of this runtime).
+    pub fn device_usage(&self) -> DeviceUsage {
+        self.inner.accel.usage()
+    }
+
+    /// The offered device as `(kind, name)`: `("cpu", "host CPU (2 threads)")`, `("none", ..)`.
+    pub fn device(&self) -> (&'static str, &str) {
+        self.inner.accel.describe()
     }
 
     /// Waits for a free pooled slot (immediately `None` without a pool). Hold the permit for as

@@ -12,6 +12,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::random::Deterministic;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::accel::{Accel, RunDevice};
 use crate::limits::{Limits, MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS};
 
 /// Seed for the guest's random source. Rust's std seeds its `HashMap`s from WASI random; a
@@ -25,7 +26,11 @@ const FIXED_WALL_CLOCK: Duration = Duration::from_secs(946_684_800);
 /// Everything a run's `Store` holds.
 pub(crate) struct RunState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
+    /// This run's account on the accelerator (returns its bytes to the pool when dropped).
+    pub(crate) device: RunDevice,
+    /// The run's wall-time limit (the accel calls check it too).
+    pub(crate) wall_limit: Duration,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) stdout: GuestLog,
     pub(crate) stderr: GuestLog,
@@ -36,7 +41,12 @@ pub(crate) struct RunState {
 }
 
 impl RunState {
-    pub(crate) fn new(limits: &Limits, log_capacity: usize, started: Instant) -> Self {
+    pub(crate) fn new(
+        limits: &Limits,
+        accel: Arc<Accel>,
+        log_capacity: usize,
+        started: Instant,
+    ) -> Self {
         let stdout = GuestLog::new(log_capacity);
         let stderr = GuestLog::new(log_capacity);
         // No args, no env, no preopens, no network (the default socket check denies every
@@ -56,6 +66,8 @@ impl RunState {
         Self {
             wasi,
             table: ResourceTable::new(),
+            device: RunDevice::new(accel, limits.device_memory),
+            wall_limit: limits.wall_time,
             limiter: MemoryLimiter::new(limits.memory),
             stdout,
             stderr,

@@ -35,6 +35,16 @@ pub struct Usage {
     pub guest_stdout_bytes: u64,
     /// Bytes the guest wrote to stderr (captured, not passed through).
     pub guest_stderr_bytes: u64,
+    /// Most device memory the run held at once on the accelerator path.
+    pub device_peak_bytes: u64,
+    /// Bytes copied from the sandbox to the device.
+    pub device_uploaded_bytes: u64,
+    /// Bytes copied from the device back into the sandbox.
+    pub device_downloaded_bytes: u64,
+    /// Accelerator calls made.
+    pub accel_ops: u64,
+    /// Device allocations refused for a budget (the guest may have fallen back).
+    pub accel_refusals: u64,
 }
 
 fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -54,6 +64,18 @@ impl std::fmt::Display for Usage {
             self.instantiate_time.as_secs_f64() * 1e3,
             format_size(self.input_bytes),
             format_size(self.output_bytes),
-        )
+        )?;
+        if self.accel_ops > 0 {
+            write!(
+                f,
+                " · accel {} ops, device peak {}, up {}, down {}, {} refused",
+                self.accel_ops,
+                format_size(self.device_peak_bytes),
+                format_size(self.device_uploaded_bytes),
+                format_size(self.device_downloaded_bytes),
+                self.accel_refusals
+            )?;
+        }
+        Ok(())
     }
 }

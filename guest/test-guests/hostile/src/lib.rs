@@ -22,6 +22,14 @@
 //! | `resolve:HOST`   | tries a DNS lookup of HOST; reports the error                |
 //! | `abort`          | `std::process::abort()`                                      |
 //! | `stdin`          | reads stdin to the end; reports how much it got              |
+//! | `accel-info`     | reports the accelerator's kind, budget and use               |
+//! | `accel-loop:MIB` | uploads MIB-MiB tensors, keeping them, until refused         |
+//! | `accel-huge`     | asks for a 16 GiB linear-layer result; reports the refusal   |
+//! | `accel-unwrap`   | the same, but panics on the refusal (no fallback)            |
+//! | `accel-linear:M,K,N` | a linear layer + GELU on the device vs in the sandbox    |
+//! | `accel-hold:CMD` | holds 4 MiB on the device, then runs CMD                     |
+//! | `accel-forged`   | calls a method on a handle it never got                      |
+//! | `accel-dropped`  | calls a method on a handle it already dropped                |
 
 wit_bindgen::generate!({
     world: "model",
@@ -30,9 +38,69 @@ wit_bindgen::generate!({
 
 use std::hint::black_box;
 
+use wasm_infer::model::accel::{self, AccelError, Tensor};
 use wasm_infer::model::types::{DataKind, ErrorCode};
 
 struct Hostile;
+
+fn refusal(e: &AccelError) -> String {
+    match e {
+        AccelError::BudgetExceeded(r) => format!("{} {} {}", r.requested, r.used, r.budget),
+        other => format!("{other:?}"),
+    }
+}
+
+fn upload_mib(mib: usize) -> Result<Tensor, AccelError> {
+    let n = mib << 18; // f32s in `mib` MiB
+    accel::upload(&[n as u32], &vec![0.5f32; n])
+}
+
+/// Deterministic test data: small exact values, so results compare closely.
+fn ramp(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7 + seed) % 13) as f32 - 6.0) / 8.0)
+        .collect()
+}
+
+fn erf(x: f64) -> f64 {
+    // The Maclaurin series, exact to ~1e-9 in f64 for |x| < 4; beyond, erf is ±1 to 1.6e-8.
+    if x.abs() >= 4.0 {
+        return x.signum();
+    }
+    let mut sum = 0.0;
+    let mut term = x;
+    let mut n = 0.0;
+    while term.abs() > 1e-17 {
+        sum += term / (2.0 * n + 1.0);
+        n += 1.0;
+        term *= -x * x / n;
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+/// `gelu(x · wᵀ + b)` on the device and in the sandbox; reports the largest difference.
+fn accel_linear(m: usize, k: usize, n: usize) -> Result<String, AccelError> {
+    let (x, w, b) = (ramp(m * k, 1), ramp(n * k, 2), ramp(n, 3));
+    let dx = accel::upload(&[m as u32, k as u32], &x)?;
+    let dw = accel::upload(&[n as u32, k as u32], &w)?;
+    let db = accel::upload(&[n as u32], &b)?;
+    let y = accel::linear(&dx, &dw, Some(&db))?;
+    let g = accel::gelu(&y)?;
+    assert_eq!(g.shape(), vec![m as u32, n as u32]);
+    let device = g.download()?;
+    let mut max_diff = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = b[j] as f64;
+            for t in 0..k {
+                acc += x[i * k + t] as f64 * w[j * k + t] as f64;
+            }
+            let expected = 0.5 * acc * (1.0 + erf(acc / std::f64::consts::SQRT_2));
+            max_diff = max_diff.max((expected - device[i * n + j] as f64).abs());
+        }
+    }
+    Ok(format!("max_diff_ok={}", max_diff < 1e-4))
+}
 
 fn number(arg: &str) -> u64 {
     arg.parse().expect("numeric argument")
@@ -151,6 +219,64 @@ impl Guest for Hostile {
                     buf.len(),
                     result.is_ok()
                 )))
+            }
+            "accel-info" => {
+                let info = accel::info();
+                Ok(Output::Text(format!(
+                    "kind={:?} budget={} used={}",
+                    info.kind, info.budget, info.used
+                )))
+            }
+            "accel-loop" => {
+                let mut held = Vec::new();
+                loop {
+                    match upload_mib(number(arg) as usize) {
+                        Ok(t) => held.push(t),
+                        Err(e) => {
+                            return Ok(Output::Text(format!("{} {}", held.len(), refusal(&e))))
+                        }
+                    }
+                }
+            }
+            "accel-huge" | "accel-unwrap" => {
+                // [32768, 1] · [32768, 1]ᵀ: a 4 GiB result from 256 KiB of inputs.
+                let x = accel::upload(&[32768, 1], &vec![1.0; 32768]).unwrap();
+                let w = accel::upload(&[32768, 1], &vec![1.0; 32768]).unwrap();
+                let result = accel::linear(&x, &w, None);
+                if verb == "accel-unwrap" {
+                    result.expect("no fallback: the device refused");
+                    unreachable!();
+                }
+                Ok(Output::Text(match result {
+                    Ok(_) => "allocated".into(),
+                    Err(e) => refusal(&e),
+                }))
+            }
+            "accel-linear" => {
+                let dims: Vec<usize> = arg.split(',').map(|d| d.parse().unwrap()).collect();
+                Ok(Output::Text(
+                    match accel_linear(dims[0], dims[1], dims[2]) {
+                        Ok(text) => text,
+                        Err(e) => format!("error: {e:?}"),
+                    },
+                ))
+            }
+            "accel-hold" => {
+                let held: Vec<Tensor> = (0..4).map(|_| upload_mib(1).unwrap()).collect();
+                let result = Self::infer(Input::Text(arg.to_string()));
+                drop(held);
+                result
+            }
+            "accel-forged" => {
+                let forged = unsafe { Tensor::from_handle(12345) };
+                Ok(Output::Text(format!("{:?}", forged.shape())))
+            }
+            "accel-dropped" => {
+                let t = upload_mib(1).unwrap();
+                let handle = t.take_handle();
+                drop(unsafe { Tensor::from_handle(handle) });
+                let stale = unsafe { Tensor::from_handle(handle) };
+                Ok(Output::Text(format!("{:?}", stale.shape())))
             }
             _ => Err(ModelError {
                 code: ErrorCode::InvalidInput,

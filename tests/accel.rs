@@ -1,0 +1,230 @@
+//! The accelerator path's host side, driven by the `hostile` guest's `accel-*` commands on the
+//! CPU backend: device-memory budgets (per run and host-wide) refused before allocation and
+//! returned on every run ending, fuel for offloaded work, results against the sandbox's own
+//! computation, forged handles.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{assert_golden, hostile_wasm};
+use wasm_infer::{
+    AccelMode, Error, Input, LimitExceeded, Limits, Model, Output, RunError, Runtime, RuntimeConfig,
+};
+
+/// A private runtime (host-wide figures must not see other tests' runs) and the hostile model.
+fn setup(accel: AccelMode, host_budget: u64) -> (Runtime, Model) {
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(support::cache_dir()),
+        accel,
+        device_memory: host_budget,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let model = Model::load(&runtime, hostile_wasm()).unwrap();
+    (runtime, model)
+}
+
+fn cpu() -> (Runtime, Model) {
+    setup(AccelMode::Cpu, wasm_infer::DEFAULT_HOST_DEVICE_MEMORY)
+}
+
+fn text(outcome: &wasm_infer::Outcome) -> &str {
+    match &outcome.output {
+        Output::Text(text) => text,
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+fn run(model: &Model, command: &str, limits: &Limits) -> Result<wasm_infer::Outcome, RunError> {
+    model.run(Input::Text(command.into()), limits)
+}
+
+#[test]
+fn info_reports_the_device_and_this_runs_budget() {
+    let (runtime, model) = cpu();
+    assert_eq!(runtime.device().0, "cpu");
+    let outcome = run(
+        &model,
+        "accel-info",
+        &Limits::default().device_memory(3 << 20),
+    )
+    .unwrap();
+    assert_eq!(text(&outcome), "kind=DeviceKind::Cpu budget=3145728 used=0");
+
+    // --accel off: no device, and every operation is `unsupported`.
+    let (off, model) = setup(AccelMode::Off, 1 << 30);
+    assert_eq!(off.device().0, "none");
+    let outcome = run(&model, "accel-info", &Limits::default()).unwrap();
+    assert!(text(&outcome).starts_with("kind=DeviceKind::None"));
+    let outcome = run(&model, "accel-linear:2,2,2", &Limits::default()).unwrap();
+    assert!(text(&outcome).contains("Unsupported"), "{}", text(&outcome));
+}
+
+#[test]
+fn an_allocation_loop_is_refused_exactly_at_the_run_budget() {
+    let (runtime, model) = cpu();
+    let outcome = run(
+        &model,
+        "accel-loop:1",
+        &Limits::default().device_memory(8 << 20),
+    )
+    .unwrap();
+    // Eight 1 MiB tensors fit; the ninth is refused with the exact figures.
+    assert_eq!(text(&outcome), "8 1048576 8388608 8388608");
+    assert_eq!(outcome.usage.device_peak_bytes, 8 << 20);
+    assert_eq!(outcome.usage.device_uploaded_bytes, 8 << 20);
+    assert_eq!(outcome.usage.accel_refusals, 1);
+    assert_eq!(runtime.device_usage().used, 0);
+    assert_eq!(runtime.device_usage().peak, 8 << 20);
+}
+
+#[test]
+fn a_huge_tensor_is_refused_without_the_host_allocating_it() {
+    let (runtime, model) = cpu();
+    let limits = Limits::default().device_memory(64 << 20);
+    let outcome = run(&model, "accel-huge", &limits).unwrap();
+    // A 4 GiB result asked for with the two 128 KiB inputs in use.
+    assert_eq!(text(&outcome), "4294967296 262144 67108864");
+    assert_eq!(runtime.device_usage().peak, 262_144);
+    assert_eq!(runtime.device_usage().used, 0);
+}
+
+#[test]
+fn a_guest_that_does_not_fall_back_fails_with_the_device_budget_error() {
+    let (runtime, model) = cpu();
+    let failure = run(
+        &model,
+        "accel-unwrap",
+        &Limits::default().device_memory(64 << 20),
+    )
+    .unwrap_err();
+    assert_eq!(
+        failure.error.limit(),
+        Some(&LimitExceeded::DeviceMemory {
+            requested: 4 << 30,
+            used: 262_144,
+            budget: 64 << 20
+        })
+    );
+    assert_eq!(failure.usage.accel_refusals, 1);
+    assert_eq!(runtime.device_usage().used, 0);
+}
+
+#[test]
+fn device_memory_returns_to_zero_after_every_kind_of_run_ending() {
+    let (runtime, model) = cpu();
+    let quick = Limits::default().wall_time(Duration::from_millis(100));
+    let endings: [(&str, Limits, &str); 5] = [
+        ("accel-hold:echo:done", Limits::default(), "success"),
+        (
+            "accel-hold:spin",
+            Limits::default().fuel(20_000_000),
+            "fuel",
+        ),
+        ("accel-hold:spin", quick.clone(), "timeout in wasm"),
+        ("accel-hold:sleep", quick, "timeout in a host call"),
+        ("accel-hold:panic", Limits::default(), "trap"),
+    ];
+    for (command, limits, ending) in endings {
+        let result = run(&model, command, &limits);
+        let usage = match &result {
+            Ok(outcome) => &outcome.usage,
+            Err(failure) => &failure.usage,
+        };
+        assert_eq!(usage.device_peak_bytes, 4 << 20, "{ending}");
+        match (ending, &result) {
+            ("success", Ok(_)) => {}
+            ("fuel", Err(e)) => {
+                assert!(matches!(e.error.limit(), Some(LimitExceeded::Fuel { .. })))
+            }
+            ("trap", Err(e)) => assert!(matches!(e.error, Error::Trap { .. })),
+            (_, Err(e)) => assert!(matches!(
+                e.error.limit(),
+                Some(LimitExceeded::WallTime { .. })
+            )),
+            (_, Ok(_)) => panic!("{ending}: the run should have failed"),
+        }
+        assert_eq!(
+            runtime.device_usage().used,
+            0,
+            "{ending}: device memory leaked"
+        );
+    }
+}
+
+#[test]
+fn concurrent_runs_never_hold_more_than_the_host_wide_budget() {
+    let (runtime, model) = setup(AccelMode::Cpu, 10 << 20);
+    let limits = Limits::default().device_memory(8 << 20);
+    let replies: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| run(&model, "accel-loop:1", &limits).unwrap()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| text(&h.join().unwrap()).to_string())
+            .collect()
+    });
+    let usage = runtime.device_usage();
+    assert!(
+        usage.peak <= 10 << 20,
+        "peak {} over the host budget",
+        usage.peak
+    );
+    assert_eq!(usage.used, 0);
+    for reply in &replies {
+        // Each run held at most its own 8 MiB, and was refused by one of the two budgets.
+        let fields: Vec<u64> = reply.split(' ').map(|f| f.parse().unwrap()).collect();
+        assert!(fields[0] <= 8, "{reply}");
+        assert_eq!(fields[1], 1 << 20, "{reply}");
+        assert!(fields[3] == 8 << 20 || fields[3] == 10 << 20, "{reply}");
+    }
+}
+
+#[test]
+fn offloaded_results_match_the_sandbox_and_fuel_is_exact_and_golden() {
+    let (_runtime, model) = cpu();
+    let command = "accel-linear:17,384,33";
+    let outcomes: Vec<_> = (0..3)
+        .map(|_| run(&model, command, &Limits::default()).unwrap())
+        .collect();
+    for outcome in &outcomes {
+        assert_eq!(text(outcome), "max_diff_ok=true");
+        assert_eq!(outcome.usage.fuel_consumed, outcomes[0].usage.fuel_consumed);
+        assert_eq!(outcome.usage.accel_ops, 7);
+    }
+    let needed = outcomes[0].usage.fuel_consumed;
+    assert_golden("hostile_accel_linear_17_384_33", needed);
+    // The fuel cap covers the offloaded work: exactly enough succeeds, one less does not.
+    assert!(run(&model, command, &Limits::default().fuel(needed)).is_ok());
+    let short = run(&model, command, &Limits::default().fuel(needed - 1)).unwrap_err();
+    assert_eq!(
+        short.error.limit(),
+        Some(&LimitExceeded::Fuel {
+            limit: needed - 1,
+            consumed: needed
+        })
+    );
+}
+
+#[test]
+fn forged_and_dropped_tensor_handles_are_traps() {
+    let (runtime, model) = cpu();
+    for (command, needle) in [
+        ("accel-forged", "unknown handle index 12345"),
+        ("accel-dropped", "unknown handle index"),
+    ] {
+        match run(&model, command, &Limits::default()) {
+            Err(RunError {
+                error: Error::Trap { code, message, .. },
+                ..
+            }) => {
+                assert_eq!(code, None);
+                assert!(message.contains(needle), "{message}");
+            }
+            other => panic!("{command}: expected a trap, got {other:?}"),
+        }
+    }
+    assert_eq!(runtime.device_usage().used, 0);
+}
