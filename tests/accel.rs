@@ -228,3 +228,92 @@ fn forged_and_dropped_tensor_handles_are_traps() {
     }
     assert_eq!(runtime.device_usage().used, 0);
 }
+
+fn bits(outcome: &wasm_infer::Outcome) -> Vec<Vec<u32>> {
+    outcome
+        .output
+        .embeddings()
+        .unwrap()
+        .iter()
+        .map(|v| v.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn minilm_offloads_its_linear_layers_and_matches_the_sandbox_and_the_reference() {
+    let texts: Vec<String> = support::reference()
+        .cases
+        .iter()
+        .map(|c| c.text.clone())
+        .collect();
+    let batch = Input::Texts(texts);
+    let offloaded = support::minilm()
+        .run(batch.clone(), &Limits::default())
+        .unwrap();
+    let sandboxed = support::minilm_in_sandbox()
+        .run(batch, &Limits::default())
+        .unwrap();
+    let (a, b) = (
+        offloaded.output.embeddings().unwrap(),
+        sandboxed.output.embeddings().unwrap(),
+    );
+    for ((case, x), y) in support::reference().cases.iter().zip(a).zip(b) {
+        assert!(
+            support::cosine(x, y) >= 0.9999,
+            "{}: accel vs sandbox",
+            case.name
+        );
+        assert!(
+            support::cosine(x, &case.embedding) >= 0.9999,
+            "{}: accel vs reference",
+            case.name
+        );
+    }
+    // The six layers' linear weights (40.5 MiB) go up once per run, activations per layer.
+    assert!(
+        offloaded.usage.device_uploaded_bytes > 40 << 20,
+        "{}",
+        offloaded.usage
+    );
+    assert_eq!(offloaded.usage.accel_refusals, 0);
+    assert_eq!(sandboxed.usage.accel_ops, 0);
+    assert_eq!(sandboxed.usage.device_peak_bytes, 0);
+
+    // Fuel for an offloaded run is exact and golden, like any other.
+    let short = Input::Text(support::case("short_bench").text);
+    let first = support::minilm()
+        .run(short.clone(), &Limits::default())
+        .unwrap();
+    let again = support::minilm()
+        .run(short.clone(), &Limits::default())
+        .unwrap();
+    assert_eq!(first.usage.fuel_consumed, again.usage.fuel_consumed);
+    assert_eq!(bits(&first), bits(&again));
+    assert_golden("minilm_short_bench", first.usage.fuel_consumed);
+    let in_sandbox = support::minilm_in_sandbox()
+        .run(short, &Limits::default())
+        .unwrap();
+    assert_golden(
+        "minilm_in_sandbox_short_bench",
+        in_sandbox.usage.fuel_consumed,
+    );
+}
+
+#[test]
+fn minilm_falls_back_to_the_sandbox_when_the_device_budget_is_too_small() {
+    let short = Input::Text(support::case("short_bench").text);
+    let sandboxed = support::minilm_in_sandbox()
+        .run(short.clone(), &Limits::default())
+        .unwrap();
+    // 20 MiB holds some layers' weights, not all six: refused part-way, then in the sandbox.
+    let fell_back = support::minilm()
+        .run(short, &Limits::default().device_memory(20 << 20))
+        .unwrap();
+    assert_eq!(bits(&fell_back), bits(&sandboxed));
+    assert_eq!(fell_back.usage.accel_refusals, 1);
+    assert!(fell_back.usage.device_peak_bytes <= 20 << 20);
+    assert!(
+        fell_back.usage.guest_stderr_bytes > 0,
+        "the guest says it fell back"
+    );
+}

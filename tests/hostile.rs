@@ -220,14 +220,23 @@ fn too_many_memories_fail_instantiation_at_load() {
 
 #[test]
 fn a_giant_output_is_refused_without_the_host_copying_it() {
-    // 200 MB built in the guest (under its 1 GiB memory limit); the host stops copying at the
-    // output limit + 1 MiB instead of allocating 200 MB.
-    let limits = Limits::default();
+    // 200 MB built in the guest (under its 1 GiB memory limit). The host copies at most the
+    // larger of the output limit and the device budget, plus 1 MiB, per call: with no device
+    // budget it stops at 17 MiB instead of allocating 200 MB...
+    let limits = Limits::default().device_memory(0);
     assert_eq!(
         limit(hostile_run("bytes:200000000", &limits)),
         LimitExceeded::Output {
             limit: limits.max_output,
             size: limits.max_output + (1 << 20) + 1
+        }
+    );
+    // ... and with the default 512 MiB device budget it copies the 200 MB, then refuses it.
+    assert_eq!(
+        limit(hostile_run("bytes:200000000", &Limits::default())),
+        LimitExceeded::Output {
+            limit: 16 << 20,
+            size: 200_000_000
         }
     );
     assert_host_unharmed();

@@ -304,14 +304,16 @@ fn one_model_handle_runs_many_fresh_sandboxes_concurrently() {
 
 #[test]
 fn a_pooled_runtime_reuses_slots_cleanly_after_trips_and_queues_beyond_its_size() {
+    // In-sandbox compute (no accelerator), so that the long input grows the heap in its slot.
     let pooled = Runtime::with_config(RuntimeConfig {
         cache_dir: Some(support::cache_dir()),
         pool: Some(2),
+        accel: wasm_infer::AccelMode::Off,
         ..RuntimeConfig::default()
     })
     .unwrap();
     let model = Model::load(&pooled, minilm_wasm()).unwrap();
-    let reference = run(minilm(), "short_bench");
+    let reference = run(support::minilm_in_sandbox(), "short_bench");
     let check = |outcome: &Outcome| {
         assert_eq!(bits(outcome), bits(&reference));
         assert_eq!(outcome.usage.fuel_consumed, reference.usage.fuel_consumed);
@@ -324,7 +326,9 @@ fn a_pooled_runtime_reuses_slots_cleanly_after_trips_and_queues_beyond_its_size(
 
     // A memory trip inside a pooled slot (the long input grows past the image), then fuel.
     let long = Input::Text(case("long_truncated").text);
-    let peak = run(minilm(), "long_truncated").usage.peak_memory_bytes;
+    let peak = run(support::minilm_in_sandbox(), "long_truncated")
+        .usage
+        .peak_memory_bytes;
     let failure = model
         .run(long, &Limits::default().memory(peak - 1))
         .unwrap_err();

@@ -460,11 +460,13 @@ pub(crate) fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) ->
     store
 }
 
-/// Bytes the host may copy out of the guest in one call (its output, or a WASI call's
-/// arguments): the output limit plus 1 MiB for the host-side list and string headers of a
-/// legitimate output. Bounds the host memory a guest can make the host allocate.
+/// Bytes the host may copy out of the guest in one call (its output, an accel upload, or a
+/// WASI call's arguments): the larger of the output limit and the device budget (an upload
+/// bigger than that is refused anyway), plus 1 MiB for the host-side list and string headers.
+/// Bounds the host memory a guest can make the host allocate.
 pub(crate) fn hostcall_budget(limits: &Limits) -> usize {
-    usize::try_from(limits.max_output.saturating_add(1 << 20)).unwrap_or(usize::MAX)
+    let largest = limits.max_output.max(limits.device_memory);
+    usize::try_from(largest.saturating_add(1 << 20)).unwrap_or(usize::MAX)
 }
 
 /// Decides what a failed call means, from what the host observed rather than the message.
@@ -498,7 +500,7 @@ pub(crate) fn classify(
         .into();
     }
     // The one case classified by message: wasmtime stops copying data out of the guest past
-    // the store's hostcall budget (set from `max_output` in `new_store`) and exposes no type
+    // the store's hostcall budget (`hostcall_budget`, set in `new_store`) and exposes no type
     // for it. tests/hostile.rs pins the behaviour, so a wasmtime change cannot slip by.
     if e.chain()
         .any(|cause| cause.to_string().contains("fuel allocated for hostcalls"))

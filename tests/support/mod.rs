@@ -104,6 +104,20 @@ pub fn minilm() -> &'static Model {
     MODEL.get_or_init(|| Model::load(runtime(), minilm_wasm()).expect("loading minilm.wasm"))
 }
 
+/// MiniLM on a runtime that offers no accelerator: everything computed in the sandbox.
+pub fn minilm_in_sandbox() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let runtime = Runtime::with_config(RuntimeConfig {
+            cache_dir: Some(cache_dir()),
+            accel: wasm_infer::AccelMode::Off,
+            ..RuntimeConfig::default()
+        })
+        .expect("creating the runtime");
+        Model::load(&runtime, minilm_wasm()).expect("loading minilm.wasm")
+    })
+}
+
 /// MiniLM without pre-initialisation: every run builds the model itself.
 pub fn minilm_no_preinit() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();

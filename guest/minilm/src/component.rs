@@ -10,13 +10,18 @@
 
 use std::sync::OnceLock;
 
-use crate::{Embedder, DIMENSION, MAX_TOKENS, NAME};
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use crate::{Embedder, Linears, DIMENSION, MAX_TOKENS, NAME};
 
 wit_bindgen::generate!({
     world: "preinit-model",
     path: "../../wit",
 });
 
+use wasm_infer::model::accel::{self, AccelError, DeviceKind};
 use wasm_infer::model::types::{DataKind, ErrorCode};
 
 static WEIGHTS: &[u8] = include_bytes!(env!("MINILM_WEIGHTS"));
@@ -78,12 +83,116 @@ impl Guest for MiniLm {
         let embedder = embedder()?;
         // One text at a time: no padding, so each embedding is exactly what the model computes
         // for that text alone (and what the reference computes with batch_size=1).
-        let vectors = texts
-            .iter()
-            .map(|text| embedder.embed(text).map_err(internal))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut device = OnDevice::offered(embedder);
+        let mut vectors = Vec::with_capacity(texts.len());
+        for text in &texts {
+            if let Some(on_device) = device.as_mut() {
+                match embedder.embed_with(text, on_device) {
+                    Ok(vector) => {
+                        vectors.push(vector);
+                        continue;
+                    }
+                    Err(Fallback::Accel(e)) => {
+                        // Budget refused or operation unsupported: the rest of this run
+                        // computes in the sandbox (the host's usage counts the refusal).
+                        eprintln!("accel: falling back to in-sandbox compute: {e:?}");
+                        device = None;
+                    }
+                    Err(Fallback::Model(message)) => return Err(internal(message)),
+                }
+            }
+            vectors.push(embedder.embed(text).map_err(internal)?);
+        }
         Ok(Output::Embeddings(vectors))
     }
 }
 
 export!(MiniLm);
+
+/// Why an offloaded forward stopped: the device said no (fall back), or the model is broken.
+enum Fallback {
+    Accel(AccelError),
+    Model(String),
+}
+
+impl From<AccelError> for Fallback {
+    fn from(e: AccelError) -> Self {
+        Self::Accel(e)
+    }
+}
+
+impl From<candle_core::Error> for Fallback {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Model(e.to_string())
+    }
+}
+
+impl From<String> for Fallback {
+    fn from(e: String) -> Self {
+        Self::Model(e)
+    }
+}
+
+/// The linear layers on the host's accelerator. Weights go up on first use in this run and
+/// stay (as device tensors of this run) for the rest of it; activations go up per layer, and
+/// the feed-forward block's intermediate activations never leave the device.
+struct OnDevice<'a> {
+    embedder: &'a Embedder,
+    weights: HashMap<String, (accel::Tensor, accel::Tensor)>,
+}
+
+impl<'a> OnDevice<'a> {
+    /// `Some` when the host offers a device.
+    fn offered(embedder: &'a Embedder) -> Option<Self> {
+        (accel::info().kind != DeviceKind::None).then(|| Self {
+            embedder,
+            weights: HashMap::new(),
+        })
+    }
+
+    fn layer(&mut self, name: &str) -> Result<&(accel::Tensor, accel::Tensor), Fallback> {
+        if !self.weights.contains_key(name) {
+            let w = upload(self.embedder.weight(&format!("{name}.weight"))?)?;
+            let b = upload(self.embedder.weight(&format!("{name}.bias"))?)?;
+            self.weights.insert(name.to_string(), (w, b));
+        }
+        Ok(&self.weights[name])
+    }
+}
+
+fn upload(t: &Tensor) -> Result<accel::Tensor, Fallback> {
+    let shape: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
+    let data = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(accel::upload(&shape, &data)?)
+}
+
+fn download(t: &accel::Tensor) -> Result<Tensor, Fallback> {
+    let dims: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+    Ok(Tensor::from_vec(
+        t.download()?,
+        dims,
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+impl Linears for OnDevice<'_> {
+    type Error = Fallback;
+
+    fn linear(&mut self, name: &str, x: &Tensor) -> Result<Tensor, Fallback> {
+        let x = upload(x)?;
+        let (w, b) = self.layer(name)?;
+        download(&accel::linear(&x, w, Some(b))?)
+    }
+
+    fn feed_forward(&mut self, layer: usize, x: &Tensor) -> Result<Tensor, Fallback> {
+        let x = upload(x)?;
+        let inner = format!("encoder.layer.{layer}.intermediate.dense");
+        let outer = format!("encoder.layer.{layer}.output.dense");
+        self.layer(&inner)?;
+        self.layer(&outer)?;
+        let (wi, bi) = &self.weights[&inner];
+        let (wo, bo) = &self.weights[&outer];
+        let hidden = accel::gelu(&accel::linear(&x, wi, Some(bi))?)?;
+        download(&accel::linear(&hidden, wo, Some(bo))?)
+    }
+}

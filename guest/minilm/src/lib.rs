@@ -3,6 +3,8 @@
 //! The model code is plain and target-independent, so the very same code runs inside the sandbox
 //! (the `wasm32` component in [`component`]) and natively (the tests' and benchmark's baseline).
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Tokenizer, TruncationParams};
@@ -23,6 +25,10 @@ pub const MAX_TOKENS: usize = 256;
 pub struct Embedder {
     model: BertModel,
     tokenizer: Tokenizer,
+    /// The same weight tensors by checkpoint name (shared with `model`, not copied), for
+    /// forwards that place some layers elsewhere (the accelerator path).
+    weights: HashMap<String, Tensor>,
+    config: Config,
 }
 
 impl Embedder {
@@ -30,8 +36,9 @@ impl Embedder {
     pub fn load(weights: &[u8], config_json: &[u8], tokenizer_json: &[u8]) -> Result<Self, String> {
         let config: Config =
             serde_json::from_slice(config_json).map_err(|e| format!("config.json: {e}"))?;
-        let vb = candle_nn::VarBuilder::from_slice_safetensors(weights, DType::F32, &Device::Cpu)
+        let weights = candle_core::safetensors::load_buffer(weights, &Device::Cpu)
             .map_err(|e| format!("model.safetensors: {e}"))?;
+        let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
         let model = BertModel::load(vb, &config).map_err(|e| format!("BERT weights: {e}"))?;
         let mut tokenizer =
             Tokenizer::from_bytes(tokenizer_json).map_err(|e| format!("tokenizer.json: {e}"))?;
@@ -42,7 +49,12 @@ impl Embedder {
             }))
             .map_err(|e| format!("tokenizer truncation: {e}"))?;
         tokenizer.with_padding(None);
-        Ok(Self { model, tokenizer })
+        Ok(Self {
+            model,
+            tokenizer,
+            weights,
+            config,
+        })
     }
 
     /// Token ids for `text`, with `[CLS]`/`[SEP]`, truncated to [`MAX_TOKENS`].
@@ -70,6 +82,92 @@ impl Embedder {
             .forward(&input_ids, &token_type_ids, Some(&attention_mask))?;
         let pooled = mean_pool(&hidden, &attention_mask)?;
         l2_normalize(&pooled)?.squeeze(0)?.to_vec1::<f32>()
+    }
+}
+
+/// Where a BERT linear layer runs: the forward below calls it for the attention projections and
+/// the feed-forward block, and does everything else (embeddings, attention scores, softmax,
+/// layer norms, pooling) itself.
+pub trait Linears {
+    /// The failure that makes the caller fall back.
+    type Error: From<candle_core::Error>;
+    /// `x · Wᵀ + b` for the layer named `name` (a checkpoint prefix such as
+    /// `encoder.layer.0.attention.self.query`); `x` is [tokens, k].
+    fn linear(&mut self, name: &str, x: &Tensor) -> Result<Tensor, Self::Error>;
+    /// The feed-forward block `out(gelu(intermediate(x)))` of layer `layer`, as one step, so
+    /// that an implementation can keep the intermediate activations where they are.
+    fn feed_forward(&mut self, layer: usize, x: &Tensor) -> Result<Tensor, Self::Error>;
+}
+
+impl Embedder {
+    /// The weight tensor `name` from the checkpoint.
+    pub fn weight(&self, name: &str) -> candle_core::Result<&Tensor> {
+        self.weights
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no weight {name}")))
+    }
+
+    /// Number of transformer layers.
+    pub fn layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    /// The unit-length embedding of `text` with the linear layers run by `linears`, the rest
+    /// as [`Embedder::embed`] does (same arithmetic as candle-transformers' BERT).
+    pub fn embed_with<L: Linears>(&self, text: &str, linears: &mut L) -> Result<Vec<f32>, L::Error>
+    where
+        L::Error: From<String>,
+    {
+        let ids = self.token_ids(text)?;
+        let n = ids.len();
+        let eps = self.config.layer_norm_eps;
+        let norm = |prefix: &str| -> candle_core::Result<candle_nn::LayerNorm> {
+            Ok(candle_nn::LayerNorm::new(
+                self.weight(&format!("{prefix}.LayerNorm.weight"))?.clone(),
+                self.weight(&format!("{prefix}.LayerNorm.bias"))?.clone(),
+                eps,
+            ))
+        };
+        use candle_core::Module;
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)?;
+        let words = self
+            .weight("embeddings.word_embeddings.weight")?
+            .embedding(&input)?;
+        let positions = self
+            .weight("embeddings.position_embeddings.weight")?
+            .narrow(0, 0, n)?;
+        let types = self
+            .weight("embeddings.token_type_embeddings.weight")?
+            .narrow(0, 0, 1)?;
+        let embedded = words.add(&positions)?.broadcast_add(&types)?;
+        let mut hidden = norm("embeddings")?.forward(&embedded)?;
+        let heads = self.config.num_attention_heads;
+        let head_size = self.config.hidden_size / heads;
+        for layer in 0..self.layers() {
+            let prefix = format!("encoder.layer.{layer}");
+            let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                t.reshape((n, heads, head_size))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let q = split(linears.linear(&format!("{prefix}.attention.self.query"), &hidden)?)?;
+            let k = split(linears.linear(&format!("{prefix}.attention.self.key"), &hidden)?)?;
+            let v = split(linears.linear(&format!("{prefix}.attention.self.value"), &hidden)?)?;
+            let scores = (q.matmul(&k.t()?)? / (head_size as f64).sqrt())?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let context = probs
+                .matmul(&v)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((n, heads * head_size))?;
+            let attended = linears.linear(&format!("{prefix}.attention.output.dense"), &context)?;
+            let attended =
+                norm(&format!("{prefix}.attention.output"))?.forward(&attended.add(&hidden)?)?;
+            let fed = linears.feed_forward(layer, &attended)?;
+            hidden = norm(&format!("{prefix}.output"))?.forward(&fed.add(&attended)?)?;
+        }
+        let pooled = hidden.mean_keepdim(0)?;
+        Ok(l2_normalize(&pooled)?.squeeze(0)?.to_vec1::<f32>()?)
     }
 }
 
