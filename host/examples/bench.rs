@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use wasm_infer::{Input, Limits, LoadOptions, Model, Runtime, RuntimeConfig};
+use wasm_infer::{AccelMode, Input, Limits, LoadOptions, Model, Runtime, RuntimeConfig};
 
 const SHORT: &str = "wasm-infer runs sentence embeddings inside a WebAssembly sandbox.";
 const ITERATIONS: usize = 7;
@@ -80,6 +80,7 @@ fn rss_child(n: u32, pool: bool, preinit: bool, text: &str, wasm: &Path, cache: 
     let runtime = Runtime::with_config(RuntimeConfig {
         cache_dir: Some(cache.to_path_buf()),
         pool: pool.then_some(n),
+        accel: AccelMode::Off,
         ..RuntimeConfig::default()
     })
     .unwrap();
@@ -118,10 +119,67 @@ fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
+/// Child mode for the accelerator rows: candle on the host uses every core here (no
+/// RAYON_NUM_THREADS), both natively and as the accel path's CPU backend.
+fn accel_child(wasm: &Path, cache: &Path) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let dir = model_dir();
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let native = minilm::Embedder::load(
+        &read("model.safetensors"),
+        &read("config.json"),
+        &read("tokenizer.json"),
+    )
+    .unwrap();
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(cache.to_path_buf()),
+        accel: AccelMode::Cpu,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let model = Model::load(&runtime, wasm).unwrap();
+    let limits = Limits::default();
+    for (label, text) in [
+        ("short (22 tokens)", SHORT.to_string()),
+        ("long (127 tokens)", reference_text("long_bench")),
+    ] {
+        let native_time = time(|| {
+            native.embed(&text).unwrap();
+        });
+        println!(
+            "| native candle, {threads} threads, per embedding | {label} | {} | 1.00x |",
+            ms(native_time)
+        );
+        let one = time(|| {
+            model.run(Input::Text(text.clone()), &limits).unwrap();
+        });
+        let batch = time(|| {
+            model
+                .run(Input::Texts(vec![text.clone(); BATCH]), &limits)
+                .unwrap();
+        });
+        let marginal = batch.saturating_sub(one) / (BATCH as u32 - 1);
+        println!(
+            "| accel path (CPU backend, {threads} threads), per embedding (marginal in a batch of {BATCH}) | {label} | {} | {:.2}x |",
+            ms(marginal),
+            marginal.as_secs_f64() / native_time.as_secs_f64()
+        );
+        println!(
+            "| accel path (CPU backend, {threads} threads), fresh sandbox per request, end to end | {label} | {} | {:.2}x |",
+            ms(one),
+            one.as_secs_f64() / native_time.as_secs_f64()
+        );
+    }
+}
+
 fn main() {
+    let all: Vec<String> = std::env::args().collect();
+    if all.get(1).map(String::as_str) == Some("--accel") {
+        accel_child(Path::new(&all[2]), Path::new(&all[3]));
+        return;
+    }
     // Single-threaded native baseline: candle sizes its thread pool from this variable.
     std::env::set_var("RAYON_NUM_THREADS", "1");
-    let all: Vec<String> = std::env::args().collect();
     if all.get(1).map(String::as_str) == Some("--rss") {
         let n = all[2].parse().unwrap();
         rss_child(
@@ -184,6 +242,7 @@ fn main() {
         let runtime = Runtime::with_config(RuntimeConfig {
             cache_dir: Some(cache.clone()),
             meter_fuel,
+            accel: AccelMode::Off,
             ..RuntimeConfig::default()
         })
         .unwrap();
@@ -217,6 +276,21 @@ fn main() {
             );
         }
     }
+
+    // The accelerator path against native candle on all cores, in a child process.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--accel")
+        .arg(&minilm)
+        .arg(&cache)
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
 
     // Compile, precompiled load, instantiate.
     let wasm = std::fs::read(&minilm).unwrap();
@@ -273,6 +347,7 @@ fn main() {
         let runtime = Runtime::with_config(RuntimeConfig {
             cache_dir: Some(cache.clone()),
             pool,
+            accel: AccelMode::Off,
             ..RuntimeConfig::default()
         })
         .unwrap();
