@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{assert_golden, hostile_wasm};
+use support::{assert_golden, bits, hostile_wasm};
 use wasm_infer::{
     AccelMode, Error, Input, LimitExceeded, Limits, Model, Output, RunError, Runtime, RuntimeConfig,
 };
@@ -227,16 +227,6 @@ fn forged_and_dropped_tensor_handles_are_traps() {
         }
     }
     assert_eq!(runtime.device_usage().used, 0);
-}
-
-fn bits(outcome: &wasm_infer::Outcome) -> Vec<Vec<u32>> {
-    outcome
-        .output
-        .embeddings()
-        .unwrap()
-        .iter()
-        .map(|v| v.iter().map(|x| x.to_bits()).collect())
-        .collect()
 }
 
 #[test]

@@ -8,22 +8,12 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{assert_golden, case, cosine, minilm, minilm_no_preinit, minilm_wasm, runtime};
+use support::{assert_golden, bits, case, cosine, minilm, minilm_no_preinit, minilm_wasm, runtime};
 use wasm_infer::snapshot::{self, Snapshot, SNAPSHOT_SECTION};
 use wasm_infer::{
     Error, Input, InvalidModel, LimitExceeded, Limits, Model, Outcome, PreinitSource, Runtime,
     RuntimeConfig, Trap,
 };
-
-fn bits(outcome: &Outcome) -> Vec<Vec<u32>> {
-    outcome
-        .output
-        .embeddings()
-        .unwrap()
-        .iter()
-        .map(|v| v.iter().map(|x| x.to_bits()).collect())
-        .collect()
-}
 
 fn run(model: &Model, name: &str) -> Outcome {
     model

@@ -119,18 +119,23 @@ fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-/// Child mode for the accelerator rows: candle on the host uses every core here (no
-/// RAYON_NUM_THREADS), both natively and as the accel path's CPU backend.
-fn accel_child(wasm: &Path, cache: &Path) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// The same model code, natively (candle on the host CPU).
+fn native_embedder() -> minilm::Embedder {
     let dir = model_dir();
     let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    let native = minilm::Embedder::load(
+    minilm::Embedder::load(
         &read("model.safetensors"),
         &read("config.json"),
         &read("tokenizer.json"),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Child mode for the accelerator rows: candle on the host uses every core here (no
+/// RAYON_NUM_THREADS), both natively and as the accel path's CPU backend.
+fn accel_child(wasm: &Path, cache: &Path) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let native = native_embedder();
     let runtime = Runtime::with_config(RuntimeConfig {
         cache_dir: Some(cache.to_path_buf()),
         accel: AccelMode::Cpu,
@@ -208,14 +213,7 @@ fn main() {
         ("long (127 tokens)", long),
     ];
 
-    let dir = model_dir();
-    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    let native = minilm::Embedder::load(
-        &read("model.safetensors"),
-        &read("config.json"),
-        &read("tokenizer.json"),
-    )
-    .unwrap();
+    let native = native_embedder();
 
     println!("| measurement | input | time | vs native |");
     println!("|---|---|---|---|");

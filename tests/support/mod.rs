@@ -180,6 +180,17 @@ pub fn case(name: &str) -> Case {
         .clone()
 }
 
+/// The bits of every embedding in an outcome, for exact comparisons.
+pub fn bits(outcome: &wasm_infer::Outcome) -> Vec<Vec<u32>> {
+    outcome
+        .output
+        .embeddings()
+        .unwrap()
+        .iter()
+        .map(|v| v.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
