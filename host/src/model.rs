@@ -254,28 +254,15 @@ impl Model {
                 usage: Box::new(usage),
             });
         }
-        let metered = self.inner.runtime.config().meter_fuel;
-        if limits.fuel.is_some() && !metered {
-            return Err(RunError {
-                error: Error::Internal(
-                    "a fuel limit needs a runtime with fuel metering (RuntimeConfig::meter_fuel)"
-                        .into(),
-                ),
-                usage: Box::new(usage),
-            });
-        }
-        let mut store = new_store(&self.inner.runtime, limits, started);
-        // wasmtime checks fuel only at function entries and loop headers, and `get_fuel`
-        // clamps at zero, so a run may end slightly past its fuel and still "succeed". Giving
-        // it limit + 1 and treating a zero balance as a trip makes the cap exact: a run that
-        // needs N units succeeds with `--fuel N` and fails with `--fuel N-1`.
-        let fuel_budget = limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1));
-        if metered {
-            store.set_fuel(fuel_budget).map_err(|e| RunError {
-                error: Error::Internal(format!("{e:#}")),
-                usage: Box::new(usage.clone()),
-            })?;
-        }
+        let mut store = match new_store(&self.inner.runtime, limits, started) {
+            Ok(store) => store,
+            Err(error) => {
+                return Err(RunError {
+                    error,
+                    usage: Box::new(usage),
+                })
+            }
+        };
         let deadline = started + limits.wall_time + self.inner.runtime.epoch_tick();
         let call = async {
             let instance = self.inner.pre.instantiate_async(&mut store).await;
@@ -291,12 +278,8 @@ impl Model {
         let result = tokio::time::timeout_at(deadline.into(), call).await;
         let elapsed = started.elapsed();
         usage.wall_time = elapsed;
-        let remaining = if metered {
-            store.get_fuel().unwrap_or(0)
-        } else {
-            fuel_budget
-        };
-        usage.fuel_consumed = fuel_budget - remaining;
+        let (fuel_consumed, out_of_fuel) = fuel_used(&store, limits);
+        usage.fuel_consumed = fuel_consumed;
         let state = store.data();
         usage.peak_memory_bytes = state.limiter.peak;
         usage.device_peak_bytes = state.device.peak;
@@ -327,16 +310,9 @@ impl Model {
         };
         usage.instantiate_time = instantiated.0 - started;
         usage.initial_memory_bytes = instantiated.1;
-        match (result, limits.fuel) {
-            (Err(e), _) => fail(classify(e, state, limits, fuel_budget), usage),
-            (Ok(_), Some(limit)) if remaining == 0 => fail(
-                LimitExceeded::Fuel {
-                    limit,
-                    consumed: fuel_budget,
-                }
-                .into(),
-                usage,
-            ),
+        match (result, out_of_fuel) {
+            (Err(e), _) => fail(classify(e, state, limits), usage),
+            (Ok(_), Some(out_of_fuel)) => fail(out_of_fuel.into(), usage),
             (Ok(Err(model_error)), _) => fail(
                 Error::Model {
                     code: model_error.code.into(),
@@ -364,14 +340,20 @@ impl Model {
     }
 }
 
+/// Where the runtime's cache keeps the compiled code for `material` (a component digest, or
+/// one qualified by what was done to the component), if the runtime has a cache.
+fn cache_entry(runtime: &Runtime, material: &str) -> Option<std::path::PathBuf> {
+    let dir = runtime.config().cache_dir.as_deref()?;
+    Some(cache::entry_path(
+        dir,
+        &cache::key(runtime.engine(), material),
+    ))
+}
+
 /// Compiles `wasm` as it is, or loads its compiled code from the cache.
 fn load_component(runtime: &Runtime, wasm: &[u8], digest: &str) -> Result<(Component, CodeSource)> {
     let engine = runtime.engine();
-    let cache_path = runtime
-        .config()
-        .cache_dir
-        .as_deref()
-        .map(|dir| cache::entry_path(dir, &cache::key(engine, digest)));
+    let cache_path = cache_entry(runtime, digest);
     if let Some(component) = cache_path.as_deref().and_then(|p| cache::load(engine, p)) {
         return Ok((component, CodeSource::Cached));
     }
@@ -393,15 +375,10 @@ fn load_preinitialised(
     init_limits: &Limits,
 ) -> Result<(Component, CodeSource, PreinitSource, InitReport)> {
     let engine = runtime.engine();
-    let key = cache::key(
-        engine,
+    let cache_path = cache_entry(
+        runtime,
         &format!("{digest}+preinit-v{}", snapshot::SNAPSHOT_FORMAT),
     );
-    let cache_path = runtime
-        .config()
-        .cache_dir
-        .as_deref()
-        .map(|dir| cache::entry_path(dir, &key));
     if let Some(path) = &cache_path {
         let info: Option<SnapshotInfo> = std::fs::read(path.with_extension("json"))
             .ok()
@@ -435,9 +412,37 @@ fn load_preinitialised(
     ))
 }
 
-/// A fresh store for one run: its own WASI context, memory limiter, and a wall-time check at
-/// every epoch tick that also yields to the executor.
-pub(crate) fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) -> Store<RunState> {
+/// The fuel a store gets under `limits`. wasmtime checks fuel only at function entries and loop
+/// headers, and `get_fuel` clamps at zero, so a run may end slightly past its fuel and still
+/// "succeed". Giving it limit + 1 and treating a zero balance as a trip makes the cap exact: a
+/// run that needs N units succeeds with `--fuel N` and fails with `--fuel N-1`.
+fn fuel_budget(limits: &Limits) -> u64 {
+    limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1))
+}
+
+/// The fuel a store has used, and the fuel trip if a capped run ended with none left (0 used
+/// without fuel metering).
+pub(crate) fn fuel_used(store: &Store<RunState>, limits: &Limits) -> (u64, Option<LimitExceeded>) {
+    let budget = fuel_budget(limits);
+    let remaining = store.get_fuel().unwrap_or(budget);
+    let tripped = match limits.fuel {
+        Some(limit) if remaining == 0 => Some(LimitExceeded::Fuel {
+            limit,
+            consumed: budget,
+        }),
+        _ => None,
+    };
+    (budget - remaining, tripped)
+}
+
+/// A fresh store for one run: its own WASI context, memory limiter, fuel ([`fuel_budget`]),
+/// and a wall-time check at every epoch tick that also yields to the executor. A fuel cap on a
+/// runtime without fuel metering is refused.
+pub(crate) fn new_store(
+    runtime: &Runtime,
+    limits: &Limits,
+    started: Instant,
+) -> Result<Store<RunState>> {
     let log_capacity = DEFAULT_MAX_LOG_BYTES as usize;
     let mut store = Store::new(
         runtime.engine(),
@@ -457,7 +462,16 @@ pub(crate) fn new_store(runtime: &Runtime, limits: &Limits, started: Instant) ->
         }
     });
     store.set_epoch_deadline(1);
-    store
+    if runtime.config().meter_fuel {
+        store
+            .set_fuel(fuel_budget(limits))
+            .map_err(|e| Error::Internal(format!("{e:#}")))?;
+    } else if limits.fuel.is_some() {
+        return Err(Error::Internal(
+            "a fuel limit needs a runtime with fuel metering (RuntimeConfig::meter_fuel)".into(),
+        ));
+    }
+    Ok(store)
 }
 
 /// Bytes the host may copy out of the guest in one call (its output, an accel upload, or a
@@ -470,12 +484,7 @@ pub(crate) fn hostcall_budget(limits: &Limits) -> usize {
 }
 
 /// Decides what a failed call means, from what the host observed rather than the message.
-pub(crate) fn classify(
-    e: wasmtime::Error,
-    state: &RunState,
-    limits: &Limits,
-    fuel_budget: u64,
-) -> Error {
+pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) -> Error {
     if let Some(elapsed) = state.timed_out {
         return LimitExceeded::WallTime {
             limit: limits.wall_time,
@@ -525,7 +534,7 @@ pub(crate) fn classify(
         if let Some(limit) = limits.fuel {
             return LimitExceeded::Fuel {
                 limit,
-                consumed: fuel_budget,
+                consumed: fuel_budget(limits),
             }
             .into();
         }
@@ -570,12 +579,7 @@ fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> 
     let limits = Limits::default();
     block_on(async {
         let _slot = runtime.slot().await;
-        let mut store = new_store(runtime, &limits, Instant::now());
-        if runtime.config().meter_fuel {
-            store
-                .set_fuel(u64::MAX)
-                .map_err(|e| Error::Internal(e.to_string()))?;
-        }
+        let mut store = new_store(runtime, &limits, Instant::now())?;
         let result = async {
             let instance: ModelBindings = pre.instantiate_async(&mut store).await?;
             instance.call_info(&mut store).await
@@ -583,7 +587,7 @@ fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> 
         .await;
         match result {
             Ok(info) => Ok(ModelInfo::from(info)),
-            Err(e) => Err(classify(e, store.data(), &limits, u64::MAX)),
+            Err(e) => Err(classify(e, store.data(), &limits)),
         }
     })?
 }

@@ -29,7 +29,7 @@ use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use crate::error::{Error, InvalidModel, LimitExceeded, Result};
 use crate::limits::Limits;
-use crate::model::{classify, new_store};
+use crate::model::{classify, fuel_used, new_store};
 use crate::runtime::Runtime;
 use crate::sandbox::RunState;
 
@@ -224,17 +224,7 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
 
     let _slot = runtime.slot().await;
     let started = Instant::now();
-    let mut store = new_store(runtime, limits, started);
-    let fuel_budget = limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1));
-    if runtime.config().meter_fuel {
-        store
-            .set_fuel(fuel_budget)
-            .map_err(|e| Error::Internal(format!("{e:#}")))?;
-    } else if limits.fuel.is_some() {
-        return Err(Error::Internal(
-            "a fuel limit needs a runtime with fuel metering".into(),
-        ));
-    }
+    let mut store = new_store(runtime, limits, started)?;
     let deadline = started + limits.wall_time + runtime.epoch_tick();
     let init = async {
         let instance = linker.instantiate_async(&mut store, &component).await?;
@@ -253,30 +243,17 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
             ))
         }
         Ok(Err(e)) => {
-            let error = classify(e, store.data(), limits, fuel_budget);
+            let error = classify(e, store.data(), limits);
             return Err(init_failed(error));
         }
         Ok(Ok(instance)) => instance,
     };
     // Whole microseconds: the figure is stored that way, and must compare equal once read back.
     let time = Duration::from_micros(started.elapsed().as_micros() as u64);
-    let fuel = if runtime.config().meter_fuel {
-        let remaining = store.get_fuel().unwrap_or(0);
-        if remaining == 0 {
-            if let Some(limit) = limits.fuel {
-                return Err(init_failed(
-                    LimitExceeded::Fuel {
-                        limit,
-                        consumed: fuel_budget,
-                    }
-                    .into(),
-                ));
-            }
-        }
-        fuel_budget - remaining
-    } else {
-        0
-    };
+    let (fuel, out_of_fuel) = fuel_used(&store, limits);
+    if let Some(out_of_fuel) = out_of_fuel {
+        return Err(init_failed(out_of_fuel.into()));
+    }
     let memory_bytes = store.data().limiter.peak;
     // wizer reads each memory whole as one `list<u8>`; the default cap on data copied per
     // host call (128 MiB, a guard against guests) is for runs, not for reading our own snapshot.
