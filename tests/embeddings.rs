@@ -32,16 +32,8 @@ fn batch_run() -> &'static Outcome {
 
 fn native() -> &'static minilm::Embedder {
     static NATIVE: OnceLock<minilm::Embedder> = OnceLock::new();
-    NATIVE.get_or_init(|| {
-        let dir = model_dir();
-        let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-        minilm::Embedder::load(
-            &read("model.safetensors"),
-            &read("config.json"),
-            &read("tokenizer.json"),
-        )
-        .expect("loading the native model")
-    })
+    NATIVE
+        .get_or_init(|| minilm::Embedder::load_dir(&model_dir()).expect("loading the native model"))
 }
 
 #[test]

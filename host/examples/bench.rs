@@ -121,14 +121,7 @@ fn mib(bytes: u64) -> String {
 
 /// The same model code, natively (candle on the host CPU).
 fn native_embedder() -> minilm::Embedder {
-    let dir = model_dir();
-    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    minilm::Embedder::load(
-        &read("model.safetensors"),
-        &read("config.json"),
-        &read("tokenizer.json"),
-    )
-    .unwrap()
+    minilm::Embedder::load_dir(&model_dir()).unwrap()
 }
 
 /// Child mode for the accelerator rows: candle on the host uses every core here (no

@@ -191,3 +191,19 @@ pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
         .clamp(1e-12f32, f32::MAX)?;
     x.broadcast_div(&norm)
 }
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Embedder {
+    /// Builds the model from `model.safetensors`, `config.json` and `tokenizer.json` in `dir`
+    /// (the native baseline of the tests and the benchmark; the component embeds the files).
+    pub fn load_dir(dir: &std::path::Path) -> Result<Self, String> {
+        let read = |file: &str| {
+            std::fs::read(dir.join(file)).map_err(|e| format!("{}: {e}", dir.join(file).display()))
+        };
+        Self::load(
+            &read("model.safetensors")?,
+            &read("config.json")?,
+            &read("tokenizer.json")?,
+        )
+    }
+}
