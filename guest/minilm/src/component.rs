@@ -8,13 +8,12 @@
 //! every run starts with the model built; without a snapshot, `infer` builds it on first use,
 //! and `info` stays cheap either way.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::OnceLock;
-
-use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use crate::{Embedder, Linears, DIMENSION, MAX_TOKENS, NAME};
+use crate::{Embedder, Linear, LinearId, Linears, DIMENSION, MAX_TOKENS, NAME};
 
 wit_bindgen::generate!({
     world: "preinit-model",
@@ -83,11 +82,12 @@ impl Guest for MiniLm {
         let embedder = embedder()?;
         // One text at a time: no padding, so each embedding is exactly what the model computes
         // for that text alone (and what the reference computes with batch_size=1).
-        let mut device = OnDevice::offered(embedder);
+        let mut device = OnDevice::offered();
         let mut vectors = Vec::with_capacity(texts.len());
         for text in &texts {
             if let Some(on_device) = device.as_mut() {
-                match embedder.embed_with(text, on_device) {
+                let ids = embedder.token_ids(text).map_err(internal)?;
+                match embedder.forward(&ids, on_device) {
                     Ok(vector) => {
                         vectors.push(vector);
                         continue;
@@ -123,40 +123,34 @@ impl From<AccelError> for Fallback {
 
 impl From<candle_core::Error> for Fallback {
     fn from(e: candle_core::Error) -> Self {
-        Self::Model(e.to_string())
-    }
-}
-
-impl From<String> for Fallback {
-    fn from(e: String) -> Self {
-        Self::Model(e)
+        Self::Model(format!("BERT forward: {e}"))
     }
 }
 
 /// The linear layers on the host's accelerator. Weights go up on first use in this run and
 /// stay (as device tensors of this run) for the rest of it; activations go up per layer, and
 /// the feed-forward block's intermediate activations never leave the device.
-struct OnDevice<'a> {
-    embedder: &'a Embedder,
-    weights: HashMap<String, (accel::Tensor, accel::Tensor)>,
+struct OnDevice {
+    /// (weight, bias) of each linear layer used so far in this run.
+    weights: HashMap<LinearId, (accel::Tensor, accel::Tensor)>,
 }
 
-impl<'a> OnDevice<'a> {
+impl OnDevice {
     /// `Some` when the host offers a device.
-    fn offered(embedder: &'a Embedder) -> Option<Self> {
+    fn offered() -> Option<Self> {
         (accel::info().kind != DeviceKind::None).then(|| Self {
-            embedder,
             weights: HashMap::new(),
         })
     }
 
-    fn layer(&mut self, name: &str) -> Result<&(accel::Tensor, accel::Tensor), Fallback> {
-        if !self.weights.contains_key(name) {
-            let w = upload(self.embedder.weight(&format!("{name}.weight"))?)?;
-            let b = upload(self.embedder.weight(&format!("{name}.bias"))?)?;
-            self.weights.insert(name.to_string(), (w, b));
+    /// Uploads `layer`'s weights unless they are up already.
+    fn hold(&mut self, layer: &Linear) -> Result<(), Fallback> {
+        if let Entry::Vacant(slot) = self.weights.entry(layer.id()) {
+            let w = upload(layer.weight())?;
+            let b = upload(layer.bias())?;
+            slot.insert((w, b));
         }
-        Ok(&self.weights[name])
+        Ok(())
     }
 }
 
@@ -175,23 +169,27 @@ fn download(t: &accel::Tensor) -> Result<Tensor, Fallback> {
     )?)
 }
 
-impl Linears for OnDevice<'_> {
+impl Linears for OnDevice {
     type Error = Fallback;
 
-    fn linear(&mut self, name: &str, x: &Tensor) -> Result<Tensor, Fallback> {
+    fn linear(&mut self, layer: &Linear, x: &Tensor) -> Result<Tensor, Fallback> {
         let x = upload(x)?;
-        let (w, b) = self.layer(name)?;
+        self.hold(layer)?;
+        let (w, b) = &self.weights[&layer.id()];
         download(&accel::linear(&x, w, Some(b))?)
     }
 
-    fn feed_forward(&mut self, layer: usize, x: &Tensor) -> Result<Tensor, Fallback> {
+    fn feed_forward(
+        &mut self,
+        intermediate: &Linear,
+        output: &Linear,
+        x: &Tensor,
+    ) -> Result<Tensor, Fallback> {
         let x = upload(x)?;
-        let inner = format!("encoder.layer.{layer}.intermediate.dense");
-        let outer = format!("encoder.layer.{layer}.output.dense");
-        self.layer(&inner)?;
-        self.layer(&outer)?;
-        let (wi, bi) = &self.weights[&inner];
-        let (wo, bo) = &self.weights[&outer];
+        self.hold(intermediate)?;
+        self.hold(output)?;
+        let (wi, bi) = &self.weights[&intermediate.id()];
+        let (wo, bo) = &self.weights[&output.id()];
         let hidden = accel::gelu(&accel::linear(&x, wi, Some(bi))?)?;
         download(&accel::linear(&hidden, wo, Some(bo))?)
     }

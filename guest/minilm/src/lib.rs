@@ -2,11 +2,13 @@
 //!
 //! The model code is plain and target-independent, so the very same code runs inside the sandbox
 //! (the `wasm32` component in [`component`]) and natively (the tests' and benchmark's baseline).
+//! There is one BERT forward, [`Embedder::forward`]; a [`Linears`] implementation decides where
+//! its linear layers run ([`InSandbox`], or the component's accelerator path), and everything
+//! else runs here.
 
-use std::collections::HashMap;
-
-use candle_core::{DType, Device, Tensor, D};
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
 #[cfg(target_arch = "wasm32")]
@@ -21,14 +23,232 @@ pub const DIMENSION: usize = 384;
 /// sentence-transformers overrides both, and so do we.
 pub const MAX_TOKENS: usize = 256;
 
+/// The only activation implemented, BERT's erf-based GELU (config.json `hidden_act`).
+const HIDDEN_ACT: &str = "gelu";
+/// `torch.nn.functional.normalize` (sentence-transformers' `Normalize`) clamps the norm at this.
+const MIN_NORM: f32 = 1e-12;
+
+/// The config.json fields the forward needs.
+#[derive(Deserialize)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    hidden_act: String,
+    max_position_embeddings: usize,
+    type_vocab_size: usize,
+    layer_norm_eps: f64,
+}
+
+/// Names one linear layer of a loaded model for the model's lifetime, so that a [`Linears`]
+/// implementation can keep per-layer state (uploaded weights) under a cheap key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearId(usize);
+
+/// A linear layer `x · Wᵀ + b`, with weight [out, in] and bias [out].
+pub struct Linear {
+    id: LinearId,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Loads `weight` and `bias` under `vb` and takes the next id from `next_id`.
+    fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        next_id: &mut usize,
+    ) -> candle_core::Result<Self> {
+        let id = LinearId(*next_id);
+        *next_id += 1;
+        Ok(Self {
+            id,
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: vb.get(out_dim, "bias")?,
+        })
+    }
+
+    pub fn id(&self) -> LinearId {
+        self.id
+    }
+
+    /// [out, in].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// [out].
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// `x · Wᵀ + b` in candle for `x` [tokens, in], as `candle_nn::Linear` computes it.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Where the linear layers of [`Embedder::forward`] run. The forward does everything else
+/// (embeddings, attention scores, softmax, layer norms, pooling) itself.
+pub trait Linears {
+    /// The failure that stops the forward (the accelerator path falls back on it).
+    type Error: From<candle_core::Error>;
+    /// `layer` applied to `x` [tokens, in].
+    fn linear(&mut self, layer: &Linear, x: &Tensor) -> Result<Tensor, Self::Error>;
+    /// The feed-forward block `output(gelu(intermediate(x)))` as one step, so that an
+    /// implementation can keep the (widest) intermediate activation where it was computed.
+    fn feed_forward(
+        &mut self,
+        intermediate: &Linear,
+        output: &Linear,
+        x: &Tensor,
+    ) -> Result<Tensor, Self::Error>;
+}
+
+/// The linear layers in candle on the CPU this code runs on: the sandbox's, or natively the
+/// baseline's.
+pub struct InSandbox;
+
+impl Linears for InSandbox {
+    type Error = candle_core::Error;
+
+    fn linear(&mut self, layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer.forward(x)
+    }
+
+    fn feed_forward(
+        &mut self,
+        intermediate: &Linear,
+        output: &Linear,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        output.forward(&intermediate.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Token, position and token-type embeddings, summed and normalised.
+struct Embeddings {
+    words: Embedding,
+    positions: Tensor,
+    /// The type-0 row: one text is one segment, so every token has type 0.
+    single_segment: Tensor,
+    norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+        let hidden = config.hidden_size;
+        let token_types = vb.get(
+            (config.type_vocab_size, hidden),
+            "token_type_embeddings.weight",
+        )?;
+        Ok(Self {
+            words: candle_nn::embedding(config.vocab_size, hidden, vb.pp("word_embeddings"))?,
+            positions: vb.get(
+                (config.max_position_embeddings, hidden),
+                "position_embeddings.weight",
+            )?,
+            single_segment: token_types.get(0)?,
+            norm: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    /// [tokens] ids → [tokens, hidden].
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let tokens = ids.dim(0)?;
+        // candle-transformers' order: words + token types, then + positions.
+        let summed = self
+            .words
+            .forward(ids)?
+            .broadcast_add(&self.single_segment)?
+            .add(&self.positions.narrow(0, 0, tokens)?)?;
+        self.norm.forward(&summed)
+    }
+}
+
+/// Multi-head self-attention with its output projection and residual layer norm.
+struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    heads: usize,
+    head_size: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, config: &Config, next_id: &mut usize) -> candle_core::Result<Self> {
+        let hidden = config.hidden_size;
+        Ok(Self {
+            query: Linear::load(vb.pp("self.query"), hidden, hidden, next_id)?,
+            key: Linear::load(vb.pp("self.key"), hidden, hidden, next_id)?,
+            value: Linear::load(vb.pp("self.value"), hidden, hidden, next_id)?,
+            output: Linear::load(vb.pp("output.dense"), hidden, hidden, next_id)?,
+            norm: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            heads: config.num_attention_heads,
+            head_size: hidden / config.num_attention_heads,
+        })
+    }
+
+    /// [tokens, hidden] → [tokens, hidden]. No mask: texts go one at a time, unpadded.
+    fn forward<L: Linears>(&self, x: &Tensor, linears: &mut L) -> Result<Tensor, L::Error> {
+        let tokens = x.dim(0)?;
+        // [tokens, hidden] → [heads, tokens, head_size]
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((tokens, self.heads, self.head_size))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let q = split(linears.linear(&self.query, x)?)?;
+        let k = split(linears.linear(&self.key, x)?)?;
+        let v = split(linears.linear(&self.value, x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let context = probs
+            .matmul(&v)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((tokens, self.heads * self.head_size))?;
+        let projected = linears.linear(&self.output, &context)?;
+        Ok(self.norm.forward(&projected.add(x)?)?)
+    }
+}
+
+/// One encoder layer: attention, then the feed-forward block with its residual layer norm.
+struct Layer {
+    attention: Attention,
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, config: &Config, next_id: &mut usize) -> candle_core::Result<Self> {
+        let (hidden, inner) = (config.hidden_size, config.intermediate_size);
+        Ok(Self {
+            attention: Attention::load(vb.pp("attention"), config, next_id)?,
+            intermediate: Linear::load(vb.pp("intermediate.dense"), hidden, inner, next_id)?,
+            output: Linear::load(vb.pp("output.dense"), inner, hidden, next_id)?,
+            norm: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+        })
+    }
+
+    fn forward<L: Linears>(&self, x: &Tensor, linears: &mut L) -> Result<Tensor, L::Error> {
+        let attended = self.attention.forward(x, linears)?;
+        let fed = linears.feed_forward(&self.intermediate, &self.output, &attended)?;
+        Ok(self.norm.forward(&fed.add(&attended)?)?)
+    }
+}
+
 /// A loaded model: BERT weights plus its tokenizer.
 pub struct Embedder {
-    model: BertModel,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
     tokenizer: Tokenizer,
-    /// The same weight tensors by checkpoint name (shared with `model`, not copied), for
-    /// forwards that place some layers elsewhere (the accelerator path).
-    weights: HashMap<String, Tensor>,
-    config: Config,
 }
 
 impl Embedder {
@@ -36,10 +256,17 @@ impl Embedder {
     pub fn load(weights: &[u8], config_json: &[u8], tokenizer_json: &[u8]) -> Result<Self, String> {
         let config: Config =
             serde_json::from_slice(config_json).map_err(|e| format!("config.json: {e}"))?;
+        if config.hidden_act != HIDDEN_ACT {
+            return Err(format!(
+                "config.json: hidden_act {:?} is not supported (only {HIDDEN_ACT:?})",
+                config.hidden_act
+            ));
+        }
         let weights = candle_core::safetensors::load_buffer(weights, &Device::Cpu)
             .map_err(|e| format!("model.safetensors: {e}"))?;
-        let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-        let model = BertModel::load(vb, &config).map_err(|e| format!("BERT weights: {e}"))?;
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        let (embeddings, layers) =
+            Self::load_bert(vb, &config).map_err(|e| format!("BERT weights: {e}"))?;
         let mut tokenizer =
             Tokenizer::from_bytes(tokenizer_json).map_err(|e| format!("tokenizer.json: {e}"))?;
         tokenizer
@@ -50,11 +277,19 @@ impl Embedder {
             .map_err(|e| format!("tokenizer truncation: {e}"))?;
         tokenizer.with_padding(None);
         Ok(Self {
-            model,
+            embeddings,
+            layers,
             tokenizer,
-            weights,
-            config,
         })
+    }
+
+    fn load_bert(vb: VarBuilder, config: &Config) -> candle_core::Result<(Embeddings, Vec<Layer>)> {
+        let embeddings = Embeddings::load(vb.pp("embeddings"), config)?;
+        let mut next_id = 0;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp("encoder.layer").pp(i), config, &mut next_id))
+            .collect::<candle_core::Result<_>>()?;
+        Ok((embeddings, layers))
     }
 
     /// Token ids for `text`, with `[CLS]`/`[SEP]`, truncated to [`MAX_TOKENS`].
@@ -66,129 +301,39 @@ impl Embedder {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The unit-length sentence embedding of one text.
+    /// The unit-length sentence embedding of one text, computed in the sandbox.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, String> {
         let ids = self.token_ids(text)?;
-        self.embed_ids(&ids)
+        self.forward(&ids, &mut InSandbox)
             .map_err(|e| format!("BERT forward: {e}"))
     }
 
-    fn embed_ids(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
-        let input_ids = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-        let token_type_ids = input_ids.zeros_like()?;
-        let attention_mask = input_ids.ones_like()?;
-        let hidden = self
-            .model
-            .forward(&input_ids, &token_type_ids, Some(&attention_mask))?;
-        let pooled = mean_pool(&hidden, &attention_mask)?;
-        l2_normalize(&pooled)?.squeeze(0)?.to_vec1::<f32>()
-    }
-}
-
-/// Where a BERT linear layer runs: the forward below calls it for the attention projections and
-/// the feed-forward block, and does everything else (embeddings, attention scores, softmax,
-/// layer norms, pooling) itself.
-pub trait Linears {
-    /// The failure that makes the caller fall back.
-    type Error: From<candle_core::Error>;
-    /// `x · Wᵀ + b` for the layer named `name` (a checkpoint prefix such as
-    /// `encoder.layer.0.attention.self.query`); `x` is [tokens, k].
-    fn linear(&mut self, name: &str, x: &Tensor) -> Result<Tensor, Self::Error>;
-    /// The feed-forward block `out(gelu(intermediate(x)))` of layer `layer`, as one step, so
-    /// that an implementation can keep the intermediate activations where they are.
-    fn feed_forward(&mut self, layer: usize, x: &Tensor) -> Result<Tensor, Self::Error>;
-}
-
-impl Embedder {
-    /// The weight tensor `name` from the checkpoint.
-    pub fn weight(&self, name: &str) -> candle_core::Result<&Tensor> {
-        self.weights
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no weight {name}")))
-    }
-
-    /// Number of transformer layers.
-    pub fn layers(&self) -> usize {
-        self.config.num_hidden_layers
-    }
-
-    /// The unit-length embedding of `text` with the linear layers run by `linears`, the rest
-    /// as [`Embedder::embed`] does (same arithmetic as candle-transformers' BERT).
-    pub fn embed_with<L: Linears>(&self, text: &str, linears: &mut L) -> Result<Vec<f32>, L::Error>
-    where
-        L::Error: From<String>,
-    {
-        let ids = self.token_ids(text)?;
-        let n = ids.len();
-        let eps = self.config.layer_norm_eps;
-        let norm = |prefix: &str| -> candle_core::Result<candle_nn::LayerNorm> {
-            Ok(candle_nn::LayerNorm::new(
-                self.weight(&format!("{prefix}.LayerNorm.weight"))?.clone(),
-                self.weight(&format!("{prefix}.LayerNorm.bias"))?.clone(),
-                eps,
-            ))
-        };
-        use candle_core::Module;
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)?;
-        let words = self
-            .weight("embeddings.word_embeddings.weight")?
-            .embedding(&input)?;
-        let positions = self
-            .weight("embeddings.position_embeddings.weight")?
-            .narrow(0, 0, n)?;
-        let types = self
-            .weight("embeddings.token_type_embeddings.weight")?
-            .narrow(0, 0, 1)?;
-        let embedded = words.add(&positions)?.broadcast_add(&types)?;
-        let mut hidden = norm("embeddings")?.forward(&embedded)?;
-        let heads = self.config.num_attention_heads;
-        let head_size = self.config.hidden_size / heads;
-        for layer in 0..self.layers() {
-            let prefix = format!("encoder.layer.{layer}");
-            let split = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((n, heads, head_size))?
-                    .transpose(0, 1)?
-                    .contiguous()
-            };
-            let q = split(linears.linear(&format!("{prefix}.attention.self.query"), &hidden)?)?;
-            let k = split(linears.linear(&format!("{prefix}.attention.self.key"), &hidden)?)?;
-            let v = split(linears.linear(&format!("{prefix}.attention.self.value"), &hidden)?)?;
-            let scores = (q.matmul(&k.t()?)? / (head_size as f64).sqrt())?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let context = probs
-                .matmul(&v)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((n, heads * head_size))?;
-            let attended = linears.linear(&format!("{prefix}.attention.output.dense"), &context)?;
-            let attended =
-                norm(&format!("{prefix}.attention.output"))?.forward(&attended.add(&hidden)?)?;
-            let fed = linears.feed_forward(layer, &attended)?;
-            hidden = norm(&format!("{prefix}.output"))?.forward(&fed.add(&attended)?)?;
+    /// The unit-length sentence embedding of the token ids of one text (as
+    /// [`Embedder::token_ids`] returns them), with the linear layers run by `linears`. The
+    /// arithmetic is candle-transformers' BERT's.
+    pub fn forward<L: Linears>(&self, ids: &[u32], linears: &mut L) -> Result<Vec<f32>, L::Error> {
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let mut hidden = self.embeddings.forward(&ids)?;
+        for layer in &self.layers {
+            hidden = layer.forward(&hidden, linears)?;
         }
-        let pooled = hidden.mean_keepdim(0)?;
-        Ok(l2_normalize(&pooled)?.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(l2_normalize(&mean_pool(&hidden)?)?.to_vec1::<f32>()?)
     }
 }
 
-/// Mean of the token vectors `hidden` (batch, tokens, dim) over the positions where
-/// `attention_mask` (batch, tokens) is 1, as sentence-transformers' `Pooling(mean_tokens)`.
-pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> candle_core::Result<Tensor> {
-    let mask = attention_mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
-    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-    // sentence-transformers clamps the token count at 1e-9 to avoid a division by zero.
-    let counts = mask.sum(1)?.clamp(1e-9f32, f32::MAX)?;
-    summed.broadcast_div(&counts)
+/// Mean of the token vectors `hidden` [tokens, dim], as sentence-transformers'
+/// `Pooling(mean_tokens)`. Every token counts: texts go one at a time, unpadded.
+fn mean_pool(hidden: &Tensor) -> candle_core::Result<Tensor> {
+    hidden.mean(0)
 }
 
-/// Scales each row of `x` (batch, dim) to unit L2 norm, as sentence-transformers' `Normalize`
-/// (`torch.nn.functional.normalize`, which clamps the norm at 1e-12).
-pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+/// Scales `x` [dim] to unit L2 norm, as sentence-transformers' `Normalize`.
+fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     let norm = x
         .sqr()?
         .sum_keepdim(D::Minus1)?
         .sqrt()?
-        .clamp(1e-12f32, f32::MAX)?;
+        .clamp(MIN_NORM, f32::MAX)?;
     x.broadcast_div(&norm)
 }
 
