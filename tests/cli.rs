@@ -368,3 +368,64 @@ fn device_budget_trip_exits_15_and_accel_off_offers_no_device() {
     let inspect = wasm_infer(&["inspect", "--accel", "cpu", &hostile()]);
     assert!(String::from_utf8_lossy(&inspect.stdout).contains("accel:       cpu (host CPU"));
 }
+
+#[test]
+fn a_bare_number_is_not_a_timeout() {
+    let out = wasm_infer(&["--timeout", "7", &hostile(), "echo:x"]);
+    assert_fails(&out, 2, "a duration needs a unit");
+    let out = wasm_infer(&["--timeout", "7s", &hostile(), "echo:x"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn a_batch_over_max_batch_exits_13_before_loading_runs() {
+    let out = wasm_infer_with_stdin(&["--max-batch", "2", &minilm(), "-"], Some(b"a\nb\nc\n"));
+    assert_fails(&out, 13, "batch of 3 items exceeds the batch limit of 2");
+    let out = wasm_infer_with_stdin(
+        &["--report", "json", "--max-batch", "2", &minilm(), "-"],
+        Some(b"a\nb\nc\n"),
+    );
+    let report = json(&out.stderr);
+    assert_eq!(report["error"]["kind"], "input");
+    assert_eq!(report["usage"]["fuel_consumed"], 0);
+}
+
+#[test]
+fn the_guest_sees_no_environment_even_when_the_host_has_secrets() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .env("WASM_INFER_CACHE_DIR", cache_dir())
+        .env("WASM_INFER_TEST_SECRET", "hunter2")
+        .args([&hostile(), "env"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let reply = json(&out.stdout);
+    assert_eq!(reply["output"]["text"], "vars=0 args=0 cwd=Some(\"/\")");
+}
+
+#[test]
+fn cache_list_shows_entries_and_clear_empties_it() {
+    let dir = support::target_dir().join(format!("cli-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_arg = dir.to_str().unwrap();
+    let out = wasm_infer(&["--cache-dir", dir_arg, &hostile(), "echo:x"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = wasm_infer(&["cache", "list", "--json", "--cache-dir", dir_arg]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let listed = json(&out.stdout);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["snapshot"], false);
+    let bytes = listed[0]["bytes"].as_u64().unwrap();
+    assert_eq!(
+        bytes,
+        std::fs::metadata(listed[0]["path"].as_str().unwrap())
+            .unwrap()
+            .len()
+    );
+    let out = wasm_infer(&["cache", "clear", "--cache-dir", dir_arg]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("removed 1 entries"));
+    let out = wasm_infer(&["cache", "list", "--json", "--cache-dir", dir_arg]);
+    assert_eq!(json(&out.stdout), serde_json::json!([]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

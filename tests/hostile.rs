@@ -9,51 +9,17 @@ mod support;
 
 use std::time::Duration;
 
-use support::{assert_golden, case, cosine, hostile, minilm, runtime, wat_model};
-use wasm_infer::{Error, Input, LimitExceeded, Limits, Model, Output, RunError, Trap};
-
-fn text(s: &str) -> Input {
-    Input::Text(s.to_string())
-}
+use support::{
+    assert_golden, case, cosine, hostile, invalid, limit, minilm, reply, runtime, text, trap,
+    wat_model,
+};
+use wasm_infer::{
+    ComponentPart, Error, Input, InvalidModel, LimitExceeded, Limits, Model, Output, RunError,
+    RuntimeConfig, Trap,
+};
 
 fn hostile_run(command: &str, limits: &Limits) -> Result<wasm_infer::Outcome, RunError> {
     hostile().run(text(command), limits)
-}
-
-fn reply(command: &str) -> String {
-    match hostile_run(command, &Limits::default()) {
-        Ok(outcome) => match outcome.output {
-            Output::Text(text) => text,
-            other => panic!("{command}: expected text, got {other:?}"),
-        },
-        Err(e) => panic!("{command}: {e}"),
-    }
-}
-
-fn limit(result: Result<wasm_infer::Outcome, RunError>) -> LimitExceeded {
-    match result {
-        Err(failure) => match failure.error {
-            Error::Limit(limit) => limit,
-            other => panic!("expected a limit trip, got {other}"),
-        },
-        Ok(outcome) => panic!("expected a limit trip, it succeeded: {}", outcome.usage),
-    }
-}
-
-fn trap(result: Result<wasm_infer::Outcome, RunError>) -> (Option<Trap>, String, String) {
-    match result {
-        Err(RunError {
-            error:
-                Error::Trap {
-                    code,
-                    message,
-                    guest_stderr,
-                },
-            ..
-        }) => (code, message, guest_stderr),
-        Err(other) => panic!("expected a trap, got {}", other.error),
-        Ok(outcome) => panic!("expected a trap, it succeeded: {}", outcome.usage),
-    }
 }
 
 /// After an attack: the hostile model still answers, with its golden fuel, and MiniLM on the
@@ -199,20 +165,63 @@ fn a_table_growth_bomb_is_refused_at_the_table_limit() {
 }
 
 #[test]
-fn too_many_memories_fail_instantiation_at_load() {
-    // 21 memories in one module, one over the per-store cap of 20: the first instantiation
-    // (loading asks the model for its info) fails, so the model never loads.
+fn too_many_memories_are_refused_at_load_with_the_count_and_the_cap() {
+    // 21 memories in one module (the exported one plus 20), past the cap of 4 that both the
+    // limiter and the pooling allocator apply: refused by counting, before compiling.
     let extra: String = (0..20).map(|i| format!("(memory $m{i} 1)\n")).collect();
-    match Model::from_bytes(runtime(), &wat_model("", &extra)) {
-        Err(Error::Trap { code, message, .. }) => {
-            assert_eq!(code, None);
-            assert_eq!(
-                message,
-                "resource limit exceeded: memory count too high at 21"
-            );
+    assert_eq!(
+        invalid(Model::from_bytes(runtime(), &wat_model("", &extra))),
+        InvalidModel::TooMany {
+            part: ComponentPart::Memories,
+            count: 21,
+            cap: wasm_infer::limits::MAX_MEMORIES,
         }
-        other => panic!("expected an instantiation failure, got {other:?}"),
+    );
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_component_at_the_caps_loads_on_demand_and_pooled_alike() {
+    // Four memories: exactly the cap, on both allocators (they read the same constants).
+    let extra: String = (0..3).map(|i| format!("(memory $m{i} 1)\n")).collect();
+    let wasm = wat_model("", &extra);
+    let pooled = wasm_infer::Runtime::with_config(RuntimeConfig {
+        cache_dir: None,
+        pool: Some(1),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    for runtime in [runtime(), &pooled] {
+        let model = Model::from_bytes(runtime, &wasm).expect("four memories load");
+        model.run(text("x"), &Limits::default()).expect("and run");
     }
+}
+
+// --- attribution: a refusal the guest handled is not the cause of a later failure --------
+
+#[test]
+fn a_memory_refusal_the_guest_handled_then_an_unrelated_panic_is_a_trap() {
+    // A 4 GiB grow is refused (the guest sees -1), a 1-page grow is then granted, then it
+    // panics: the refusal was handled, the panic is its own. (The unhandled case is the
+    // memory bomb above: the allocator aborts right after the refusal.)
+    let failure = hostile_run("handled-grow:65536", &Limits::default().memory(16 << 20));
+    let (code, _, stderr) = trap(failure);
+    assert_eq!(code, Some(Trap::UnreachableCodeReached));
+    assert!(
+        stderr.contains("unrelated failure after a handled refusal"),
+        "{stderr}"
+    );
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_device_refusal_the_guest_handled_then_an_unrelated_panic_is_a_trap() {
+    let (code, _, stderr) = trap(hostile_run("accel-handled", &Limits::default()));
+    assert_eq!(code, Some(Trap::UnreachableCodeReached));
+    assert!(
+        stderr.contains("unrelated failure after a handled device refusal"),
+        "{stderr}"
+    );
     assert_host_unharmed();
 }
 
@@ -228,7 +237,8 @@ fn a_giant_output_is_refused_without_the_host_copying_it() {
         limit(hostile_run("bytes:200000000", &limits)),
         LimitExceeded::Output {
             limit: limits.max_output,
-            size: limits.max_output + (1 << 20) + 1
+            size: limits.max_output + (1 << 20) + 1,
+            at_least: true,
         }
     );
     // ... and with the default 512 MiB device budget it copies the 200 MB, then refuses it.
@@ -236,7 +246,8 @@ fn a_giant_output_is_refused_without_the_host_copying_it() {
         limit(hostile_run("bytes:200000000", &Limits::default())),
         LimitExceeded::Output {
             limit: 16 << 20,
-            size: 200_000_000
+            size: 200_000_000,
+            at_least: false,
         }
     );
     assert_host_unharmed();
@@ -255,7 +266,8 @@ fn output_just_under_and_at_the_cap_is_returned_and_one_byte_over_is_withheld() 
         limit(hostile_run(&format!("bytes:{}", cap + 1), &limits)),
         LimitExceeded::Output {
             limit: cap,
-            size: cap + 1
+            size: cap + 1,
+            at_least: false,
         }
     );
     assert_host_unharmed();
@@ -359,7 +371,9 @@ fn sockets_and_name_lookup_are_denied() {
 
 #[test]
 fn environment_and_arguments_are_empty() {
-    std::env::set_var("WASM_INFER_TEST_SECRET", "hunter2");
+    // The host's own environment is not empty (tests/cli.rs runs the same command with a
+    // secret set in the CLI's environment); the guest's is.
+    assert!(std::env::vars_os().next().is_some());
     assert_eq!(reply("env"), "vars=0 args=0 cwd=Some(\"/\")");
 }
 
@@ -435,11 +449,13 @@ fn attacks_in_parallel_leave_good_runs_outputs_and_fuel_unchanged() {
 // --- bad inputs to a good model -----------------------------------------------------------
 
 #[test]
-fn bad_inputs_to_a_good_model_get_typed_errors() {
-    // Empty text: a valid input (the reference has it).
+fn an_empty_text_is_a_valid_input() {
     let empty = minilm().run(text(""), &Limits::default()).unwrap();
     assert_eq!(empty.output.embeddings().unwrap()[0].len(), 384);
-    // Binary input to a text model: the model refuses it.
+}
+
+#[test]
+fn binary_input_to_a_text_model_is_a_model_error() {
     match minilm().run(Input::Bytes(vec![0xff, 0x00, 0xfe]), &Limits::default()) {
         Err(RunError {
             error: Error::Model { code, .. },
@@ -450,7 +466,11 @@ fn bad_inputs_to_a_good_model_get_typed_errors() {
         }
         other => panic!("{other:?}"),
     }
-    // Huge input: refused before the guest sees it, with zero fuel burnt.
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_huge_input_is_refused_before_the_guest_sees_it() {
     let huge = "a".repeat(2 << 20);
     let failure = minilm().run(text(&huge), &Limits::default()).unwrap_err();
     assert_eq!(
@@ -461,9 +481,46 @@ fn bad_inputs_to_a_good_model_get_typed_errors() {
         })
     );
     assert_eq!(failure.usage.fuel_consumed, 0);
-    // A huge batch of tiny texts: fine (each is embedded on its own).
-    let many = Input::Texts(vec!["ok".to_string(); 64]);
-    let outcome = minilm().run(many, &Limits::default()).unwrap();
+}
+
+#[test]
+fn a_flood_of_empty_texts_is_refused_by_its_item_count_before_any_guest_work() {
+    let flood = Input::Texts(vec![String::new(); 1_000_000]);
+    let failure = minilm().run(flood, &Limits::default()).unwrap_err();
+    assert_eq!(
+        failure.error.limit(),
+        Some(&LimitExceeded::Batch {
+            limit: 1024,
+            items: 1_000_000
+        })
+    );
+    assert_eq!(failure.usage.fuel_consumed, 0);
+    assert_eq!(failure.usage.wall_time, std::time::Duration::ZERO);
+    // Raising the item cap alone does not let it through: each item costs 8 bytes of input.
+    let flood = Input::Texts(vec![String::new(); 1_000_000]);
+    let limits = Limits::default().max_batch(1_000_000);
+    assert_eq!(
+        limit(minilm().run(flood, &limits)),
+        LimitExceeded::Input {
+            limit: 1 << 20,
+            size: 8_000_000
+        }
+    );
+}
+
+#[test]
+fn a_batch_at_the_item_cap_runs_and_one_more_is_refused() {
+    let limits = Limits::default().max_batch(64);
+    let outcome = minilm()
+        .run(Input::Texts(vec!["ok".to_string(); 64]), &limits)
+        .unwrap();
     assert_eq!(outcome.output.embeddings().unwrap().len(), 64);
+    assert_eq!(
+        limit(minilm().run(Input::Texts(vec!["ok".to_string(); 65]), &limits)),
+        LimitExceeded::Batch {
+            limit: 64,
+            items: 65
+        }
+    );
     assert_host_unharmed();
 }

@@ -6,12 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use support::{assert_golden, case, cosine, hostile, minilm};
+use support::{assert_golden, case, cosine, hostile, limit, minilm, text};
 use wasm_infer::{Error, Input, LimitExceeded, Limits, Output};
-
-fn text(s: &str) -> Input {
-    Input::Text(s.to_string())
-}
 
 /// A good MiniLM run after a trip: the right embedding and the usual fuel figure.
 fn assert_model_still_healthy() {
@@ -22,19 +18,6 @@ fn assert_model_still_healthy() {
     let vector = &outcome.output.embeddings().unwrap()[0];
     assert!(cosine(vector, &short.embedding) >= 0.9999);
     assert_golden("minilm_short_bench", outcome.usage.fuel_consumed);
-}
-
-fn limit_of(result: Result<wasm_infer::Outcome, wasm_infer::RunError>) -> LimitExceeded {
-    match result {
-        Err(failure) => match failure.error {
-            Error::Limit(limit) => limit,
-            other => panic!("expected a limit trip, got {other}"),
-        },
-        Ok(outcome) => panic!(
-            "expected a limit trip, the run succeeded: {}",
-            outcome.usage
-        ),
-    }
 }
 
 #[test]
@@ -52,7 +35,7 @@ fn fuel_cap_is_exact_for_the_real_model() {
         .expect("exactly the fuel it needs is enough");
     assert_eq!(exact.usage.fuel_consumed, needed);
 
-    let short = limit_of(minilm().run(input, &Limits::default().fuel(needed - 1)));
+    let short = limit(minilm().run(input, &Limits::default().fuel(needed - 1)));
     assert_eq!(
         short,
         LimitExceeded::Fuel {
@@ -75,7 +58,7 @@ fn fuel_cap_is_exact_for_a_small_loop() {
         .run(text("work:1000"), &Limits::default().fuel(needed))
         .is_ok());
     assert!(matches!(
-        limit_of(hostile().run(text("work:1000"), &Limits::default().fuel(needed - 1))),
+        limit(hostile().run(text("work:1000"), &Limits::default().fuel(needed - 1))),
         LimitExceeded::Fuel { limit, .. } if limit == needed - 1
     ));
 }
@@ -101,7 +84,7 @@ fn memory_ceiling_is_exact_for_the_real_model() {
 
     // The growth that would reach the peak is refused; the guest's allocator then aborts with
     // `unreachable`, and the run is still reported as a memory trip with the exact figures.
-    let short = limit_of(minilm().run(input, &Limits::default().memory(peak - 1)));
+    let short = limit(minilm().run(input, &Limits::default().memory(peak - 1)));
     assert_eq!(
         short,
         LimitExceeded::Memory {
@@ -114,13 +97,13 @@ fn memory_ceiling_is_exact_for_the_real_model() {
 
 #[test]
 fn memory_ceiling_below_the_model_image_fails_at_instantiation() {
-    let limit = 64 << 20;
-    match limit_of(minilm().run(text("hi"), &Limits::default().memory(limit))) {
+    let ceiling = 64 << 20;
+    match limit(minilm().run(text("hi"), &Limits::default().memory(ceiling))) {
         LimitExceeded::Memory {
             limit: l,
             requested,
         } => {
-            assert_eq!(l, limit);
+            assert_eq!(l, ceiling);
             // The initial memory is the snapshot's: embedded weights plus the built model,
             // exactly what initialisation left behind.
             let init = &minilm().load_report().preinit.as_ref().unwrap().init;
@@ -147,14 +130,18 @@ fn oversized_input_is_refused_before_any_guest_work() {
     ));
     assert_eq!(failure.usage.fuel_consumed, 0);
     assert_eq!(failure.usage.peak_memory_bytes, 0);
-    let batch = Input::Texts(vec!["x".repeat(60), "y".repeat(41)]);
-    assert!(matches!(
-        limit_of(minilm().run(batch, &Limits::default().max_input(100))),
+    // A batch's size counts 8 bytes per item on top of its text: 101 + 2 × 8.
+    let batch = || Input::Texts(vec!["x".repeat(60), "y".repeat(41)]);
+    assert_eq!(
+        limit(minilm().run(batch(), &Limits::default().max_input(116))),
         LimitExceeded::Input {
-            limit: 100,
-            size: 101
+            limit: 116,
+            size: 117
         }
-    ));
+    );
+    assert!(minilm()
+        .run(batch(), &Limits::default().max_input(117))
+        .is_ok());
     assert!(minilm()
         .run(
             Input::Text("x".repeat(100)),
@@ -171,18 +158,20 @@ fn oversized_output_is_withheld() {
     assert_eq!(ok.output, Output::Bytes(vec![7; 1000]));
     assert_eq!(ok.usage.output_bytes, 1000);
     assert_eq!(
-        limit_of(hostile().run(text("bytes:1001"), &limits)),
+        limit(hostile().run(text("bytes:1001"), &limits)),
         LimitExceeded::Output {
             limit: 1000,
-            size: 1001
+            size: 1001,
+            at_least: false,
         }
     );
     // 384 floats of 4 bytes: one MiniLM embedding is 1536 bytes of output.
     assert_eq!(
-        limit_of(minilm().run(text("hi"), &Limits::default().max_output(1535))),
+        limit(minilm().run(text("hi"), &Limits::default().max_output(1535))),
         LimitExceeded::Output {
             limit: 1535,
-            size: 1536
+            size: 1536,
+            at_least: false,
         }
     );
 }

@@ -2,15 +2,63 @@
 
 mod support;
 
-use support::{hostile_wasm, runtime};
-use wasm_infer::{CodeSource, Error, InvalidModel, Model, Runtime, RuntimeConfig};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-fn invalid(result: wasm_infer::Result<Model>) -> InvalidModel {
-    match result {
-        Err(Error::InvalidModel(reason)) => reason,
-        Err(other) => panic!("expected an invalid-model error, got {other}"),
-        Ok(_) => panic!("expected an invalid-model error, the model loaded"),
+use support::{hostile_wasm, invalid, runtime, text, wat_model, WatModel};
+use wasm_infer::{
+    CodeSource, Error, InvalidModel, LimitExceeded, Limits, LoadOptions, LoadPhase, Model,
+    Progress, Runtime, RuntimeConfig,
+};
+
+/// A runtime with its own empty cache directory, `name`d per test.
+fn fresh_runtime(name: &str, pool: Option<u32>) -> (Runtime, std::path::PathBuf) {
+    let dir = support::target_dir().join(format!("cache-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(dir.clone()),
+        pool,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    (runtime, dir)
+}
+
+fn entries(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// WIT for the two WASI functions a model needs to block for an hour in a host call.
+const SLEEP_WIT: &str = r#"
+package wasi:io@0.2.0 {
+    interface poll {
+        resource pollable {
+            block: func();
+        }
     }
+}
+package wasi:clocks@0.2.0 {
+    interface monotonic-clock {
+        use wasi:io/poll@0.2.0.{pollable};
+        subscribe-duration: func(when: u64) -> pollable;
+    }
+}
+"#;
+
+/// A model whose `info` blocks in a host call for an hour (a WASI sleep): no epoch check
+/// happens while it waits.
+fn sleepy_info_wasm() -> Vec<u8> {
+    WatModel {
+        info: "(call $block (call $subscribe (i64.const 3600000000000)))",
+        core_imports: r#"
+            (import "wasi:clocks/monotonic-clock@0.2.0" "subscribe-duration"
+                (func $subscribe (param i64) (result i32)))
+            (import "wasi:io/poll@0.2.0" "[method]pollable.block" (func $block (param i32)))"#,
+        wit_packages: SLEEP_WIT,
+        imports: &["wasi:clocks/monotonic-clock@0.2.0"],
+        ..WatModel::default()
+    }
+    .build()
 }
 
 #[test]
@@ -129,5 +177,123 @@ fn compiled_code_is_cached_and_reused() {
             &Default::default()
         )
         .is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_model_whose_info_blocks_in_a_host_call_fails_to_load_at_its_wall_time_limit() {
+    // One pooled slot: the blocked load must give it back.
+    let (runtime, dir) = fresh_runtime("sleepy", Some(1));
+    let options = LoadOptions {
+        limits: Limits::default().wall_time(Duration::from_millis(300)),
+        ..LoadOptions::default()
+    };
+    let started = Instant::now();
+    match Model::from_bytes_with(&runtime, &sleepy_info_wasm(), &options) {
+        Err(Error::Limit(LimitExceeded::WallTime { limit, elapsed })) => {
+            assert_eq!(limit, Duration::from_millis(300));
+            assert!(elapsed >= limit, "{elapsed:?}");
+        }
+        other => panic!("expected a wall-time trip at load, got {other:?}"),
+    }
+    // Generous: the load ends within a tick of its limit, not after an hour.
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The refused model is not cached, and the slot is free for the next model.
+    assert_eq!(entries(&dir), 0);
+    let good = Model::load(&runtime, hostile_wasm()).expect("a good model loads after it");
+    good.run(text("echo:ok"), &Limits::default()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn load_time_limits_apply_to_the_info_call() {
+    let options = LoadOptions {
+        limits: Limits::default().memory(64 << 10),
+        ..LoadOptions::default()
+    };
+    // The hostile guest's image is larger than 64 KiB: its `info` instance cannot be made.
+    match Model::load_with(runtime(), hostile_wasm(), &options) {
+        Err(Error::Limit(LimitExceeded::Memory { limit, requested })) => {
+            assert_eq!(limit, 64 << 10);
+            assert!(requested > 64 << 10, "{requested}");
+        }
+        other => panic!("expected a memory trip at load, got {other:?}"),
+    }
+    let model = Model::load_with(runtime(), hostile_wasm(), &LoadOptions::default()).unwrap();
+    assert_eq!(model.load_report().limits, Limits::default());
+}
+
+#[test]
+fn a_refused_model_is_neither_compiled_nor_cached() {
+    let (runtime, dir) = fresh_runtime("refused", None);
+    let foreign = wat::parse_str(
+        r#"(component (import "evil:host/escape" (instance (export "open-door" (func)))))"#,
+    )
+    .unwrap();
+    let phases = Arc::new(Mutex::new(Vec::new()));
+    let seen = phases.clone();
+    let options = LoadOptions {
+        progress: Some(Progress(Arc::new(move |phase| {
+            seen.lock().unwrap().push(phase)
+        }))),
+        ..LoadOptions::default()
+    };
+    assert!(matches!(
+        invalid(Model::from_bytes_with(&runtime, &foreign, &options)),
+        InvalidModel::UnsupportedImport(message) if message.contains("evil:host/escape")
+    ));
+    // Refused while inspecting: no compilation phase, no cache entry.
+    assert_eq!(*phases.lock().unwrap(), [LoadPhase::Inspecting]);
+    assert_eq!(entries(&dir), 0);
+    // Refused after compiling (a trap in `info`): compiled, but still not cached.
+    let trapping = WatModel {
+        info: "unreachable",
+        ..WatModel::default()
+    }
+    .build();
+    assert!(matches!(
+        Model::from_bytes(&runtime, &trapping),
+        Err(Error::Trap { .. })
+    ));
+    assert_eq!(entries(&dir), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_component_using_a_proposal_the_host_leaves_off_says_which() {
+    // A shared memory needs the threads proposal, which this engine does not enable.
+    let shared = wat_model("", "(memory $shared 1 1 shared)");
+    assert_eq!(
+        invalid(Model::from_bytes(runtime(), &shared)),
+        InvalidModel::UnsupportedProposal {
+            proposal: "threads".into()
+        }
+    );
+    let message = invalid(Model::from_bytes(runtime(), &shared)).to_string();
+    assert_eq!(
+        message,
+        "component uses threads, which this host does not enable"
+    );
+}
+
+#[test]
+fn a_load_reports_its_phases_and_a_cached_load_skips_compiling() {
+    let (runtime, dir) = fresh_runtime("phases", None);
+    let load = || {
+        let phases = Arc::new(Mutex::new(Vec::new()));
+        let seen = phases.clone();
+        let options = LoadOptions {
+            progress: Some(Progress(Arc::new(move |phase| {
+                seen.lock().unwrap().push(phase)
+            }))),
+            ..LoadOptions::default()
+        };
+        Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
+        let phases = phases.lock().unwrap().clone();
+        phases
+    };
+    use LoadPhase::*;
+    assert_eq!(load(), [Inspecting, Cache, Compiling, Checking]);
+    assert_eq!(load(), [Inspecting, Cache, Checking]);
     let _ = std::fs::remove_dir_all(&dir);
 }

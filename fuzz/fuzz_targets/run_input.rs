@@ -12,7 +12,7 @@ use wasm_infer::{Error, Input, Limits, Model, Runtime, RuntimeConfig};
 
 static HOSTILE: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../target/test-guests/wasm32-wasip2/release/hostile.wasm"
+    "/../target/wasm32-wasip2/release/hostile.wasm"
 ));
 
 fn model() -> &'static Model {

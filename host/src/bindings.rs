@@ -1,4 +1,5 @@
-//! Host bindings generated from `wit/`, the single definition of the host/guest ABI.
+//! Host bindings generated from `wit/`, the single definition of the host/guest ABI, and the
+//! host's representation of the one resource the WIT defines (a device tensor).
 
 wasmtime::component::bindgen!({
     world: "model",
@@ -6,6 +7,12 @@ wasmtime::component::bindgen!({
     exports: { default: async },
     // The accel imports are linked by hand (`accel::add_to_linker`), which can charge fuel
     // through the store; bindgen supplies their types.
-    with: { "wasm-infer:model/accel.tensor": crate::accel::DeviceTensor },
+    with: { "wasm-infer:model/accel.tensor": DeviceTensor },
     additional_derives: [PartialEq],
 });
+
+/// A guest's tensor on the device: the tensor and the bytes charged for it.
+pub struct DeviceTensor {
+    pub(crate) tensor: candle_core::Tensor,
+    pub(crate) bytes: u64,
+}

@@ -3,7 +3,13 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bindings::wasm_infer::model::types as wit;
-use crate::error::ModelErrorCode;
+use crate::error::{Error, LimitExceeded, ModelErrorCode};
+
+/// What each item of a batch costs in the input size, on top of its own bytes: 8, the size of
+/// the `(pointer, length)` pair the canonical ABI lays down for every string of a
+/// `list<string>` in guest memory. A batch of a million empty strings is therefore 8 MB of
+/// input, not 0.
+pub const BATCH_ITEM_OVERHEAD_BYTES: u64 = 8;
 
 /// What a model is asked to process (mirrors the WIT `input` variant).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,12 +31,16 @@ pub enum Input {
 }
 
 impl Input {
-    /// The payload size the input limit is checked against: the UTF-8 bytes of the texts, the
-    /// raw bytes, or 4 bytes per tensor value and dimension.
+    /// The size the input limit is checked against: the UTF-8 bytes of the texts (plus
+    /// [`BATCH_ITEM_OVERHEAD_BYTES`] per item of a batch), the raw bytes, or 4 bytes per tensor
+    /// value and dimension.
     pub fn payload_bytes(&self) -> u64 {
         match self {
             Self::Text(text) => text.len() as u64,
-            Self::Texts(texts) => texts.iter().map(|t| t.len() as u64).sum(),
+            Self::Texts(texts) => texts
+                .iter()
+                .map(|t| t.len() as u64 + BATCH_ITEM_OVERHEAD_BYTES)
+                .sum(),
             Self::Bytes(bytes) => bytes.len() as u64,
             Self::Tensor { shape, data } => 4 * (shape.len() + data.len()) as u64,
         }
@@ -42,6 +52,27 @@ impl Input {
     pub fn from_lines(bytes: Vec<u8>) -> Result<Self, std::string::FromUtf8Error> {
         let text = String::from_utf8(bytes)?;
         Ok(Self::Texts(text.lines().map(str::to_string).collect()))
+    }
+
+    /// Reads a batch, one text per line, from `reader` (a file, stdin), never more than
+    /// `max_input + 1` bytes of it, so a huge input is refused without being read. Too large:
+    /// [`LimitExceeded::Input`] with the bytes read so far as a lower bound of the size; not
+    /// readable or not UTF-8: [`Error::InputRead`].
+    pub fn read_lines(reader: impl std::io::Read, max_input: u64) -> Result<Self, Error> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        reader
+            .take(max_input.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::InputRead(e.to_string()))?;
+        if bytes.len() as u64 > max_input {
+            return Err(LimitExceeded::Input {
+                limit: max_input,
+                size: bytes.len() as u64,
+            }
+            .into());
+        }
+        Self::from_lines(bytes).map_err(|e| Error::InputRead(format!("not UTF-8 text ({e})")))
     }
 
     pub(crate) fn into_wit(self) -> wit::Input {
@@ -152,6 +183,22 @@ pub struct ModelInfo {
     pub max_input_tokens: u32,
 }
 
+impl std::fmt::Display for ModelInfo {
+    /// One line per field, labelled, as `wasm-infer inspect` prints them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "name:        {}", self.name)?;
+        writeln!(f, "version:     {}", self.version)?;
+        writeln!(f, "description: {}", self.description)?;
+        writeln!(f, "inputs:      {:?}", self.inputs)?;
+        writeln!(
+            f,
+            "output:      {:?} (dimension {})",
+            self.output, self.output_dimension
+        )?;
+        write!(f, "max tokens:  {}", self.max_input_tokens)
+    }
+}
+
 impl From<wit::ModelInfo> for ModelInfo {
     fn from(info: wit::ModelInfo) -> Self {
         Self {
@@ -187,7 +234,7 @@ mod tests {
             input,
             Input::Texts(vec!["one".into(), "two".into(), "".into(), "four".into()])
         );
-        assert_eq!(input.payload_bytes(), 10);
+        assert_eq!(input.payload_bytes(), 10 + 4 * BATCH_ITEM_OVERHEAD_BYTES);
         assert_eq!(Input::from_lines(Vec::new()).unwrap(), Input::Texts(vec![]));
         assert!(Input::from_lines(vec![b'a', 0xff]).is_err());
     }

@@ -1,11 +1,14 @@
-//! What can go wrong, as types: one enum for every failure, one variant per limit.
+//! What can go wrong, as types: one enum for every failure, one variant per limit, and a
+//! stable machine name for each ([`ErrorKind`]) that the CLI's exit statuses, the JSON report
+//! and the HTTP status mapping all derive from.
 //!
 //! Failures are classified from what the host observed (the trap code wasmtime reports, the
-//! refusals the limiter recorded, the deadline the ticker saw), never from message text.
+//! refusals the limiter and the device account recorded, the deadline the ticker saw), never
+//! from message text, with one documented exception (the hostcall copy budget, see `run.rs`).
 
 use std::time::Duration;
 
-use crate::limits::{format_count, format_size};
+use crate::units::{format_count, format_size};
 use crate::usage::Usage;
 
 /// A run hit one of its [`Limits`](crate::Limits). Every variant carries the limit and the
@@ -68,7 +71,7 @@ pub enum LimitExceeded {
     #[error(
         "wall-time limit of {} exceeded: stopped after {} (raise --timeout)",
         humantime::format_duration(*limit),
-        humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64))
+        crate::units::format_duration(*elapsed)
     )]
     WallTime {
         /// The ceiling.
@@ -76,7 +79,7 @@ pub enum LimitExceeded {
         /// Time from the start of the run to the moment it was stopped.
         elapsed: Duration,
     },
-    /// The input payload is larger than allowed; refused before any guest work.
+    /// The input is larger than allowed; refused before any guest work.
     #[error(
         "input of {} exceeds the input limit of {} (raise --max-input)",
         format_size(*size),
@@ -85,23 +88,61 @@ pub enum LimitExceeded {
     Input {
         /// The ceiling, in bytes.
         limit: u64,
-        /// The input's payload size, in bytes.
+        /// The input's size, in bytes (see [`Limits::max_input`](crate::Limits::max_input)).
         size: u64,
+    },
+    /// The batch has more items than allowed; refused before any guest work.
+    #[error(
+        "batch of {} items exceeds the batch limit of {} (raise --max-batch)",
+        format_count(*items),
+        format_count(*limit)
+    )]
+    Batch {
+        /// The ceiling, in items.
+        limit: u64,
+        /// Items in the batch.
+        items: u64,
     },
     /// The guest returned more output than allowed; nothing of it is returned. When the output
     /// was so large that the host stopped copying it out of the sandbox (it never holds more
-    /// than about `limit` + 1 MiB of a guest's output), `size` is a lower bound.
+    /// than about `limit` + 1 MiB of a guest's output), the true size is unknown: `size` is
+    /// then a lower bound and `at_least` is true.
     #[error(
-        "output of {} exceeds the output limit of {} (raise --max-output)",
+        "output of {}{} exceeds the output limit of {} (raise --max-output)",
+        if *at_least { "at least " } else { "" },
         format_size(*size),
         format_size(*limit)
     )]
     Output {
         /// The ceiling, in bytes.
         limit: u64,
-        /// The output's payload size, in bytes.
+        /// The output's payload size in bytes, or a lower bound of it (`at_least`).
         size: u64,
+        /// `size` is a lower bound: the host stopped copying before the end.
+        at_least: bool,
     },
+}
+
+/// What a component is made of, for [`InvalidModel::TooMany`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComponentPart {
+    /// Core module instances.
+    CoreInstances,
+    /// Linear memories.
+    Memories,
+    /// Tables.
+    Tables,
+}
+
+impl std::fmt::Display for ComponentPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::CoreInstances => "core instances",
+            Self::Memories => "memories",
+            Self::Tables => "tables",
+        })
+    }
 }
 
 /// Why a file cannot be used as a model.
@@ -119,6 +160,23 @@ pub enum InvalidModel {
     /// The component failed to validate or compile.
     #[error("malformed component: {0}")]
     Malformed(String),
+    /// The component is well-formed but uses a WebAssembly proposal this host's engine leaves
+    /// off (threads, GC, exceptions, memory64, ...).
+    #[error("component uses {proposal}, which this host does not enable")]
+    UnsupportedProposal {
+        /// The proposal, as wasmparser names it (`threads`, `gc`, ...).
+        proposal: String,
+    },
+    /// The component is made of more instances, memories or tables than a model may have.
+    #[error("component has {count} {part}, more than the {cap} a model may have")]
+    TooMany {
+        /// What there are too many of.
+        part: ComponentPart,
+        /// How many the component would create.
+        count: u64,
+        /// The cap ([`MAX_CORE_INSTANCES`](crate::limits::MAX_CORE_INSTANCES) and its siblings).
+        cap: u32,
+    },
     /// The component does not export the `wasm-infer:model` world's `info` and `infer`.
     #[error("component does not implement the wasm-infer:model/model world: {0}")]
     WrongWorld(String),
@@ -159,6 +217,13 @@ impl std::fmt::Display for ModelErrorCode {
 }
 
 /// Every failure of the library.
+///
+/// **Attribution of limit trips.** A refused memory growth, table growth or device allocation
+/// is recorded when it happens, but it is reported as the cause of a failure only if the guest
+/// did not carry on after it: a run that grew memory or tables, or was granted a device
+/// allocation, after the refusal had handled it (an allocator that retried smaller, a model
+/// that fell back to the sandbox), so a later trap is reported as [`Error::Trap`]. An
+/// exhausted fuel budget and a passed deadline are always the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A run hit one of its limits.
@@ -190,14 +255,22 @@ pub enum Error {
         /// The model's explanation.
         message: String,
     },
-    /// Reading a model or writing the cache failed.
-    #[error("{path}: {source}")]
+    /// Reading a model failed. (Displayed with the reason, which is therefore not also a
+    /// `source`: a chain prints it once.)
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file involved.
         path: std::path::PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    /// The input could not be read (a file or stream that failed, bytes that are not UTF-8).
+    #[error("input could not be read: {0}")]
+    InputRead(String),
+    /// The caller asked for something this runtime cannot do (a fuel cap without fuel
+    /// metering, a pool of zero slots, a device this build lacks).
+    #[error("{0}")]
+    Config(String),
     /// A host-side failure that is not the guest's doing (a bug, or the OS refusing resources).
     #[error("internal error: {0}")]
     Internal(String),
@@ -212,7 +285,129 @@ fn stderr_suffix(stderr: &str) -> String {
     }
 }
 
+/// A stable machine name for every failure: what scripts, the JSON report and the HTTP status
+/// mapping match on. The names never change meaning; new kinds may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// [`LimitExceeded::Fuel`].
+    Fuel,
+    /// [`LimitExceeded::Memory`].
+    Memory,
+    /// [`LimitExceeded::Table`].
+    Table,
+    /// [`LimitExceeded::WallTime`].
+    WallTime,
+    /// [`LimitExceeded::Input`] and [`LimitExceeded::Batch`].
+    Input,
+    /// [`LimitExceeded::Output`].
+    Output,
+    /// [`LimitExceeded::DeviceMemory`].
+    DeviceMemory,
+    /// [`Error::Trap`].
+    Trap,
+    /// [`Error::Model`].
+    Model,
+    /// [`Error::InvalidModel`] and [`Error::Io`] (the model file).
+    InvalidModel,
+    /// [`Error::InputRead`].
+    InputRead,
+    /// [`Error::Config`]: a request this runtime cannot serve as configured.
+    Usage,
+    /// [`Error::Internal`].
+    Internal,
+}
+
+impl ErrorKind {
+    /// Every kind, for tables that must cover them all.
+    pub const ALL: [ErrorKind; 13] = [
+        Self::Fuel,
+        Self::Memory,
+        Self::Table,
+        Self::WallTime,
+        Self::Input,
+        Self::Output,
+        Self::DeviceMemory,
+        Self::Trap,
+        Self::Model,
+        Self::InvalidModel,
+        Self::InputRead,
+        Self::Usage,
+        Self::Internal,
+    ];
+
+    /// The machine name (`"wall_time"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fuel => "fuel",
+            Self::Memory => "memory",
+            Self::Table => "table",
+            Self::WallTime => "wall_time",
+            Self::Input => "input",
+            Self::Output => "output",
+            Self::DeviceMemory => "device_memory",
+            Self::Trap => "trap",
+            Self::Model => "model",
+            Self::InvalidModel => "invalid_model",
+            Self::InputRead => "input_read",
+            Self::Usage => "usage",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Whether the failure is the caller's limits being too tight for the request (raising
+    /// the named limit may help), as opposed to the model or input being at fault.
+    pub fn is_limit(self) -> bool {
+        matches!(
+            self,
+            Self::Fuel
+                | Self::Memory
+                | Self::Table
+                | Self::WallTime
+                | Self::Input
+                | Self::Output
+                | Self::DeviceMemory
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl LimitExceeded {
+    /// This limit's [`ErrorKind`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Fuel { .. } => ErrorKind::Fuel,
+            Self::Memory { .. } => ErrorKind::Memory,
+            Self::Table { .. } => ErrorKind::Table,
+            Self::DeviceMemory { .. } => ErrorKind::DeviceMemory,
+            Self::WallTime { .. } => ErrorKind::WallTime,
+            Self::Input { .. } | Self::Batch { .. } => ErrorKind::Input,
+            Self::Output { .. } => ErrorKind::Output,
+        }
+    }
+}
+
 impl Error {
+    /// The stable machine name of this failure. A failed initialisation has the kind of what
+    /// made it fail.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Limit(limit) => limit.kind(),
+            Self::InvalidModel(_) | Self::Io { .. } => ErrorKind::InvalidModel,
+            Self::Init(inner) => inner.kind(),
+            Self::Trap { .. } => ErrorKind::Trap,
+            Self::Model { .. } => ErrorKind::Model,
+            Self::InputRead(_) => ErrorKind::InputRead,
+            Self::Config(_) => ErrorKind::Usage,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
     /// The limit this error reports, if it is a limit trip.
     pub fn limit(&self) -> Option<&LimitExceeded> {
         match self {
@@ -223,15 +418,41 @@ impl Error {
     }
 }
 
-/// A failed run: the error and the resources the run used before it ended.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
+/// A failed run: the error and the resources the run used before it ended. Displays as the
+/// error alone, and its source is the error's own source, so an error chain prints each
+/// message once.
+#[derive(Debug)]
 pub struct RunError {
     /// What went wrong.
-    #[source]
     pub error: Error,
     /// What the run used up to the failure (boxed to keep `Result`s small).
     pub usage: Box<Usage>,
+}
+
+impl RunError {
+    pub(crate) fn new(error: impl Into<Error>, usage: Usage) -> Self {
+        Self {
+            error: error.into(),
+            usage: Box::new(usage),
+        }
+    }
+
+    /// The error's [`ErrorKind`].
+    pub fn kind(&self) -> ErrorKind {
+        self.error.kind()
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
 }
 
 impl From<RunError> for Error {
@@ -242,3 +463,73 @@ impl From<RunError> for Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_error_prints_its_message_once_in_a_chain() {
+        let failure = RunError::new(
+            Error::Io {
+                path: "model.wasm".into(),
+                error: std::io::Error::other("gone"),
+            },
+            Usage::default(),
+        );
+        let chain = format!("{:#}", anyhow::Error::new(failure));
+        assert_eq!(chain, "model.wasm: gone");
+        let failure = RunError::new(
+            LimitExceeded::Batch { limit: 2, items: 3 },
+            Usage::default(),
+        );
+        let chain = format!("{:#}", anyhow::Error::new(failure));
+        assert_eq!(
+            chain,
+            "batch of 3 items exceeds the batch limit of 2 (raise --max-batch)"
+        );
+    }
+
+    #[test]
+    fn kinds_have_distinct_stable_names() {
+        let names: std::collections::HashSet<_> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), ErrorKind::ALL.len());
+        for kind in ErrorKind::ALL {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::String(kind.as_str().into())
+            );
+        }
+        assert_eq!(
+            Error::Init(Box::new(
+                LimitExceeded::Fuel {
+                    limit: 1,
+                    consumed: 2
+                }
+                .into()
+            ))
+            .kind(),
+            ErrorKind::Fuel
+        );
+    }
+
+    #[test]
+    fn an_output_lower_bound_says_at_least() {
+        let exact = LimitExceeded::Output {
+            limit: 1024,
+            size: 2048,
+            at_least: false,
+        };
+        assert_eq!(
+            exact.to_string(),
+            "output of 2.00 KiB exceeds the output limit of 1.00 KiB (raise --max-output)"
+        );
+        let bound = LimitExceeded::Output {
+            limit: 1024,
+            size: 2048,
+            at_least: true,
+        };
+        assert!(bound.to_string().starts_with("output of at least 2.00 KiB"));
+    }
+}

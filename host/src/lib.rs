@@ -1,5 +1,5 @@
 //! wasm-infer: run machine-learning inference in a WebAssembly sandbox, boxed in by fuel,
-//! memory and wall-time limits, with usage reported for every run.
+//! memory, wall-time and device-memory limits, with usage reported for every run.
 //!
 //! ```no_run
 //! use wasm_infer::{Input, Limits, Model, Runtime};
@@ -11,24 +11,44 @@
 //! println!("{} dims, {}", outcome.output.embeddings().unwrap()[0].len(), outcome.usage);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! Modules, one job each (the README's "How it is built" has the map): `runtime` (engine,
+//! settings, ticker, slots), `model` (the load pipeline), `run` (the one run-under-limits
+//! sequence), `store` (a run's state and budgets), `limiter`, `wasi`, `attribution`,
+//! `component` (static checks), `snapshot`, `cache`, `accel`, `data`, `error`, `usage`,
+//! `limits`, `units`.
 
 pub mod accel;
+mod attribution;
 mod bindings;
-mod cache;
+pub mod cache;
+mod component;
 mod data;
 mod error;
+mod limiter;
 pub mod limits;
 mod model;
+mod run;
 mod runtime;
-mod sandbox;
 pub mod snapshot;
+mod store;
+pub mod units;
 mod usage;
+mod wasi;
 
 pub use accel::{AccelMode, DeviceUsage};
 pub use data::{DataKind, Input, ModelInfo, Output};
-pub use error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, Result, RunError};
+pub use error::{
+    ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, Result, RunError,
+};
 pub use limits::Limits;
-pub use model::{CodeSource, LoadOptions, LoadReport, Model, Outcome, Preinit, PreinitSource};
-pub use runtime::{Runtime, RuntimeConfig, DEFAULT_EPOCH_TICK, DEFAULT_HOST_DEVICE_MEMORY};
+pub use model::{
+    CodeSource, LoadOptions, LoadPhase, LoadReport, Model, Outcome, Preinit, PreinitSource,
+    Progress,
+};
+pub use runtime::{
+    EngineFingerprint, EngineSettings, Runtime, RuntimeConfig, DEFAULT_CACHE_MAX_BYTES,
+    DEFAULT_EPOCH_TICK, DEFAULT_HOST_DEVICE_MEMORY,
+};
 pub use usage::Usage;
 pub use wasmtime::Trap;

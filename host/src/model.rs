@@ -1,20 +1,24 @@
-//! A model: a component compiled once, then run many times, each run in a fresh sandbox.
+//! A model: a component inspected, compiled (or loaded from the cache) and pre-initialised
+//! once, then run many times, each run in a fresh sandbox through the one run-under-limits
+//! sequence (`run.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::Component;
-use wasmtime::{Store, Trap, UpdateDeadline};
 
-use crate::bindings::{Model as ModelBindings, ModelPre};
-use crate::cache;
+use crate::bindings::ModelPre;
+use crate::cache::{self, Cache};
+use crate::component;
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
-use crate::limits::{Limits, DEFAULT_MAX_LOG_BYTES, MAX_TABLE_ELEMENTS};
-use crate::runtime::Runtime;
-use crate::sandbox::RunState;
+use crate::limits::Limits;
+use crate::run::call_limited;
+use crate::runtime::{block_on, Runtime};
 use crate::snapshot::{self, InitReport, SnapshotInfo};
+use crate::store::RunState;
+use crate::units::{format_count, format_duration, format_size};
 use crate::usage::Usage;
 
 /// How a model's compiled code was obtained.
@@ -34,7 +38,7 @@ pub struct LoadReport {
     pub code: CodeSource,
     /// Time to obtain the code that runs: compile (and pre-initialise, when a snapshot is made
     /// now) or load it from the cache.
-    #[serde(rename = "code_time_us", serialize_with = "micros")]
+    #[serde(rename = "code_time_us", with = "crate::units::serde::micros")]
     pub code_time: Duration,
     /// SHA-256 of the component's bytes (as given, before any snapshot).
     pub component_sha256: String,
@@ -42,6 +46,41 @@ pub struct LoadReport {
     pub component_bytes: u64,
     /// Whether runs start from a pre-initialised snapshot, and what initialisation cost.
     pub preinit: Option<Preinit>,
+    /// The limits the load-time calls (initialisation, `info`) ran under.
+    pub limits: Limits,
+}
+
+impl std::fmt::Display for LoadReport {
+    /// Two lines: the component and its code, then its pre-initialisation.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "component:   {} ({}, sha256 {})",
+            format_size(self.component_bytes),
+            match self.code {
+                CodeSource::Cached => "compiled code from cache",
+                CodeSource::Compiled => "compiled now",
+            },
+            self.component_sha256
+        )?;
+        match &self.preinit {
+            Some(preinit) => write!(
+                f,
+                "preinit:     snapshot {} ({}); initialisation cost {} fuel, {} memory, {} \
+                 once; runs start from it",
+                match preinit.source {
+                    PreinitSource::Made => "made now",
+                    PreinitSource::Cached => "from cache",
+                    PreinitSource::File => "given as the file",
+                },
+                format_size(preinit.init.snapshot_bytes),
+                format_count(preinit.init.fuel),
+                format_size(preinit.init.memory_bytes),
+                format_duration(preinit.init.time),
+            ),
+            None => write!(f, "preinit:     none (every run initialises the model)"),
+        }
+    }
 }
 
 /// How a model's runs come to start pre-initialised.
@@ -65,6 +104,43 @@ pub enum PreinitSource {
     File,
 }
 
+/// What a load is doing, for progress displays ([`LoadOptions::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPhase {
+    /// Reading the component's structure and checking it against the world.
+    Inspecting,
+    /// Looking for compiled code in the cache.
+    Cache,
+    /// Running the model's initialisation to make its snapshot.
+    PreInitialising,
+    /// Compiling to native code.
+    Compiling,
+    /// Linking and asking the model for its info.
+    Checking,
+}
+
+impl std::fmt::Display for LoadPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Inspecting => "inspecting the component",
+            Self::Cache => "looking in the compiled-model cache",
+            Self::PreInitialising => "pre-initialising the model (once per component)",
+            Self::Compiling => "compiling to native code (once per component)",
+            Self::Checking => "checking the model",
+        })
+    }
+}
+
+/// Called with each phase of a load as it starts.
+#[derive(Clone)]
+pub struct Progress(pub Arc<dyn Fn(LoadPhase) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -72,21 +148,30 @@ pub struct LoadOptions {
     /// snapshot (default `true`). With `false`, every run initialises the model itself, as a
     /// component without that export always does.
     pub preinit: bool,
-    /// Limits for the one-time initialisation (default: [`Limits::default`], no fuel cap).
-    pub init_limits: Limits,
+    /// Limits for the calls into the guest that loading makes (the one-time initialisation
+    /// and `info`); a model that exceeds them fails to load with the limit's error (default:
+    /// [`Limits::default`]). Raise `memory` for a model whose initial memory is larger.
+    pub limits: Limits,
+    /// Told each [`LoadPhase`] as it starts (default: nobody).
+    pub progress: Option<Progress>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             preinit: true,
-            init_limits: Limits::default(),
+            limits: Limits::default(),
+            progress: None,
         }
     }
 }
 
-fn micros<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_micros() as u64)
+impl LoadOptions {
+    fn phase(&self, phase: LoadPhase) {
+        if let Some(progress) = &self.progress {
+            (progress.0)(phase);
+        }
+    }
 }
 
 /// A successful run.
@@ -135,9 +220,9 @@ impl Model {
         options: &LoadOptions,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        let bytes = std::fs::read(path).map_err(|error| Error::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_bytes_with(runtime, &bytes, options)
     }
@@ -147,37 +232,96 @@ impl Model {
         Self::from_bytes_with(runtime, wasm, &LoadOptions::default())
     }
 
-    /// Validates `wasm` as a component of the `wasm-infer:model` world, compiles it (or loads the
-    /// compiled code from the cache) and asks it for its [`ModelInfo`].
+    /// Blocking form of [`Model::from_bytes_async`].
+    pub fn from_bytes_with(runtime: &Runtime, wasm: &[u8], options: &LoadOptions) -> Result<Self> {
+        block_on(Self::from_bytes_async(runtime, wasm, options))?
+    }
+
+    /// Inspects `wasm` as a component of the `wasm-infer:model` world (header, imports and
+    /// exports, instance/memory/table counts: a refusal costs no compilation), compiles it (or
+    /// loads the compiled code from the cache), links it and asks it for its [`ModelInfo`]
+    /// under `options.limits`. Only a model that passes all of this is cached.
     ///
     /// A component that exports `wizer-initialize` is pre-initialised first (unless
-    /// `options.preinit` is off): initialised once under `options.init_limits`, snapshotted,
-    /// and the snapshot is what runs (and what the cache keeps, so this happens once per
-    /// component and engine). A snapshot made by `wasm-infer snapshot` is checked against this
-    /// runtime's engine and refused with [`InvalidModel::SnapshotMismatch`] if it differs.
-    pub fn from_bytes_with(runtime: &Runtime, wasm: &[u8], options: &LoadOptions) -> Result<Self> {
-        check_header(wasm)?;
-        let component_sha256 = cache::component_digest(wasm);
-        let started = Instant::now();
-        let snapshot_file = snapshot::read_info(wasm)?;
+    /// `options.preinit` is off): initialised once under `options.limits`, snapshotted, and the
+    /// snapshot is what runs (and what the cache keeps, so this happens once per component and
+    /// engine). A snapshot made by `wasm-infer snapshot` is checked against this runtime's
+    /// engine and refused with [`InvalidModel::SnapshotMismatch`] if it differs.
+    ///
+    /// Compiling runs on the calling task's thread (seconds for a large model, uncached).
+    pub async fn from_bytes_async(
+        runtime: &Runtime,
+        wasm: &[u8],
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        options.phase(LoadPhase::Inspecting);
+        component::check_header(wasm)?;
+        let inspection = component::inspect(wasm)?;
+        let snapshot_file = snapshot::read_info(&inspection, wasm)?;
         if let Some(info) = &snapshot_file {
             info.check(runtime)?;
         }
-        let make_snapshot =
-            snapshot_file.is_none() && options.preinit && snapshot::exports_init(wasm)?;
-        let (component, code, preinit) = if make_snapshot {
-            let (component, code, source, init) =
-                load_preinitialised(runtime, wasm, &component_sha256, &options.init_limits)?;
-            (component, code, Some(Preinit { source, init }))
+        inspection.check_counts()?;
+        inspection.check_world()?;
+        let make_snapshot = snapshot_file.is_none()
+            && options.preinit
+            && inspection.exports_func(snapshot::INIT_EXPORT);
+
+        let component_sha256 = cache::component_digest(wasm);
+        let material = if make_snapshot {
+            format!("{component_sha256}+preinit-v{}", snapshot::SNAPSHOT_FORMAT)
         } else {
-            let (component, code) = load_component(runtime, wasm, &component_sha256)?;
-            let preinit = snapshot_file.map(|info| Preinit {
-                source: PreinitSource::File,
-                init: info.init,
-            });
-            (component, code, preinit)
+            component_sha256.clone()
+        };
+        let cache = runtime.cache();
+        let entry = cache
+            .as_ref()
+            .map(|cache| cache.entry(runtime.engine(), &material));
+        let started = Instant::now();
+        options.phase(LoadPhase::Cache);
+        let cached = match (&cache, &entry) {
+            (Some(cache), Some(entry)) => from_cache(runtime, cache, entry, make_snapshot),
+            _ => None,
+        };
+        let (component, code, preinit, description) = match cached {
+            Some((component, init)) => {
+                let cached = init.map(|init| Preinit {
+                    source: PreinitSource::Cached,
+                    init,
+                });
+                let given = snapshot_file.map(|info| Preinit {
+                    source: PreinitSource::File,
+                    init: info.init,
+                });
+                (component, CodeSource::Cached, cached.or(given), None)
+            }
+            None if make_snapshot => {
+                options.phase(LoadPhase::PreInitialising);
+                let snap = snapshot::make(runtime, wasm, &options.limits).await?;
+                options.phase(LoadPhase::Compiling);
+                let component = Component::new(runtime.engine(), &snap.wasm)
+                    .map_err(|e| Error::Internal(format!("compiling the snapshot: {e:#}")))?;
+                let json = serde_json::to_vec_pretty(&snap.info).expect("snapshot info serialises");
+                let preinit = Preinit {
+                    source: PreinitSource::Made,
+                    init: snap.info.init,
+                };
+                (component, CodeSource::Compiled, Some(preinit), Some(json))
+            }
+            None => {
+                options.phase(LoadPhase::Compiling);
+                let component = Component::new(runtime.engine(), wasm)
+                    .map_err(|e| component::diagnose(wasm, &e))?;
+                let preinit = snapshot_file.map(|info| Preinit {
+                    source: PreinitSource::File,
+                    init: info.init,
+                });
+                (component, CodeSource::Compiled, preinit, None)
+            }
         };
         let code_time = started.elapsed();
+
+        options.phase(LoadPhase::Checking);
         let instance_pre = runtime
             .inner
             .linker
@@ -185,14 +329,18 @@ impl Model {
             .map_err(|e| InvalidModel::UnsupportedImport(format!("{e:#}")))?;
         let pre =
             ModelPre::new(instance_pre).map_err(|e| InvalidModel::WrongWorld(format!("{e:#}")))?;
+        let info = fetch_info(runtime, &pre, &options.limits).await?;
+        if let (CodeSource::Compiled, Some(cache), Some(entry)) = (code, &cache, &entry) {
+            cache.store(&component, entry, description.as_deref());
+        }
         let load = LoadReport {
             code,
             code_time,
             component_sha256,
             component_bytes: wasm.len() as u64,
             preinit,
+            limits: options.limits.clone(),
         };
-        let info = fetch_info(runtime, &pre)?;
         Ok(Self {
             inner: Arc::new(ModelInner {
                 runtime: runtime.clone(),
@@ -223,394 +371,93 @@ impl Model {
     /// In async code prefer [`Model::run_async`]; called from within a tokio runtime this
     /// still works, but blocks that executor thread for the whole run.
     pub fn run(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
-        block_on(self.run_async(input, limits)).unwrap_or_else(|error| {
-            Err(RunError {
-                error,
-                usage: Box::default(),
-            })
-        })
+        block_on(self.run_async(input, limits))
+            .unwrap_or_else(|error| Err(RunError::new(error, Usage::default())))
     }
 
     /// Runs `input` in a fresh sandbox under `limits`, on the caller's tokio runtime (which
     /// must have its time driver enabled, as `#[tokio::main]` does). The guest yields to the
-    /// executor at every epoch tick, so many runs can share a few threads.
+    /// executor at every epoch tick, so many runs can share a few threads. The input is
+    /// checked against the batch and input limits before any guest work.
     pub async fn run_async(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
-        let queued = Instant::now();
-        let _slot = self.inner.runtime.slot().await;
-        let started = Instant::now();
-        let mut usage = Usage {
-            input_bytes: input.payload_bytes(),
-            queue_time: started - queued,
-            ..Usage::default()
-        };
-        if usage.input_bytes > limits.max_input {
-            usage.wall_time = started.elapsed();
-            return Err(RunError {
-                error: LimitExceeded::Input {
-                    limit: limits.max_input,
-                    size: usage.input_bytes,
-                }
-                .into(),
-                usage: Box::new(usage),
-            });
-        }
-        let mut store = match new_store(&self.inner.runtime, limits, started) {
-            Ok(store) => store,
-            Err(error) => {
-                return Err(RunError {
-                    error,
-                    usage: Box::new(usage),
-                })
-            }
-        };
-        let deadline = started + limits.wall_time + self.inner.runtime.epoch_tick();
-        let call = async {
-            let instance = self.inner.pre.instantiate_async(&mut store).await;
-            let instantiated = (Instant::now(), store.data().limiter.peak);
-            let result = match instance {
-                Ok(instance) => instance.call_infer(&mut store, &input.into_wit()).await,
-                Err(e) => Err(e),
+        let input_bytes = input.payload_bytes();
+        if let Err(limit) = limits.check_input(&input) {
+            let usage = Usage {
+                input_bytes,
+                ..Usage::default()
             };
-            (result, instantiated)
-        };
-        // The epoch callback stops runaway wasm; this outer timeout also ends a run that is
-        // blocked in a host call, where no epoch check happens.
-        let result = tokio::time::timeout_at(deadline.into(), call).await;
-        let elapsed = started.elapsed();
-        usage.wall_time = elapsed;
-        let (fuel_consumed, out_of_fuel) = fuel_used(&store, limits);
-        usage.fuel_consumed = fuel_consumed;
-        let state = store.data();
-        usage.peak_memory_bytes = state.limiter.peak;
-        usage.device_peak_bytes = state.device.peak;
-        usage.device_uploaded_bytes = state.device.uploaded;
-        usage.device_downloaded_bytes = state.device.downloaded;
-        usage.accel_ops = state.device.ops;
-        usage.accel_refusals = state.device.refusals;
-        usage.guest_stdout_bytes = state.stdout.written();
-        usage.guest_stderr_bytes = state.stderr.written();
-        let fail = |error: Error, usage: Usage| {
-            Err(RunError {
-                error,
-                usage: Box::new(usage),
+            return Err(RunError::new(limit, usage));
+        }
+        let pre = self.inner.pre.clone();
+        let input = input.into_wit();
+        let limited = call_limited(&self.inner.runtime, limits, move |store| {
+            Box::pin(async move {
+                let instance = pre.instantiate_async(&mut *store).await?;
+                store.data_mut().mark_instantiated();
+                instance.call_infer(&mut *store, &input).await
             })
-        };
-        let (result, instantiated) = match result {
-            Ok(r) => r,
-            Err(_elapsed) => {
-                return fail(
-                    LimitExceeded::WallTime {
-                        limit: limits.wall_time,
-                        elapsed,
-                    }
-                    .into(),
-                    usage,
-                )
-            }
-        };
-        usage.instantiate_time = instantiated.0 - started;
-        usage.initial_memory_bytes = instantiated.1;
-        match (result, out_of_fuel) {
-            (Err(e), _) => fail(classify(e, state, limits), usage),
-            (Ok(_), Some(out_of_fuel)) => fail(out_of_fuel.into(), usage),
-            (Ok(Err(model_error)), _) => fail(
-                Error::Model {
-                    code: model_error.code.into(),
-                    message: model_error.message,
-                },
-                usage,
-            ),
-            (Ok(Ok(output)), _) => {
-                let output = Output::from_wit(output);
-                let size = output.payload_bytes();
-                if size > limits.max_output {
-                    return fail(
-                        LimitExceeded::Output {
-                            limit: limits.max_output,
-                            size,
-                        }
-                        .into(),
-                        usage,
-                    );
-                }
-                usage.output_bytes = size;
-                Ok(Outcome { output, usage })
-            }
-        }
-    }
-}
-
-/// Where the runtime's cache keeps the compiled code for `material` (a component digest, or
-/// one qualified by what was done to the component), if the runtime has a cache.
-fn cache_entry(runtime: &Runtime, material: &str) -> Option<std::path::PathBuf> {
-    let dir = runtime.config().cache_dir.as_deref()?;
-    Some(cache::entry_path(
-        dir,
-        &cache::key(runtime.engine(), material),
-    ))
-}
-
-/// Compiles `wasm` as it is, or loads its compiled code from the cache.
-fn load_component(runtime: &Runtime, wasm: &[u8], digest: &str) -> Result<(Component, CodeSource)> {
-    let engine = runtime.engine();
-    let cache_path = cache_entry(runtime, digest);
-    if let Some(component) = cache_path.as_deref().and_then(|p| cache::load(engine, p)) {
-        return Ok((component, CodeSource::Cached));
-    }
-    let component =
-        Component::new(engine, wasm).map_err(|e| InvalidModel::Malformed(format!("{e:#}")))?;
-    if let Some(path) = &cache_path {
-        cache::store(&component, path);
-    }
-    Ok((component, CodeSource::Compiled))
-}
-
-/// Loads the compiled snapshot of `wasm` from the cache, or makes, compiles and caches it.
-/// The cache keeps the snapshot's compiled code and its [`SnapshotInfo`] side by side, under
-/// a key derived from the source component's digest and the snapshot format.
-fn load_preinitialised(
-    runtime: &Runtime,
-    wasm: &[u8],
-    digest: &str,
-    init_limits: &Limits,
-) -> Result<(Component, CodeSource, PreinitSource, InitReport)> {
-    let engine = runtime.engine();
-    let cache_path = cache_entry(
-        runtime,
-        &format!("{digest}+preinit-v{}", snapshot::SNAPSHOT_FORMAT),
-    );
-    if let Some(path) = &cache_path {
-        let info: Option<SnapshotInfo> = std::fs::read(path.with_extension("json"))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        if let Some(info) = info.filter(|info| info.check(runtime).is_ok()) {
-            if let Some(component) = cache::load(engine, path) {
-                return Ok((
-                    component,
-                    CodeSource::Cached,
-                    PreinitSource::Cached,
-                    info.init,
-                ));
-            }
-        }
-    }
-    let snap = snapshot::snapshot(runtime, wasm, init_limits)?;
-    let component = Component::new(engine, &snap.wasm)
-        .map_err(|e| Error::Internal(format!("compiling the snapshot: {e:#}")))?;
-    if let Some(path) = &cache_path {
-        // Description first: an entry counts only once its code is there.
-        let json = serde_json::to_vec_pretty(&snap.info).expect("snapshot info serialises");
-        if cache::store_bytes(&json, &path.with_extension("json")) {
-            cache::store(&component, path);
-        }
-    }
-    Ok((
-        component,
-        CodeSource::Compiled,
-        PreinitSource::Made,
-        snap.info.init,
-    ))
-}
-
-/// The fuel a store gets under `limits`. wasmtime checks fuel only at function entries and loop
-/// headers, and `get_fuel` clamps at zero, so a run may end slightly past its fuel and still
-/// "succeed". Giving it limit + 1 and treating a zero balance as a trip makes the cap exact: a
-/// run that needs N units succeeds with `--fuel N` and fails with `--fuel N-1`.
-fn fuel_budget(limits: &Limits) -> u64 {
-    limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1))
-}
-
-/// The fuel a store has used, and the fuel trip if a capped run ended with none left (0 used
-/// without fuel metering).
-pub(crate) fn fuel_used(store: &Store<RunState>, limits: &Limits) -> (u64, Option<LimitExceeded>) {
-    let budget = fuel_budget(limits);
-    let remaining = store.get_fuel().unwrap_or(budget);
-    let tripped = match limits.fuel {
-        Some(limit) if remaining == 0 => Some(LimitExceeded::Fuel {
-            limit,
-            consumed: budget,
-        }),
-        _ => None,
-    };
-    (budget - remaining, tripped)
-}
-
-/// A fresh store for one run: its own WASI context, memory limiter, fuel ([`fuel_budget`]),
-/// and a wall-time check at every epoch tick that also yields to the executor. A fuel cap on a
-/// runtime without fuel metering is refused.
-pub(crate) fn new_store(
-    runtime: &Runtime,
-    limits: &Limits,
-    started: Instant,
-) -> Result<Store<RunState>> {
-    let log_capacity = DEFAULT_MAX_LOG_BYTES as usize;
-    let mut store = Store::new(
-        runtime.engine(),
-        RunState::new(limits, runtime.inner.accel.clone(), log_capacity, started),
-    );
-    store.limiter(|state| &mut state.limiter);
-    store.set_hostcall_fuel(hostcall_budget(limits));
-    let wall_limit = limits.wall_time;
-    store.epoch_deadline_callback(move |mut ctx| {
-        let elapsed = ctx.data().started.elapsed();
-        if elapsed >= wall_limit {
-            ctx.data_mut().timed_out = Some(elapsed);
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            // Let other tasks on this executor thread run, then check again next tick.
-            Ok(UpdateDeadline::Yield(1))
-        }
-    });
-    store.set_epoch_deadline(1);
-    if runtime.config().meter_fuel {
-        store
-            .set_fuel(fuel_budget(limits))
-            .map_err(|e| Error::Internal(format!("{e:#}")))?;
-    } else if limits.fuel.is_some() {
-        return Err(Error::Internal(
-            "a fuel limit needs a runtime with fuel metering (RuntimeConfig::meter_fuel)".into(),
-        ));
-    }
-    Ok(store)
-}
-
-/// Bytes the host may copy out of the guest in one call (its output, an accel upload, or a
-/// WASI call's arguments): the larger of the output limit and the device budget (an upload
-/// bigger than that is refused anyway), plus 1 MiB for the host-side list and string headers.
-/// Bounds the host memory a guest can make the host allocate.
-pub(crate) fn hostcall_budget(limits: &Limits) -> usize {
-    let largest = limits.max_output.max(limits.device_memory);
-    usize::try_from(largest.saturating_add(1 << 20)).unwrap_or(usize::MAX)
-}
-
-/// Decides what a failed call means, from what the host observed rather than the message.
-pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) -> Error {
-    if let Some(elapsed) = state.timed_out {
-        return LimitExceeded::WallTime {
-            limit: limits.wall_time,
-            elapsed,
-        }
-        .into();
-    }
-    // A refused growth usually surfaces as the guest allocator's `unreachable`, or as an
-    // instantiation failure: either way the limiter's record is the truth.
-    if let Some(requested) = state.limiter.refused {
-        return LimitExceeded::Memory {
-            limit: limits.memory,
-            requested,
-        }
-        .into();
-    }
-    if let Some(requested) = state.limiter.table_refused {
-        return LimitExceeded::Table {
-            limit: MAX_TABLE_ELEMENTS,
-            requested,
-        }
-        .into();
-    }
-    // The one case classified by message: wasmtime stops copying data out of the guest past
-    // the store's hostcall budget (`hostcall_budget`, set in `new_store`) and exposes no type
-    // for it. tests/hostile.rs pins the behaviour, so a wasmtime change cannot slip by.
-    if e.chain()
-        .any(|cause| cause.to_string().contains("fuel allocated for hostcalls"))
-    {
-        return LimitExceeded::Output {
-            limit: limits.max_output,
-            size: hostcall_budget(limits) as u64 + 1,
-        }
-        .into();
-    }
-    let code = e.downcast_ref::<Trap>().copied();
-    // A guest that does not fall back after a device-budget refusal and fails instead.
-    if let (Some(refusal), false) = (state.device.refused, code == Some(Trap::OutOfFuel)) {
-        return LimitExceeded::DeviceMemory {
-            requested: refusal.requested,
-            used: refusal.used,
-            budget: refusal.budget,
-        }
-        .into();
-    }
-    if code == Some(Trap::OutOfFuel) {
-        if let Some(limit) = limits.fuel {
-            return LimitExceeded::Fuel {
-                limit,
-                consumed: fuel_budget(limits),
-            }
-            .into();
-        }
-    }
-    let stderr = state.stderr.contents();
-    let tail = &stderr[stderr.len().saturating_sub(GUEST_STDERR_TAIL_BYTES)..];
-
-    Error::Trap {
-        code,
-        message: trap_message(&e, code),
-        guest_stderr: String::from_utf8_lossy(tail).into_owned(),
-    }
-}
-
-/// How much of the guest's stderr a trap error carries: enough for a panic message.
-const GUEST_STDERR_TAIL_BYTES: usize = 4096;
-
-/// The trap in wasmtime's words ("wasm trap: call stack exhausted"); the full guest backtrace
-/// goes to the debug log (`WASM_INFER_LOG=debug`), not into the error.
-fn trap_message(e: &wasmtime::Error, code: Option<Trap>) -> String {
-    tracing::debug!("guest trap: {e:?}");
-    match code {
-        Some(trap) => trap.to_string(),
-        None => e.root_cause().to_string(),
-    }
-}
-
-/// Checks the 8-byte preamble: `\0asm`, then version/layer. Core modules are `01 00 00 00`,
-/// components `0d 00 01 00`.
-pub(crate) fn check_header(wasm: &[u8]) -> Result<(), InvalidModel> {
-    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
-        return Err(InvalidModel::NotWasm);
-    }
-    match wasm[4..8] {
-        [_, _, 0, 0] => Err(InvalidModel::NotAComponent),
-        _ => Ok(()),
-    }
-}
-
-/// Instantiates once under default limits to ask the model for its `info`.
-fn fetch_info(runtime: &Runtime, pre: &ModelPre<RunState>) -> Result<ModelInfo> {
-    let limits = Limits::default();
-    block_on(async {
-        let _slot = runtime.slot().await;
-        let mut store = new_store(runtime, &limits, Instant::now())?;
-        let result = async {
-            let instance: ModelBindings = pre.instantiate_async(&mut store).await?;
-            instance.call_info(&mut store).await
-        }
+        })
         .await;
-        match result {
-            Ok(info) => Ok(ModelInfo::from(info)),
-            Err(e) => Err(classify(e, store.data(), &limits)),
+        let mut usage = limited.usage;
+        usage.input_bytes = input_bytes;
+        let output = match limited.result {
+            Ok(Ok(output)) => Output::from_wit(output),
+            Ok(Err(refusal)) => {
+                let error = Error::Model {
+                    code: refusal.code.into(),
+                    message: refusal.message,
+                };
+                return Err(RunError::new(error, usage));
+            }
+            Err(error) => return Err(RunError::new(error, usage)),
+        };
+        let size = output.payload_bytes();
+        if size > limits.max_output {
+            let limit = LimitExceeded::Output {
+                limit: limits.max_output,
+                size,
+                at_least: false,
+            };
+            return Err(RunError::new(limit, usage));
         }
-    })?
+        usage.output_bytes = size;
+        Ok(Outcome { output, usage })
+    }
 }
 
-/// Drives `future` to completion on a private current-thread tokio runtime (with the time
-/// driver the wall-time limit needs). Inside an async runtime, where blocking the thread with a
-/// nested runtime would panic, it does so on a scoped helper thread instead.
-pub(crate) fn block_on<F>(future: F) -> Result<F::Output>
-where
-    F: std::future::Future + Send,
-    F::Output: Send,
-{
-    let drive = move || -> Result<F::Output> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| Error::Internal(format!("starting an executor: {e}")))?;
-        Ok(rt.block_on(future))
-    };
-    if tokio::runtime::Handle::try_current().is_ok() {
-        std::thread::scope(|scope| scope.spawn(drive).join())
-            .unwrap_or_else(|_| Err(Error::Internal("the executor thread panicked".into())))
+/// The compiled code for an entry, and the snapshot's recorded initialisation if the entry is
+/// a snapshot; `None` if the cache has no usable entry.
+fn from_cache(
+    runtime: &Runtime,
+    cache: &Cache,
+    entry: &Path,
+    snapshot: bool,
+) -> Option<(Component, Option<InitReport>)> {
+    let init = if snapshot {
+        let bytes = std::fs::read(entry.with_extension("json")).ok()?;
+        let info: SnapshotInfo = serde_json::from_slice(&bytes).ok()?;
+        info.check(runtime).ok()?;
+        Some(info.init)
     } else {
-        drive()
-    }
+        None
+    };
+    Some((cache.load(runtime.engine(), entry)?, init))
+}
+
+/// Instantiates once under `limits` to ask the model for its `info`.
+async fn fetch_info(
+    runtime: &Runtime,
+    pre: &ModelPre<RunState>,
+    limits: &Limits,
+) -> Result<ModelInfo> {
+    let pre = pre.clone();
+    let limited = call_limited(runtime, limits, move |store| {
+        Box::pin(async move {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            store.data_mut().mark_instantiated();
+            instance.call_info(&mut *store).await
+        })
+    })
+    .await;
+    limited.result.map(ModelInfo::from)
 }

@@ -1,5 +1,7 @@
-//! The shared engine: one per process, configured once for metering and determinism, with the
-//! epoch ticker that enforces wall-time limits and the precompiled-model cache location.
+//! The shared engine: one per process, configured once for metering and determinism from one
+//! set of [`EngineSettings`] (which also make the fingerprint snapshots carry), with the epoch
+//! ticker that enforces wall-time limits, the pooled slots, the linker every model is checked
+//! against, and [`block_on`] for the blocking entry points.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,10 +12,12 @@ use std::time::Duration;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use serde::{Deserialize, Serialize};
+
 use crate::accel::{Accel, AccelMode, DeviceUsage};
 use crate::error::{Error, Result};
-use crate::limits::MAX_TABLE_ELEMENTS;
-use crate::sandbox::RunState;
+use crate::limits::{MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS};
+use crate::store::RunState;
 
 /// Default epoch tick: 10 ms. A run ends at most one tick after its wall-time limit; each tick
 /// also lets a long run yield to the async executor. Shorter ticks cost a little throughput
@@ -51,7 +55,14 @@ pub struct RuntimeConfig {
     /// [`DEFAULT_HOST_DEVICE_MEMORY`]). Each run is also bounded by its own
     /// [`Limits::device_memory`](crate::Limits::device_memory).
     pub device_memory: u64,
+    /// Most bytes the cache directory may hold (default [`DEFAULT_CACHE_MAX_BYTES`]); after a
+    /// write, the least recently used entries are removed until it fits. `None`: no cap.
+    pub cache_max_bytes: Option<u64>,
 }
+
+/// Default cap on the compiled-model cache: 2 GiB, room for a few models with their snapshots
+/// (MiniLM's entries take about 350 MiB together) without growing forever as versions change.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 2 << 30;
 
 /// Default host-wide device-memory budget: 2 GiB.
 pub const DEFAULT_HOST_DEVICE_MEMORY: u64 = 2 << 30;
@@ -65,6 +76,7 @@ impl Default for RuntimeConfig {
             pool: None,
             accel: AccelMode::Auto,
             device_memory: DEFAULT_HOST_DEVICE_MEMORY,
+            cache_max_bytes: Some(DEFAULT_CACHE_MAX_BYTES),
         }
     }
 }
@@ -104,15 +116,14 @@ impl Runtime {
     /// A runtime with `config`.
     pub fn with_config(config: RuntimeConfig) -> Result<Self> {
         if config.pool == Some(0) {
-            return Err(Error::Internal("a pool needs at least one slot".into()));
+            return Err(Error::Config("a pool needs at least one slot".into()));
         }
-        let engine =
-            Engine::new(&engine_config(config.meter_fuel, config.pool)).map_err(internal)?;
+        let engine = Engine::new(&config.engine_settings().config()).map_err(internal)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
         crate::accel::add_to_linker(&mut linker).map_err(internal)?;
         let accel =
-            Arc::new(Accel::new(config.accel, config.device_memory).map_err(Error::Internal)?);
+            Arc::new(Accel::new(config.accel, config.device_memory).map_err(Error::Config)?);
         let ticker = Ticker::start(engine.clone(), config.epoch_tick);
         let slots = config
             .pool
@@ -160,39 +171,157 @@ impl Runtime {
     pub(crate) fn epoch_tick(&self) -> Duration {
         self.inner.ticker.tick
     }
+
+    /// The fingerprint of this runtime's engine settings.
+    pub fn fingerprint(&self) -> EngineFingerprint {
+        self.inner.config.engine_settings().fingerprint()
+    }
+
+    /// The compiled-model cache, if this runtime has one.
+    pub fn cache(&self) -> Option<crate::cache::Cache> {
+        let dir = self.inner.config.cache_dir.clone()?;
+        Some(crate::cache::Cache::new(
+            dir,
+            self.inner.config.cache_max_bytes,
+        ))
+    }
 }
 
-/// The engine settings every run relies on.
+/// The engine settings that decide what a run computes, what its figures mean, and which
+/// compiled code and snapshots are interchangeable. The engine's `Config` and the fingerprint
+/// recorded in snapshots are both derived from here, so they cannot disagree.
 ///
 /// - fuel metering: the deterministic compute cap and the fuel figure in every usage report;
 /// - epoch interruption: the wall-time limit, and periodic yields so that async runs share
-///   threads fairly (cheaper than fuel-based yielding, which would cost determinism nothing but
-///   adds a check per yield interval);
-/// - NaN canonicalisation and deterministic relaxed SIMD: the same bits on every machine.
-fn engine_config(meter_fuel: bool, pool: Option<u32>) -> Config {
-    let mut config = Config::new();
-    if let Some(n) = pool {
-        let mut pooling = PoolingAllocationConfig::new();
-        pooling
-            .total_component_instances(n)
-            .total_core_instances(n.saturating_mul(20))
-            .max_core_instances_per_component(20)
-            .total_memories(n.saturating_mul(4))
-            .max_memories_per_component(4)
-            .max_memory_size(4 << 30)
-            .total_tables(n.saturating_mul(8))
-            .max_tables_per_component(8)
-            .table_elements(MAX_TABLE_ELEMENTS as usize)
-            .total_stacks(n);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+///   threads fairly (cheaper than fuel-based yielding, which adds a check per yield interval);
+/// - SIMD, with relaxed SIMD made deterministic and NaNs canonicalised: the same bits on every
+///   machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// Fuel metering on.
+    pub meter_fuel: bool,
+    /// Pooled slots, if any (see [`RuntimeConfig::pool`]).
+    pub pool: Option<u32>,
+}
+
+/// Epoch interruption: always on (the wall-time limit depends on it).
+const EPOCHS: bool = true;
+/// WebAssembly SIMD (v128): on (candle's wasm kernels use it).
+const SIMD: bool = true;
+/// Relaxed-SIMD instructions give one result on every CPU.
+const RELAXED_SIMD_DETERMINISTIC: bool = true;
+/// NaN results canonicalised.
+const NAN_CANONICALIZATION: bool = true;
+
+impl EngineSettings {
+    /// The wasmtime configuration.
+    pub fn config(&self) -> Config {
+        let mut config = Config::new();
+        if let Some(n) = self.pool {
+            let mut pooling = PoolingAllocationConfig::new();
+            pooling
+                .total_component_instances(n)
+                .total_core_instances(n.saturating_mul(MAX_CORE_INSTANCES))
+                .max_core_instances_per_component(MAX_CORE_INSTANCES)
+                .total_memories(n.saturating_mul(MAX_MEMORIES))
+                .max_memories_per_component(MAX_MEMORIES)
+                .max_memories_per_module(MAX_MEMORIES)
+                .max_memory_size(4 << 30)
+                .total_tables(n.saturating_mul(MAX_TABLES))
+                .max_tables_per_component(MAX_TABLES)
+                .max_tables_per_module(MAX_TABLES)
+                .table_elements(MAX_TABLE_ELEMENTS as usize)
+                .total_stacks(n);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        }
+        config
+            .consume_fuel(self.meter_fuel)
+            .epoch_interruption(EPOCHS)
+            .wasm_simd(SIMD)
+            .cranelift_nan_canonicalization(NAN_CANONICALIZATION)
+            .relaxed_simd_deterministic(RELAXED_SIMD_DETERMINISTIC)
+            .wasm_component_model(true);
+        config
     }
-    config
-        .consume_fuel(meter_fuel)
-        .epoch_interruption(true)
-        .cranelift_nan_canonicalization(true)
-        .relaxed_simd_deterministic(true)
-        .wasm_component_model(true);
-    config
+
+    /// What a snapshot made under these settings records about them.
+    pub fn fingerprint(&self) -> EngineFingerprint {
+        EngineFingerprint {
+            wasmtime: env!("WASM_INFER_WASMTIME_VERSION").to_string(),
+            fuel: self.meter_fuel,
+            epochs: EPOCHS,
+            simd: SIMD,
+            relaxed_simd_deterministic: RELAXED_SIMD_DETERMINISTIC,
+            nan_canonicalization: NAN_CANONICALIZATION,
+        }
+    }
+}
+
+/// The engine settings that decide what initialisation computes and what its figures mean,
+/// as a snapshot records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineFingerprint {
+    /// wasmtime's version.
+    pub wasmtime: String,
+    /// Fuel metering on (the recorded init fuel is only meaningful then).
+    pub fuel: bool,
+    /// Epoch interruption on.
+    pub epochs: bool,
+    /// WebAssembly SIMD (v128) enabled.
+    pub simd: bool,
+    /// Relaxed-SIMD instructions give the same result on every CPU.
+    pub relaxed_simd_deterministic: bool,
+    /// NaN results canonicalised.
+    pub nan_canonicalization: bool,
+}
+
+impl EngineFingerprint {
+    /// Human-readable list of the settings that differ, `self` (a snapshot's) vs `runtime`.
+    pub fn differences(&self, runtime: &Self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.wasmtime != runtime.wasmtime {
+            out.push(format!(
+                "wasmtime {} (this build: {})",
+                self.wasmtime, runtime.wasmtime
+            ));
+        }
+        let flags = [
+            ("fuel", self.fuel, runtime.fuel),
+            ("epochs", self.epochs, runtime.epochs),
+            ("simd", self.simd, runtime.simd),
+            (
+                "relaxed-simd-deterministic",
+                self.relaxed_simd_deterministic,
+                runtime.relaxed_simd_deterministic,
+            ),
+            (
+                "nan-canonicalization",
+                self.nan_canonicalization,
+                runtime.nan_canonicalization,
+            ),
+        ];
+        let on = |flag: bool| if flag { "on" } else { "off" };
+        for (name, snap, this) in flags {
+            if snap != this {
+                out.push(format!(
+                    "{name}={} (this runtime: {name}={})",
+                    on(snap),
+                    on(this)
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl RuntimeConfig {
+    /// The engine settings this configuration asks for.
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            meter_fuel: self.meter_fuel,
+            pool: self.pool,
+        }
+    }
 }
 
 fn internal(e: wasmtime::Error) -> Error {
@@ -235,5 +364,55 @@ impl Drop for Ticker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Drives `future` to completion on a private current-thread tokio runtime (with the time
+/// driver the wall-time limit needs). Inside an async runtime, where blocking the thread with a
+/// nested runtime would panic, it does so on a scoped helper thread instead.
+pub(crate) fn block_on<F>(future: F) -> Result<F::Output>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    let drive = move || -> Result<F::Output> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Internal(format!("starting an executor: {e}")))?;
+        Ok(rt.block_on(future))
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|scope| scope.spawn(drive).join())
+            .unwrap_or_else(|_| Err(Error::Internal("the executor thread panicked".into())))
+    } else {
+        drive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_differences_name_each_setting() {
+        let a = EngineSettings {
+            meter_fuel: true,
+            pool: None,
+        }
+        .fingerprint();
+        let b = EngineFingerprint {
+            wasmtime: "47.0.0".into(),
+            fuel: false,
+            ..a.clone()
+        };
+        assert_eq!(
+            b.differences(&a),
+            [
+                format!("wasmtime 47.0.0 (this build: {})", a.wasmtime),
+                "fuel=off (this runtime: fuel=on)".to_string()
+            ]
+        );
+        assert!(a.differences(&a).is_empty());
     }
 }

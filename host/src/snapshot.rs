@@ -19,7 +19,7 @@
 //! differences spelled out, because its state (and its recorded figures) came from semantics
 //! this runtime does not have.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use wasmtime::component::types::ComponentItem;
@@ -27,11 +27,12 @@ use wasmtime::component::{Component, Instance, Linker, WasmList};
 use wasmtime::Store;
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
-use crate::error::{Error, InvalidModel, LimitExceeded, Result};
+use crate::component::{self, Inspection};
+use crate::error::{Error, InvalidModel, Result};
 use crate::limits::Limits;
-use crate::model::{classify, fuel_used, new_store};
-use crate::runtime::Runtime;
-use crate::sandbox::RunState;
+use crate::run::call_limited;
+use crate::runtime::{block_on, EngineFingerprint, Runtime};
+use crate::store::RunState;
 
 /// The export a pre-initialisable model provides (wizer's default name).
 pub const INIT_EXPORT: &str = "wizer-initialize";
@@ -39,81 +40,6 @@ pub const INIT_EXPORT: &str = "wizer-initialize";
 pub const SNAPSHOT_SECTION: &str = "wasm-infer-snapshot";
 /// Version of the snapshot section's layout and of the snapshotting procedure.
 pub const SNAPSHOT_FORMAT: u32 = 1;
-
-/// The engine settings that decide what initialisation computes and what its figures mean.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineFingerprint {
-    /// wasmtime's version.
-    pub wasmtime: String,
-    /// Fuel metering on (the recorded init fuel is only meaningful then).
-    pub fuel: bool,
-    /// Epoch interruption on.
-    pub epochs: bool,
-    /// WebAssembly SIMD (v128) enabled.
-    pub simd: bool,
-    /// Relaxed-SIMD instructions give the same result on every CPU.
-    pub relaxed_simd_deterministic: bool,
-    /// NaN results canonicalised.
-    pub nan_canonicalization: bool,
-}
-
-impl EngineFingerprint {
-    /// The fingerprint of `runtime`'s engine.
-    pub fn of(runtime: &Runtime) -> Self {
-        Self {
-            wasmtime: env!("WASM_INFER_WASMTIME_VERSION").to_string(),
-            fuel: runtime.config().meter_fuel,
-            epochs: true,
-            simd: true,
-            relaxed_simd_deterministic: true,
-            nan_canonicalization: true,
-        }
-    }
-
-    /// Human-readable list of the settings that differ, `snapshot` vs `runtime`.
-    fn differences(&self, runtime: &Self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.wasmtime != runtime.wasmtime {
-            out.push(format!(
-                "wasmtime {} (this build: {})",
-                self.wasmtime, runtime.wasmtime
-            ));
-        }
-        let flags = [
-            ("fuel", self.fuel, runtime.fuel),
-            ("epochs", self.epochs, runtime.epochs),
-            ("simd", self.simd, runtime.simd),
-            (
-                "relaxed-simd-deterministic",
-                self.relaxed_simd_deterministic,
-                runtime.relaxed_simd_deterministic,
-            ),
-            (
-                "nan-canonicalization",
-                self.nan_canonicalization,
-                runtime.nan_canonicalization,
-            ),
-        ];
-        for (name, snap, this) in flags {
-            if snap != this {
-                out.push(format!(
-                    "{name}={} (this runtime: {name}={})",
-                    on(snap),
-                    on(this)
-                ));
-            }
-        }
-        out
-    }
-}
-
-fn on(flag: bool) -> &'static str {
-    if flag {
-        "on"
-    } else {
-        "off"
-    }
-}
 
 /// What pre-initialising a model cost. Paid once, when the snapshot is made; runs started
 /// from the snapshot do not pay it again.
@@ -124,7 +50,7 @@ pub struct InitReport {
     /// Linear memory (all memories) when initialisation ended: the snapshot's initial memory.
     pub memory_bytes: u64,
     /// Wall time of instantiation plus initialisation (not of compiling or rewriting).
-    #[serde(rename = "time_us", with = "micros")]
+    #[serde(rename = "time_us", with = "crate::units::serde::micros")]
     pub time: Duration,
     /// Size of the component that was initialised.
     pub source_bytes: u64,
@@ -157,7 +83,7 @@ impl SnapshotInfo {
                 self.format
             ));
         }
-        differences.extend(self.engine.differences(&EngineFingerprint::of(runtime)));
+        differences.extend(self.engine.differences(&runtime.fingerprint()));
         if differences.is_empty() {
             Ok(())
         } else {
@@ -183,19 +109,28 @@ pub struct Snapshot {
 /// Pre-initialises `wasm` (which must export [`INIT_EXPORT`]) under `limits` and returns the
 /// snapshot. Blocking; see [`snapshot_async`].
 pub fn snapshot(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Result<Snapshot> {
-    crate::model::block_on(snapshot_async(runtime, wasm, limits))?
+    block_on(snapshot_async(runtime, wasm, limits))?
 }
 
 /// Pre-initialises `wasm` under `limits` (fuel, memory and wall time bound the initialisation
 /// like a run) and returns the snapshot.
 pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Result<Snapshot> {
-    crate::model::check_header(wasm)?;
-    if read_info(wasm)?.is_some() {
+    component::check_header(wasm)?;
+    let inspection = component::inspect(wasm)?;
+    if read_info(&inspection, wasm)?.is_some() {
         return Err(InvalidModel::Malformed("already a wasm-infer snapshot".into()).into());
     }
-    if !exports_init(wasm)? {
+    if !inspection.exports_func(INIT_EXPORT) {
         return Err(InvalidModel::NotPreinitialisable.into());
     }
+    // The world's exports are checked when the snapshot is loaded as a model.
+    inspection.check_counts()?;
+    inspection.check_imports()?;
+    make(runtime, wasm, limits).await
+}
+
+/// Instruments, initialises and snapshots `wasm`, which the caller has inspected.
+pub(crate) async fn make(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Result<Snapshot> {
     let mut wizer = Wizer::new();
     // The component-level export lifts the core module's `wizer-initialize`; wizer 48 drops
     // the core export but not the lift, which leaves an invalid component. Keeping it is
@@ -206,7 +141,7 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
         .map_err(|e| InvalidModel::Malformed(format!("preparing the snapshot: {e:#}")))?;
     let engine = runtime.engine();
     let component = Component::new(engine, &instrumented)
-        .map_err(|e| InvalidModel::Malformed(format!("{e:#}")))?;
+        .map_err(|e| component::diagnose(&instrumented, &e))?;
     let init_index = match component.get_export(None, INIT_EXPORT) {
         Some((ComponentItem::ComponentFunc(ty), index))
             if ty.params().len() == 0 && ty.results().len() == 0 =>
@@ -221,40 +156,26 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
         }
     };
     let linker = init_linker(engine, &component).map_err(|e| Error::Internal(format!("{e:#}")))?;
+    let instance_pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| Error::Internal(format!("{e:#}")))?;
 
-    let _slot = runtime.slot().await;
-    let started = Instant::now();
-    let mut store = new_store(runtime, limits, started)?;
-    let deadline = started + limits.wall_time + runtime.epoch_tick();
-    let init = async {
-        let instance = linker.instantiate_async(&mut store, &component).await?;
-        let func = instance.get_typed_func::<(), ()>(&mut store, init_index)?;
-        func.call_async(&mut store, ()).await?;
-        Ok::<_, wasmtime::Error>(instance)
-    };
-    let instance = match tokio::time::timeout_at(deadline.into(), init).await {
-        Err(_) => {
-            return Err(init_failed(
-                LimitExceeded::WallTime {
-                    limit: limits.wall_time,
-                    elapsed: started.elapsed(),
-                }
-                .into(),
-            ))
-        }
-        Ok(Err(e)) => {
-            let error = classify(e, store.data(), limits);
-            return Err(init_failed(error));
-        }
-        Ok(Ok(instance)) => instance,
-    };
+    let limited = call_limited(runtime, limits, move |store| {
+        Box::pin(async move {
+            let instance = instance_pre.instantiate_async(&mut *store).await?;
+            store.data_mut().mark_instantiated();
+            let func = instance.get_typed_func::<(), ()>(&mut *store, init_index)?;
+            func.call_async(&mut *store, ()).await?;
+            Ok(instance)
+        })
+    })
+    .await;
+    let instance = limited.result.map_err(|e| Error::Init(Box::new(e)))?;
+    let mut store = limited.store.expect("a call that succeeded had a store");
     // Whole microseconds: the figure is stored that way, and must compare equal once read back.
-    let time = Duration::from_micros(started.elapsed().as_micros() as u64);
-    let (fuel, out_of_fuel) = fuel_used(&store, limits);
-    if let Some(out_of_fuel) = out_of_fuel {
-        return Err(init_failed(out_of_fuel.into()));
-    }
-    let memory_bytes = store.data().limiter.peak;
+    let time = Duration::from_micros(limited.usage.wall_time.as_micros() as u64);
+    let fuel = limited.usage.fuel_consumed;
+    let memory_bytes = limited.usage.peak_memory_bytes;
     // wizer reads each memory whole as one `list<u8>`; the default cap on data copied per
     // host call (128 MiB, a guard against guests) is for runs, not for reading our own snapshot.
     store.set_hostcall_fuel(usize::MAX);
@@ -273,7 +194,7 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
     let mut info = SnapshotInfo {
         format: SNAPSHOT_FORMAT,
         wasm_infer: env!("CARGO_PKG_VERSION").to_string(),
-        engine: EngineFingerprint::of(runtime),
+        engine: runtime.fingerprint(),
         source_sha256: crate::cache::component_digest(wasm),
         init: InitReport {
             fuel,
@@ -288,7 +209,7 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
     let mut wasm_out = rewritten.clone();
     for _ in 0..3 {
         wasm_out = rewritten.clone();
-        append_custom_section(&mut wasm_out, SNAPSHOT_SECTION, &section_payload(&info));
+        component::append_custom_section(&mut wasm_out, SNAPSHOT_SECTION, &section_payload(&info));
         if info.init.snapshot_bytes == wasm_out.len() as u64 {
             break;
         }
@@ -326,86 +247,28 @@ fn init_linker(
     Ok(linker)
 }
 
-fn init_failed(error: Error) -> Error {
-    Error::Init(Box::new(error))
-}
-
 fn section_payload(info: &SnapshotInfo) -> Vec<u8> {
     serde_json::to_vec(info).expect("snapshot info serialises")
 }
 
-/// Reads the snapshot section, if `wasm` has one.
-pub fn read_info(wasm: &[u8]) -> Result<Option<SnapshotInfo>, InvalidModel> {
-    let mut found = None;
-    for_each_top_level(wasm, |payload| {
-        if let wasmparser::Payload::CustomSection(reader) = payload {
-            if reader.name() == SNAPSHOT_SECTION {
-                let info: SnapshotInfo = serde_json::from_slice(reader.data()).map_err(|e| {
-                    InvalidModel::Malformed(format!("{SNAPSHOT_SECTION} section: {e}"))
-                })?;
-                found = Some(info);
-            }
-        }
-        Ok(())
-    })?;
-    Ok(found)
-}
-
-/// Whether the component itself (not a nested module) exports [`INIT_EXPORT`].
-pub fn exports_init(wasm: &[u8]) -> Result<bool, InvalidModel> {
-    let mut found = false;
-    for_each_top_level(wasm, |payload| {
-        if let wasmparser::Payload::ComponentExportSection(reader) = payload {
-            for export in reader {
-                let export = export.map_err(|e| InvalidModel::Malformed(e.to_string()))?;
-                if export.name.name == INIT_EXPORT {
-                    found = true;
-                }
-            }
-        }
-        Ok(())
-    })?;
-    Ok(found)
-}
-
-/// Calls `f` with every payload of the outermost component or module, skipping nested ones.
-fn for_each_top_level(
+/// Reads the snapshot section of an inspected component, if it has one.
+pub(crate) fn read_info(
+    inspection: &Inspection,
     wasm: &[u8],
-    mut f: impl FnMut(wasmparser::Payload<'_>) -> Result<(), InvalidModel>,
-) -> Result<(), InvalidModel> {
-    let mut depth = 0usize;
-    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
-        let payload = payload.map_err(|e| InvalidModel::Malformed(e.to_string()))?;
-        match payload {
-            wasmparser::Payload::Version { .. } => depth += 1,
-            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
-            payload if depth == 1 => f(payload)?,
-            _ => {}
-        }
-    }
-    Ok(())
+) -> Result<Option<SnapshotInfo>, InvalidModel> {
+    inspection
+        .custom_section(wasm, SNAPSHOT_SECTION)
+        .map(|data| {
+            serde_json::from_slice(data)
+                .map_err(|e| InvalidModel::Malformed(format!("{SNAPSHOT_SECTION} section: {e}")))
+        })
+        .transpose()
 }
 
-fn append_custom_section(wasm: &mut Vec<u8>, name: &str, payload: &[u8]) {
-    let mut body = Vec::with_capacity(name.len() + payload.len() + 5);
-    leb128(&mut body, name.len() as u64);
-    body.extend_from_slice(name.as_bytes());
-    body.extend_from_slice(payload);
-    wasm.push(0);
-    leb128(wasm, body.len() as u64);
-    wasm.extend_from_slice(&body);
-}
-
-fn leb128(out: &mut Vec<u8>, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
+/// Reads the snapshot section of `wasm`, if it is a snapshot.
+pub fn snapshot_info(wasm: &[u8]) -> Result<Option<SnapshotInfo>, InvalidModel> {
+    component::check_header(wasm)?;
+    read_info(&component::inspect(wasm)?, wasm)
 }
 
 /// Lets wizer read the initialised instance's memories and globals.
@@ -473,43 +336,13 @@ impl ComponentInstanceState for Access<'_> {
     }
 }
 
-mod micros {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_micros() as u64)
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let micros = <u64 as serde::Deserialize>::deserialize(d)?;
-        Ok(Duration::from_micros(micros))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn leb128_matches_the_spec_examples() {
-        let mut out = Vec::new();
-        leb128(&mut out, 624_485);
-        assert_eq!(out, [0xe5, 0x8e, 0x26]);
-        out.clear();
-        leb128(&mut out, 0);
-        assert_eq!(out, [0]);
-    }
-
-    #[test]
-    fn a_custom_section_round_trips_and_ignores_nested_modules() {
-        let mut wasm = wat::parse_str(
-            r#"(component
-                (core module $m (@custom "wasm-infer-snapshot" "not json"))
-            )"#,
-        )
-        .unwrap();
-        // The nested module's section is not the component's: no snapshot.
-        assert_eq!(read_info(&wasm).unwrap(), None);
+    fn the_snapshot_section_round_trips() {
+        let mut wasm = wat::parse_str("(component)").unwrap();
         let info = SnapshotInfo {
             format: SNAPSHOT_FORMAT,
             wasm_infer: "0.0.0".into(),
@@ -530,33 +363,8 @@ mod tests {
                 snapshot_bytes: 200,
             },
         };
-        append_custom_section(&mut wasm, SNAPSHOT_SECTION, &section_payload(&info));
-        wasmparser::Validator::new().validate_all(&wasm).unwrap();
-        assert_eq!(read_info(&wasm).unwrap(), Some(info));
-    }
-
-    #[test]
-    fn fingerprint_differences_name_each_setting() {
-        let a = EngineFingerprint {
-            wasmtime: "48.0.8".into(),
-            fuel: true,
-            epochs: true,
-            simd: true,
-            relaxed_simd_deterministic: true,
-            nan_canonicalization: true,
-        };
-        let b = EngineFingerprint {
-            wasmtime: "47.0.0".into(),
-            fuel: false,
-            ..a.clone()
-        };
-        assert_eq!(
-            b.differences(&a),
-            [
-                "wasmtime 47.0.0 (this build: 48.0.8)",
-                "fuel=off (this runtime: fuel=on)"
-            ]
-        );
-        assert!(a.differences(&a).is_empty());
+        assert_eq!(snapshot_info(&wasm).unwrap(), None);
+        component::append_custom_section(&mut wasm, SNAPSHOT_SECTION, &section_payload(&info));
+        assert_eq!(snapshot_info(&wasm).unwrap(), Some(info));
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::limits::{format_count, format_size};
+use crate::units::{format_count, format_size};
 
 /// Resources one run consumed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -18,14 +18,14 @@ pub struct Usage {
     /// built model, or embedded weights). `peak - initial` is what the request itself grew.
     pub initial_memory_bytes: u64,
     /// Wall time from the start of the run to its end, instantiation included.
-    #[serde(serialize_with = "as_micros", rename = "wall_time_us")]
+    #[serde(with = "crate::units::serde::micros", rename = "wall_time_us")]
     pub wall_time: Duration,
     /// Time spent waiting for a free pooled slot before the run started (not in `wall_time`;
     /// always zero without a pool, see [`RuntimeConfig::pool`](crate::RuntimeConfig::pool)).
-    #[serde(serialize_with = "as_micros", rename = "queue_time_us")]
+    #[serde(with = "crate::units::serde::micros", rename = "queue_time_us")]
     pub queue_time: Duration,
     /// Time spent creating the fresh instance, within `wall_time`.
-    #[serde(serialize_with = "as_micros", rename = "instantiate_time_us")]
+    #[serde(with = "crate::units::serde::micros", rename = "instantiate_time_us")]
     pub instantiate_time: Duration,
     /// Input payload size, in bytes.
     pub input_bytes: u64,
@@ -45,10 +45,6 @@ pub struct Usage {
     pub accel_ops: u64,
     /// Device allocations refused for a budget (the guest may have fallen back).
     pub accel_refusals: u64,
-}
-
-fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_micros() as u64)
 }
 
 impl std::fmt::Display for Usage {

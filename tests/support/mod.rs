@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use serde::Deserialize;
-use wasm_infer::{Model, Runtime, RuntimeConfig};
+use wasm_infer::{
+    Error, Input, LimitExceeded, Model, Outcome, RunError, Runtime, RuntimeConfig, Trap,
+};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -34,38 +35,15 @@ pub fn minilm_wasm() -> PathBuf {
     path
 }
 
-/// The `hostile` test guest, built on first use into its own target directory (the outer
-/// `cargo test` holds the lock on the shared one).
+/// The `hostile` test guest, built by `just test-guests` (which `just test` runs first).
 pub fn hostile_wasm() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let target = target_dir().join("test-guests");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .current_dir(workspace_root())
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "wasm32-wasip2",
-                    "-p",
-                    "hostile",
-                ])
-                .arg("--target-dir")
-                .arg(&target)
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .env_remove("RUSTFLAGS")
-                .status()
-                .expect("running cargo to build the hostile test guest");
-            assert!(
-                status.success(),
-                "building guest/test-guests/hostile failed: is the wasm32-wasip2 target \
-                 installed? (`rustup target add wasm32-wasip2`, or `just setup`)"
-            );
-            target.join("wasm32-wasip2/release/hostile.wasm")
-        })
-        .clone()
+    let path = target_dir().join("wasm32-wasip2/release/hostile.wasm");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `just test-guests` (or `just test`, which builds it first)",
+        path.display()
+    );
+    path
 }
 
 /// The unpacked all-MiniLM-L6-v2 files, fetched by `just model`.
@@ -181,14 +159,69 @@ pub fn case(name: &str) -> Case {
 }
 
 /// The bits of every embedding in an outcome, for exact comparisons.
-pub fn bits(outcome: &wasm_infer::Outcome) -> Vec<Vec<u32>> {
-    outcome
-        .output
-        .embeddings()
-        .unwrap()
+pub fn bits(outcome: &Outcome) -> Vec<Vec<u32>> {
+    embedding_bits(outcome.output.embeddings().expect("an embeddings output"))
+}
+
+/// The bits of embeddings, for exact comparisons.
+pub fn embedding_bits(vectors: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    vectors
         .iter()
         .map(|v| v.iter().map(|x| x.to_bits()).collect())
         .collect()
+}
+
+/// One text as an input.
+pub fn text(s: &str) -> Input {
+    Input::Text(s.to_string())
+}
+
+/// The limit a run tripped (panics if it succeeded or failed otherwise).
+pub fn limit(result: Result<Outcome, RunError>) -> LimitExceeded {
+    match result {
+        Err(failure) => match failure.error {
+            Error::Limit(limit) => limit,
+            other => panic!("expected a limit trip, got {other}"),
+        },
+        Ok(outcome) => panic!("expected a limit trip, it succeeded: {}", outcome.usage),
+    }
+}
+
+/// The trap a run ended with: code, message, guest stderr tail.
+pub fn trap(result: Result<Outcome, RunError>) -> (Option<Trap>, String, String) {
+    match result {
+        Err(RunError {
+            error:
+                Error::Trap {
+                    code,
+                    message,
+                    guest_stderr,
+                },
+            ..
+        }) => (code, message, guest_stderr),
+        Err(other) => panic!("expected a trap, got {}", other.error),
+        Ok(outcome) => panic!("expected a trap, it succeeded: {}", outcome.usage),
+    }
+}
+
+/// The text a hostile command answered under default limits.
+pub fn reply(command: &str) -> String {
+    match hostile().run(text(command), &wasm_infer::Limits::default()) {
+        Ok(outcome) => match outcome.output {
+            wasm_infer::Output::Text(text) => text,
+            other => panic!("{command}: expected text, got {other:?}"),
+        },
+        Err(e) => panic!("{command}: {e}"),
+    }
+}
+
+/// The invalid-model reason of a failed load.
+pub fn invalid(result: wasm_infer::Result<Model>) -> wasm_infer::InvalidModel {
+    match result {
+        Err(Error::InvalidModel(reason)) => reason,
+        Err(other) => panic!("expected an invalid-model error, got {other}"),
+        Ok(_) => panic!("expected an invalid-model error, the model loaded"),
+    }
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -232,38 +265,92 @@ pub fn assert_golden(name: &str, figure: u64) {
 /// the five flattened `input` parameters as locals 0-4) and then returns `Ok(embeddings([]))`.
 /// `extra` adds module fields (tables, memories, functions) for the body to use.
 pub fn wat_model(infer_body: &str, extra: &str) -> Vec<u8> {
-    let core = format!(
-        r#"(module
-            (memory (export "memory") 1)
-            (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) i32.const 4096)
-            (func (export "info") (result i32) i32.const 1024)
-            (func (export "infer") (param i32 i32 i32 i32 i32) (result i32)
-                {infer_body}
-                i32.const 1024)
-            {extra}
-        )"#
-    );
-    let mut module = wat::parse_str(&core).expect("core module WAT");
-    let mut resolve = wit_parser::Resolve::default();
-    let package = resolve
-        .push_file(workspace_root().join("wit/model.wit"))
-        .expect("parsing wit/model.wit");
-    let world = resolve
-        .select_world(&[package], Some("model"))
-        .expect("the model world");
-    wit_component::embed_component_metadata(
-        &mut module,
-        &resolve,
-        world,
-        wit_component::StringEncoding::UTF8,
-    )
-    .expect("embedding the world");
-    wit_component::ComponentEncoder::default()
-        .module(&module)
-        .expect("componentising the module")
-        .validate(true)
-        .encode()
-        .expect("encoding the component")
+    WatModel {
+        infer: infer_body,
+        extra,
+        ..WatModel::default()
+    }
+    .build()
+}
+
+/// A hand-written model component: the core module's `info` and `infer` bodies, extra module
+/// fields, and extra WIT (packages and interfaces) whose `imports` the world adds, so a test
+/// can import a WASI function by hand.
+#[derive(Default)]
+pub struct WatModel<'a> {
+    /// Instructions run by `info` before it returns its (all-zero) record.
+    pub info: &'a str,
+    /// Instructions run by `infer` before it returns `Ok(embeddings([]))`.
+    pub infer: &'a str,
+    /// Extra module fields (tables, memories, functions).
+    pub extra: &'a str,
+    /// Core imports (WAT wants them before every definition).
+    pub core_imports: &'a str,
+    /// Extra WIT packages (nested `package a:b@1.0.0 { ... }` blocks).
+    pub wit_packages: &'a str,
+    /// Interfaces the world imports (`wasi:io/poll@0.2.0`).
+    pub imports: &'a [&'a str],
+}
+
+impl WatModel<'_> {
+    pub fn build(&self) -> Vec<u8> {
+        let core = format!(
+            r#"(module
+                {core_imports}
+                (memory (export "memory") 1)
+                (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) i32.const 4096)
+                (func (export "info") (result i32) {info} i32.const 1024)
+                (func (export "infer") (param i32 i32 i32 i32 i32) (result i32)
+                    {infer}
+                    i32.const 1024)
+                {extra}
+            )"#,
+            core_imports = self.core_imports,
+            extra = self.extra,
+            info = self.info,
+            infer = self.infer,
+        );
+        let mut module = wat::parse_str(&core).expect("core module WAT");
+        let mut resolve = wit_parser::Resolve::default();
+        let model = resolve
+            .push_file(workspace_root().join("wit/model.wit"))
+            .expect("parsing wit/model.wit");
+        let world = if self.imports.is_empty() {
+            resolve
+                .select_world(&[model], Some("model"))
+                .expect("the model world")
+        } else {
+            let imports: String = self
+                .imports
+                .iter()
+                .map(|i| format!("import {i};\n"))
+                .collect();
+            let wit = format!(
+                "package test:wat;\nworld test {{\n include wasm-infer:model/model@0.1.0;\n \
+                 {imports}}}\n{}",
+                self.wit_packages
+            );
+            let test = resolve
+                .push_str("test.wit", &wit)
+                .expect("parsing the test WIT");
+            resolve
+                .select_world(&[test], Some("test"))
+                .expect("the test world")
+        };
+        wit_component::embed_component_metadata(
+            &mut module,
+            &resolve,
+            world,
+            wit_component::StringEncoding::UTF8,
+        )
+        .expect("embedding the world");
+        wit_component::ComponentEncoder::default()
+            .module(&module)
+            .expect("componentising the module")
+            .validate(true)
+            .encode()
+            .expect("encoding the component")
+    }
 }
 
 /// A model whose `infer` grows a table by 1,000 elements until refused, then aborts with

@@ -8,6 +8,7 @@
 //! | `spin`           | loops forever without calling anything                       |
 //! | `grow`           | allocates 1 MiB blocks forever (the allocator aborts on OOM) |
 //! | `grow-pages:N`   | one `memory.grow` of N pages; returns the old size or -1     |
+//! | `handled-grow:N` | a refused grow of N pages, a granted one of 1, then a panic  |
 //! | `recurse`        | unbounded recursion (stack overflow)                         |
 //! | `panic`          | panics with a message on stderr                              |
 //! | `bytes:N`        | returns N bytes of output                                    |
@@ -27,6 +28,7 @@
 //! | `accel-huge`     | asks for a 16 GiB linear-layer result; reports the refusal   |
 //! | `accel-unwrap`   | the same, but panics on the refusal (no fallback)            |
 //! | `accel-linear:M,K,N` | a linear layer + GELU on the device vs in the sandbox    |
+//! | `accel-handled`  | a refused device allocation, a granted one, then a panic     |
 //! | `accel-hold:CMD` | holds 4 MiB on the device, then runs CMD                     |
 //! | `accel-forged`   | calls a method on a handle it never got                      |
 //! | `accel-dropped`  | calls a method on a handle it already dropped                |
@@ -155,6 +157,15 @@ impl Guest for Hostile {
                 let old = core::arch::wasm32::memory_grow(0, number(arg) as usize);
                 Ok(Output::Text(format!("{}", old as isize)))
             }
+            "handled-grow" => {
+                // The guest sees the refusal, carries on (a small grow is granted), and then
+                // fails for an unrelated reason: a trap, not a memory-limit trip.
+                let refused = core::arch::wasm32::memory_grow(0, number(arg) as usize);
+                assert_eq!(refused, usize::MAX, "the big grow should be refused");
+                let granted = core::arch::wasm32::memory_grow(0, 1);
+                assert_ne!(granted, usize::MAX, "the small grow should be granted");
+                panic!("unrelated failure after a handled refusal")
+            }
             "recurse" => Ok(Output::Text(recurse(0).to_string())),
             "panic" => panic!("hostile guest panicked on purpose"),
             "bytes" => Ok(Output::Bytes(vec![7u8; number(arg) as usize])),
@@ -251,6 +262,13 @@ impl Guest for Hostile {
                     Ok(_) => "allocated".into(),
                     Err(e) => refusal(&e),
                 }))
+            }
+            "accel-handled" => {
+                let x = accel::upload(&[32768, 1], &vec![1.0; 32768]).unwrap();
+                let refused = accel::linear(&x, &x, None);
+                assert!(refused.is_err(), "the 4 GiB result should be refused");
+                let _small = accel::upload(&[1], &[1.0]).expect("a small upload is granted");
+                panic!("unrelated failure after a handled device refusal")
             }
             "accel-linear" => {
                 let dims: Vec<usize> = arg.split(',').map(|d| d.parse().unwrap()).collect();

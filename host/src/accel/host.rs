@@ -1,0 +1,294 @@
+//! The `wasm-infer:model/accel` imports: each call checks the run's deadline, charges fuel by
+//! the cost model below, and allocates only what the run's account granted.
+//!
+//! The imports are generic over [`AccelState`], what a store must give them, so this module
+//! knows nothing of the rest of the store.
+
+use candle_core::{DType, Device, Tensor};
+use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType};
+use wasmtime::{StoreContextMut, Trap};
+
+use crate::bindings::wasm_infer::model::accel::{AccelError, DeviceInfo};
+pub use crate::bindings::DeviceTensor;
+
+use super::RunDevice;
+
+/// What a store must give the accel imports.
+pub(crate) trait AccelState: Send + 'static {
+    /// The run's device account.
+    fn device(&mut self) -> &mut RunDevice;
+    /// Where the run's tensor handles live.
+    fn tensors(&mut self) -> &mut ResourceTable;
+    /// Whether the run's wall-time limit has passed (recording it for the run's result).
+    fn deadline_passed(&mut self) -> bool;
+}
+
+/// The fuel cost model of accel calls (all deterministic functions of the shapes):
+pub mod cost {
+    /// Every call.
+    pub const CALL: u64 = 1_000;
+    /// Per byte copied between the sandbox and the device (upload, download): one per 16.
+    pub const BYTES_PER_FUEL: u64 = 16;
+    /// Per multiply-accumulate of a matrix product: one per 8.
+    pub const MACS_PER_FUEL: u64 = 8;
+    /// Per element of an element-wise operation (bias add, GELU): one each.
+    pub const PER_ELEMENT: u64 = 1;
+}
+
+/// Largest matrix product one call may ask for, in multiply-accumulates (2^33, a few seconds of
+/// CPU): bounds how long a single call can hold the thread past the run's deadline.
+pub const MAX_OP_MACS: u64 = 1 << 33;
+/// Largest tensor one call may create, in elements (2^31: 8 GiB of f32).
+pub const MAX_ELEMENTS: u64 = 1 << 31;
+
+type Store<'a, T> = StoreContextMut<'a, T>;
+type Answer<T> = wasmtime::Result<(Result<T, AccelError>,)>;
+
+/// Starts a call: the deadline check, then the fuel (a trap if either is spent).
+fn begin<T: AccelState>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result<()> {
+    let state = store.data_mut();
+    if state.deadline_passed() {
+        return Err(Trap::Interrupt.into());
+    }
+    state.device().ops += 1;
+    charge(store, cost::CALL.saturating_add(fuel))
+}
+
+/// Takes `cost` fuel from the store (a trap when there is not that much left; nothing to do
+/// without fuel metering).
+fn charge<T>(store: &mut Store<'_, T>, cost: u64) -> wasmtime::Result<()> {
+    if let Ok(left) = store.get_fuel() {
+        if cost >= left {
+            store.set_fuel(0)?;
+            return Err(Trap::OutOfFuel.into());
+        }
+        store.set_fuel(left - cost)?;
+    }
+    Ok(())
+}
+
+fn device<T: AccelState>(store: &mut Store<'_, T>) -> Result<Device, AccelError> {
+    store
+        .data_mut()
+        .device()
+        .accel
+        .device
+        .clone()
+        .ok_or_else(|| {
+            AccelError::Unsupported("the host offers no accelerator (--accel off)".into())
+        })
+}
+
+fn invalid(message: impl Into<String>) -> AccelError {
+    AccelError::InvalidArgument(message.into())
+}
+
+fn failure(e: candle_core::Error) -> AccelError {
+    AccelError::DeviceFailure(e.to_string())
+}
+
+/// Allocates `elements` f32 on the run's account and stores the tensor `make` builds.
+/// Refusals cost only the call's base fuel; `work` fuel is taken once the allocation is
+/// granted, before the work runs (running out then traps, and the run's end frees the bytes).
+fn create<T: AccelState>(
+    store: &mut Store<'_, T>,
+    elements: u64,
+    work: u64,
+    make: impl FnOnce() -> Result<Tensor, AccelError>,
+) -> wasmtime::Result<Result<Resource<DeviceTensor>, AccelError>> {
+    if elements > MAX_ELEMENTS {
+        return Ok(Err(invalid(format!(
+            "{elements} elements is more than one call may create ({MAX_ELEMENTS})"
+        ))));
+    }
+    let bytes = elements * 4;
+    if let Err(e) = store.data_mut().device().alloc(bytes) {
+        return Ok(Err(e));
+    }
+    charge(store, work)?;
+    match make() {
+        Ok(tensor) => {
+            let resource = store
+                .data_mut()
+                .tensors()
+                .push(DeviceTensor { tensor, bytes })?;
+            Ok(Ok(resource))
+        }
+        Err(e) => {
+            store.data_mut().device().free(bytes);
+            Ok(Err(e))
+        }
+    }
+}
+
+/// The tensor behind a guest's handle (a clone: candle tensors share their storage).
+fn tensor<T: AccelState>(
+    store: &mut Store<'_, T>,
+    handle: &Resource<DeviceTensor>,
+) -> wasmtime::Result<Tensor> {
+    Ok(store.data_mut().tensors().get(handle)?.tensor.clone())
+}
+
+/// Defines `wasm-infer:model/accel` in `linker`.
+pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    let mut accel = linker.instance("wasm-infer:model/accel@0.1.0")?;
+    accel.resource(
+        "tensor",
+        ResourceType::host::<DeviceTensor>(),
+        |mut store, rep| {
+            let tensor = store
+                .data_mut()
+                .tensors()
+                .delete(Resource::<DeviceTensor>::new_own(rep))?;
+            store.data_mut().device().free(tensor.bytes);
+            Ok(())
+        },
+    )?;
+
+    accel.func_wrap("info", |mut store: Store<'_, T>, (): ()| {
+        let run = store.data_mut().device();
+        Ok((DeviceInfo {
+            kind: run.accel.kind,
+            name: run.accel.name.clone(),
+            budget: run.budget,
+            used: run.used,
+        },))
+    })?;
+
+    accel.func_wrap(
+        "upload",
+        |mut store: Store<'_, T>,
+         (shape, data): (Vec<u32>, Vec<f32>)|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let device = match device(&mut store) {
+                Ok(device) => device,
+                Err(e) => return Ok((Err(e),)),
+            };
+            let elements: u64 = shape.iter().map(|&d| d as u64).product();
+            if elements != data.len() as u64 {
+                return Ok((Err(invalid(format!(
+                    "shape {shape:?} has {elements} elements, the data {}",
+                    data.len()
+                ))),));
+            }
+            let bytes = elements * 4;
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            let created = create(&mut store, elements, bytes / cost::BYTES_PER_FUEL, || {
+                Tensor::from_vec(data, dims, &device).map_err(failure)
+            })?;
+            if created.is_ok() {
+                store.data_mut().device().uploaded += bytes;
+            }
+            Ok((created,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "linear",
+        |mut store: Store<'_, T>,
+         (x, weight, bias): (
+            Resource<DeviceTensor>,
+            Resource<DeviceTensor>,
+            Option<Resource<DeviceTensor>>,
+        )|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let (x, w) = (tensor(&mut store, &x)?, tensor(&mut store, &weight)?);
+            let b = match &bias {
+                Some(b) => Some(tensor(&mut store, b)?),
+                None => None,
+            };
+            let (rows, k, n) = match linear_dims(&x, &w, b.as_ref()) {
+                Ok(dims) => dims,
+                Err(e) => return Ok((Err(e),)),
+            };
+            let macs = rows.saturating_mul(k).saturating_mul(n);
+            if macs > MAX_OP_MACS {
+                return Ok((Err(invalid(format!(
+                    "{macs} multiply-accumulates is more than one call may do ({MAX_OP_MACS})"
+                ))),));
+            }
+            let elements = rows * n;
+            let work = macs / cost::MACS_PER_FUEL + elements * cost::PER_ELEMENT;
+            let mut out_dims = x.dims().to_vec();
+            *out_dims.last_mut().unwrap() = n as usize;
+            let created = create(&mut store, elements, work, || {
+                let x2 = x.reshape((rows as usize, k as usize)).map_err(failure)?;
+                let mut y = x2.matmul(&w.t().map_err(failure)?).map_err(failure)?;
+                if let Some(b) = &b {
+                    y = y.broadcast_add(b).map_err(failure)?;
+                }
+                y.reshape(out_dims).map_err(failure)
+            })?;
+            Ok((created,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "gelu",
+        |mut store: Store<'_, T>,
+         (x,): (Resource<DeviceTensor>,)|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let x = tensor(&mut store, &x)?;
+            let elements = x.elem_count() as u64;
+            let work = elements * cost::PER_ELEMENT;
+            let created = create(&mut store, elements, work, || x.gelu_erf().map_err(failure))?;
+            Ok((created,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "[method]tensor.shape",
+        |mut store: Store<'_, T>, (this,): (Resource<DeviceTensor>,)| {
+            begin(&mut store, 0)?;
+            let dims: Vec<u32> = tensor(&mut store, &this)?
+                .dims()
+                .iter()
+                .map(|&d| d as u32)
+                .collect();
+            Ok((dims,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "[method]tensor.download",
+        |mut store: Store<'_, T>, (this,): (Resource<DeviceTensor>,)| -> Answer<Vec<f32>> {
+            let t = tensor(&mut store, &this)?;
+            let bytes = t.elem_count() as u64 * 4;
+            begin(&mut store, bytes / cost::BYTES_PER_FUEL)?;
+            store.data_mut().device().downloaded += bytes;
+            let values = t
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(failure);
+            Ok((values,))
+        },
+    )?;
+    Ok(())
+}
+
+/// `(rows, k, n)` of `x · wᵀ + b`, or why the shapes do not fit.
+fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(u64, u64, u64), AccelError> {
+    let k = *x
+        .dims()
+        .last()
+        .ok_or_else(|| invalid("x must have at least one dimension"))?;
+    let (n, wk) = w
+        .dims2()
+        .map_err(|_| invalid(format!("weight must be [n, k], got {:?}", w.dims())))?;
+    if wk != k {
+        return Err(invalid(format!(
+            "x is [..., {k}] but weight is [{n}, {wk}]"
+        )));
+    }
+    if let Some(b) = b {
+        if b.dims() != [n] {
+            return Err(invalid(format!("bias must be [{n}], got {:?}", b.dims())));
+        }
+    }
+    let rows = x.elem_count() / k.max(1);
+    Ok((rows as u64, k as u64, n as u64))
+}

@@ -1,0 +1,210 @@
+//! The accelerator path: the `wasm-infer:model/accel` imports, backed by host candle.
+//!
+//! `mod.rs` holds the device and the host-wide account, [`account`] a run's account,
+//! [`host`] the imports and their cost model.
+//!
+//! A guest offloads tensor work through WIT calls; the host executes it on its device (the CPU,
+//! multi-threaded, always; CUDA with the `cuda` feature) under three controls:
+//!
+//! - **device memory**: every allocation is charged to the run's budget
+//!   ([`Limits::device_memory`](crate::Limits::device_memory)) and to the runtime's host-wide
+//!   budget ([`RuntimeConfig::device_memory`](crate::RuntimeConfig::device_memory)), and is
+//!   refused *before* anything is allocated if either would be exceeded. A run's tensors are
+//!   freed when the guest drops them and, unconditionally, when its store is dropped (every run
+//!   ending: success, trap, fuel, timeout), because [`RunDevice`] returns its bytes on drop.
+//! - **fuel**: each call costs fuel by a fixed cost model ([`cost`]), taken from the store's
+//!   fuel before the work runs, so `--fuel` stays a deterministic cap on all the run's compute;
+//! - **wall time**: each call checks the run's deadline first, and one operation's work is
+//!   capped ([`MAX_OP_MACS`]), so a call cannot run long past the deadline.
+//!
+//! Weights are uploaded by each run, like activations: runs share nothing on the device, so a
+//! hostile run cannot touch another's tensors, and the budget and fuel of a run do not depend
+//! on what ran before it.
+
+mod account;
+mod host;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::Device;
+
+use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
+
+pub(crate) use account::RunDevice;
+pub(crate) use host::{add_to_linker, AccelState};
+pub use host::{cost, DeviceTensor, MAX_ELEMENTS, MAX_OP_MACS};
+
+/// Which device a runtime offers to guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccelMode {
+    /// CUDA when built with the `cuda` feature and a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    /// The host CPU.
+    Cpu,
+    /// CUDA device 0 (needs the `cuda` feature).
+    Cuda,
+    /// No device: `info` reports `none` and every operation is `unsupported`.
+    Off,
+}
+
+/// The host-wide device-memory account, shared by every run of a runtime.
+#[derive(Debug)]
+pub(crate) struct DevicePool {
+    limit: u64,
+    used: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl DevicePool {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `bytes` from the pool, or says why not (nothing taken).
+    pub(super) fn reserve(&self, bytes: u64) -> Result<(), BudgetRefusal> {
+        let mut used = self.used.load(Ordering::SeqCst);
+        loop {
+            let total = used.saturating_add(bytes);
+            if total > self.limit {
+                return Err(BudgetRefusal {
+                    requested: bytes,
+                    used,
+                    budget: self.limit,
+                });
+            }
+            match self
+                .used
+                .compare_exchange_weak(used, total, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => {
+                    self.peak.fetch_max(total, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Err(actual) => used = actual,
+            }
+        }
+    }
+
+    pub(super) fn release(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::SeqCst);
+    }
+}
+
+/// The host-wide device-memory figures of a runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceUsage {
+    /// Bytes held by all runs now.
+    pub used: u64,
+    /// Highest `used` since the runtime was created.
+    pub peak: u64,
+    /// The host-wide budget.
+    pub limit: u64,
+}
+
+/// The device a runtime offers, and its host-wide account.
+pub(crate) struct Accel {
+    device: Option<Device>,
+    kind: DeviceKind,
+    name: String,
+    pool: DevicePool,
+}
+
+impl Accel {
+    pub(crate) fn new(mode: AccelMode, host_budget: u64) -> Result<Self, String> {
+        let cpu = || (Some(Device::Cpu), DeviceKind::Cpu, cpu_name());
+        let (device, kind, name) = match mode {
+            AccelMode::Off => (None, DeviceKind::None, "none".to_string()),
+            AccelMode::Cpu => cpu(),
+            AccelMode::Cuda => cuda()?,
+            AccelMode::Auto => cuda().unwrap_or_else(|_| cpu()),
+        };
+        Ok(Self {
+            device,
+            kind,
+            name,
+            pool: DevicePool::new(host_budget),
+        })
+    }
+
+    pub(crate) fn usage(&self) -> DeviceUsage {
+        DeviceUsage {
+            used: self.pool.used.load(Ordering::SeqCst),
+            peak: self.pool.peak.load(Ordering::SeqCst),
+            limit: self.pool.limit,
+        }
+    }
+
+    /// `(kind, name)` as words, for reports.
+    pub(crate) fn describe(&self) -> (&'static str, &str) {
+        let kind = match self.kind {
+            DeviceKind::None => "none",
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        };
+        (kind, &self.name)
+    }
+}
+
+fn cpu_name() -> String {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("host CPU ({threads} threads)")
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<(Option<Device>, DeviceKind, String), String> {
+    let device = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
+    Ok((Some(device), DeviceKind::Cuda, "CUDA device 0".to_string()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<(Option<Device>, DeviceKind, String), String> {
+    Err("this build has no CUDA support (rebuild with `--features cuda`)".to_string())
+}
+
+/// Free memory the device itself reports, where it can (CUDA); `None` on the CPU.
+#[cfg(feature = "cuda")]
+fn device_free_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64),
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_free_memory(_device: &Device) -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_refuses_past_its_limit_and_tracks_its_peak() {
+        let pool = DevicePool::new(100);
+        pool.reserve(60).unwrap();
+        assert_eq!(
+            pool.reserve(41),
+            Err(BudgetRefusal {
+                requested: 41,
+                used: 60,
+                budget: 100
+            })
+        );
+        pool.reserve(40).unwrap();
+        pool.release(100);
+        assert_eq!(pool.used.load(Ordering::SeqCst), 0);
+        assert_eq!(pool.peak.load(Ordering::SeqCst), 100);
+    }
+}

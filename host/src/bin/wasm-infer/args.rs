@@ -1,0 +1,147 @@
+//! Flag groups shared by the subcommands: the run's limits, the load-time limits, and the
+//! runtime (device, cache, pre-initialisation). Every limit has an environment fallback.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use wasm_infer::units::{parse_count, parse_duration, parse_fuel, parse_size};
+use wasm_infer::{AccelMode, Error, Limits, Runtime, RuntimeConfig};
+
+/// The limits of one run.
+#[derive(Args)]
+#[command(next_help_heading = "Limits of a run")]
+pub struct LimitArgs {
+    /// Compute cap in fuel units (about one per wasm instruction); K/M/G/T = 10^3/6/9/12.
+    /// Deterministic: the same model and input always consume the same fuel, so a cap proven in
+    /// CI holds everywhere. Default: unlimited (but always measured and reported).
+    #[arg(long, env = "WASM_INFER_FUEL", value_parser = parse_fuel)]
+    pub fuel: Option<u64>,
+    /// Ceiling on the guest's total linear memory (its embedded weights included); K/M/G =
+    /// KiB/MiB/GiB, so `2G` is 2 GiB.
+    #[arg(long, env = "WASM_INFER_MEM", value_parser = parse_size, default_value = "1GiB")]
+    pub mem: u64,
+    /// Wall-clock limit for the run, with its unit (`5s`, `250ms`, `1m`). Enforced by epoch
+    /// interruption, so a run ends within one 10 ms tick of it; unlike fuel it depends on the
+    /// machine's speed.
+    #[arg(long, env = "WASM_INFER_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub timeout: Duration,
+    /// Largest input accepted: UTF-8 bytes of all texts plus 8 per batch item, checked before
+    /// any guest work.
+    #[arg(long, env = "WASM_INFER_MAX_INPUT", value_parser = parse_size, default_value = "1MiB")]
+    pub max_input: u64,
+    /// Most items a batch input may have, checked before any guest work.
+    #[arg(long, env = "WASM_INFER_MAX_BATCH", value_parser = parse_count, default_value = "1024")]
+    pub max_batch: u64,
+    /// Largest output payload accepted (4 bytes per embedding value); a larger result is
+    /// discarded, not printed.
+    #[arg(long, env = "WASM_INFER_MAX_OUTPUT", value_parser = parse_size, default_value = "16MiB")]
+    pub max_output: u64,
+    /// Device-memory budget of the run on the accelerator path (VRAM, or host RAM on the CPU
+    /// backend); an allocation past it is refused and the model falls back to in-sandbox
+    /// compute (or fails with exit 15).
+    #[arg(long, env = "WASM_INFER_VRAM", value_parser = parse_size, default_value = "512MiB")]
+    pub vram: u64,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            fuel: self.fuel,
+            memory: self.mem,
+            wall_time: self.timeout,
+            max_input: self.max_input,
+            max_batch: self.max_batch,
+            max_output: self.max_output,
+            device_memory: self.vram,
+        }
+    }
+}
+
+/// The limits of the calls loading makes into the guest (pre-initialisation and `info`).
+#[derive(Args)]
+#[command(next_help_heading = "Limits of loading")]
+pub struct LoadLimitArgs {
+    /// Fuel cap for loading (pre-initialisation plus `info`). Default: unlimited.
+    #[arg(long, env = "WASM_INFER_LOAD_FUEL", value_parser = parse_fuel)]
+    pub load_fuel: Option<u64>,
+    /// Memory ceiling for loading; raise it for a model whose initial memory is larger.
+    #[arg(long, env = "WASM_INFER_LOAD_MEM", value_parser = parse_size, default_value = "1GiB")]
+    pub load_mem: u64,
+    /// Wall-clock limit for each load-time call, with its unit.
+    #[arg(long, env = "WASM_INFER_LOAD_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub load_timeout: Duration,
+}
+
+impl LoadLimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            fuel: self.load_fuel,
+            memory: self.load_mem,
+            wall_time: self.load_timeout,
+            ..Limits::default()
+        }
+    }
+}
+
+/// Where the model runs and how its compiled code is kept.
+#[derive(Args)]
+#[command(next_help_heading = "Runtime")]
+pub struct RuntimeArgs {
+    /// Directory for compiled models (default: ~/.cache/wasm-infer/precompiled).
+    #[arg(long, env = "WASM_INFER_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile the model afresh and do not touch the cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Most bytes the cache may hold; least recently used entries are removed past it.
+    #[arg(long, env = "WASM_INFER_CACHE_MAX", value_parser = parse_size, default_value = "2GiB")]
+    pub cache_max: u64,
+    /// Do not pre-initialise: every run builds the model itself (slower; for comparison).
+    #[arg(long)]
+    pub no_preinit: bool,
+    /// The device offered to the model's accelerator imports: `auto` (CUDA if built with it
+    /// and present, else the CPU), `cpu`, `cuda`, or `off` (no device; models compute in the
+    /// sandbox).
+    #[arg(long, env = "WASM_INFER_ACCEL", value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Cpu,
+    Cuda,
+    Off,
+}
+
+impl From<AccelArg> for AccelMode {
+    fn from(arg: AccelArg) -> Self {
+        match arg {
+            AccelArg::Auto => Self::Auto,
+            AccelArg::Cpu => Self::Cpu,
+            AccelArg::Cuda => Self::Cuda,
+            AccelArg::Off => Self::Off,
+        }
+    }
+}
+
+impl RuntimeArgs {
+    pub fn config(&self) -> RuntimeConfig {
+        let mut config = RuntimeConfig {
+            accel: self.accel.into(),
+            cache_max_bytes: Some(self.cache_max),
+            ..RuntimeConfig::default()
+        };
+        if self.no_cache {
+            config.cache_dir = None;
+        } else if let Some(dir) = &self.cache_dir {
+            config.cache_dir = Some(dir.clone());
+        }
+        config
+    }
+
+    pub fn runtime(&self) -> Result<Runtime, Error> {
+        Runtime::with_config(self.config())
+    }
+}

@@ -1,0 +1,47 @@
+//! `wasm-infer inspect`: what a model says about itself and how it was loaded, without a run.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::args::{LoadLimitArgs, RuntimeArgs};
+use crate::{exit, load};
+
+/// The world every model implements.
+const WORLD: &str = "wasm-infer:model/model@0.1.0";
+
+#[derive(Args)]
+pub struct Opts {
+    /// The model component (.wasm).
+    model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    load_limits: LoadLimitArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+pub fn run(opts: &Opts) -> u8 {
+    let model = match load::model(&opts.model, &opts.runtime, &opts.load_limits, opts.json) {
+        Ok(model) => model,
+        Err(status) => return status,
+    };
+    let (kind, name) = model.runtime().device();
+    if opts.json {
+        let value = serde_json::json!({
+            "world": WORLD,
+            "info": model.info(),
+            "component": model.load_report(),
+            "accel": { "kind": kind, "name": name },
+        });
+        println!("{value}");
+    } else {
+        println!("world:       {WORLD}");
+        println!("{}", model.info());
+        println!("{}", model.load_report());
+        println!("accel:       {kind} ({name})");
+    }
+    exit::OK
+}

@@ -1,0 +1,144 @@
+//! `wasm-infer run` (the default): one input through a model, JSON on stdout on success, the
+//! usage report on stderr, nothing on stdout on failure.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use wasm_infer::{Error, Input, Limits, Model, Output, Usage};
+
+use crate::args::{LimitArgs, LoadLimitArgs, RuntimeArgs};
+use crate::{exit, load};
+
+#[derive(Args)]
+pub struct Opts {
+    /// The model component (.wasm), built for wasm32-wasip2 against wit/model.wit.
+    #[arg(required = true)]
+    model: Option<PathBuf>,
+    /// The input: a literal text, `@path` to read a file, or `-` for stdin. Files and stdin hold
+    /// one text per line and are run as a batch.
+    #[arg(required = true, allow_hyphen_values = true)]
+    input: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    load_limits: LoadLimitArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// How to report usage on stderr.
+    #[arg(long, value_enum, default_value_t = Report::Text)]
+    report: Report,
+    /// Print no usage report and no progress (errors are still printed).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Report {
+    /// One human-readable line.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+pub fn run(opts: &Opts) -> u8 {
+    let (Some(model_path), Some(input_arg)) = (&opts.model, &opts.input) else {
+        eprintln!("error: a model and an input are required (see --help)");
+        return exit::USAGE;
+    };
+    let limits = opts.limits.limits();
+    let input = match read_input(input_arg, limits.max_input) {
+        Ok(input) => input,
+        Err(e) => return exit::report(None, &e),
+    };
+    let model = match load::model(model_path, &opts.runtime, &opts.load_limits, opts.quiet) {
+        Ok(model) => model,
+        Err(status) => return status,
+    };
+    match model.run(input, &limits) {
+        Ok(outcome) => {
+            let json = render_output(&model, &outcome.output);
+            let mut stdout = std::io::stdout().lock();
+            if writeln!(stdout, "{json}")
+                .and_then(|_| stdout.flush())
+                .is_err()
+            {
+                return exit::INTERNAL;
+            }
+            if !opts.quiet {
+                print_report(opts.report, &model, &outcome.usage, &limits, None);
+            }
+            exit::OK
+        }
+        Err(failure) => {
+            if opts.report == Report::Json && !opts.quiet {
+                let error = Some(&failure.error);
+                print_report(opts.report, &model, &failure.usage, &limits, error);
+            } else {
+                eprintln!("error: {}", failure.error);
+                if !opts.quiet {
+                    print_report(opts.report, &model, &failure.usage, &limits, None);
+                }
+            }
+            exit::status(failure.kind())
+        }
+    }
+}
+
+/// The input argument: a literal, `@file` or `-` (stdin), files and stdin read only up to
+/// the input limit.
+fn read_input(arg: &str, max_input: u64) -> Result<Input, Error> {
+    if arg == "-" {
+        Input::read_lines(std::io::stdin().lock(), max_input)
+    } else if let Some(path) = arg.strip_prefix('@') {
+        let file =
+            std::fs::File::open(path).map_err(|e| Error::InputRead(format!("{path}: {e}")))?;
+        Input::read_lines(file, max_input)
+    } else {
+        let input = Input::Text(arg.to_string());
+        Limits::default().max_input(max_input).check_input(&input)?;
+        Ok(input)
+    }
+}
+
+fn render_output(model: &Model, output: &Output) -> String {
+    let info = model.info();
+    let value = match output {
+        Output::Embeddings(vectors) => serde_json::json!({
+            "model": info.name,
+            "dimension": vectors.first().map_or(info.output_dimension as usize, Vec::len),
+            "embeddings": vectors,
+        }),
+        other => serde_json::json!({ "model": info.name, "output": other }),
+    };
+    value.to_string()
+}
+
+fn print_report(
+    report: Report,
+    model: &Model,
+    usage: &Usage,
+    limits: &Limits,
+    error: Option<&Error>,
+) {
+    match report {
+        Report::Text => eprintln!("usage: {usage}"),
+        Report::Json => {
+            let error = error.map(|e| {
+                serde_json::json!({
+                    "kind": e.kind(),
+                    "exit_code": exit::status(e.kind()),
+                    "message": e.to_string(),
+                })
+            });
+            let value = serde_json::json!({
+                "status": if error.is_some() { "error" } else { "ok" },
+                "usage": usage,
+                "limits": limits,
+                "error": error,
+                "load": model.load_report(),
+            });
+            eprintln!("{value}");
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The guest's view of the world: WASI with no ambient authority (no arguments, environment,
+//! preopened directories, network or stdin), frozen clocks, seeded randomness, and stdout and
+//! stderr captured into bounded logs.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::random::Deterministic;
+use wasmtime_wasi::WasiCtx;
+
+/// Seed for the guest's random source. Rust's std seeds its `HashMap`s from WASI random; a
+/// fixed seed makes every run take the same code paths and so consume the same fuel.
+const RANDOM_SEED: [u8; 32] = *b"wasm-infer deterministic seed v1";
+
+/// The wall clock the guest sees: always 2000-01-01T00:00:00Z. Real time would leak host
+/// information and make runs differ.
+const FIXED_WALL_CLOCK: Duration = Duration::from_secs(946_684_800);
+
+/// The WASI context of one run, writing the guest's stdout and stderr to the given logs.
+pub(crate) fn no_authority(stdout: &GuestLog, stderr: &GuestLog) -> WasiCtx {
+    // No args, no env, no preopens, no network (the default socket check denies every
+    // address, and name lookup is off), no stdin: only fixed clocks and seeded randomness.
+    WasiCtx::builder()
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .secure_random(Deterministic::new(RANDOM_SEED.to_vec()))
+        .insecure_random(Deterministic::new(RANDOM_SEED.to_vec()))
+        .insecure_random_seed(u128::from_le_bytes(RANDOM_SEED[..16].try_into().unwrap()))
+        .wall_clock(FixedWallClock)
+        .monotonic_clock(VirtualMonotonicClock)
+        .allow_ip_name_lookup(false)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .build()
+}
+
+/// A wall clock stuck at [`FIXED_WALL_CLOCK`].
+struct FixedWallClock;
+
+impl HostWallClock for FixedWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        FIXED_WALL_CLOCK
+    }
+}
+
+/// A monotonic clock that never advances: the guest cannot time anything, so it can neither
+/// measure side channels nor behave differently under load.
+struct VirtualMonotonicClock;
+
+impl HostMonotonicClock for VirtualMonotonicClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Captures what the guest writes to stdout or stderr: keeps the first `capacity` bytes, counts
+/// and discards the rest. A chatty guest therefore neither fails (its writes always succeed) nor
+/// makes the host hold more than `capacity` bytes.
+#[derive(Clone)]
+pub(crate) struct GuestLog {
+    inner: Arc<Mutex<LogBuffer>>,
+}
+
+struct LogBuffer {
+    kept: Vec<u8>,
+    capacity: usize,
+    written: u64,
+}
+
+/// What `check-write` grants per call: any size works, since writes never block or fail.
+const LOG_WRITE_PERMIT: usize = 64 << 10;
+
+impl GuestLog {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(LogBuffer {
+                kept: Vec::new(),
+                capacity,
+                written: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogBuffer> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut log = self.lock();
+        let room = log.capacity - log.kept.len();
+        log.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        log.written += bytes.len() as u64;
+    }
+
+    /// The kept bytes (at most the capacity).
+    pub(crate) fn contents(&self) -> Vec<u8> {
+        self.lock().kept.clone()
+    }
+
+    /// Everything the guest wrote, kept or not.
+    pub(crate) fn written(&self) -> u64 {
+        self.lock().written
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestLog {
+    async fn ready(&mut self) {}
+}
+
+#[async_trait::async_trait]
+impl OutputStream for GuestLog {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(LOG_WRITE_PERMIT)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestLog {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
