@@ -22,6 +22,11 @@ model:
 guest:
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo build --release --target wasm32-wasip2 -p minilm
 
+# Build the small test guests (guest/test-guests/*) for wasm32-wasip2; the tests read them
+# from target/wasm32-wasip2/release.
+test-guests:
+    cargo build --release --target wasm32-wasip2 -p hostile
+
 # Build the host library and the wasm-infer binary.
 build:
     cargo build --release -p wasm-infer
@@ -31,15 +36,16 @@ demo: guest build
     ./target/release/wasm-infer --fuel 10G --mem 2G {{minilm}} "{{demo_text}}"
 
 # Run every test (unit, library, CLI) against the built guests.
-test: guest
+test: guest test-guests
     cargo test --release
+    cargo test --release -p minilm
 
 # Soak: thousands of hostile runs mixed with good ones, then RSS, fds and cache must be as before.
-soak: guest
+soak: guest test-guests
     cargo test --release --test soak -- --ignored --nocapture
 
 # Rewrite tests/golden/fuel.json after a toolchain, wasmtime or guest change (review the diff).
-bless: guest
+bless: guest test-guests
     BLESS=1 cargo test --release
     git diff --stat tests/golden
 
@@ -65,5 +71,5 @@ reference:
 # load_component or run_input; SECONDS bounds the run. Findings land in fuzz/artifacts/.
 fuzz TARGET="load_component" SECONDS="300":
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-    cargo build --release --target wasm32-wasip2 -p hostile --target-dir target/test-guests
+    just test-guests
     cd fuzz && CARGO_TARGET_DIR=../target/fuzz cargo fuzz run --sanitizer none {{TARGET}} -- -max_total_time={{SECONDS}} -rss_limit_mb=4096
