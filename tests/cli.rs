@@ -429,3 +429,22 @@ fn cache_list_shows_entries_and_clear_empties_it() {
     assert_eq!(json(&out.stdout), serde_json::json!([]));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn host_backtraces_never_reach_the_guest() {
+    // With backtraces on in the host's environment, an accelerator refusal the guest reports
+    // is still the short, fixed-form message.
+    let out = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .env("WASM_INFER_CACHE_DIR", cache_dir())
+        .env("RUST_BACKTRACE", "1")
+        .args([&hostile(), "accel-k0"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let reply = json(&out.stdout)["output"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reply.len() < 200, "{reply}");
+    assert!(!reply.contains(".rs"), "{reply}");
+}

@@ -113,6 +113,29 @@ fn unbounded_recursion_is_a_stack_overflow_trap() {
     assert_host_unharmed();
 }
 
+#[test]
+fn a_loop_stopped_by_wall_time_reports_the_fuel_it_burnt() {
+    // Compiled wasm writes its fuel count back only at calls and fuel checks; the store
+    // yields on fuel every 10M units so that the count is current when the deadline stops a
+    // loop that makes no calls. Before, this run reported under a thousand units.
+    let failure = hostile_run(
+        "spin",
+        &Limits::default().wall_time(Duration::from_millis(200)),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        failure.error,
+        Error::Limit(LimitExceeded::WallTime { .. })
+    ));
+    assert!(
+        failure.usage.fuel_consumed >= 10_000_000,
+        "{}",
+        failure.usage.fuel_consumed
+    );
+    assert_eq!(failure.usage.fuel_consumed % 10_000_000, 0);
+    assert_host_unharmed();
+}
+
 // --- memory and tables --------------------------------------------------------------------
 
 #[test]
@@ -197,6 +220,26 @@ fn a_component_at_the_caps_loads_on_demand_and_pooled_alike() {
     }
 }
 
+// --- accelerator arguments are checked before the host allocates ---------------------------
+
+#[test]
+fn an_accelerator_shape_whose_element_count_overflows_is_an_invalid_argument() {
+    assert_eq!(
+        reply("accel-overflow"),
+        "AccelError::InvalidArgument(\"shape [65536, 65536, 65536, 65536] has more elements \
+         than one tensor may (2147483648)\")"
+    );
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_linear_layer_with_k_zero_is_an_invalid_argument_not_a_device_failure() {
+    assert_eq!(
+        reply("accel-k0"),
+        "AccelError::InvalidArgument(\"x's last dimension (k) must be at least 1\")"
+    );
+}
+
 // --- attribution: a refusal the guest handled is not the cause of a later failure --------
 
 #[test]
@@ -229,27 +272,20 @@ fn a_device_refusal_the_guest_handled_then_an_unrelated_panic_is_a_trap() {
 
 #[test]
 fn a_giant_output_is_refused_without_the_host_copying_it() {
-    // 200 MB built in the guest (under its 1 GiB memory limit). The host copies at most the
-    // larger of the output limit and the device budget, plus 1 MiB, per call: with no device
-    // budget it stops at 17 MiB instead of allocating 200 MB...
-    let limits = Limits::default().device_memory(0);
-    assert_eq!(
-        limit(hostile_run("bytes:200000000", &limits)),
-        LimitExceeded::Output {
-            limit: limits.max_output,
-            size: limits.max_output + (1 << 20) + 1,
-            at_least: true,
-        }
-    );
-    // ... and with the default 512 MiB device budget it copies the 200 MB, then refuses it.
-    assert_eq!(
-        limit(hostile_run("bytes:200000000", &Limits::default())),
-        LimitExceeded::Output {
-            limit: 16 << 20,
-            size: 200_000_000,
-            at_least: false,
-        }
-    );
+    // 200 MB built in the guest (under its 1 GiB memory limit). The host copies at most three
+    // times the output limit plus 1 MiB of a result (enough for any output within the limit),
+    // so it stops at 49 MiB instead of allocating 200 MB, whatever the device budget.
+    let result_budget = 3 * (16 << 20) + (1 << 20);
+    for limits in [Limits::default(), Limits::default().device_memory(0)] {
+        assert_eq!(
+            limit(hostile_run("bytes:200000000", &limits)),
+            LimitExceeded::Output {
+                limit: 16 << 20,
+                size: result_budget + 1,
+                at_least: true,
+            }
+        );
+    }
     assert_host_unharmed();
 }
 

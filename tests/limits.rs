@@ -165,15 +165,19 @@ fn oversized_output_is_withheld() {
             at_least: false,
         }
     );
-    // 384 floats of 4 bytes: one MiniLM embedding is 1536 bytes of output.
+    // 384 floats of 4 bytes plus 8 for the vector: one MiniLM embedding is 1544 bytes.
     assert_eq!(
-        limit(minilm().run(text("hi"), &Limits::default().max_output(1535))),
+        limit(minilm().run(text("hi"), &Limits::default().max_output(1543))),
         LimitExceeded::Output {
-            limit: 1535,
-            size: 1536,
+            limit: 1543,
+            size: 1544,
             at_least: false,
         }
     );
+    let fits = minilm()
+        .run(text("hi"), &Limits::default().max_output(1544))
+        .unwrap();
+    assert_eq!(fits.usage.output_bytes, 1544);
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -5,10 +5,11 @@ use serde::{Deserialize, Serialize};
 use crate::bindings::wasm_infer::model::types as wit;
 use crate::error::{Error, LimitExceeded, ModelErrorCode};
 
-/// What each item of a batch costs in the input size, on top of its own bytes: 8, the size of
-/// the `(pointer, length)` pair the canonical ABI lays down for every string of a
-/// `list<string>` in guest memory. A batch of a million empty strings is therefore 8 MB of
-/// input, not 0.
+/// What each item of a list of lists costs, on top of its own bytes, in the input size (each
+/// text of a batch) and the output size (each vector of an embeddings output): 8, the size of
+/// the `(pointer, length)` pair the canonical ABI lays down for it in guest memory. A batch of
+/// a million empty strings is therefore 8 MB of input, and ten million empty vectors 80 MB of
+/// output, not 0.
 pub const BATCH_ITEM_OVERHEAD_BYTES: u64 = 8;
 
 /// What a model is asked to process (mirrors the WIT `input` variant).
@@ -105,10 +106,15 @@ pub enum Output {
 }
 
 impl Output {
-    /// The payload size the output limit is checked against (4 bytes per float).
+    /// The size the output limit is checked against: 4 bytes per float (plus
+    /// [`BATCH_ITEM_OVERHEAD_BYTES`] per embedding vector), the text's or the raw bytes, 4 bytes
+    /// per tensor value and dimension.
     pub fn payload_bytes(&self) -> u64 {
         match self {
-            Self::Embeddings(vectors) => vectors.iter().map(|v| 4 * v.len() as u64).sum(),
+            Self::Embeddings(vectors) => vectors
+                .iter()
+                .map(|v| 4 * v.len() as u64 + BATCH_ITEM_OVERHEAD_BYTES)
+                .sum(),
             Self::Text(text) => text.len() as u64,
             Self::Bytes(bytes) => bytes.len() as u64,
             Self::Tensor { shape, data } => 4 * (shape.len() + data.len()) as u64,

@@ -49,6 +49,14 @@ pub enum LimitExceeded {
         /// Total elements the refused growth would have reached.
         requested: u64,
     },
+    /// The guest tried to hold more host-side resources (accelerator tensors, WASI streams
+    /// and pollables, or handles of its own resources) at once than `limit` (fixed:
+    /// [`MAX_HANDLES`](crate::limits::MAX_HANDLES)).
+    #[error("handle limit of {} live resources exceeded", format_count(*limit))]
+    Handles {
+        /// The ceiling, in live handles.
+        limit: u64,
+    },
     /// The guest failed after the accelerator refused a device allocation that would have
     /// taken `used + requested` bytes past `budget` (the run's `--vram`, or what the host-wide
     /// budget had left). A guest that falls back to in-sandbox compute instead succeeds, and
@@ -177,6 +185,12 @@ pub enum InvalidModel {
         /// The cap ([`MAX_CORE_INSTANCES`](crate::limits::MAX_CORE_INSTANCES) and its siblings).
         cap: u32,
     },
+    /// The model's `info` returned more than the host keeps of it.
+    #[error("the model's info is larger than the {limit} bytes the host keeps of it")]
+    InfoTooLarge {
+        /// [`MAX_INFO_BYTES`](crate::limits::MAX_INFO_BYTES).
+        limit: u64,
+    },
     /// The component does not export the `wasm-infer:model` world's `info` and `infer`.
     #[error("component does not implement the wasm-infer:model/model world: {0}")]
     WrongWorld(String),
@@ -296,6 +310,8 @@ pub enum ErrorKind {
     Memory,
     /// [`LimitExceeded::Table`].
     Table,
+    /// [`LimitExceeded::Handles`].
+    Handles,
     /// [`LimitExceeded::WallTime`].
     WallTime,
     /// [`LimitExceeded::Input`] and [`LimitExceeded::Batch`].
@@ -320,10 +336,11 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for tables that must cover them all.
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         Self::Fuel,
         Self::Memory,
         Self::Table,
+        Self::Handles,
         Self::WallTime,
         Self::Input,
         Self::Output,
@@ -342,6 +359,7 @@ impl ErrorKind {
             Self::Fuel => "fuel",
             Self::Memory => "memory",
             Self::Table => "table",
+            Self::Handles => "handles",
             Self::WallTime => "wall_time",
             Self::Input => "input",
             Self::Output => "output",
@@ -363,6 +381,7 @@ impl ErrorKind {
             Self::Fuel
                 | Self::Memory
                 | Self::Table
+                | Self::Handles
                 | Self::WallTime
                 | Self::Input
                 | Self::Output
@@ -384,6 +403,7 @@ impl LimitExceeded {
             Self::Fuel { .. } => ErrorKind::Fuel,
             Self::Memory { .. } => ErrorKind::Memory,
             Self::Table { .. } => ErrorKind::Table,
+            Self::Handles { .. } => ErrorKind::Handles,
             Self::DeviceMemory { .. } => ErrorKind::DeviceMemory,
             Self::WallTime { .. } => ErrorKind::WallTime,
             Self::Input { .. } | Self::Batch { .. } => ErrorKind::Input,

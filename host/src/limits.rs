@@ -44,6 +44,14 @@ pub const DEFAULT_DEVICE_MEMORY_BYTES: u64 = 512 << 20;
 /// counted (in the usage report) and discarded, and the guest's writes still succeed.
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 << 10;
 pub use crate::data::BATCH_ITEM_OVERHEAD_BYTES;
+/// Most bytes a model's `info` may make the host copy (its strings and list together): 64 KiB.
+/// The host keeps the info for the model's lifetime, so it is bounded like any guest output;
+/// a larger one fails the load with [`InvalidModel::InfoTooLarge`](crate::InvalidModel).
+pub const MAX_INFO_BYTES: u64 = 64 << 10;
+/// Host-side resources (accelerator tensors, WASI streams and pollables) a run may hold at
+/// once: 10,000. Each costs the host a table slot and the resource itself; MiniLM holds under
+/// a hundred. Past it: [`LimitExceeded::Handles`].
+pub const MAX_HANDLES: u64 = 10_000;
 /// Table elements a guest may have in total: 100,000 (each costs the host a pointer). Real
 /// components use a few hundred.
 pub const MAX_TABLE_ELEMENTS: u64 = 100_000;

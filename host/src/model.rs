@@ -13,7 +13,7 @@ use crate::cache::{self, Cache};
 use crate::component;
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
-use crate::limits::Limits;
+use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::run::call_limited;
 use crate::runtime::{block_on, Runtime};
 use crate::snapshot::{self, InitReport, SnapshotInfo};
@@ -444,7 +444,8 @@ fn from_cache(
     Some((cache.load(runtime.engine(), entry)?, init))
 }
 
-/// Instantiates once under `limits` to ask the model for its `info`.
+/// Instantiates once under `limits` to ask the model for its `info`, copying at most
+/// [`MAX_INFO_BYTES`] of it.
 async fn fetch_info(
     runtime: &Runtime,
     pre: &ModelPre<RunState>,
@@ -455,9 +456,20 @@ async fn fetch_info(
         Box::pin(async move {
             let instance = pre.instantiate_async(&mut *store).await?;
             store.data_mut().mark_instantiated();
+            store.data_mut().copy_budgets.result = MAX_INFO_BYTES as usize;
             instance.call_info(&mut *store).await
         })
     })
     .await;
-    limited.result.map(ModelInfo::from)
+    match limited.result {
+        Ok(info) => Ok(ModelInfo::from(info)),
+        // The copy budget set above is what stopped the lift (see `run::classify`).
+        Err(Error::Limit(LimitExceeded::Output { at_least: true, .. })) => {
+            Err(InvalidModel::InfoTooLarge {
+                limit: MAX_INFO_BYTES,
+            }
+            .into())
+        }
+        Err(error) => Err(error),
+    }
 }

@@ -11,12 +11,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use wasmtime::component::ResourceTableError;
 use wasmtime::{Store, Trap};
 
 use crate::error::{Error, LimitExceeded};
-use crate::limits::Limits;
+use crate::limits::{Limits, MAX_HANDLES};
 use crate::runtime::Runtime;
-use crate::store::{self, fuel_budget, fuel_used, hostcall_budget, RunState};
+use crate::store::{self, fuel_budget, fuel_used, RunState};
 use crate::usage::Usage;
 
 /// What a body does with a fresh store: instantiate and call, borrowing the store.
@@ -116,7 +117,9 @@ fn usage_of(
 
 /// Decides what a failed call means, from what the host observed rather than the message: a
 /// passed deadline, then exhausted fuel, then a refusal that stands as the cause (see
-/// [`Error`]'s attribution rule), then the hostcall copy budget, else a trap.
+/// [`Error`]'s attribution rule), then the handle cap, then the hostcall copy budget, else a
+/// trap. Two wasmtime refusals expose no type and are recognised by their message, each
+/// pinned by a test so that a wasmtime change cannot slip by.
 pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) -> Error {
     if let Some(trip) = state.deadline.tripped() {
         return trip.into();
@@ -132,15 +135,27 @@ pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) ->
     if let Some(cause) = state.attribution.cause() {
         return cause.into();
     }
-    // The one case classified by message: wasmtime stops copying data out of the guest past
-    // the store's hostcall budget (`hostcall_budget`) and exposes no type for it.
-    // tests/hostile.rs pins the behaviour, so a wasmtime change cannot slip by.
+    // Host resources are refused by the run's table (typed); guest-defined ones by wasmtime's
+    // store-wide handle count, which says so only in its message (pinned by tests/hostile.rs).
+    let table_full = e
+        .downcast_ref::<ResourceTableError>()
+        .is_some_and(|e| matches!(e, ResourceTableError::Full));
+    if table_full
+        || e.chain()
+            .any(|cause| cause.to_string().contains("store handle limit exceeded"))
+    {
+        return LimitExceeded::Handles { limit: MAX_HANDLES }.into();
+    }
+    // wasmtime stops copying data out of the guest past the store's copy budget
+    // (`store::CopyBudgets`) and exposes no type for it. Whatever the guest was handing over
+    // (its result, or an argument of a host call) was larger than the budget, which is above
+    // what the output limit admits: the size is known only to be past it.
     if e.chain()
         .any(|cause| cause.to_string().contains("fuel allocated for hostcalls"))
     {
         return LimitExceeded::Output {
             limit: limits.max_output,
-            size: hostcall_budget(limits) as u64 + 1,
+            size: state.copy_budgets.current() as u64 + 1,
             at_least: true,
         }
         .into();

@@ -178,7 +178,7 @@ pub(crate) async fn make(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Res
     let memory_bytes = limited.usage.peak_memory_bytes;
     // wizer reads each memory whole as one `list<u8>`; the default cap on data copied per
     // host call (128 MiB, a guard against guests) is for runs, not for reading our own snapshot.
-    store.set_hostcall_fuel(usize::MAX);
+    store.data_mut().copy_budgets.result = usize::MAX;
     let rewritten = wizer
         .snapshot_component(
             &context,

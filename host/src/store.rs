@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime::{CallHook, Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::accel::{Accel, AccelState, RunDevice};
 use crate::attribution::Attribution;
 use crate::error::{Error, LimitExceeded, Result};
 use crate::limiter::MemoryLimiter;
-use crate::limits::{Limits, DEFAULT_MAX_LOG_BYTES};
+use crate::limits::{Limits, DEFAULT_MAX_LOG_BYTES, MAX_HANDLES};
 use crate::wasi::{self, GuestLog};
 
 /// A run's wall-time limit, measured from the moment the run started. The epoch callback and
@@ -83,6 +83,34 @@ pub(crate) struct RunState {
     pub(crate) deadline: Deadline,
     /// When instantiation finished and the memory it took (set by the call's body).
     pub(crate) instantiated: Option<(Instant, u64)>,
+    /// How much the host may copy out of the guest (see [`CopyBudgets`]).
+    pub(crate) copy_budgets: CopyBudgets,
+}
+
+/// How many bytes the host may copy out of the guest, and so allocate for it, in one crossing
+/// (wasmtime's "hostcall fuel", which counts list and string bytes and 24 bytes of header for
+/// every list it builds). Two budgets, switched by a call hook as control crosses: one for the
+/// guest's calls into the host while it runs, one for the result it returns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CopyBudgets {
+    /// Each host call the guest makes (an accelerator upload, a WASI write):
+    /// [`hostcall_budget`].
+    pub(crate) calls: usize,
+    /// The value the guest returns (its output, its info): [`result_budget`].
+    pub(crate) result: usize,
+    /// Whether control is back with the host (copying a result) rather than in the guest.
+    pub(crate) returned: bool,
+}
+
+impl CopyBudgets {
+    /// The budget that applies now.
+    pub(crate) fn current(&self) -> usize {
+        if self.returned {
+            self.result
+        } else {
+            self.calls
+        }
+    }
 }
 
 impl RunState {
@@ -91,9 +119,11 @@ impl RunState {
         let stdout = GuestLog::new(log_capacity);
         let stderr = GuestLog::new(log_capacity);
         let attribution = Attribution::default();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HANDLES as usize);
         Self {
             wasi: wasi::no_authority(&stdout, &stderr),
-            table: ResourceTable::new(),
+            table,
             device: RunDevice::new(accel, limits.device_memory, attribution.clone()),
             limiter: MemoryLimiter::new(limits.memory, attribution.clone()),
             attribution,
@@ -101,6 +131,11 @@ impl RunState {
             stderr,
             deadline: Deadline::new(limits.wall_time),
             instantiated: None,
+            copy_budgets: CopyBudgets {
+                calls: hostcall_budget(limits),
+                result: result_budget(limits),
+                returned: false,
+            },
         }
     }
 
@@ -155,14 +190,33 @@ pub(crate) fn fuel_used(store: &Store<RunState>, limits: &Limits) -> (u64, Optio
     (budget - remaining, tripped)
 }
 
-/// Bytes the host may copy out of the guest in one call (its output, an accel upload, or a
+/// Bytes the host may copy out of the guest in one host call it makes (an accel upload, a
 /// WASI call's arguments): the larger of the output limit and the device budget (an upload
 /// bigger than that is refused anyway), plus 1 MiB for the host-side list and string headers.
-/// Bounds the host memory a guest can make the host allocate.
 pub(crate) fn hostcall_budget(limits: &Limits) -> usize {
     let largest = limits.max_output.max(limits.device_memory);
     usize::try_from(largest.saturating_add(1 << 20)).unwrap_or(usize::MAX)
 }
+
+/// Bytes the host may copy out of the guest for the result of a call: three times the output
+/// limit, plus 1 MiB. Any output within the limit fits (the host's copy of an embeddings
+/// output costs 24 bytes a vector where the limit counts 8, and 4 a float as the limit does),
+/// so whatever this stops is over the limit; and the host never builds more than this for a
+/// result, however the guest shapes it (ten million empty vectors are 240 MB of headers).
+pub(crate) fn result_budget(limits: &Limits) -> usize {
+    let bytes = limits.max_output.saturating_mul(3).saturating_add(1 << 20);
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
+/// How much fuel a run may burn between two points where the count it reports is brought up
+/// to date: 10 million units, about 10 ms of compute here. Compiled wasm keeps its fuel in a
+/// register and writes it back only at calls, returns and fuel checks, not at the epoch check
+/// that stops a run at its deadline, so a loop without calls stopped by wall time would report
+/// only the fuel of its last call. Yielding on fuel every interval writes the count back: a run
+/// stopped by wall time reports what it burnt, less at most this much. (Fuel figures of runs
+/// that finish are exact either way; the interval changes no figure, only when the executor
+/// gets a turn.)
+pub(crate) const FUEL_FLUSH_INTERVAL: u64 = 10_000_000;
 
 /// A fresh store for one run: its own WASI context, memory limiter, device account, fuel
 /// ([`fuel_budget`]) and deadline, and a wall-time check at every epoch tick that also yields
@@ -181,6 +235,24 @@ pub(crate) fn new_store(
     let mut store = Store::new(engine, RunState::new(limits, accel));
     store.limiter(|state| &mut state.limiter);
     store.set_hostcall_fuel(hostcall_budget(limits));
+    // wasmtime reads the store's copy budget when it starts copying out of the guest.
+    // A call into the host gets the calls budget; wasm returning to the host (the export's
+    // result, or the guest's allocator called back while the host hands it a result) gets
+    // the result budget, until the guest calls the host again.
+    store.call_hook(|mut ctx, hook| {
+        let returned = match hook {
+            CallHook::CallingHost => false,
+            CallHook::ReturningFromWasm => true,
+            _ => return Ok(()),
+        };
+        let budgets = &mut ctx.data_mut().copy_budgets;
+        budgets.returned = returned;
+        let budget = budgets.current();
+        ctx.set_hostcall_fuel(budget);
+        Ok(())
+    });
+    // Handles of guest-defined resources count here; host resources in the state's table.
+    store.set_max_component_handles(MAX_HANDLES as usize);
     store.epoch_deadline_callback(|mut ctx| {
         if ctx.data_mut().deadline.check() {
             Ok(UpdateDeadline::Interrupt)
@@ -193,6 +265,7 @@ pub(crate) fn new_store(
     if meter_fuel {
         store
             .set_fuel(fuel_budget(limits))
+            .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_FLUSH_INTERVAL)))
             .map_err(|e| Error::Internal(format!("{e:#}")))?;
     }
     Ok(store)

@@ -286,6 +286,8 @@ pub struct WatModel<'a> {
     pub extra: &'a str,
     /// Core imports (WAT wants them before every definition).
     pub core_imports: &'a str,
+    /// Pages of the exported memory (0 means 1).
+    pub memory_pages: u32,
     /// Extra WIT packages (nested `package a:b@1.0.0 { ... }` blocks).
     pub wit_packages: &'a str,
     /// Interfaces the world imports (`wasi:io/poll@0.2.0`).
@@ -297,7 +299,7 @@ impl WatModel<'_> {
         let core = format!(
             r#"(module
                 {core_imports}
-                (memory (export "memory") 1)
+                (memory (export "memory") {pages})
                 (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) i32.const 4096)
                 (func (export "info") (result i32) {info} i32.const 1024)
                 (func (export "infer") (param i32 i32 i32 i32 i32) (result i32)
@@ -306,6 +308,7 @@ impl WatModel<'_> {
                 {extra}
             )"#,
             core_imports = self.core_imports,
+            pages = self.memory_pages.max(1),
             extra = self.extra,
             info = self.info,
             infer = self.infer,

@@ -83,8 +83,38 @@ fn invalid(message: impl Into<String>) -> AccelError {
     AccelError::InvalidArgument(message.into())
 }
 
+/// What a guest is told when the device itself fails: a fixed sentence. The details (candle's
+/// message, and with `RUST_BACKTRACE` set a host backtrace naming host files) go to the host's
+/// log, never into the sandbox.
+pub const DEVICE_FAILURE_MESSAGE: &str = "the device operation failed (details in the host log)";
+
 fn failure(e: candle_core::Error) -> AccelError {
-    AccelError::DeviceFailure(e.to_string())
+    tracing::warn!(error = %e, "accelerator operation failed");
+    AccelError::DeviceFailure(DEVICE_FAILURE_MESSAGE.to_string())
+}
+
+/// Most dimensions a tensor may have: 8. Every tensor the host holds carries its shape and
+/// strides (16 bytes a dimension), which the device budget does not see; real models use 4.
+pub const MAX_RANK: usize = 8;
+
+/// The element count of `shape`, or why it is not a shape the host takes: more than
+/// [`MAX_RANK`] dimensions, a product that overflows or exceeds [`MAX_ELEMENTS`].
+fn elements_of(shape: &[u32]) -> Result<u64, AccelError> {
+    if shape.len() > MAX_RANK {
+        return Err(invalid(format!(
+            "a tensor has at most {MAX_RANK} dimensions, not {}",
+            shape.len()
+        )));
+    }
+    shape
+        .iter()
+        .try_fold(1u64, |product, &d| product.checked_mul(u64::from(d)))
+        .filter(|&elements| elements <= MAX_ELEMENTS)
+        .ok_or_else(|| {
+            invalid(format!(
+                "shape {shape:?} has more elements than one tensor may ({MAX_ELEMENTS})"
+            ))
+        })
 }
 
 /// Allocates `elements` f32 on the run's account and stores the tensor `make` builds.
@@ -165,7 +195,10 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 Ok(device) => device,
                 Err(e) => return Ok((Err(e),)),
             };
-            let elements: u64 = shape.iter().map(|&d| d as u64).product();
+            let elements = match elements_of(&shape) {
+                Ok(elements) => elements,
+                Err(e) => return Ok((Err(e),)),
+            };
             if elements != data.len() as u64 {
                 return Ok((Err(invalid(format!(
                     "shape {shape:?} has {elements} elements, the data {}",
@@ -279,6 +312,9 @@ fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(u64, u64, 
     let (n, wk) = w
         .dims2()
         .map_err(|_| invalid(format!("weight must be [n, k], got {:?}", w.dims())))?;
+    if k == 0 {
+        return Err(invalid("x's last dimension (k) must be at least 1"));
+    }
     if wk != k {
         return Err(invalid(format!(
             "x is [..., {k}] but weight is [{n}, {wk}]"
@@ -291,4 +327,43 @@ fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(u64, u64, 
     }
     let rows = x.elem_count() / k.max(1);
     Ok((rows as u64, k as u64, n as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_checked_before_anything_is_allocated() {
+        assert_eq!(elements_of(&[2, 3, 4]), Ok(24));
+        assert_eq!(elements_of(&[]), Ok(1));
+        let too_deep = vec![1; MAX_RANK + 1];
+        assert!(matches!(
+            elements_of(&too_deep),
+            Err(AccelError::InvalidArgument(_))
+        ));
+        // 65536^4 = 2^64: overflows u64.
+        assert!(matches!(
+            elements_of(&[65536; 4]),
+            Err(AccelError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            elements_of(&[3340214413, 2761311370, 2]),
+            Err(AccelError::InvalidArgument(_))
+        ));
+        // 2^32 elements: past MAX_ELEMENTS without overflowing.
+        assert!(matches!(
+            elements_of(&[1 << 16, 1 << 16]),
+            Err(AccelError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_device_failure_tells_the_guest_a_fixed_sentence() {
+        let e = candle_core::Error::Msg("/home/host/src/secret.rs:12 exploded".into());
+        assert_eq!(
+            failure(e),
+            AccelError::DeviceFailure(DEVICE_FAILURE_MESSAGE.into())
+        );
+    }
 }

@@ -32,7 +32,7 @@ use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
 
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, AccelState};
-pub use host::{cost, DeviceTensor, MAX_ELEMENTS, MAX_OP_MACS};
+pub use host::{cost, DeviceTensor, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
 
 /// Which device a runtime offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -12,6 +12,8 @@
 //! | `recurse`        | unbounded recursion (stack overflow)                         |
 //! | `panic`          | panics with a message on stderr                              |
 //! | `bytes:N`        | returns N bytes of output                                    |
+//! | `empty-vectors:N`| returns N empty embedding vectors                            |
+//! | `fill:MIB`       | `memory.fill`s a MIB-MiB buffer forever (bulk memory)        |
 //! | `print:N`        | writes N lines to stdout, then returns                       |
 //! | `sleep`          | sleeps for an hour in a host call                            |
 //! | `host-loop`      | calls a cheap import (the monotonic clock) forever           |
@@ -30,6 +32,10 @@
 //! | `accel-linear:M,K,N` | a linear layer + GELU on the device vs in the sandbox    |
 //! | `accel-handled`  | a refused device allocation, a granted one, then a panic     |
 //! | `accel-hold:CMD` | holds 4 MiB on the device, then runs CMD                     |
+//! | `accel-rank:N`   | uploads one value with an N-dimensional shape; reports       |
+//! | `accel-overflow` | uploads a shape whose element count overflows; reports       |
+//! | `accel-k0`       | a linear layer with k = 0; reports                           |
+//! | `accel-handles`  | uploads one-value tensors, keeping them, forever             |
 //! | `accel-forged`   | calls a method on a handle it never got                      |
 //! | `accel-dropped`  | calls a method on a handle it already dropped                |
 
@@ -167,6 +173,16 @@ impl Guest for Hostile {
                 panic!("unrelated failure after a handled refusal")
             }
             "recurse" => Ok(Output::Text(recurse(0).to_string())),
+            "empty-vectors" => Ok(Output::Embeddings(vec![Vec::new(); number(arg) as usize])),
+            "fill" => {
+                let mut buffer = vec![0u8; (number(arg) as usize) << 20];
+                let mut byte = 0u8;
+                loop {
+                    // One `memory.fill` over the whole buffer per iteration.
+                    buffer.fill(black_box(byte));
+                    byte = byte.wrapping_add(1);
+                }
+            }
             "panic" => panic!("hostile guest panicked on purpose"),
             "bytes" => Ok(Output::Bytes(vec![7u8; number(arg) as usize])),
             "print" => {
@@ -284,6 +300,33 @@ impl Guest for Hostile {
                 let result = Self::infer(Input::Text(arg.to_string()));
                 drop(held);
                 result
+            }
+            "accel-rank" => {
+                let shape = vec![1u32; number(arg) as usize];
+                Ok(Output::Text(match accel::upload(&shape, &[1.0]) {
+                    Ok(_) => "uploaded".into(),
+                    Err(e) => refusal(&e),
+                }))
+            }
+            "accel-overflow" => Ok(Output::Text(
+                match accel::upload(&[65536, 65536, 65536, 65536], &[]) {
+                    Ok(_) => "uploaded".into(),
+                    Err(e) => refusal(&e),
+                },
+            )),
+            "accel-k0" => {
+                let x = accel::upload(&[2, 0], &[]).unwrap();
+                let w = accel::upload(&[3, 0], &[]).unwrap();
+                Ok(Output::Text(match accel::linear(&x, &w, None) {
+                    Ok(_) => "computed".into(),
+                    Err(e) => refusal(&e),
+                }))
+            }
+            "accel-handles" => {
+                let mut held = Vec::new();
+                loop {
+                    held.push(accel::upload(&[1], &[1.0]).expect("a one-value upload"));
+                }
             }
             "accel-forged" => {
                 let forged = unsafe { Tensor::from_handle(12345) };

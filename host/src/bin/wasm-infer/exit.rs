@@ -11,7 +11,7 @@ pub const USAGE: u8 = 2;
 pub const INTERNAL: u8 = 1;
 
 /// Every kind's status and what it means, in the order `--help` lists them.
-const TABLE: [(ErrorKind, u8, &str); 13] = [
+const TABLE: [(ErrorKind, u8, &str); 14] = [
     (ErrorKind::Internal, 1, "internal error (a bug, or the OS refused a resource)"),
     (ErrorKind::Usage, 2, "usage error (bad flag or value, or a setting this build lacks)"),
     (ErrorKind::InvalidModel, 3, "invalid model: missing, unreadable, not wasm, not a component, wrong world, too many parts"),
@@ -21,6 +21,7 @@ const TABLE: [(ErrorKind, u8, &str); 13] = [
     (ErrorKind::Fuel, 10, "fuel limit exceeded (--fuel)"),
     (ErrorKind::Memory, 11, "memory limit exceeded (--mem)"),
     (ErrorKind::Table, 11, "the fixed table-size limit exceeded"),
+    (ErrorKind::Handles, 11, "the fixed live-handle limit exceeded"),
     (ErrorKind::WallTime, 12, "wall-time limit exceeded (--timeout)"),
     (ErrorKind::Input, 13, "input larger than --max-input, or more items than --max-batch"),
     (ErrorKind::Output, 14, "output larger than --max-output"),
