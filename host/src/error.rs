@@ -285,6 +285,19 @@ pub enum Error {
     /// metering, a pool of zero slots, a device this build lacks).
     #[error("{0}")]
     Config(String),
+    /// The host is short of memory and admits no more runs for now (see
+    /// [`RuntimeConfig::admission`](crate::RuntimeConfig::admission)); try again after
+    /// `retry_after`. Nothing ran.
+    #[error(
+        "overloaded: memory pressure {pressure:.1}% stalls; retry after {}",
+        humantime::format_duration(*retry_after)
+    )]
+    Overloaded {
+        /// The pressure reading that refused the run (percent of time stalled).
+        pressure: f64,
+        /// How long to wait before trying again.
+        retry_after: Duration,
+    },
     /// A host-side failure that is not the guest's doing (a bug, or the OS refusing resources).
     #[error("internal error: {0}")]
     Internal(String),
@@ -330,13 +343,15 @@ pub enum ErrorKind {
     InputRead,
     /// [`Error::Config`]: a request this runtime cannot serve as configured.
     Usage,
+    /// [`Error::Overloaded`]: retry later.
+    Overloaded,
     /// [`Error::Internal`].
     Internal,
 }
 
 impl ErrorKind {
     /// Every kind, for tables that must cover them all.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         Self::Fuel,
         Self::Memory,
         Self::Table,
@@ -350,6 +365,7 @@ impl ErrorKind {
         Self::InvalidModel,
         Self::InputRead,
         Self::Usage,
+        Self::Overloaded,
         Self::Internal,
     ];
 
@@ -369,6 +385,7 @@ impl ErrorKind {
             Self::InvalidModel => "invalid_model",
             Self::InputRead => "input_read",
             Self::Usage => "usage",
+            Self::Overloaded => "overloaded",
             Self::Internal => "internal",
         }
     }
@@ -424,6 +441,7 @@ impl Error {
             Self::Model { .. } => ErrorKind::Model,
             Self::InputRead(_) => ErrorKind::InputRead,
             Self::Config(_) => ErrorKind::Usage,
+            Self::Overloaded { .. } => ErrorKind::Overloaded,
             Self::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -28,6 +28,7 @@ mod error;
 mod limiter;
 pub mod limits;
 mod model;
+pub mod pressure;
 mod run;
 mod runtime;
 pub mod snapshot;

@@ -378,7 +378,9 @@ impl Model {
     /// Runs `input` in a fresh sandbox under `limits`, on the caller's tokio runtime (which
     /// must have its time driver enabled, as `#[tokio::main]` does). The guest yields to the
     /// executor at every epoch tick, so many runs can share a few threads. The input is
-    /// checked against the batch and input limits before any guest work.
+    /// checked against the batch and input limits before any guest work; a runtime with
+    /// [`admission`](crate::RuntimeConfig::admission) may then lower the memory ceiling or
+    /// refuse the run with [`Error::Overloaded`].
     pub async fn run_async(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
         let input_bytes = input.payload_bytes();
         if let Err(limit) = limits.check_input(&input) {
@@ -388,6 +390,17 @@ impl Model {
             };
             return Err(RunError::new(limit, usage));
         }
+        let (_admitted, granted) = match self.inner.runtime.admit(limits) {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                let usage = Usage {
+                    input_bytes,
+                    ..Usage::default()
+                };
+                return Err(RunError::new(error, usage));
+            }
+        };
+        let limits = &granted;
         let pre = self.inner.pre.clone();
         let input = input.into_wit();
         let limited = call_limited(&self.inner.runtime, limits, move |store| {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::accel::{Accel, AccelMode, DeviceUsage};
 use crate::error::{Error, Result};
 use crate::limits::{MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS};
+use crate::pressure::{Admission, Ticket};
 use crate::store::RunState;
 
 /// Default epoch tick: 10 ms. A run ends at most one tick after its wall-time limit; each tick
@@ -55,6 +56,10 @@ pub struct RuntimeConfig {
     /// [`DEFAULT_HOST_DEVICE_MEMORY`]). Each run is also bounded by its own
     /// [`Limits::device_memory`](crate::Limits::device_memory).
     pub device_memory: u64,
+    /// Admission under memory pressure (default `None`: admit every run). With it, fewer
+    /// concurrent runs are admitted and lower memory ceilings granted as pressure rises, and
+    /// runs past the cap are refused with [`Error::Overloaded`] (see [`crate::pressure`]).
+    pub admission: Option<crate::pressure::AdmissionConfig>,
     /// Most bytes the cache directory may hold (default [`DEFAULT_CACHE_MAX_BYTES`]); after a
     /// write, the least recently used entries are removed until it fits. `None`: no cap.
     pub cache_max_bytes: Option<u64>,
@@ -77,6 +82,7 @@ impl Default for RuntimeConfig {
             accel: AccelMode::Auto,
             device_memory: DEFAULT_HOST_DEVICE_MEMORY,
             cache_max_bytes: Some(DEFAULT_CACHE_MAX_BYTES),
+            admission: None,
         }
     }
 }
@@ -104,6 +110,7 @@ pub(crate) struct RuntimeInner {
     pub(crate) accel: Arc<Accel>,
     /// One permit per pooled slot (`None` without a pool).
     slots: Option<Arc<tokio::sync::Semaphore>>,
+    admission: Option<Admission>,
     ticker: Ticker,
 }
 
@@ -128,6 +135,7 @@ impl Runtime {
         let slots = config
             .pool
             .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
+        let admission = config.admission.clone().map(Admission::new);
         Ok(Self {
             inner: Arc::new(RuntimeInner {
                 engine,
@@ -135,6 +143,7 @@ impl Runtime {
                 config,
                 accel,
                 slots,
+                admission,
                 ticker,
             }),
         })
@@ -156,6 +165,17 @@ impl Runtime {
         let slots = self.inner.slots.clone()?;
         // The semaphore is never closed.
         slots.acquire_owned().await.ok()
+    }
+
+    /// Admits a run under `limits` (see [`RuntimeConfig::admission`]): its place, held until
+    /// dropped, and the limits it is granted; or [`Error::Overloaded`].
+    pub(crate) fn admit(&self, limits: &crate::Limits) -> Result<(Option<Ticket>, crate::Limits)> {
+        match &self.inner.admission {
+            Some(admission) => admission
+                .admit(limits)
+                .map(|(ticket, granted)| (Some(ticket), granted)),
+            None => Ok((None, limits.clone())),
+        }
     }
 
     /// The wasmtime engine (for embedders that want to share it).
