@@ -13,7 +13,7 @@ use crate::usage::Usage;
 
 /// A run hit one of its [`Limits`](crate::Limits). Every variant carries the limit and the
 /// figure that crossed it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum LimitExceeded {
     /// The run needed more fuel than `limit`. `consumed` is what was burnt when it was stopped:
     /// at least `limit + 1`, since wasmtime checks fuel at function entries and loop headers.
@@ -132,7 +132,7 @@ pub enum LimitExceeded {
 }
 
 /// What a component is made of, for [`InvalidModel::TooMany`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ComponentPart {
     /// Core module instances.
@@ -154,7 +154,7 @@ impl std::fmt::Display for ComponentPart {
 }
 
 /// Why a file cannot be used as a model.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum InvalidModel {
     /// The bytes are not WebAssembly at all.
     #[error("not a WebAssembly file (no `\\0asm` header)")]
@@ -184,6 +184,20 @@ pub enum InvalidModel {
         count: u64,
         /// The cap ([`MAX_CORE_INSTANCES`](crate::limits::MAX_CORE_INSTANCES) and its siblings).
         cap: u32,
+    },
+    /// Compiling (or pre-initialising) the component in its worker process exceeded one of
+    /// the compile limits ([`Isolation`](crate::isolate::Isolation)); the parent is unaffected.
+    #[error(
+        "compiling the component exceeded its {limit} limit ({} CPU, {} memory, {} wall time)",
+        humantime::format_duration(limits.cpu),
+        format_size(limits.memory),
+        humantime::format_duration(limits.wall_time)
+    )]
+    CompileLimit {
+        /// Which limit.
+        limit: crate::isolate::CompileLimit,
+        /// The limits it ran under.
+        limits: crate::isolate::CompileLimits,
     },
     /// The model's `info` returned more than the host keeps of it.
     #[error("the model's info is larger than the {limit} bytes the host keeps of it")]

@@ -25,6 +25,7 @@ pub mod cache;
 mod component;
 mod data;
 mod error;
+pub mod isolate;
 mod limiter;
 pub mod limits;
 mod model;

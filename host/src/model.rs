@@ -13,6 +13,7 @@ use crate::cache::{self, Cache};
 use crate::component;
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
+use crate::isolate::{self, Isolation, LoadRequest};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::run::call_limited;
 use crate::runtime::{block_on, Runtime};
@@ -154,6 +155,10 @@ pub struct LoadOptions {
     pub limits: Limits,
     /// Told each [`LoadPhase`] as it starts (default: nobody).
     pub progress: Option<Progress>,
+    /// Compile (and pre-initialise) in a worker process under OS limits instead of in this
+    /// process (default `None`: in-process). Needs a runtime with a cache directory, through
+    /// which the compiled code comes back. See [`crate::isolate`] for the trade-off.
+    pub isolate: Option<Isolation>,
 }
 
 impl Default for LoadOptions {
@@ -162,6 +167,7 @@ impl Default for LoadOptions {
             preinit: true,
             limits: Limits::default(),
             progress: None,
+            isolate: None,
         }
     }
 }
@@ -279,21 +285,56 @@ impl Model {
             .map(|cache| cache.entry(runtime.engine(), &material));
         let started = Instant::now();
         options.phase(LoadPhase::Cache);
-        let cached = match (&cache, &entry) {
+        let mut cached = match (&cache, &entry) {
             (Some(cache), Some(entry)) => from_cache(runtime, cache, entry, make_snapshot),
             _ => None,
         };
+        let mut code = CodeSource::Cached;
+        // Without a cache, the worker hands its code over through a private temporary one.
+        let handoff = match (&cached, &options.isolate, &cache) {
+            (None, Some(_), None) => Some(isolate::Handoff::new(runtime, &material)?),
+            _ => None,
+        };
+        if let (None, Some(isolation)) = (&cached, &options.isolate) {
+            let (cache, entry) = match &handoff {
+                Some(handoff) => (&handoff.cache, &handoff.entry),
+                None => (
+                    cache.as_ref().expect("a cache, or a handoff"),
+                    entry.as_ref().expect("an entry with the cache"),
+                ),
+            };
+            options.phase(LoadPhase::Compiling);
+            let request = LoadRequest {
+                cache_dir: cache.dir().to_path_buf(),
+                meter_fuel: runtime.config().meter_fuel,
+                pool: runtime.config().pool,
+                accel: runtime.config().accel,
+                preinit: options.preinit,
+                limits: options.limits.clone(),
+            };
+            isolate::compile_in_worker(isolation, &request, wasm)?;
+            cached = from_cache(runtime, cache, entry, make_snapshot);
+            if cached.is_none() {
+                return Err(Error::Internal(
+                    "the compile worker succeeded but its code is not in the cache".into(),
+                ));
+            }
+            code = CodeSource::Compiled;
+        }
+        // Compiled in this process (not cached, not by a worker): to be written to the cache.
+        let compiled_here = cached.is_none();
         let (component, code, preinit, description) = match cached {
             Some((component, init)) => {
-                let cached = init.map(|init| Preinit {
-                    source: PreinitSource::Cached,
-                    init,
-                });
+                let source = match code {
+                    CodeSource::Cached => PreinitSource::Cached,
+                    CodeSource::Compiled => PreinitSource::Made,
+                };
+                let cached = init.map(|init| Preinit { source, init });
                 let given = snapshot_file.map(|info| Preinit {
                     source: PreinitSource::File,
                     init: info.init,
                 });
-                (component, CodeSource::Cached, cached.or(given), None)
+                (component, code, cached.or(given), None)
             }
             None if make_snapshot => {
                 options.phase(LoadPhase::PreInitialising);
@@ -330,7 +371,7 @@ impl Model {
         let pre =
             ModelPre::new(instance_pre).map_err(|e| InvalidModel::WrongWorld(format!("{e:#}")))?;
         let info = fetch_info(runtime, &pre, &options.limits).await?;
-        if let (CodeSource::Compiled, Some(cache), Some(entry)) = (code, &cache, &entry) {
+        if let (true, Some(cache), Some(entry)) = (compiled_here, &cache, &entry) {
             cache.store(&component, entry, description.as_deref());
         }
         let load = LoadReport {

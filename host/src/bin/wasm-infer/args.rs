@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use wasm_infer::isolate::{CompileLimits, Isolation};
 use wasm_infer::units::{parse_count, parse_duration, parse_fuel, parse_size};
 use wasm_infer::{AccelMode, Error, Limits, Runtime, RuntimeConfig};
 
@@ -81,6 +82,42 @@ impl LoadLimitArgs {
             wall_time: self.load_timeout,
             ..Limits::default()
         }
+    }
+}
+
+/// Where and under which OS limits an uncached model is compiled.
+#[derive(Args)]
+#[command(next_help_heading = "Compilation")]
+pub struct CompileArgs {
+    /// CPU time the compiling worker process may use (compile and pre-initialisation).
+    #[arg(long, env = "WASM_INFER_COMPILE_CPU", value_parser = parse_duration, default_value = "60s")]
+    pub compile_cpu: Duration,
+    /// Memory the compiling worker process may allocate.
+    #[arg(long, env = "WASM_INFER_COMPILE_MEM", value_parser = parse_size, default_value = "2GiB")]
+    pub compile_mem: u64,
+    /// Wall-clock time after which the compiling worker process is killed.
+    #[arg(long, env = "WASM_INFER_COMPILE_TIMEOUT", value_parser = parse_duration, default_value = "120s")]
+    pub compile_timeout: Duration,
+    /// Compile in this process, without OS limits (faster; for models you trust).
+    #[arg(long)]
+    pub compile_in_process: bool,
+}
+
+impl CompileArgs {
+    /// The worker setup: this binary, in its hidden worker mode, under the limits.
+    pub fn isolation(&self) -> Option<Isolation> {
+        if self.compile_in_process {
+            return None;
+        }
+        let worker = std::env::current_exe().ok()?;
+        Some(Isolation {
+            worker,
+            limits: CompileLimits {
+                cpu: self.compile_cpu,
+                memory: self.compile_mem,
+                wall_time: self.compile_timeout,
+            },
+        })
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::args::{LoadLimitArgs, RuntimeArgs};
+use crate::args::{CompileArgs, LoadLimitArgs, RuntimeArgs};
 use crate::{exit, load};
 
 /// The world every model implements.
@@ -20,11 +20,19 @@ pub struct Opts {
     #[command(flatten)]
     load_limits: LoadLimitArgs,
     #[command(flatten)]
+    compile: CompileArgs,
+    #[command(flatten)]
     runtime: RuntimeArgs,
 }
 
 pub fn run(opts: &Opts) -> u8 {
-    let model = match load::model(&opts.model, &opts.runtime, &opts.load_limits, opts.json) {
+    let model = match load::model(
+        &opts.model,
+        &opts.runtime,
+        &opts.load_limits,
+        &opts.compile,
+        opts.json,
+    ) {
         Ok(model) => model,
         Err(status) => return status,
     };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use wasm_infer::{LoadOptions, Model, Progress};
 
-use crate::args::{LoadLimitArgs, RuntimeArgs};
+use crate::args::{CompileArgs, LoadLimitArgs, RuntimeArgs};
 use crate::exit;
 
 /// Loads `path`, or prints why not and returns the exit status.
@@ -16,6 +16,7 @@ pub fn model(
     path: &Path,
     runtime_args: &RuntimeArgs,
     limits: &LoadLimitArgs,
+    compile: &CompileArgs,
     quiet: bool,
 ) -> Result<Model, u8> {
     let runtime = runtime_args.runtime().map_err(|e| exit::report(None, &e))?;
@@ -34,6 +35,7 @@ pub fn model(
         preinit: !runtime_args.no_preinit,
         limits: limits.limits(),
         progress,
+        isolate: compile.isolation(),
     };
     let loaded = Model::load_with(&runtime, path, &options);
     if let Some(bar) = spinner {

@@ -43,6 +43,10 @@ enum Command {
     /// List or clear the compiled-model cache.
     #[command(subcommand)]
     Cache(cache::Command),
+    /// The compile worker (internal): compiles a model read from stdin into a cache directory,
+    /// under the OS limits its parent set.
+    #[command(name = "__load-worker", hide = true)]
+    LoadWorker,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,9 @@ fn main() -> ExitCode {
         Some(Command::Inspect(opts)) => inspect::run(&opts),
         Some(Command::Snapshot(opts)) => snapshot::run(&opts),
         Some(Command::Cache(command)) => cache::run(&command),
+        Some(Command::LoadWorker) => {
+            wasm_infer::isolate::load_worker_main(std::io::stdin().lock(), std::io::stdout())
+        }
         None => run::run(&cli.run),
     };
     ExitCode::from(status)

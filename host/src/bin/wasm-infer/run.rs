@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use wasm_infer::{Error, Input, Limits, Model, Output, Usage};
 
-use crate::args::{LimitArgs, LoadLimitArgs, RuntimeArgs};
+use crate::args::{CompileArgs, LimitArgs, LoadLimitArgs, RuntimeArgs};
 use crate::{exit, load};
 
 #[derive(Args)]
@@ -23,6 +23,8 @@ pub struct Opts {
     limits: LimitArgs,
     #[command(flatten)]
     load_limits: LoadLimitArgs,
+    #[command(flatten)]
+    compile: CompileArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// How to report usage on stderr.
@@ -51,7 +53,13 @@ pub fn run(opts: &Opts) -> u8 {
         Ok(input) => input,
         Err(e) => return exit::report(None, &e),
     };
-    let model = match load::model(model_path, &opts.runtime, &opts.load_limits, opts.quiet) {
+    let model = match load::model(
+        model_path,
+        &opts.runtime,
+        &opts.load_limits,
+        &opts.compile,
+        opts.quiet,
+    ) {
         Ok(model) => model,
         Err(status) => return status,
     };

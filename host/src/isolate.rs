@@ -1,0 +1,329 @@
+//! Bounded compilation: compiling and pre-initialising an untrusted component in a
+//! short-lived child process under OS limits, so that a component crafted to compile slowly
+//! or hugely costs a child its CPU-time, memory or wall-clock allowance, never the parent.
+//!
+//! The child is the `wasm-infer` binary in a hidden worker mode (`wasm-infer __load-worker`,
+//! [`load_worker_main`]): it reads a [`LoadRequest`] and the component on stdin, builds a
+//! runtime with the parent's engine settings and cache directory, loads the model there (which
+//! compiles, pre-initialises, asks for its info and writes the cache entry), and answers one
+//! JSON line. The parent then loads the model from the cache, where wasmtime checks that the
+//! compiled code matches its own engine. Limits: `RLIMIT_CPU` (CPU seconds), `RLIMIT_DATA`
+//! (writable private memory: the compiler's heap; wasmtime's address-space reservations for
+//! linear memories are not writable until used, so they do not count), no core dumps, and a
+//! wall-clock deadline after which the parent kills it.
+//!
+//! Compiling in-process (the default of [`LoadOptions`](crate::LoadOptions)) stays available
+//! for embedders who load only models they trust: it is faster (no process start, no second
+//! load from the cache) and needs no worker binary.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, InvalidModel, LimitExceeded};
+use crate::limits::Limits;
+use crate::runtime::{Runtime, RuntimeConfig};
+
+/// The OS limits of a compiling child.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompileLimits {
+    /// CPU time the child may use (`RLIMIT_CPU`, whole seconds, at least 1).
+    #[serde(with = "crate::units::serde::duration")]
+    pub cpu: Duration,
+    /// Writable memory the child may allocate (`RLIMIT_DATA`), in bytes.
+    #[serde(with = "crate::units::serde::size")]
+    pub memory: u64,
+    /// Wall-clock time before the parent kills the child.
+    #[serde(with = "crate::units::serde::duration")]
+    pub wall_time: Duration,
+}
+
+/// Default compile limits: 60 s of CPU, 2 GiB of memory, 120 s of wall time. MiniLM (92 MiB)
+/// compiles and pre-initialises in about 15 s of CPU and 1 GiB here.
+pub const DEFAULT_COMPILE_LIMITS: CompileLimits = CompileLimits {
+    cpu: Duration::from_secs(60),
+    memory: 2 << 30,
+    wall_time: Duration::from_secs(120),
+};
+
+impl Default for CompileLimits {
+    fn default() -> Self {
+        DEFAULT_COMPILE_LIMITS
+    }
+}
+
+/// Which compile limit a child exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompileLimit {
+    /// `CompileLimits::cpu`.
+    Cpu,
+    /// `CompileLimits::memory`.
+    Memory,
+    /// `CompileLimits::wall_time`.
+    WallTime,
+}
+
+impl std::fmt::Display for CompileLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "CPU-time (--compile-cpu)",
+            Self::Memory => "memory (--compile-mem)",
+            Self::WallTime => "wall-time (--compile-timeout)",
+        })
+    }
+}
+
+/// Where and how to compile in a child process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    /// The `wasm-infer` binary to run as the worker.
+    pub worker: PathBuf,
+    /// Its limits.
+    pub limits: CompileLimits,
+}
+
+/// What the parent asks a load worker to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadRequest {
+    /// The cache directory to compile into (the parent's).
+    pub cache_dir: PathBuf,
+    /// The engine settings and device that decide the compiled code.
+    pub meter_fuel: bool,
+    /// Pooled slots, as the parent's runtime has them.
+    pub pool: Option<u32>,
+    /// The parent's device choice (the `info` call links the accelerator imports).
+    pub accel: crate::AccelMode,
+    /// Pre-initialise (as `LoadOptions::preinit`).
+    pub preinit: bool,
+    /// Load-time limits (as `LoadOptions::limits`).
+    pub limits: Limits,
+}
+
+/// What a load worker answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadAnswer {
+    /// Compiled and cached.
+    Loaded,
+    /// Refused as a model.
+    Invalid(InvalidModel),
+    /// A load-time call hit a limit (`init`: while pre-initialising).
+    Limit { init: bool, limit: LimitExceeded },
+    /// Any other failure, by kind and message.
+    Failed { kind: String, message: String },
+}
+
+/// The worker side: reads the request and the component from `input`, loads, writes the
+/// answer to `output`. Returns the process exit status (0 when it answered).
+pub fn load_worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
+    let mut bytes = Vec::new();
+    if input.read_to_end(&mut bytes).is_err() {
+        return 1;
+    }
+    let Some(split) = bytes.iter().position(|&b| b == b'\n') else {
+        return 1;
+    };
+    let Ok(request) = serde_json::from_slice::<LoadRequest>(&bytes[..split]) else {
+        return 1;
+    };
+    let wasm = &bytes[split + 1..];
+    let answer = match worker_load(&request, wasm) {
+        Ok(()) => LoadAnswer::Loaded,
+        Err(error) => answer_for(error),
+    };
+    let line = serde_json::to_string(&answer).expect("answers serialise");
+    if writeln!(output, "{line}").is_err() {
+        return 1;
+    }
+    0
+}
+
+fn worker_load(request: &LoadRequest, wasm: &[u8]) -> Result<(), Error> {
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(request.cache_dir.clone()),
+        meter_fuel: request.meter_fuel,
+        pool: request.pool,
+        accel: request.accel,
+        ..RuntimeConfig::default()
+    })?;
+    let options = crate::LoadOptions {
+        preinit: request.preinit,
+        limits: request.limits.clone(),
+        ..crate::LoadOptions::default()
+    };
+    crate::Model::from_bytes_with(&runtime, wasm, &options).map(|_| ())
+}
+
+fn answer_for(error: Error) -> LoadAnswer {
+    match error {
+        Error::InvalidModel(reason) => LoadAnswer::Invalid(reason),
+        Error::Limit(limit) => LoadAnswer::Limit { init: false, limit },
+        Error::Init(inner) => match *inner {
+            Error::Limit(limit) => LoadAnswer::Limit { init: true, limit },
+            other => answer_for_other(&other),
+        },
+        other => answer_for_other(&other),
+    }
+}
+
+fn answer_for_other(error: &Error) -> LoadAnswer {
+    LoadAnswer::Failed {
+        kind: error.kind().as_str().to_string(),
+        message: error.to_string(),
+    }
+}
+
+/// The parent side: runs the worker on `wasm` under `isolation`'s limits and turns its end
+/// into `Ok` (the model is in the cache) or the error it stands for. Blocks the calling
+/// thread for the compile, as compiling in-process would.
+pub(crate) fn compile_in_worker(
+    isolation: &Isolation,
+    request: &LoadRequest,
+    wasm: &[u8],
+) -> Result<(), Error> {
+    let limits = &isolation.limits;
+    let mut command = Command::new(&isolation.worker);
+    command
+        .arg("__load-worker")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    apply_rlimits(&mut command, limits);
+    let mut child = command.spawn().map_err(|e| {
+        Error::Config(format!(
+            "cannot start the compile worker {}: {e}",
+            isolation.worker.display()
+        ))
+    })?;
+    let mut input = serde_json::to_vec(request).expect("requests serialise");
+    input.push(b'\n');
+    input.extend_from_slice(wasm);
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // A worker that dies early closes the pipe; its exit status says why.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut answer = String::new();
+        let _ = stdout.read_to_string(&mut answer);
+        answer
+    });
+    let deadline = Instant::now() + limits.wall_time;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(WORKER_POLL),
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "waiting for the compile worker: {e}"
+                )))
+            }
+        }
+    };
+    let _ = writer.join();
+    let answer = reader.join().unwrap_or_default();
+    let exceeded = |limit: CompileLimit| {
+        Err(InvalidModel::CompileLimit {
+            limit,
+            limits: limits.clone(),
+        }
+        .into())
+    };
+    let Some(status) = status else {
+        return exceeded(CompileLimit::WallTime);
+    };
+    if let Ok(answer) = serde_json::from_str::<LoadAnswer>(answer.trim()) {
+        return match answer {
+            LoadAnswer::Loaded => Ok(()),
+            LoadAnswer::Invalid(reason) => Err(reason.into()),
+            LoadAnswer::Limit { init: false, limit } => Err(limit.into()),
+            LoadAnswer::Limit { init: true, limit } => Err(Error::Init(Box::new(limit.into()))),
+            LoadAnswer::Failed { kind, message } if kind == "trap" => Err(Error::Trap {
+                code: None,
+                message,
+                guest_stderr: String::new(),
+            }),
+            LoadAnswer::Failed { message, .. } => Err(Error::Internal(message)),
+        };
+    }
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        // RLIMIT_CPU sends SIGXCPU at the soft limit (and SIGKILL at the hard one).
+        Some(libc::SIGXCPU) | Some(libc::SIGKILL) => exceeded(CompileLimit::Cpu),
+        // Rust aborts when an allocation fails, as it does past RLIMIT_DATA.
+        Some(libc::SIGABRT) => exceeded(CompileLimit::Memory),
+        _ => Err(Error::Internal(format!(
+            "the compile worker ended without an answer ({status})"
+        ))),
+    }
+}
+
+/// How often the parent looks whether the worker has ended: fine enough to notice the
+/// deadline within a few milliseconds, coarse enough to cost nothing.
+const WORKER_POLL: Duration = Duration::from_millis(5);
+
+/// A private temporary cache through which a worker hands its compiled code to a parent
+/// whose runtime has no cache; removed when dropped (a loaded model keeps its mapping).
+pub(crate) struct Handoff {
+    pub(crate) cache: crate::cache::Cache,
+    pub(crate) entry: PathBuf,
+}
+
+impl Handoff {
+    pub(crate) fn new(runtime: &Runtime, material: &str) -> Result<Self, Error> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("wasm-infer-handoff-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|error| Error::Io {
+            path: dir.clone(),
+            error,
+        })?;
+        let cache = crate::cache::Cache::new(dir, None);
+        let entry = cache.entry(runtime.engine(), material);
+        Ok(Self { cache, entry })
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.cache.dir());
+    }
+}
+
+/// Sets the child's resource limits between fork and exec.
+fn apply_rlimits(command: &mut Command, limits: &CompileLimits) {
+    use std::os::unix::process::CommandExt;
+    let cpu = limits.cpu.as_secs().max(1);
+    let memory = limits.memory;
+    // SAFETY: between fork and exec only async-signal-safe calls are allowed; setrlimit is one,
+    // and the closure allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let set = |resource, value: u64| {
+                let limit = libc::rlimit {
+                    rlim_cur: value as libc::rlim_t,
+                    rlim_max: value as libc::rlim_t,
+                };
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            set(libc::RLIMIT_CPU, cpu)?;
+            set(libc::RLIMIT_DATA, memory)?;
+            set(libc::RLIMIT_CORE, 0)?;
+            Ok(())
+        });
+    }
+}

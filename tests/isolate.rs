@@ -1,0 +1,175 @@
+//! Bounded compilation: an uncached model compiled (and pre-initialised) in a worker process
+//! under OS limits. The worker is the real `wasm-infer` binary in its hidden worker mode.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use support::{assert_golden, hostile_wasm, invalid, text, WatModel};
+use wasm_infer::isolate::{CompileLimit, CompileLimits, Isolation};
+use wasm_infer::{CodeSource, Limits, LoadOptions, Model, Runtime, RuntimeConfig};
+
+fn isolated(limits: CompileLimits) -> LoadOptions {
+    LoadOptions {
+        isolate: Some(Isolation {
+            worker: PathBuf::from(env!("CARGO_BIN_EXE_wasm-infer")),
+            limits,
+        }),
+        ..LoadOptions::default()
+    }
+}
+
+fn fresh_runtime(name: &str) -> (Runtime, PathBuf) {
+    let dir = support::target_dir().join(format!("isolate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(dir.clone()),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    (runtime, dir)
+}
+
+/// A model with one enormous function (`n` additions in a row): cheap to validate, slow and
+/// large for an optimising compiler.
+fn slow_to_compile(n: usize) -> Vec<u8> {
+    let body = "(local.set $x (i32.add (local.get $x) (i32.const 1)))\n".repeat(n);
+    let extra =
+        format!("(func $big (export \"big\") (param $x i32) (result i32) {body} (local.get $x))");
+    WatModel {
+        extra: &extra,
+        ..WatModel::default()
+    }
+    .build()
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_model_compiled_in_a_worker_runs_like_one_compiled_here() {
+    let (runtime, dir) = fresh_runtime("good");
+    let options = isolated(CompileLimits::default());
+    let model = Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
+    assert_eq!(model.load_report().code, CodeSource::Compiled);
+    let outcome = model.run(text("work:1000"), &Limits::default()).unwrap();
+    assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
+    let again = Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
+    assert_eq!(again.load_report().code, CodeSource::Cached);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_runtime_without_a_cache_gets_the_code_through_a_private_handoff() {
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: None,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let model = Model::load_with(
+        &runtime,
+        hostile_wasm(),
+        &isolated(CompileLimits::default()),
+    )
+    .unwrap();
+    let outcome = model
+        .run(text("echo:handed over"), &Limits::default())
+        .unwrap();
+    assert_eq!(
+        outcome.output,
+        wasm_infer::Output::Text("handed over".into())
+    );
+}
+
+#[test]
+fn a_component_that_compiles_slowly_is_refused_at_the_compile_deadline() {
+    let (runtime, dir) = fresh_runtime("slow");
+    let wasm = slow_to_compile(300_000);
+    let limits = CompileLimits {
+        wall_time: Duration::from_millis(500),
+        ..CompileLimits::default()
+    };
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let reason = invalid(Model::from_bytes_with(
+        &runtime,
+        &wasm,
+        &isolated(limits.clone()),
+    ));
+    assert_eq!(
+        reason,
+        wasm_infer::InvalidModel::CompileLimit {
+            limit: CompileLimit::WallTime,
+            limits
+        }
+    );
+    // Generous: killed at its deadline, not after compiling.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The parent compiled nothing: its resident memory grew by the component's bytes at most.
+    let grown_kib = rss_kib().saturating_sub(rss_before);
+    assert!(grown_kib < 64 << 10, "the parent grew {grown_kib} KiB");
+    assert_eq!(std::fs::read_dir(&dir).map_or(0, |d| d.count()), 0);
+    // The parent is unaffected: a good model loads (in a worker) afterwards.
+    let good = Model::load_with(
+        &runtime,
+        hostile_wasm(),
+        &isolated(CompileLimits::default()),
+    );
+    good.unwrap()
+        .run(text("echo:ok"), &Limits::default())
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_component_that_needs_more_cpu_than_allowed_is_refused_by_the_cpu_limit() {
+    let (runtime, dir) = fresh_runtime("cpu");
+    let limits = CompileLimits {
+        cpu: Duration::from_secs(1),
+        wall_time: Duration::from_secs(120),
+        ..CompileLimits::default()
+    };
+    let reason = invalid(Model::from_bytes_with(
+        &runtime,
+        &slow_to_compile(300_000),
+        &isolated(limits.clone()),
+    ));
+    assert_eq!(
+        reason,
+        wasm_infer::InvalidModel::CompileLimit {
+            limit: CompileLimit::Cpu,
+            limits
+        }
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_component_that_needs_more_memory_than_allowed_is_refused_by_the_memory_limit() {
+    let (runtime, dir) = fresh_runtime("mem");
+    let limits = CompileLimits {
+        memory: 256 << 20,
+        ..CompileLimits::default()
+    };
+    let reason = invalid(Model::from_bytes_with(
+        &runtime,
+        &slow_to_compile(300_000),
+        &isolated(limits.clone()),
+    ));
+    assert_eq!(
+        reason,
+        wasm_infer::InvalidModel::CompileLimit {
+            limit: CompileLimit::Memory,
+            limits
+        }
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
