@@ -63,6 +63,10 @@ bench: guest build
     cargo run --release -p wasm-infer --example bench -- {{minilm}} \
         no-simd=target/nosimd/wasm32-wasip2/release/minilm.wasm
 
+# What the worker-process hop adds to a request (in-process vs a locked-down worker).
+bench-workers: build test-guests
+    cargo run --release -p wasm-infer --example worker_hop -- target/release/wasm-infer target/wasm32-wasip2/release/hostile.wasm
+
 # Regenerate the reference embeddings with sentence-transformers (needs the venv in its docstring).
 reference:
     ~/.cache/wasm-infer/pyref/bin/python tests/fixtures/make_reference.py "{{model_dir}}"

@@ -7,9 +7,31 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+/// The names lib.rs re-exports, by the module they come from (`pub use model::{Model, ..}`),
+/// so that `crate::Model` counts as an edge to `model`.
+fn reexports(src: &Path) -> BTreeMap<String, String> {
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+    let mut names = BTreeMap::new();
+    for statement in lib.split(';') {
+        let Some(rest) = statement.trim().strip_prefix("pub use ") else {
+            continue;
+        };
+        let Some((module, items)) = rest.split_once("::") else {
+            continue;
+        };
+        for item in items.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+            if item.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                names.insert(item.to_string(), module.to_string());
+            }
+        }
+    }
+    names
+}
+
 /// The library's top-level modules and the modules each one `use`s.
 fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
     let src = support::workspace_root().join("host/src");
+    let reexported = reexports(&src);
     let mut graph = BTreeMap::new();
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
@@ -34,6 +56,7 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_')
                     .collect();
+                let target = reexported.get(&target).cloned().unwrap_or(target);
                 if target != module && !target.is_empty() {
                     deps.insert(target);
                 }
@@ -50,6 +73,7 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_')
                     .collect();
+                let target = reexported.get(&target).cloned().unwrap_or(target);
                 if target != module && !target.is_empty() {
                     deps.insert(target);
                 }

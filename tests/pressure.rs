@@ -31,6 +31,7 @@ fn setup() -> (Arc<Fake>, Model) {
             refuse: 40.0,
             min_memory: 64 << 20,
             retry_after: Duration::from_secs(2),
+            memory_budget: None,
         }),
         ..RuntimeConfig::default()
     })

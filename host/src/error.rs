@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::units::{format_count, format_size};
 use crate::usage::Usage;
 
@@ -131,6 +133,56 @@ pub enum LimitExceeded {
     },
 }
 
+/// The OS limits of a compiling child.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompileLimits {
+    /// CPU time the child may use (`RLIMIT_CPU`, whole seconds, at least 1).
+    #[serde(with = "crate::units::serde::duration")]
+    pub cpu: Duration,
+    /// Writable memory the child may allocate (`RLIMIT_DATA`), in bytes.
+    #[serde(with = "crate::units::serde::size")]
+    pub memory: u64,
+    /// Wall-clock time before the parent kills the child.
+    #[serde(with = "crate::units::serde::duration")]
+    pub wall_time: Duration,
+}
+
+/// Default compile limits: 60 s of CPU, 2 GiB of memory, 120 s of wall time. MiniLM (92 MiB)
+/// compiles and pre-initialises in about 15 s of CPU and 1 GiB here.
+pub const DEFAULT_COMPILE_LIMITS: CompileLimits = CompileLimits {
+    cpu: Duration::from_secs(60),
+    memory: 2 << 30,
+    wall_time: Duration::from_secs(120),
+};
+
+impl Default for CompileLimits {
+    fn default() -> Self {
+        DEFAULT_COMPILE_LIMITS
+    }
+}
+
+/// Which compile limit a child exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompileLimit {
+    /// `CompileLimits::cpu`.
+    Cpu,
+    /// `CompileLimits::memory`.
+    Memory,
+    /// `CompileLimits::wall_time`.
+    WallTime,
+}
+
+impl std::fmt::Display for CompileLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "CPU-time (--compile-cpu)",
+            Self::Memory => "memory (--compile-mem)",
+            Self::WallTime => "wall-time (--compile-timeout)",
+        })
+    }
+}
+
 /// What a component is made of, for [`InvalidModel::TooMany`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -195,9 +247,9 @@ pub enum InvalidModel {
     )]
     CompileLimit {
         /// Which limit.
-        limit: crate::isolate::CompileLimit,
+        limit: CompileLimit,
         /// The limits it ran under.
-        limits: crate::isolate::CompileLimits,
+        limits: CompileLimits,
     },
     /// The model's `info` returned more than the host keeps of it.
     #[error("the model's info is larger than the {limit} bytes the host keeps of it")]
@@ -312,6 +364,13 @@ pub enum Error {
         /// How long to wait before trying again.
         retry_after: Duration,
     },
+    /// The worker process running the request died (a signal, an abort, the OOM killer, a
+    /// forbidden system call); the pool has replaced it. Safe to retry.
+    #[error("the worker running the request was lost: {reason}")]
+    WorkerLost {
+        /// How the worker ended.
+        reason: String,
+    },
     /// A host-side failure that is not the guest's doing (a bug, or the OS refusing resources).
     #[error("internal error: {0}")]
     Internal(String),
@@ -359,13 +418,15 @@ pub enum ErrorKind {
     Usage,
     /// [`Error::Overloaded`]: retry later.
     Overloaded,
+    /// [`Error::WorkerLost`]: retry.
+    WorkerLost,
     /// [`Error::Internal`].
     Internal,
 }
 
 impl ErrorKind {
     /// Every kind, for tables that must cover them all.
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 16] = [
         Self::Fuel,
         Self::Memory,
         Self::Table,
@@ -380,6 +441,7 @@ impl ErrorKind {
         Self::InputRead,
         Self::Usage,
         Self::Overloaded,
+        Self::WorkerLost,
         Self::Internal,
     ];
 
@@ -400,6 +462,7 @@ impl ErrorKind {
             Self::InputRead => "input_read",
             Self::Usage => "usage",
             Self::Overloaded => "overloaded",
+            Self::WorkerLost => "worker_lost",
             Self::Internal => "internal",
         }
     }
@@ -456,6 +519,7 @@ impl Error {
             Self::InputRead(_) => ErrorKind::InputRead,
             Self::Config(_) => ErrorKind::Usage,
             Self::Overloaded { .. } => ErrorKind::Overloaded,
+            Self::WorkerLost { .. } => ErrorKind::WorkerLost,
             Self::Internal(_) => ErrorKind::Internal,
         }
     }

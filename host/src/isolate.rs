@@ -3,7 +3,7 @@
 //! or hugely costs a child its CPU-time, memory or wall-clock allowance, never the parent.
 //!
 //! The child is the `wasm-infer` binary in a hidden worker mode (`wasm-infer __load-worker`,
-//! [`load_worker_main`]): it reads a [`LoadRequest`] and the component on stdin, builds a
+//! [`crate::worker::load_worker_main`]): it reads a [`LoadRequest`] and the component on stdin, builds a
 //! runtime with the parent's engine settings and cache directory, loads the model there (which
 //! compiles, pre-initialises, asks for its info and writes the cache entry), and answers one
 //! JSON line. The parent then loads the model from the cache, where wasmtime checks that the
@@ -23,59 +23,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::{CompileLimit, CompileLimits, DEFAULT_COMPILE_LIMITS};
 use crate::error::{Error, InvalidModel, LimitExceeded};
 use crate::limits::Limits;
-use crate::runtime::{Runtime, RuntimeConfig};
-
-/// The OS limits of a compiling child.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CompileLimits {
-    /// CPU time the child may use (`RLIMIT_CPU`, whole seconds, at least 1).
-    #[serde(with = "crate::units::serde::duration")]
-    pub cpu: Duration,
-    /// Writable memory the child may allocate (`RLIMIT_DATA`), in bytes.
-    #[serde(with = "crate::units::serde::size")]
-    pub memory: u64,
-    /// Wall-clock time before the parent kills the child.
-    #[serde(with = "crate::units::serde::duration")]
-    pub wall_time: Duration,
-}
-
-/// Default compile limits: 60 s of CPU, 2 GiB of memory, 120 s of wall time. MiniLM (92 MiB)
-/// compiles and pre-initialises in about 15 s of CPU and 1 GiB here.
-pub const DEFAULT_COMPILE_LIMITS: CompileLimits = CompileLimits {
-    cpu: Duration::from_secs(60),
-    memory: 2 << 30,
-    wall_time: Duration::from_secs(120),
-};
-
-impl Default for CompileLimits {
-    fn default() -> Self {
-        DEFAULT_COMPILE_LIMITS
-    }
-}
-
-/// Which compile limit a child exceeded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CompileLimit {
-    /// `CompileLimits::cpu`.
-    Cpu,
-    /// `CompileLimits::memory`.
-    Memory,
-    /// `CompileLimits::wall_time`.
-    WallTime,
-}
-
-impl std::fmt::Display for CompileLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Cpu => "CPU-time (--compile-cpu)",
-            Self::Memory => "memory (--compile-mem)",
-            Self::WallTime => "wall-time (--compile-timeout)",
-        })
-    }
-}
+use crate::runtime::Runtime;
 
 /// Where and how to compile in a child process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,66 +66,6 @@ pub enum LoadAnswer {
     Limit { init: bool, limit: LimitExceeded },
     /// Any other failure, by kind and message.
     Failed { kind: String, message: String },
-}
-
-/// The worker side: reads the request and the component from `input`, loads, writes the
-/// answer to `output`. Returns the process exit status (0 when it answered).
-pub fn load_worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
-    let mut bytes = Vec::new();
-    if input.read_to_end(&mut bytes).is_err() {
-        return 1;
-    }
-    let Some(split) = bytes.iter().position(|&b| b == b'\n') else {
-        return 1;
-    };
-    let Ok(request) = serde_json::from_slice::<LoadRequest>(&bytes[..split]) else {
-        return 1;
-    };
-    let wasm = &bytes[split + 1..];
-    let answer = match worker_load(&request, wasm) {
-        Ok(()) => LoadAnswer::Loaded,
-        Err(error) => answer_for(error),
-    };
-    let line = serde_json::to_string(&answer).expect("answers serialise");
-    if writeln!(output, "{line}").is_err() {
-        return 1;
-    }
-    0
-}
-
-fn worker_load(request: &LoadRequest, wasm: &[u8]) -> Result<(), Error> {
-    let runtime = Runtime::with_config(RuntimeConfig {
-        cache_dir: Some(request.cache_dir.clone()),
-        meter_fuel: request.meter_fuel,
-        pool: request.pool,
-        accel: request.accel,
-        ..RuntimeConfig::default()
-    })?;
-    let options = crate::LoadOptions {
-        preinit: request.preinit,
-        limits: request.limits.clone(),
-        ..crate::LoadOptions::default()
-    };
-    crate::Model::from_bytes_with(&runtime, wasm, &options).map(|_| ())
-}
-
-fn answer_for(error: Error) -> LoadAnswer {
-    match error {
-        Error::InvalidModel(reason) => LoadAnswer::Invalid(reason),
-        Error::Limit(limit) => LoadAnswer::Limit { init: false, limit },
-        Error::Init(inner) => match *inner {
-            Error::Limit(limit) => LoadAnswer::Limit { init: true, limit },
-            other => answer_for_other(&other),
-        },
-        other => answer_for_other(&other),
-    }
-}
-
-fn answer_for_other(error: &Error) -> LoadAnswer {
-    LoadAnswer::Failed {
-        kind: error.kind().as_str().to_string(),
-        message: error.to_string(),
-    }
 }
 
 /// The parent side: runs the worker on `wasm` under `isolation`'s limits and turns its end

@@ -37,6 +37,7 @@ mod store;
 pub mod units;
 mod usage;
 mod wasi;
+pub mod worker;
 
 pub use accel::{AccelMode, DeviceUsage};
 pub use data::{DataKind, Input, ModelInfo, Output};

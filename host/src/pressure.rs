@@ -10,10 +10,12 @@
 //! The policy, for a reading `p` between the configured `start` and `refuse` levels: the
 //! concurrency cap falls linearly from `max_concurrent` to 1, and the memory ceiling a run is
 //! granted falls linearly from the caller's limit to `min_memory` (never raised above the
-//! caller's). At or past `refuse`, no new run is admitted. Runs already admitted are never
-//! touched: pressure changes what the next run gets.
+//! caller's). At or past `refuse`, no new run is admitted. Besides the machine's pressure, the
+//! host's own accounting: with a `memory_budget`, the memory ceilings granted to the runs in
+//! flight never add up to more than it. Runs already admitted are never touched: pressure
+//! changes what the next run gets.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,6 +87,9 @@ pub struct AdmissionConfig {
     pub min_memory: u64,
     /// What an `Overloaded` refusal tells the caller to wait (default 1 s).
     pub retry_after: Duration,
+    /// The most memory the runs in flight may be granted together, in bytes (default `None`:
+    /// only the concurrency cap). A run whose ceiling does not fit is refused, not queued.
+    pub memory_budget: Option<u64>,
 }
 
 impl std::fmt::Debug for AdmissionConfig {
@@ -95,6 +100,7 @@ impl std::fmt::Debug for AdmissionConfig {
             .field("refuse", &self.refuse)
             .field("min_memory", &self.min_memory)
             .field("retry_after", &self.retry_after)
+            .field("memory_budget", &self.memory_budget)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +115,7 @@ impl AdmissionConfig {
             refuse: DEFAULT_PRESSURE_REFUSE,
             min_memory: DEFAULT_MIN_MEMORY,
             retry_after: DEFAULT_RETRY_AFTER,
+            memory_budget: None,
         }
     }
 }
@@ -128,15 +135,19 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct Admission {
     config: AdmissionConfig,
     in_flight: Arc<AtomicU32>,
+    granted_memory: Arc<AtomicU64>,
 }
 
-/// An admitted run: holds its place until dropped.
+/// An admitted run: holds its place, and the memory it was granted, until dropped.
 pub(crate) struct Ticket {
     in_flight: Arc<AtomicU32>,
+    granted_memory: Arc<AtomicU64>,
+    memory: u64,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        self.granted_memory.fetch_sub(self.memory, Ordering::SeqCst);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -146,6 +157,7 @@ impl Admission {
         Self {
             config,
             in_flight: Arc::new(AtomicU32::new(0)),
+            granted_memory: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -185,13 +197,34 @@ impl Admission {
                 Err(actual) => current = actual,
             }
         }
-        let ticket = Ticket {
+        let mut ticket = Ticket {
             in_flight: self.in_flight.clone(),
+            granted_memory: self.granted_memory.clone(),
+            memory: 0,
         };
         let mut granted = limits.clone();
         let floor = c.min_memory.min(limits.memory);
         let lowered = limits.memory - ((limits.memory - floor) as f64 * squeeze) as u64;
         granted.memory = lowered.min(limits.memory);
+        let budget = c.memory_budget.unwrap_or(u64::MAX);
+        let mut committed = self.granted_memory.load(Ordering::SeqCst);
+        loop {
+            let total = committed.saturating_add(granted.memory);
+            if total > budget {
+                // Dropping the ticket gives its place back.
+                return Err(overloaded());
+            }
+            match self.granted_memory.compare_exchange_weak(
+                committed,
+                total,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => break,
+                Err(actual) => committed = actual,
+            }
+        }
+        ticket.memory = granted.memory;
         Ok((ticket, granted))
     }
 }
@@ -225,6 +258,7 @@ mod tests {
             refuse: 40.0,
             min_memory: 64 << 20,
             retry_after: Duration::from_millis(1500),
+            memory_budget: None,
         })
     }
 
@@ -280,6 +314,27 @@ mod tests {
         assert_eq!(admission.admit(&small).unwrap().1.memory, 16 << 20);
         fake.set(39.9);
         assert!(admission.admit(&limits).unwrap().1.memory < 80 << 20);
+    }
+
+    #[test]
+    fn granted_memory_never_adds_up_past_the_budget() {
+        let fake = Arc::new(Fake(AtomicU64::new(0f64.to_bits())));
+        let mut admission = admission(&fake);
+        admission.config.memory_budget = Some(3 << 30);
+        let limits = Limits::default().memory(1 << 30);
+        let held = admitted(&admission, &limits);
+        assert_eq!(held.len(), 3, "three 1 GiB runs fit in 3 GiB");
+        let smaller = Limits::default().memory(64 << 20);
+        assert!(admission.admit(&smaller).is_err());
+        drop(held);
+        // Under pressure the ceilings are lower, so more runs fit the same budget.
+        fake.set(25.0);
+        assert_eq!(
+            admitted(&admission, &limits).len(),
+            3,
+            "the concurrency cap binds now"
+        );
+        assert_eq!(admission.granted_memory.load(Ordering::SeqCst), 0);
     }
 
     #[test]

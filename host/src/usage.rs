@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::{format_count, format_size};
 
 /// Resources one run consumed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// Fuel units consumed by the guest (instantiation included; a pre-initialised model's
     /// one-time initialisation is not, see [`LoadReport`](crate::LoadReport)). Deterministic.

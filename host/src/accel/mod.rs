@@ -26,7 +26,7 @@ mod host;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
 
@@ -148,6 +148,23 @@ impl Accel {
             DeviceKind::Cuda => "cuda",
         };
         (kind, &self.name)
+    }
+}
+
+/// Starts, before a worker locks down, what the CPU backend would otherwise start lazily on
+/// first use (its thread pool sizes itself from the machine, which means reading files).
+pub(crate) fn warm_up() {
+    let _ = std::thread::available_parallelism();
+    // The operations the accel imports run, at a size that takes gemm's threaded path.
+    let warm = (|| {
+        let x = Tensor::ones((128, 384), DType::F32, &Device::Cpu)?;
+        let w = Tensor::ones((1536, 384), DType::F32, &Device::Cpu)?;
+        let b = Tensor::ones(1536, DType::F32, &Device::Cpu)?;
+        let y = x.matmul(&w.t()?)?.broadcast_add(&b)?.gelu_erf()?;
+        y.flatten_all()?.to_vec1::<f32>()
+    })();
+    if let Err(e) = warm {
+        tracing::warn!(error = %e, "warming the CPU backend failed");
     }
 }
 

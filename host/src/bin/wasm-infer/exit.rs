@@ -11,7 +11,7 @@ pub const USAGE: u8 = 2;
 pub const INTERNAL: u8 = 1;
 
 /// Every kind's status and what it means, in the order `--help` lists them.
-const TABLE: [(ErrorKind, u8, &str); 15] = [
+const TABLE: [(ErrorKind, u8, &str); 16] = [
     (ErrorKind::Internal, 1, "internal error (a bug, or the OS refused a resource)"),
     (ErrorKind::Usage, 2, "usage error (bad flag or value, or a setting this build lacks)"),
     (ErrorKind::InvalidModel, 3, "invalid model: missing, unreadable, not wasm, not a component, wrong world, too many parts"),
@@ -27,6 +27,7 @@ const TABLE: [(ErrorKind, u8, &str); 15] = [
     (ErrorKind::Output, 14, "output larger than --max-output"),
     (ErrorKind::DeviceMemory, 15, "device-memory budget exceeded (--vram) and the model did not fall back"),
     (ErrorKind::Overloaded, 16, "the host is under memory pressure and admitted no run: retry later"),
+    (ErrorKind::WorkerLost, 17, "the worker process running the request died: retry"),
 ];
 
 /// The exit status for a failure of `kind`.

@@ -47,6 +47,12 @@ enum Command {
     /// under the OS limits its parent set.
     #[command(name = "__load-worker", hide = true)]
     LoadWorker,
+    /// A run worker (internal): serves runs over stdin/stdout for a worker pool.
+    #[command(name = "__run-worker", hide = true)]
+    RunWorker,
+    /// Lock-down self-test (internal): locks down, then makes the forbidden call named.
+    #[command(name = "__lockdown-selftest", hide = true)]
+    LockdownSelftest { call: String },
 }
 
 fn main() -> ExitCode {
@@ -64,9 +70,29 @@ fn main() -> ExitCode {
         Some(Command::Snapshot(opts)) => snapshot::run(&opts),
         Some(Command::Cache(command)) => cache::run(&command),
         Some(Command::LoadWorker) => {
-            wasm_infer::isolate::load_worker_main(std::io::stdin().lock(), std::io::stdout())
+            wasm_infer::worker::load_worker_main(std::io::stdin().lock(), std::io::stdout())
         }
+        Some(Command::RunWorker) => {
+            wasm_infer::worker::worker_main(std::io::stdin().lock(), std::io::stdout().lock())
+        }
+        Some(Command::LockdownSelftest { call }) => selftest(&call),
         None => run::run(&cli.run),
     };
     ExitCode::from(status)
+}
+
+/// Locks down, then tries `call`: the filter should kill the process before this returns.
+fn selftest(call: &str) -> u8 {
+    use wasm_infer::worker::lockdown;
+    if let Err(e) = lockdown::lock_down() {
+        eprintln!("error: {e}");
+        return exit::INTERNAL;
+    }
+    match lockdown::forbidden(call) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::INTERNAL
+        }
+    }
 }

@@ -1,0 +1,647 @@
+//! Runs in supervised worker processes: the second wall behind wasmtime for serving.
+//!
+//! A [`WorkerPool`] starts `workers` copies of the `wasm-infer` binary in its hidden worker
+//! mode (`wasm-infer __run-worker`, [`worker_main`]); each loads the models (from the compiled
+//! cache), locks itself down ([`lockdown`]: rlimits, no new privileges, not dumpable, a
+//! seccomp allow-list), optionally inside a cgroup ([`cgroup`]), and then serves one run at a
+//! time over its stdin and stdout: length-prefixed JSON frames (a little-endian `u32` length,
+//! then the message). The pool gives each request to an idle worker; a worker that dies
+//! (a signal, an abort, the OOM killer, a forbidden system call) costs the request it was
+//! running a [`Error::WorkerLost`] (retryable) and is replaced before the pool takes another
+//! request on its place; the other workers' requests are not touched. Workers are also
+//! replaced after a number of runs or above a resident-memory bound, which returns whatever
+//! their allocator kept.
+
+pub mod cgroup;
+mod compile;
+pub mod lockdown;
+
+pub use compile::load_worker_main;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::data::{Input, ModelInfo, Output};
+use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
+use crate::limits::Limits;
+use crate::model::{LoadOptions, Model, Outcome};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::usage::Usage;
+use crate::AccelMode;
+
+/// How a pool of workers is set up.
+#[derive(Debug, Clone)]
+pub struct WorkerPoolConfig {
+    /// Worker processes (each runs one request at a time).
+    pub workers: u32,
+    /// The `wasm-infer` binary to run as a worker.
+    pub binary: PathBuf,
+    /// The models every worker loads, by path; requests name them by index.
+    pub models: Vec<PathBuf>,
+    /// The compiled-model cache the workers load from (compile the models once beforehand,
+    /// e.g. by loading them in the parent, so that workers start in milliseconds).
+    pub cache_dir: Option<PathBuf>,
+    /// The device the workers offer their models.
+    pub accel: AccelMode,
+    /// Pre-initialise (as [`LoadOptions::preinit`]).
+    pub preinit: bool,
+    /// Lock each worker down once its models are loaded (default `true`).
+    pub lockdown: bool,
+    /// Replace a worker after this many runs.
+    pub recycle_after_runs: Option<u64>,
+    /// Replace a worker whose resident memory is above this many bytes after a run.
+    pub recycle_above_rss: Option<u64>,
+    /// Put the workers in a cgroup with these limits, where this process may manage one.
+    pub cgroup: Option<cgroup::CgroupLimits>,
+}
+
+impl WorkerPoolConfig {
+    /// `workers` locked-down workers running `binary` with `models`, default cache and device.
+    pub fn new(workers: u32, binary: PathBuf, models: Vec<PathBuf>) -> Self {
+        Self {
+            workers,
+            binary,
+            models,
+            cache_dir: RuntimeConfig::default().cache_dir,
+            accel: AccelMode::Auto,
+            preinit: true,
+            lockdown: true,
+            recycle_after_runs: None,
+            recycle_above_rss: None,
+            cgroup: None,
+        }
+    }
+}
+
+/// What a worker is told at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hello {
+    models: Vec<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    accel: AccelMode,
+    preinit: bool,
+    lockdown: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RunRequest {
+    model: usize,
+    input: Input,
+    limits: Limits,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FromWorker {
+    Ready {
+        models: Vec<ModelInfo>,
+    },
+    Failed {
+        message: String,
+    },
+    Done {
+        result: Result<Output, WireError>,
+        usage: Usage,
+    },
+}
+
+/// An [`Error`] as it crosses the process boundary.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WireError {
+    Limit(LimitExceeded),
+    InvalidModel(InvalidModel),
+    Trap {
+        code: Option<String>,
+        message: String,
+        guest_stderr: String,
+    },
+    Model {
+        code: ModelErrorCode,
+        message: String,
+    },
+    Other {
+        kind: String,
+        message: String,
+    },
+}
+
+/// The trap codes a worker reports by name.
+const TRAPS: [wasmtime::Trap; 12] = [
+    wasmtime::Trap::StackOverflow,
+    wasmtime::Trap::MemoryOutOfBounds,
+    wasmtime::Trap::HeapMisaligned,
+    wasmtime::Trap::TableOutOfBounds,
+    wasmtime::Trap::IndirectCallToNull,
+    wasmtime::Trap::BadSignature,
+    wasmtime::Trap::IntegerOverflow,
+    wasmtime::Trap::IntegerDivisionByZero,
+    wasmtime::Trap::BadConversionToInteger,
+    wasmtime::Trap::UnreachableCodeReached,
+    wasmtime::Trap::Interrupt,
+    wasmtime::Trap::OutOfFuel,
+];
+
+impl From<Error> for WireError {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Limit(limit) => Self::Limit(limit),
+            Error::InvalidModel(reason) => Self::InvalidModel(reason),
+            Error::Trap {
+                code,
+                message,
+                guest_stderr,
+            } => Self::Trap {
+                code: code.map(|c| format!("{c:?}")),
+                message,
+                guest_stderr,
+            },
+            Error::Model { code, message } => Self::Model { code, message },
+            other => Self::Other {
+                kind: other.kind().as_str().to_string(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(error: WireError) -> Self {
+        match error {
+            WireError::Limit(limit) => Error::Limit(limit),
+            WireError::InvalidModel(reason) => Error::InvalidModel(reason),
+            WireError::Trap {
+                code,
+                message,
+                guest_stderr,
+            } => Error::Trap {
+                code: code.and_then(|name| TRAPS.into_iter().find(|t| format!("{t:?}") == name)),
+                message,
+                guest_stderr,
+            },
+            WireError::Model { code, message } => Error::Model { code, message },
+            WireError::Other { kind, message } => {
+                Error::Internal(format!("in a worker ({kind}): {message}"))
+            }
+        }
+    }
+}
+
+/// Most bytes one frame may have: 256 MiB (an input or output within any sane limit).
+const MAX_FRAME: u32 = 256 << 20;
+
+fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&bytes)?;
+    out.flush()
+}
+
+fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("frame of {len} bytes")));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    input.read_exact(&mut bytes)?;
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+/// The worker side (`wasm-infer __run-worker`): see the module docs. Returns the exit status.
+pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
+    let Ok(hello) = read_frame::<Hello>(&mut input) else {
+        return 1;
+    };
+    let models = match start(&hello) {
+        Ok(models) => models,
+        Err(message) => {
+            let _ = write_frame(&mut output, &FromWorker::Failed { message });
+            return 1;
+        }
+    };
+    let infos = models.iter().map(|m| m.info().clone()).collect();
+    if write_frame(&mut output, &FromWorker::Ready { models: infos }).is_err() {
+        return 1;
+    }
+    while let Ok(request) = read_frame::<RunRequest>(&mut input) {
+        let reply = match models.get(request.model) {
+            Some(model) => match model.run(request.input, &request.limits) {
+                Ok(outcome) => FromWorker::Done {
+                    result: Ok(outcome.output),
+                    usage: outcome.usage,
+                },
+                Err(failure) => FromWorker::Done {
+                    result: Err(failure.error.into()),
+                    usage: *failure.usage,
+                },
+            },
+            None => FromWorker::Failed {
+                message: format!("no model {}", request.model),
+            },
+        };
+        if write_frame(&mut output, &reply).is_err() {
+            return 1;
+        }
+    }
+    0
+}
+
+/// Loads the models, warms what would otherwise start lazily after lock-down, locks down.
+fn start(hello: &Hello) -> Result<Vec<Model>, String> {
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: hello.cache_dir.clone(),
+        accel: hello.accel,
+        ..RuntimeConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let options = LoadOptions {
+        preinit: hello.preinit,
+        ..LoadOptions::default()
+    };
+    let models = hello
+        .models
+        .iter()
+        .map(|path| {
+            Model::load_with(&runtime, path, &options)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if hello.lockdown {
+        crate::accel::warm_up();
+        lockdown::lock_down()?;
+    }
+    Ok(models)
+}
+
+/// One worker process and its channel.
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    runs: u64,
+}
+
+impl Worker {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exchange(&mut self, request: &RunRequest) -> std::io::Result<FromWorker> {
+        write_frame(&mut self.stdin, request)?;
+        read_frame(&mut self.stdout)
+    }
+
+    /// Waits for a worker whose channel broke, and says how it ended.
+    fn reap(mut self) -> String {
+        let _ = self.child.kill();
+        match self.child.wait() {
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                match status.signal() {
+                    Some(signal) => format!("worker {} killed by signal {signal}", self.child.id()),
+                    None => format!("worker {} exited ({status})", self.child.id()),
+                }
+            }
+            Err(e) => format!("worker {}: {e}", self.child.id()),
+        }
+    }
+
+    /// Ends a healthy worker: closing its channel makes it exit.
+    fn retire(self) {
+        let Worker {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        let _ = child.wait();
+    }
+
+    fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|kib| kib << 10)
+    }
+}
+
+/// Counters of a pool's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    /// Workers started (the first ones, replacements and recycled ones).
+    pub started: u64,
+    /// Requests lost with their worker.
+    pub lost: u64,
+    /// Workers replaced after their run count or memory bound.
+    pub recycled: u64,
+}
+
+struct PoolInner {
+    config: WorkerPoolConfig,
+    idle: Mutex<Vec<Worker>>,
+    busy: Mutex<Vec<u32>>,
+    permits: tokio::sync::Semaphore,
+    cgroup: Result<cgroup::Cgroup, String>,
+    models: Vec<ModelInfo>,
+    started: AtomicU64,
+    lost: AtomicU64,
+    recycled: AtomicU64,
+}
+
+/// Worker processes serving runs: see the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerPool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolInner {
+    fn spawn(&self) -> Result<(Worker, Vec<ModelInfo>), Error> {
+        let config = &self.config;
+        let mut child = Command::new(&config.binary)
+            .arg("__run-worker")
+            // candle sizes its CPU work from this variable, else by reading /proc/cpuinfo on
+            // every matrix product, which a locked-down worker may not open.
+            .env(
+                "RAYON_NUM_THREADS",
+                candle_core::utils::get_num_threads().to_string(),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot start worker {}: {e}",
+                    config.binary.display()
+                ))
+            })?;
+        if let Ok(group) = &self.cgroup {
+            if let Err(e) = group.add(child.id()) {
+                tracing::warn!(error = %e, "could not put a worker in its cgroup");
+            }
+        }
+        let mut worker = Worker {
+            stdin: child.stdin.take().expect("piped stdin"),
+            stdout: child.stdout.take().expect("piped stdout"),
+            child,
+            runs: 0,
+        };
+        let hello = Hello {
+            models: config.models.clone(),
+            cache_dir: config.cache_dir.clone(),
+            accel: config.accel,
+            preinit: config.preinit,
+            lockdown: config.lockdown,
+        };
+        let ready = write_frame(&mut worker.stdin, &hello)
+            .and_then(|()| read_frame::<FromWorker>(&mut worker.stdout));
+        self.started.fetch_add(1, Ordering::Relaxed);
+        match ready {
+            Ok(FromWorker::Ready { models }) => Ok((worker, models)),
+            Ok(FromWorker::Failed { message }) => {
+                worker.retire();
+                Err(Error::Internal(format!(
+                    "a worker could not start: {message}"
+                )))
+            }
+            Ok(FromWorker::Done { .. }) | Err(_) => {
+                let reason = worker.reap();
+                Err(Error::Internal(format!(
+                    "a worker could not start: {reason}"
+                )))
+            }
+        }
+    }
+
+    fn should_recycle(&self, worker: &Worker) -> bool {
+        let runs = self
+            .config
+            .recycle_after_runs
+            .is_some_and(|k| worker.runs >= k);
+        let rss = self
+            .config
+            .recycle_above_rss
+            .is_some_and(|bound| worker.rss_bytes().is_some_and(|rss| rss > bound));
+        runs || rss
+    }
+
+    /// Puts a worker back, or a fresh one in its place. A place whose replacement cannot
+    /// start is given up (the pool shrinks rather than hand out a dead worker).
+    fn give_back(&self, replacement: Option<Worker>) {
+        match replacement {
+            Some(worker) => self
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(worker),
+            None => match self.spawn() {
+                Ok((worker, _)) => self
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(worker),
+                Err(e) => {
+                    tracing::error!(error = %e, "a worker place is lost");
+                    self.permits.forget_permits(1);
+                }
+            },
+        }
+    }
+}
+
+impl WorkerPool {
+    /// Starts the workers (each loads the models and reports ready) and, where configured
+    /// and possible, their cgroup. Blocking: a worker starts in milliseconds from a warm cache.
+    pub fn start(config: WorkerPoolConfig) -> Result<Self, Error> {
+        if config.workers == 0 {
+            return Err(Error::Config(
+                "a worker pool needs at least one worker".into(),
+            ));
+        }
+        let cgroup = match &config.cgroup {
+            Some(limits) => {
+                let name = format!("wasm-infer-workers-{}", std::process::id());
+                let group = cgroup::Cgroup::create(&name, limits);
+                if let Err(why) = &group {
+                    tracing::warn!("workers run without a cgroup ({why}); rlimits still apply");
+                }
+                group
+            }
+            None => Err("no cgroup configured".to_string()),
+        };
+        let mut inner = PoolInner {
+            permits: tokio::sync::Semaphore::new(config.workers as usize),
+            config,
+            idle: Mutex::new(Vec::new()),
+            busy: Mutex::new(Vec::new()),
+            cgroup,
+            models: Vec::new(),
+            started: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
+        };
+        let mut workers = Vec::new();
+        for _ in 0..inner.config.workers {
+            let (worker, models) = inner.spawn()?;
+            inner.models = models;
+            workers.push(worker);
+        }
+        *inner.idle.lock().unwrap() = workers;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The models' info, by index.
+    pub fn models(&self) -> &[ModelInfo] {
+        &self.inner.models
+    }
+
+    /// Where the workers' cgroup is, or why there is none.
+    pub fn cgroup(&self) -> Result<&[PathBuf], &str> {
+        match &self.inner.cgroup {
+            Ok(group) => Ok(group.dirs()),
+            Err(why) => Err(why),
+        }
+    }
+
+    /// Process ids of the workers running a request now (for supervision and tests).
+    pub fn busy_pids(&self) -> Vec<u32> {
+        self.inner
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Process ids of the idle workers.
+    pub fn idle_pids(&self) -> Vec<u32> {
+        let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter().map(Worker::pid).collect()
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            started: self.inner.started.load(Ordering::Relaxed),
+            lost: self.inner.lost.load(Ordering::Relaxed),
+            recycled: self.inner.recycled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `input` on model `model` in an idle worker (waiting for one), under `limits`.
+    pub async fn run(
+        &self,
+        model: usize,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Outcome, RunError> {
+        let permit = self.inner.permits.acquire().await.map_err(|_| {
+            RunError::new(
+                Error::Internal("the pool is closed".into()),
+                Usage::default(),
+            )
+        })?;
+        let inner = self.inner.clone();
+        let request = RunRequest {
+            model,
+            input,
+            limits: limits.clone(),
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut worker = inner
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()
+                .expect("a permit stands for an idle worker");
+            let pid = worker.pid();
+            inner
+                .busy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(pid);
+            let reply = worker.exchange(&request);
+            inner
+                .busy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|&p| p != pid);
+            match reply {
+                Ok(FromWorker::Done { result, usage }) => {
+                    worker.runs += 1;
+                    if inner.should_recycle(&worker) {
+                        inner.recycled.fetch_add(1, Ordering::Relaxed);
+                        worker.retire();
+                        inner.give_back(None);
+                    } else {
+                        inner.give_back(Some(worker));
+                    }
+                    match result {
+                        Ok(output) => Ok(Outcome { output, usage }),
+                        Err(error) => Err(RunError::new(Error::from(error), usage)),
+                    }
+                }
+                Ok(FromWorker::Failed { message }) => {
+                    inner.give_back(Some(worker));
+                    Err(RunError::new(Error::Config(message), Usage::default()))
+                }
+                Ok(FromWorker::Ready { .. }) | Err(_) => {
+                    let reason = worker.reap();
+                    inner.lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%reason, "a worker died during a request; replacing it");
+                    inner.give_back(None);
+                    Err(RunError::new(
+                        Error::WorkerLost { reason },
+                        Usage::default(),
+                    ))
+                }
+            }
+        })
+        .await;
+        drop(permit);
+        joined.unwrap_or_else(|e| {
+            Err(RunError::new(
+                Error::Internal(format!("the pool's task failed: {e}")),
+                Usage::default(),
+            ))
+        })
+    }
+
+    /// Blocking form of [`WorkerPool::run`].
+    pub fn run_blocking(
+        &self,
+        model: usize,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Outcome, RunError> {
+        crate::runtime::block_on(self.run(model, input, limits))
+            .unwrap_or_else(|error| Err(RunError::new(error, Usage::default())))
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for worker in idle {
+            worker.retire();
+        }
+    }
+}
