@@ -132,7 +132,6 @@ fn a_loop_stopped_by_wall_time_reports_the_fuel_it_burnt() {
         "{}",
         failure.usage.fuel_consumed
     );
-    assert_eq!(failure.usage.fuel_consumed % 10_000_000, 0);
     assert_host_unharmed();
 }
 
