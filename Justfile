@@ -77,3 +77,44 @@ fuzz TARGET="load_component" SECONDS="300":
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     just test-guests
     cd fuzz && CARGO_TARGET_DIR=../target/fuzz cargo fuzz run --sanitizer none {{TARGET}} -- -max_total_time={{SECONDS}} -rss_limit_mb=4096
+
+# Pinned PyPI wheels in ~/.cache/wasm-infer/cuda-venv; idempotent. In a shell, then:
+# `source scripts/cuda-env.sh`.
+# Install the CUDA 13.0 toolkit that `--features cuda` builds against (no GPU needed).
+cuda-setup:
+    bash scripts/setup-cuda.sh
+
+# Builds and lints `--features cuda` into target/cuda (WASM_INFER_CUDA_TARGET_DIR overrides it),
+# then runs tests/device.rs against that build on this host (no GPU: `--accel cuda` exits 2,
+# `auto` falls back). `just cuda-setup` first.
+# Check the CUDA backend without a GPU: build, clippy, start-up tests.
+check-cuda:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    source scripts/cuda-env.sh
+    export CARGO_TARGET_DIR="${WASM_INFER_CUDA_TARGET_DIR:-$PWD/target/cuda}"
+    echo "check-cuda: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, driver: $WASM_INFER_CUDA_DRIVER"
+    cargo build --release --target wasm32-wasip2 -p hostile
+    cargo build --release -p wasm-infer --features cuda
+    cargo clippy --release -p wasm-infer --features cuda --all-targets -- -D warnings
+    cargo test --release -p wasm-infer --features cuda --test device
+
+# Builds `--features cuda`, runs tests/device.rs and tests/accel.rs on the GPU, then tests/gpu.rs
+# (reference embeddings, budgets and the driver's figures on the device, fallback, benchmark
+# rows), which prints one summary table. `just setup` (the model) and `just cuda-setup` first.
+# On a machine with a GPU: the whole accelerator path on the GPU, one summary table.
+gpu-check:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    source scripts/cuda-env.sh
+    if [ "$WASM_INFER_CUDA_DRIVER" != system ]; then
+        echo "gpu-check: no NVIDIA driver (libcuda.so.1) on this machine; \`just check-cuda\` is the check without a GPU" >&2
+        exit 1
+    fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader || true
+    export CARGO_TARGET_DIR="${WASM_INFER_CUDA_TARGET_DIR:-$PWD/target/cuda}"
+    WASM_INFER_MODEL_DIR="{{model_dir}}" cargo build --release --target wasm32-wasip2 -p minilm -p hostile
+    cargo test --release -p wasm-infer --features cuda --test device --test accel --test gpu --no-run
+    export WASM_INFER_TEST_ACCEL=cuda
+    cargo test --release -p wasm-infer --features cuda --test device --test accel
+    cargo test --release -p wasm-infer --features cuda --test gpu -- --ignored --nocapture

@@ -122,7 +122,10 @@ impl Accel {
             AccelMode::Off => (None, DeviceKind::None, "none".to_string()),
             AccelMode::Cpu => cpu(),
             AccelMode::Cuda => cuda()?,
-            AccelMode::Auto => cuda().unwrap_or_else(|_| cpu()),
+            AccelMode::Auto => cuda().unwrap_or_else(|why| {
+                auto_fallback(&why);
+                cpu()
+            }),
         };
         Ok(Self {
             device,
@@ -173,11 +176,84 @@ fn cpu_name() -> String {
     format!("host CPU ({threads} threads)")
 }
 
+/// CUDA device 0, or what is missing (a configuration error: `--accel cuda` exits 2 with it).
+///
+/// The driver API is linked, not loaded (candle 0.11.1 builds cudarc with `dynamic-linking`), so
+/// a host with no `libcuda.so.1` at all never gets here: the loader refuses the binary before
+/// `main`. What this reports is a driver that cannot be used (the CUDA toolkit's stub library,
+/// an outdated driver) or no device. The CUDA stack is run under `catch_unwind` all the same,
+/// so that a panic in it becomes this error rather than an abort.
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<(Option<Device>, DeviceKind, String), String> {
-    let device = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
-    Ok((Some(device), DeviceKind::Cuda, "CUDA device 0".to_string()))
+    match std::panic::catch_unwind(open_cuda) {
+        Ok(opened) => opened,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("CUDA initialisation panicked: {message}"))
+        }
+    }
 }
+
+#[cfg(feature = "cuda")]
+fn open_cuda() -> Result<(Option<Device>, DeviceKind, String), String> {
+    use candle_core::cuda::cudarc::driver::result;
+
+    result::init().map_err(|e| driver_problem("initialising the CUDA driver", e))?;
+    let count =
+        result::device::get_count().map_err(|e| driver_problem("counting CUDA devices", e))?;
+    if count < 1 {
+        return Err("no CUDA device: the NVIDIA driver reports no GPU".to_string());
+    }
+    let device =
+        Device::new_cuda(0).map_err(|e| format!("CUDA device 0 could not be opened: {e}"))?;
+    let name = match &device {
+        Device::Cuda(cuda) => {
+            let context = cuda.cuda_stream().context().clone();
+            let model = context.name().unwrap_or_else(|_| "unknown GPU".to_string());
+            let (major, minor) = context.compute_capability().unwrap_or((0, 0));
+            let gib = context.total_mem().unwrap_or(0) as f64 / f64::from(1u32 << 30);
+            format!("CUDA device 0: {model}, compute capability {major}.{minor}, {gib:.1} GiB")
+        }
+        _ => "CUDA device 0".to_string(),
+    };
+    Ok((Some(device), DeviceKind::Cuda, name))
+}
+
+/// What a failed driver call means, in words that name what is missing.
+#[cfg(feature = "cuda")]
+fn driver_problem(doing: &str, e: candle_core::cuda::cudarc::driver::DriverError) -> String {
+    use candle_core::cuda::cudarc::driver::sys::CUresult;
+
+    match e.0 {
+        CUresult::CUDA_ERROR_STUB_LIBRARY => {
+            "no CUDA driver: the libcuda.so.1 found is the CUDA toolkit's stub, not an NVIDIA driver"
+                .to_string()
+        }
+        CUresult::CUDA_ERROR_NO_DEVICE => {
+            "no CUDA device: the NVIDIA driver reports no GPU".to_string()
+        }
+        CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH
+        | CUresult::CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE => format!(
+            "the NVIDIA driver cannot run this build's CUDA version (it needs a newer driver): \
+             {doing} failed with {e}"
+        ),
+        _ => format!("{doing} failed: {e}"),
+    }
+}
+
+/// `--accel auto` without a usable CUDA device: one log line, then the CPU.
+#[cfg(feature = "cuda")]
+fn auto_fallback(why: &str) {
+    tracing::warn!("accelerator: CUDA unavailable ({why}); using the CPU backend");
+}
+
+/// `--accel auto` in a build without CUDA: the CPU is the only device, nothing to say.
+#[cfg(not(feature = "cuda"))]
+fn auto_fallback(_why: &str) {}
 
 #[cfg(not(feature = "cuda"))]
 fn cuda() -> Result<(Option<Device>, DeviceKind, String), String> {
