@@ -129,47 +129,42 @@ fn a_component_that_compiles_slowly_is_refused_at_the_compile_deadline() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Loads the slow component in a worker under `limits` and returns the compile limit it hit.
+fn slow_compile_hits(name: &str, limits: CompileLimits) -> CompileLimit {
+    let (runtime, dir) = fresh_runtime(name);
+    let reason = invalid(Model::from_bytes_with(
+        &runtime,
+        &slow_to_compile(300_000),
+        &isolated(limits.clone()),
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    match reason {
+        wasm_infer::InvalidModel::CompileLimit {
+            limit,
+            limits: reported,
+        } => {
+            assert_eq!(reported, limits);
+            limit
+        }
+        other => panic!("expected a compile limit, got {other}"),
+    }
+}
+
 #[test]
 fn a_component_that_needs_more_cpu_than_allowed_is_refused_by_the_cpu_limit() {
-    let (runtime, dir) = fresh_runtime("cpu");
     let limits = CompileLimits {
         cpu: Duration::from_secs(1),
         wall_time: Duration::from_secs(120),
         ..CompileLimits::default()
     };
-    let reason = invalid(Model::from_bytes_with(
-        &runtime,
-        &slow_to_compile(300_000),
-        &isolated(limits.clone()),
-    ));
-    assert_eq!(
-        reason,
-        wasm_infer::InvalidModel::CompileLimit {
-            limit: CompileLimit::Cpu,
-            limits
-        }
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(slow_compile_hits("cpu", limits), CompileLimit::Cpu);
 }
 
 #[test]
 fn a_component_that_needs_more_memory_than_allowed_is_refused_by_the_memory_limit() {
-    let (runtime, dir) = fresh_runtime("mem");
     let limits = CompileLimits {
         memory: 256 << 20,
         ..CompileLimits::default()
     };
-    let reason = invalid(Model::from_bytes_with(
-        &runtime,
-        &slow_to_compile(300_000),
-        &isolated(limits.clone()),
-    ));
-    assert_eq!(
-        reason,
-        wasm_infer::InvalidModel::CompileLimit {
-            limit: CompileLimit::Memory,
-            limits
-        }
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(slow_compile_hits("mem", limits), CompileLimit::Memory);
 }

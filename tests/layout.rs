@@ -52,14 +52,7 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
                 else {
                     continue;
                 };
-                let target: String = rest
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                let target = reexported.get(&target).cloned().unwrap_or(target);
-                if target != module && !target.is_empty() {
-                    deps.insert(target);
-                }
+                add_edge(&mut deps, &module, rest, &reexported);
             }
             // Paths written inline in code (`crate::units::serde::micros`) count as edges
             // too; doc links do not.
@@ -69,19 +62,30 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
                 .collect::<Vec<_>>()
                 .join("\n");
             for (i, _) in code.match_indices("crate::") {
-                let target: String = code[i + 7..]
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                let target = reexported.get(&target).cloned().unwrap_or(target);
-                if target != module && !target.is_empty() {
-                    deps.insert(target);
-                }
+                add_edge(&mut deps, &module, &code[i + 7..], &reexported);
             }
         }
         graph.insert(module, deps);
     }
     graph
+}
+
+/// Adds the module that `path` (what follows `crate::`) names to `deps`, unless it is `module`
+/// itself; a re-exported name stands for the module it comes from.
+fn add_edge(
+    deps: &mut BTreeSet<String>,
+    module: &str,
+    path: &str,
+    reexported: &BTreeMap<String, String>,
+) {
+    let name: String = path
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    let target = reexported.get(&name).cloned().unwrap_or(name);
+    if target != module && !target.is_empty() {
+        deps.insert(target);
+    }
 }
 
 fn rust_files(path: &Path) -> Vec<std::path::PathBuf> {

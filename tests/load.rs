@@ -28,6 +28,19 @@ fn entries(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
 }
 
+/// Load options whose progress is recorded in the returned list.
+fn recording_phases() -> (LoadOptions, Arc<Mutex<Vec<LoadPhase>>>) {
+    let phases = Arc::new(Mutex::new(Vec::new()));
+    let seen = phases.clone();
+    let options = LoadOptions {
+        progress: Some(Progress(Arc::new(move |phase| {
+            seen.lock().unwrap().push(phase)
+        }))),
+        ..LoadOptions::default()
+    };
+    (options, phases)
+}
+
 /// WIT for the two WASI functions a model needs to block for an hour in a host call.
 const SLEEP_WIT: &str = r#"
 package wasi:io@0.2.0 {
@@ -230,14 +243,7 @@ fn a_refused_model_is_neither_compiled_nor_cached() {
         r#"(component (import "evil:host/escape" (instance (export "open-door" (func)))))"#,
     )
     .unwrap();
-    let phases = Arc::new(Mutex::new(Vec::new()));
-    let seen = phases.clone();
-    let options = LoadOptions {
-        progress: Some(Progress(Arc::new(move |phase| {
-            seen.lock().unwrap().push(phase)
-        }))),
-        ..LoadOptions::default()
-    };
+    let (options, phases) = recording_phases();
     assert!(matches!(
         invalid(Model::from_bytes_with(&runtime, &foreign, &options)),
         InvalidModel::UnsupportedImport(message) if message.contains("evil:host/escape")
@@ -280,14 +286,7 @@ fn a_component_using_a_proposal_the_host_leaves_off_says_which() {
 fn a_load_reports_its_phases_and_a_cached_load_skips_compiling() {
     let (runtime, dir) = fresh_runtime("phases", None);
     let load = || {
-        let phases = Arc::new(Mutex::new(Vec::new()));
-        let seen = phases.clone();
-        let options = LoadOptions {
-            progress: Some(Progress(Arc::new(move |phase| {
-                seen.lock().unwrap().push(phase)
-            }))),
-            ..LoadOptions::default()
-        };
+        let (options, phases) = recording_phases();
         Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
         let phases = phases.lock().unwrap().clone();
         phases
