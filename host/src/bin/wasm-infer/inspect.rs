@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::args::{CompileArgs, LoadLimitArgs, RuntimeArgs};
-use crate::{exit, load};
+use crate::exit;
+use crate::load::LoadArgs;
 
 /// The world every model implements.
 const WORLD: &str = "wasm-infer:model/model@0.1.0";
@@ -18,21 +18,11 @@ pub struct Opts {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    load_limits: LoadLimitArgs,
-    #[command(flatten)]
-    compile: CompileArgs,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
+    load: LoadArgs,
 }
 
 pub fn run(opts: &Opts) -> u8 {
-    let model = match load::model(
-        &opts.model,
-        &opts.runtime,
-        &opts.load_limits,
-        &opts.compile,
-        opts.json,
-    ) {
+    let model = match opts.load.model(&opts.model, opts.json) {
         Ok(model) => model,
         Err(status) => return status,
     };

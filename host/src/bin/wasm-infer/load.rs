@@ -8,11 +8,30 @@ use std::time::Duration;
 
 use wasm_infer::{LoadOptions, Model, Progress};
 
+use clap::Args;
+
 use crate::args::{CompileArgs, LoadLimitArgs, RuntimeArgs};
 use crate::exit;
 
-/// Loads `path`, or prints why not and returns the exit status.
-pub fn model(
+/// Everything that decides how a subcommand loads its model.
+#[derive(Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    limits: LoadLimitArgs,
+    #[command(flatten)]
+    compile: CompileArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+impl LoadArgs {
+    /// Loads `path`, or prints why not and returns the exit status.
+    pub fn model(&self, path: &Path, quiet: bool) -> Result<Model, u8> {
+        model(path, &self.runtime, &self.limits, &self.compile, quiet)
+    }
+}
+
+fn model(
     path: &Path,
     runtime_args: &RuntimeArgs,
     limits: &LoadLimitArgs,

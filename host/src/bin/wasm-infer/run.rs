@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use wasm_infer::{Error, Input, Limits, Model, Output, Usage};
 
-use crate::args::{CompileArgs, LimitArgs, LoadLimitArgs, RuntimeArgs};
-use crate::{exit, load};
+use crate::args::LimitArgs;
+use crate::exit;
+use crate::load::LoadArgs;
 
 #[derive(Args)]
 pub struct Opts {
@@ -22,11 +23,7 @@ pub struct Opts {
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
-    load_limits: LoadLimitArgs,
-    #[command(flatten)]
-    compile: CompileArgs,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
+    load: LoadArgs,
     /// How to report usage on stderr.
     #[arg(long, value_enum, default_value_t = Report::Text)]
     report: Report,
@@ -53,13 +50,7 @@ pub fn run(opts: &Opts) -> u8 {
         Ok(input) => input,
         Err(e) => return exit::report(None, &e),
     };
-    let model = match load::model(
-        model_path,
-        &opts.runtime,
-        &opts.load_limits,
-        &opts.compile,
-        opts.quiet,
-    ) {
+    let model = match opts.load.model(model_path, opts.quiet) {
         Ok(model) => model,
         Err(status) => return status,
     };
