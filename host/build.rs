@@ -1,5 +1,6 @@
 //! Records the wasmtime version this build links, for the engine fingerprint that snapshots
-//! carry (wasmtime has no public version constant). Read from the workspace's Cargo.lock.
+//! carry (wasmtime has no public version constant), read from the workspace's Cargo.lock, and
+//! the target triple (for `CpuFeatures::Baseline`).
 fn main() {
     let lock =
         std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../Cargo.lock");
@@ -19,4 +20,9 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=WASM_INFER_WASMTIME_VERSION={version}");
+    // The triple this build runs on, for compiling guests to its baseline CPU features.
+    println!(
+        "cargo:rustc-env=WASM_INFER_TARGET={}",
+        std::env::var("TARGET").unwrap()
+    );
 }

@@ -34,6 +34,12 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 # cudaforge runs one nvcc per kernel file on half the physical cores by default (one, on two);
 # the kernels are the longest step of a clean CUDA build, so give them every core.
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc 2>/dev/null || echo 2)}"
+# nvcc through ccache where setup-cuda.sh made the wrapper (see there): candle-kernels' build
+# takes the compiler from $NVCC.
+if [ -x "$CUDA_ROOT/ccache/nvcc" ] && command -v ccache >/dev/null 2>&1; then
+    export NVCC="$CUDA_ROOT/ccache/nvcc"
+    export CCACHE_DIR="${CCACHE_DIR:-${WASM_INFER_HOME:-$HOME/.cache/wasm-infer}/ccache}"
+fi
 case ":${PATH:-}:" in
 *":$CUDA_ROOT/bin:"*) ;;
 *) export PATH="$CUDA_ROOT/bin:${PATH:-}" ;;

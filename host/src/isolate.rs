@@ -46,6 +46,10 @@ pub struct LoadRequest {
     pub meter_fuel: bool,
     /// Pooled slots, as the parent's runtime has them.
     pub pool: Option<u32>,
+    /// NaN canonicalisation, as the parent's runtime has it.
+    pub nan_canonicalization: bool,
+    /// The CPU features compiled code may use, as the parent's runtime has them.
+    pub cpu_features: crate::CpuFeatures,
     /// The parent's device choice (the `info` call links the accelerator imports).
     pub accel: crate::AccelMode,
     /// Pre-initialise (as `LoadOptions::preinit`).

@@ -50,8 +50,9 @@ pub use model::{
     Progress,
 };
 pub use runtime::{
-    EngineFingerprint, EngineSettings, Runtime, RuntimeConfig, DEFAULT_CACHE_MAX_BYTES,
-    DEFAULT_EPOCH_TICK, DEFAULT_HOST_DEVICE_MEMORY,
+    CpuFeatures, EngineFingerprint, EngineSettings, Runtime, RuntimeConfig,
+    DEFAULT_CACHE_MAX_BYTES, DEFAULT_EPOCH_TICK, DEFAULT_HOST_DEVICE_MEMORY,
+    DEFAULT_NAN_CANONICALIZATION,
 };
 pub use usage::Usage;
 pub use wasmtime::Trap;

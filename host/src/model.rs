@@ -308,6 +308,8 @@ impl Model {
                 cache_dir: cache.dir().to_path_buf(),
                 meter_fuel: runtime.config().meter_fuel,
                 pool: runtime.config().pool,
+                nan_canonicalization: runtime.config().nan_canonicalization,
+                cpu_features: runtime.config().cpu_features,
                 accel: runtime.config().accel,
                 preinit: options.preinit,
                 limits: options.limits.clone(),

@@ -63,6 +63,42 @@ pub struct RuntimeConfig {
     /// Most bytes the cache directory may hold (default [`DEFAULT_CACHE_MAX_BYTES`]); after a
     /// write, the least recently used entries are removed until it fits. `None`: no cap.
     pub cache_max_bytes: Option<u64>,
+    /// Canonicalise every NaN a float operation produces to the one bit pattern `0x7fc00000`
+    /// (`f32`; `0x7ff8000000000000` for `f64`), scalar and SIMD (default
+    /// [`DEFAULT_NAN_CANONICALIZATION`], off).
+    ///
+    /// What it buys: WebAssembly float arithmetic is bit-exact IEEE 754 on every x86-64 CPU
+    /// except for the sign and payload of a NaN result, which follow the instruction the
+    /// compiler picked (which operand's payload propagates, the CPU's default NaN
+    /// `0xffc00000` for an invalid operation, a library call where the CPU lacks the
+    /// instruction). Off, those bits can differ between machines with different CPU features,
+    /// and only a guest that reads a NaN's bits as an integer (or returns them raw) can tell;
+    /// on, every machine gives the same bits to every guest. What it costs: Cranelift adds a
+    /// compare and a blend after every float operation, about half the in-sandbox time of a
+    /// matmul-bound model (README, "Determinism"). Recorded in snapshots' engine fingerprint
+    /// and part of the compiled-code cache key.
+    pub nan_canonicalization: bool,
+    /// The CPU features compiled code may use (default [`CpuFeatures::Host`]). Results and
+    /// fuel do not depend on it (see `tests/determinism.rs`); speed does.
+    pub cpu_features: CpuFeatures,
+}
+
+/// Default for [`RuntimeConfig::nan_canonicalization`]: off. The promise it would add (NaN
+/// payload bits equal across machines) is one no output of a model that treats NaN as a
+/// number can observe, and it halves in-sandbox speed; the README's "Determinism" section
+/// gives the whole argument.
+pub const DEFAULT_NAN_CANONICALIZATION: bool = false;
+
+/// Which CPU features compiled guest code may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuFeatures {
+    /// Every feature this CPU has (AVX2, FMA, ... as detected): the fastest code.
+    #[default]
+    Host,
+    /// The target's baseline only (x86-64: SSE2), as for the oldest CPU of the architecture;
+    /// instructions it lacks become longer sequences or library calls.
+    Baseline,
 }
 
 /// Default cap on the compiled-model cache: 2 GiB, room for a few models with their snapshots
@@ -83,6 +119,8 @@ impl Default for RuntimeConfig {
             device_memory: DEFAULT_HOST_DEVICE_MEMORY,
             cache_max_bytes: Some(DEFAULT_CACHE_MAX_BYTES),
             admission: None,
+            nan_canonicalization: DEFAULT_NAN_CANONICALIZATION,
+            cpu_features: CpuFeatures::Host,
         }
     }
 }
@@ -125,7 +163,7 @@ impl Runtime {
         if config.pool == Some(0) {
             return Err(Error::Config("a pool needs at least one slot".into()));
         }
-        let engine = Engine::new(&config.engine_settings().config()).map_err(internal)?;
+        let engine = Engine::new(&config.engine_settings().config()?).map_err(internal)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
         crate::accel::add_to_linker(&mut linker).map_err(internal)?;
@@ -214,14 +252,18 @@ impl Runtime {
 /// - fuel metering: the deterministic compute cap and the fuel figure in every usage report;
 /// - epoch interruption: the wall-time limit, and periodic yields so that async runs share
 ///   threads fairly (cheaper than fuel-based yielding, which adds a check per yield interval);
-/// - SIMD, with relaxed SIMD made deterministic and NaNs canonicalised: the same bits on every
-///   machine.
+/// - SIMD, with relaxed SIMD made deterministic: the same bits on every machine, up to NaN
+///   payloads, which NaN canonicalisation fixes too when it is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineSettings {
     /// Fuel metering on.
     pub meter_fuel: bool,
     /// Pooled slots, if any (see [`RuntimeConfig::pool`]).
     pub pool: Option<u32>,
+    /// NaN results canonicalised (see [`RuntimeConfig::nan_canonicalization`]).
+    pub nan_canonicalization: bool,
+    /// The CPU features compiled code may use (see [`RuntimeConfig::cpu_features`]).
+    pub cpu_features: CpuFeatures,
 }
 
 /// Epoch interruption: always on (the wall-time limit depends on it).
@@ -230,13 +272,19 @@ const EPOCHS: bool = true;
 const SIMD: bool = true;
 /// Relaxed-SIMD instructions give one result on every CPU.
 const RELAXED_SIMD_DETERMINISTIC: bool = true;
-/// NaN results canonicalised.
-const NAN_CANONICALIZATION: bool = true;
 
 impl EngineSettings {
     /// The wasmtime configuration.
-    pub fn config(&self) -> Config {
+    pub fn config(&self) -> Result<Config> {
         let mut config = Config::new();
+        if self.cpu_features == CpuFeatures::Baseline {
+            // An explicit target turns off wasmtime's detection of the host's features, leaving
+            // Cranelift's baseline for the triple; the triple is this build's own, so the code
+            // still runs here.
+            config
+                .target(env!("WASM_INFER_TARGET"))
+                .map_err(|e| Error::Config(format!("compilation target: {e}")))?;
+        }
         if let Some(n) = self.pool {
             let mut pooling = PoolingAllocationConfig::new();
             pooling
@@ -258,10 +306,10 @@ impl EngineSettings {
             .consume_fuel(self.meter_fuel)
             .epoch_interruption(EPOCHS)
             .wasm_simd(SIMD)
-            .cranelift_nan_canonicalization(NAN_CANONICALIZATION)
+            .cranelift_nan_canonicalization(self.nan_canonicalization)
             .relaxed_simd_deterministic(RELAXED_SIMD_DETERMINISTIC)
             .wasm_component_model(true);
-        config
+        Ok(config)
     }
 
     /// What a snapshot made under these settings records about them.
@@ -272,7 +320,7 @@ impl EngineSettings {
             epochs: EPOCHS,
             simd: SIMD,
             relaxed_simd_deterministic: RELAXED_SIMD_DETERMINISTIC,
-            nan_canonicalization: NAN_CANONICALIZATION,
+            nan_canonicalization: self.nan_canonicalization,
         }
     }
 }
@@ -340,6 +388,8 @@ impl RuntimeConfig {
         EngineSettings {
             meter_fuel: self.meter_fuel,
             pool: self.pool,
+            nan_canonicalization: self.nan_canonicalization,
+            cpu_features: self.cpu_features,
         }
     }
 }
@@ -419,6 +469,8 @@ mod tests {
         let a = EngineSettings {
             meter_fuel: true,
             pool: None,
+            nan_canonicalization: false,
+            cpu_features: CpuFeatures::Host,
         }
         .fingerprint();
         let b = EngineFingerprint {
@@ -434,5 +486,34 @@ mod tests {
             ]
         );
         assert!(a.differences(&a).is_empty());
+        let canonical = EngineFingerprint {
+            nan_canonicalization: true,
+            ..a.clone()
+        };
+        assert_eq!(
+            canonical.differences(&a),
+            ["nan-canonicalization=on (this runtime: nan-canonicalization=off)"]
+        );
+    }
+
+    #[test]
+    fn nan_canonicalization_and_cpu_features_change_the_compiled_code_key() {
+        let key = |nan_canonicalization, cpu_features| {
+            use std::hash::{Hash, Hasher};
+            let settings = EngineSettings {
+                meter_fuel: true,
+                pool: None,
+                nan_canonicalization,
+                cpu_features,
+            };
+            let engine = Engine::new(&settings.config().unwrap()).unwrap();
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            hasher.finish()
+        };
+        let host = key(false, CpuFeatures::Host);
+        assert_ne!(host, key(true, CpuFeatures::Host));
+        assert_ne!(host, key(false, CpuFeatures::Baseline));
+        assert_eq!(host, key(false, CpuFeatures::Host));
     }
 }

@@ -38,6 +38,8 @@ fn worker_load(request: &LoadRequest, wasm: &[u8]) -> Result<(), Error> {
         cache_dir: Some(request.cache_dir.clone()),
         meter_fuel: request.meter_fuel,
         pool: request.pool,
+        nan_canonicalization: request.nan_canonicalization,
+        cpu_features: request.cpu_features,
         accel: request.accel,
         ..RuntimeConfig::default()
     })?;

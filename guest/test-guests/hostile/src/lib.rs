@@ -38,6 +38,7 @@
 //! | `accel-handles`  | uploads one-value tensors, keeping them, forever             |
 //! | `accel-forged`   | calls a method on a handle it never got                      |
 //! | `accel-dropped`  | calls a method on a handle it already dropped                |
+//! | `nans`           | makes NaNs (0/0, sqrt(-1), inf-inf, f32x4 ops on NaN payloads) and returns their raw bits |
 
 wit_bindgen::generate!({
     world: "model",
@@ -110,6 +111,86 @@ fn accel_linear(m: usize, k: usize, n: usize) -> Result<String, AccelError> {
     Ok(format!("max_diff_ok={}", max_diff < 1e-4))
 }
 
+/// A NaN with a non-canonical payload: signalling (quiet bit clear), payload 1.
+const SNAN: u32 = 0x7fa0_0001;
+/// A negative quiet NaN with payload 2.
+const NEG_QNAN: u32 = 0xffc0_0002;
+/// A positive quiet NaN with payload 3.
+const QNAN: u32 = 0x7fc0_0003;
+
+fn f(bits: u32) -> f32 {
+    black_box(f32::from_bits(bits))
+}
+
+/// `name=bits` (hex) for every NaN-producing operation, in a fixed order. Inputs pass through
+/// `black_box` so that the compiler cannot fold them: each is a real wasm instruction at run
+/// time. Scalar first, then the same cases lane-wise in f32x4, then what non-arithmetic
+/// operations (neg, abs, copysign) do to a payload.
+fn nan_report() -> String {
+    use core::arch::wasm32::*;
+    let zero = black_box(0.0f32);
+    let one = black_box(1.0f32);
+    let inf = black_box(f32::INFINITY);
+    let mut out: Vec<(&str, u32)> = vec![
+        ("0/0", (zero / zero).to_bits()),
+        ("sqrt(-1)", (-one).sqrt().to_bits()),
+        ("inf-inf", (inf - inf).to_bits()),
+        ("0*inf", (zero * inf).to_bits()),
+        ("snan+1", (f(SNAN) + one).to_bits()),
+        ("1+snan", (one + f(SNAN)).to_bits()),
+        ("-qnan*1", (f(NEG_QNAN) * one).to_bits()),
+        ("snan+-qnan", (f(SNAN) + f(NEG_QNAN)).to_bits()),
+        ("-qnan+snan", (f(NEG_QNAN) + f(SNAN)).to_bits()),
+        ("qnan*-qnan", (f(QNAN) * f(NEG_QNAN)).to_bits()),
+        (
+            "f64 0/0",
+            ((black_box(0.0f64) / black_box(0.0f64)).to_bits() >> 32) as u32,
+        ),
+    ];
+    let a = f32x4(f(SNAN), zero, inf, f(NEG_QNAN));
+    let b = f32x4(one, zero, -inf, f(QNAN));
+    let lanes = |v: v128| {
+        [
+            f32x4_extract_lane::<0>(v).to_bits(),
+            f32x4_extract_lane::<1>(v).to_bits(),
+            f32x4_extract_lane::<2>(v).to_bits(),
+            f32x4_extract_lane::<3>(v).to_bits(),
+        ]
+    };
+    let vector = [
+        ("x4 add", lanes(f32x4_add(black_box(a), black_box(b)))),
+        ("x4 mul", lanes(f32x4_mul(black_box(a), black_box(b)))),
+        ("x4 div", lanes(f32x4_div(black_box(a), black_box(b)))),
+        (
+            "x4 sqrt",
+            lanes(f32x4_sqrt(black_box(f32x4(
+                -one,
+                f(SNAN),
+                f(NEG_QNAN),
+                one,
+            )))),
+        ),
+    ];
+    let mut text = String::new();
+    for (name, bits) in out.drain(..) {
+        text.push_str(&format!("{name}={bits:08x}\n"));
+    }
+    for (name, bits) in vector {
+        text.push_str(&format!(
+            "{name}={:08x},{:08x},{:08x},{:08x}\n",
+            bits[0], bits[1], bits[2], bits[3]
+        ));
+    }
+    for (name, bits) in [
+        ("-snan", (-f(SNAN)).to_bits()),
+        ("abs(-qnan)", f(NEG_QNAN).abs().to_bits()),
+        ("copysign(snan,-1)", f(SNAN).copysign(-one).to_bits()),
+    ] {
+        text.push_str(&format!("{name}={bits:08x}\n"));
+    }
+    text
+}
+
 fn number(arg: &str) -> u64 {
     arg.parse().expect("numeric argument")
 }
@@ -143,6 +224,7 @@ impl Guest for Hostile {
         let (verb, arg) = command.split_once(':').unwrap_or((&command, ""));
         match verb {
             "echo" => Ok(Output::Text(arg.to_string())),
+            "nans" => Ok(Output::Text(nan_report())),
             "work" => {
                 let mut acc = 0u64;
                 for i in 0..number(arg) {

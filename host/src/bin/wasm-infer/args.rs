@@ -142,6 +142,30 @@ pub struct RuntimeArgs {
     /// sandbox).
     #[arg(long, env = "WASM_INFER_ACCEL", value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
+    /// Canonicalise every NaN the model computes (`on`) or leave NaN bits to the CPU (`off`).
+    /// Off keeps fuel and every float output bit-identical across runs, processes and x86-64
+    /// machines for models that treat a NaN as a number; on extends that to the bits of a NaN
+    /// a model reads as an integer, at about twice the in-sandbox time (README,
+    /// "Determinism").
+    #[arg(long, env = "WASM_INFER_NAN_CANONICALIZATION", value_enum, value_name = "on|off",
+          default_value_t = OnOff::from(wasm_infer::DEFAULT_NAN_CANONICALIZATION))]
+    pub nan_canonicalization: OnOff,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl From<bool> for OnOff {
+    fn from(on: bool) -> Self {
+        if on {
+            Self::On
+        } else {
+            Self::Off
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -168,6 +192,7 @@ impl RuntimeArgs {
         let mut config = RuntimeConfig {
             accel: self.accel.into(),
             cache_max_bytes: Some(self.cache_max),
+            nan_canonicalization: self.nan_canonicalization == OnOff::On,
             ..RuntimeConfig::default()
         };
         if self.no_cache {
