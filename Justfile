@@ -55,13 +55,11 @@ lint:
     cargo clippy --release --all-targets -- -D warnings
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -- -D warnings
 
-# Benchmarks: native candle vs the sandbox (fuel on / epochs only, with and without simd128),
-# compile, precompiled-load and instantiate times. Markdown table on stdout.
+# Benchmarks in one run: native candle (1 thread, all cores) vs in-sandbox (NaN canonicalisation
+# off and on) vs the accelerator path, short / long / max inputs; throughput of 4 concurrent
+# requests (pooled) vs native; compile, precompiled-load, instantiate; memory. Markdown on stdout.
 bench: guest build
-    RUSTFLAGS="-C target-feature=-simd128" WASM_INFER_MODEL_DIR="{{model_dir}}" \
-        cargo build --release --target wasm32-wasip2 -p minilm --target-dir target/nosimd
-    cargo run --release -p wasm-infer --example bench -- {{minilm}} \
-        no-simd=target/nosimd/wasm32-wasip2/release/minilm.wasm
+    cargo run --release -p wasm-infer --example bench -- {{minilm}}
 
 # What the worker-process hop adds to a request (in-process vs a locked-down worker).
 bench-workers: build test-guests

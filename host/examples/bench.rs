@@ -1,8 +1,11 @@
-//! `just bench`: native candle against the sandbox, on a short and a long input, plus the cost
-//! of compiling, loading precompiled code and instantiating. Prints a Markdown table.
+//! `just bench`: in one run, native candle (1 thread and all cores) against the sandbox (NaN
+//! canonicalisation off and on) and the accelerator path, on short, long and maximal (256
+//! tokens) inputs; throughput with concurrent requests on a pooled runtime against native
+//! callers on the same cores; the cost of compiling, loading precompiled code and
+//! instantiating; memory with N concurrent runs. Prints Markdown tables; the ratios are the
+//! result (absolute times vary from machine to machine and run to run).
 //!
-//! Usage: `cargo run --release --example bench -- MINILM_WASM [LABEL=OTHER_WASM ...]`
-//! (extra components, e.g. a build without simd128, are measured in the sandbox rows too).
+//! Usage: `cargo run --release --example bench -- MINILM_WASM`
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,6 +16,10 @@ const SHORT: &str = "wasm-infer runs sentence embeddings inside a WebAssembly sa
 const ITERATIONS: usize = 7;
 /// Texts per batch when measuring the marginal in-sandbox cost of one embedding.
 const BATCH: usize = 8;
+/// Concurrent callers in the throughput rows.
+const CONCURRENT: usize = 4;
+/// Requests each caller makes in the throughput rows.
+const REQUESTS_EACH: usize = 4;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -124,9 +131,59 @@ fn native_embedder() -> minilm::Embedder {
     minilm::Embedder::load_dir(&model_dir()).unwrap()
 }
 
-/// Child mode for the accelerator rows: candle on the host uses every core here (no
-/// RAYON_NUM_THREADS), both natively and as the accel path's CPU backend.
-fn accel_child(wasm: &Path, cache: &Path) {
+/// The benchmark inputs: (label with its token count, text).
+fn inputs(native: &minilm::Embedder) -> Vec<(String, String)> {
+    [
+        ("short", SHORT.to_string()),
+        ("long", reference_text("long_bench")),
+        // Longer than the model's 256-token window: truncated to it.
+        ("max", reference_text("long_truncated")),
+    ]
+    .into_iter()
+    .map(|(name, text)| {
+        let tokens = native.token_ids(&text).unwrap().len();
+        (format!("{name} ({tokens} tokens)"), text)
+    })
+    .collect()
+}
+
+fn ratio(time: Duration, base: Duration) -> String {
+    format!("{:.2}x", time.as_secs_f64() / base.as_secs_f64())
+}
+
+/// A fresh request alone and the marginal cost of one more embedding in a batch of [`BATCH`].
+fn one_and_marginal(model: &Model, text: &str) -> (Duration, Duration) {
+    let limits = Limits::default();
+    let one = time(|| {
+        model.run(Input::Text(text.to_string()), &limits).unwrap();
+    });
+    let batch = time(|| {
+        model
+            .run(Input::Texts(vec![text.to_string(); BATCH]), &limits)
+            .unwrap();
+    });
+    (one, batch.saturating_sub(one) / (BATCH as u32 - 1))
+}
+
+/// Embeddings per second with [`CONCURRENT`] callers, each making [`REQUESTS_EACH`] requests.
+fn throughput(call: impl Fn() + Sync) -> f64 {
+    call(); // warm-up
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..CONCURRENT {
+            scope.spawn(|| {
+                for _ in 0..REQUESTS_EACH {
+                    call();
+                }
+            });
+        }
+    });
+    (CONCURRENT * REQUESTS_EACH) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Child mode for every row that uses all cores: candle on the host sizes its thread pool to
+/// the machine here (no RAYON_NUM_THREADS), natively and as the accel path's CPU backend.
+fn all_cores_child(wasm: &Path, cache: &Path) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let native = native_embedder();
     let runtime = Runtime::with_config(RuntimeConfig {
@@ -136,11 +193,7 @@ fn accel_child(wasm: &Path, cache: &Path) {
     })
     .unwrap();
     let model = Model::load(&runtime, wasm).unwrap();
-    let limits = Limits::default();
-    for (label, text) in [
-        ("short (22 tokens)", SHORT.to_string()),
-        ("long (127 tokens)", reference_text("long_bench")),
-    ] {
+    for (label, text) in inputs(&native) {
         let native_time = time(|| {
             native.embed(&text).unwrap();
         });
@@ -148,32 +201,59 @@ fn accel_child(wasm: &Path, cache: &Path) {
             "| native candle, {threads} threads, per embedding | {label} | {} | 1.00x |",
             ms(native_time)
         );
-        let one = time(|| {
-            model.run(Input::Text(text.clone()), &limits).unwrap();
-        });
-        let batch = time(|| {
-            model
-                .run(Input::Texts(vec![text.clone(); BATCH]), &limits)
-                .unwrap();
-        });
-        let marginal = batch.saturating_sub(one) / (BATCH as u32 - 1);
+        let (one, marginal) = one_and_marginal(&model, &text);
         println!(
-            "| accel path (CPU backend, {threads} threads), per embedding (marginal in a batch of {BATCH}) | {label} | {} | {:.2}x |",
+            "| accel path (CPU backend, {threads} threads), per embedding (marginal in a batch of {BATCH}) | {label} | {} | {} |",
             ms(marginal),
-            marginal.as_secs_f64() / native_time.as_secs_f64()
+            ratio(marginal, native_time)
         );
         println!(
-            "| accel path (CPU backend, {threads} threads), fresh sandbox per request, end to end | {label} | {} | {:.2}x |",
+            "| accel path (CPU backend, {threads} threads), fresh request, end to end | {label} | {} | {} |",
             ms(one),
-            one.as_secs_f64() / native_time.as_secs_f64()
+            ratio(one, native_time)
+        );
+    }
+
+    // Throughput: CONCURRENT callers on a pooled runtime vs the same callers sharing one
+    // native model, on the same cores.
+    let text = reference_text("long_bench");
+    let label = "long";
+    let native_rate = throughput(|| {
+        native.embed(&text).unwrap();
+    });
+    println!(
+        "| throughput, {CONCURRENT} concurrent callers, native candle ({threads} threads) | {label} | {native_rate:.1} emb/s | 1.00x |"
+    );
+    for (accel, nan_canonicalization, path) in [
+        (AccelMode::Cpu, false, "accel path"),
+        (AccelMode::Off, false, "in-sandbox, NaN canon. off"),
+        (AccelMode::Off, true, "in-sandbox, NaN canon. on"),
+    ] {
+        let runtime = Runtime::with_config(RuntimeConfig {
+            cache_dir: Some(cache.to_path_buf()),
+            pool: Some(CONCURRENT as u32),
+            accel,
+            nan_canonicalization,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let model = Model::load(&runtime, wasm).unwrap();
+        let rate = throughput(|| {
+            model
+                .run(Input::Text(text.clone()), &Limits::default())
+                .unwrap();
+        });
+        println!(
+            "| throughput, {CONCURRENT} concurrent requests, pooled runtime ({CONCURRENT} slots), {path} | {label} | {rate:.1} emb/s | {:.2}x |",
+            rate / native_rate
         );
     }
 }
 
 fn main() {
     let all: Vec<String> = std::env::args().collect();
-    if all.get(1).map(String::as_str) == Some("--accel") {
-        accel_child(Path::new(&all[2]), Path::new(&all[3]));
+    if all.get(1).map(String::as_str) == Some("--all-cores") {
+        all_cores_child(Path::new(&all[2]), Path::new(&all[3]));
         return;
     }
     // Single-threaded native baseline: candle sizes its thread pool from this variable.
@@ -190,23 +270,9 @@ fn main() {
         );
         return;
     }
-    let mut args = std::env::args().skip(1);
-    let minilm = PathBuf::from(
-        args.next()
-            .expect("usage: bench MINILM_WASM [LABEL=WASM ...]"),
-    );
-    let mut components = vec![("simd128".to_string(), minilm.clone())];
-    for extra in args {
-        let (label, path) = extra.split_once('=').expect("LABEL=PATH");
-        components.push((label.to_string(), PathBuf::from(path)));
-    }
-    let long = reference_text("long_bench");
-    let inputs = [
-        ("short (22 tokens)", SHORT.to_string()),
-        ("long (127 tokens)", long),
-    ];
-
+    let minilm = PathBuf::from(all.get(1).expect("usage: bench MINILM_WASM"));
     let native = native_embedder();
+    let inputs = inputs(&native);
 
     println!("| measurement | input | time | vs native |");
     println!("|---|---|---|---|");
@@ -223,54 +289,67 @@ fn main() {
     }
 
     let cache = std::env::temp_dir().join(format!("wasm-infer-bench-{}", std::process::id()));
-    let mut variants = vec![(true, "fuel + epochs", components[0].clone(), true)];
-    variants.push((true, "fuel + epochs", components[0].clone(), false));
-    for extra in &components[1..] {
-        variants.push((true, "fuel + epochs", extra.clone(), true));
-    }
-    variants.push((false, "epochs only", components[0].clone(), true));
-    for (meter_fuel, mode, (component, path), preinit) in variants {
+    // The sandbox alone (no accelerator), from the pre-initialised snapshot, under each
+    // determinism setting; and without fuel metering (the wall-time limit only).
+    for (meter_fuel, nan_canonicalization) in [(true, false), (true, true), (false, false)] {
         let runtime = Runtime::with_config(RuntimeConfig {
             cache_dir: Some(cache.clone()),
             meter_fuel,
+            nan_canonicalization,
             accel: AccelMode::Off,
             ..RuntimeConfig::default()
         })
         .unwrap();
-        let options = LoadOptions {
-            preinit,
-            ..LoadOptions::default()
+        let model = Model::load(&runtime, &minilm).unwrap();
+        let metering = if meter_fuel {
+            "fuel + epochs"
+        } else {
+            "epochs only"
         };
-        let model = Model::load_with(&runtime, &path, &options).unwrap();
-        let start = if preinit { "snapshot" } else { "no preinit" };
-        let limits = Limits::default();
+        let canon = if nan_canonicalization { "on" } else { "off" };
+        let mode = format!("{metering}, NaN canon. {canon}");
         for ((label, text), native_time) in inputs.iter().zip(&native_times) {
-            let one = time(|| {
-                model.run(Input::Text(text.clone()), &limits).unwrap();
-            });
-            let batch = time(|| {
-                model
-                    .run(Input::Texts(vec![text.clone(); BATCH]), &limits)
-                    .unwrap();
-            });
-            let marginal = (batch.saturating_sub(one)) / (BATCH as u32 - 1);
+            let (one, marginal) = one_and_marginal(&model, text);
             println!(
-                "| sandbox ({mode}, {component}), per embedding (marginal in a batch of {BATCH}) | {label} | {} | {:.2}x |",
+                "| in-sandbox ({mode}), per embedding (marginal in a batch of {BATCH}) | {label} | {} | {} |",
                 ms(marginal),
-                marginal.as_secs_f64() / native_time.as_secs_f64()
+                ratio(marginal, *native_time)
             );
             println!(
-                "| sandbox ({mode}, {component}, {start}), fresh sandbox per request, end to end | {label} | {} | {:.2}x ({:.2}x marginal) |",
+                "| in-sandbox ({mode}), fresh request, end to end | {label} | {} | {} |",
                 ms(one),
-                one.as_secs_f64() / native_time.as_secs_f64(),
-                one.as_secs_f64() / marginal.as_secs_f64()
+                ratio(one, *native_time)
             );
         }
     }
 
-    // The accelerator path against native candle on all cores, in a child process.
+    // What the snapshot saves a fresh request: the same request without it.
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(cache.clone()),
+        accel: AccelMode::Off,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let plain = LoadOptions {
+        preinit: false,
+        ..LoadOptions::default()
+    };
+    let model = Model::load_with(&runtime, &minilm, &plain).unwrap();
+    let (label, text) = &inputs[0];
+    let one = time(|| {
+        model
+            .run(Input::Text(text.clone()), &Limits::default())
+            .unwrap();
+    });
+    println!(
+        "| in-sandbox (fuel + epochs, NaN canon. off, no preinit), fresh request, end to end | {label} | {} | {} |",
+        ms(one),
+        ratio(one, native_times[0])
+    );
+
+    // Native candle on all cores, the accelerator path and throughput, in a child process.
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .arg("--accel")
+        .arg("--all-cores")
         .arg(&minilm)
         .arg(&cache)
         .env_remove("RAYON_NUM_THREADS")
