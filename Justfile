@@ -61,6 +61,10 @@ lint:
 bench: guest build
     cargo run --release -p wasm-infer --example bench -- {{minilm}}
 
+# The same, plus peak RSS/PSS with 1, 4 and 16 concurrent runs (several more minutes).
+bench-memory: guest build
+    cargo run --release -p wasm-infer --example bench -- {{minilm}} --memory
+
 # What the worker-process hop adds to a request (in-process vs a locked-down worker).
 bench-workers: build test-guests
     cargo run --release -p wasm-infer --example worker_hop -- target/release/wasm-infer target/wasm32-wasip2/release/hostile.wasm

@@ -2,10 +2,11 @@
 //! canonicalisation off and on) and the accelerator path, on short, long and maximal (256
 //! tokens) inputs; throughput with concurrent requests on a pooled runtime against native
 //! callers on the same cores; the cost of compiling, loading precompiled code and
-//! instantiating; memory with N concurrent runs. Prints Markdown tables; the ratios are the
-//! result (absolute times vary from machine to machine and run to run).
+//! instantiating; with `--memory`, memory with N concurrent runs. Prints Markdown tables; the
+//! ratios are the result (absolute times vary from machine to machine and run to run).
 //!
-//! Usage: `cargo run --release --example bench -- MINILM_WASM`
+//! Usage: `cargo run --release --example bench -- MINILM_WASM [--memory]` (`--memory` adds the
+//! memory table, which takes several more minutes).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,9 +14,9 @@ use std::time::{Duration, Instant};
 use wasm_infer::{AccelMode, Input, Limits, LoadOptions, Model, Runtime, RuntimeConfig};
 
 const SHORT: &str = "wasm-infer runs sentence embeddings inside a WebAssembly sandbox.";
-const ITERATIONS: usize = 7;
+const ITERATIONS: usize = 5;
 /// Texts per batch when measuring the marginal in-sandbox cost of one embedding.
-const BATCH: usize = 8;
+const BATCH: usize = 4;
 /// Concurrent callers in the throughput rows.
 const CONCURRENT: usize = 4;
 /// Requests each caller makes in the throughput rows.
@@ -37,6 +38,23 @@ fn time(mut f: impl FnMut()) -> Duration {
             })
             .collect(),
     )
+}
+
+/// Medians of `cases`, timed in rounds (one sample of each case in turn, [`ITERATIONS`]
+/// rounds after a warm-up round): on a shared machine the background load moves more than the
+/// differences measured, and interleaving puts every case under the same load.
+fn interleaved(cases: &mut [Box<dyn FnMut() + '_>]) -> Vec<Duration> {
+    let mut samples = vec![Vec::new(); cases.len()];
+    for round in 0..=ITERATIONS {
+        for (case, samples) in cases.iter_mut().zip(&mut samples) {
+            let t = Instant::now();
+            case();
+            if round > 0 {
+                samples.push(t.elapsed());
+            }
+        }
+    }
+    samples.into_iter().map(median).collect()
 }
 
 fn ms(d: Duration) -> String {
@@ -151,18 +169,28 @@ fn ratio(time: Duration, base: Duration) -> String {
     format!("{:.2}x", time.as_secs_f64() / base.as_secs_f64())
 }
 
-/// A fresh request alone and the marginal cost of one more embedding in a batch of [`BATCH`].
-fn one_and_marginal(model: &Model, text: &str) -> (Duration, Duration) {
-    let limits = Limits::default();
-    let one = time(|| {
-        model.run(Input::Text(text.to_string()), &limits).unwrap();
-    });
-    let batch = time(|| {
-        model
-            .run(Input::Texts(vec![text.to_string(); BATCH]), &limits)
-            .unwrap();
-    });
-    (one, batch.saturating_sub(one) / (BATCH as u32 - 1))
+/// Two cases for [`interleaved`]: a fresh request of `text` alone, and a batch of [`BATCH`].
+fn one_and_batch<'a>(model: &'a Model, text: &'a str) -> [Box<dyn FnMut() + 'a>; 2] {
+    [
+        Box::new(move || {
+            model
+                .run(Input::Text(text.to_string()), &Limits::default())
+                .unwrap();
+        }),
+        Box::new(move || {
+            model
+                .run(
+                    Input::Texts(vec![text.to_string(); BATCH]),
+                    &Limits::default(),
+                )
+                .unwrap();
+        }),
+    ]
+}
+
+/// The marginal cost of one more embedding in a batch: (batch - one) / (BATCH - 1).
+fn marginal(one: Duration, batch: Duration) -> Duration {
+    batch.saturating_sub(one) / (BATCH as u32 - 1)
 }
 
 /// Embeddings per second with [`CONCURRENT`] callers, each making [`REQUESTS_EACH`] requests.
@@ -194,14 +222,16 @@ fn all_cores_child(wasm: &Path, cache: &Path) {
     .unwrap();
     let model = Model::load(&runtime, wasm).unwrap();
     for (label, text) in inputs(&native) {
-        let native_time = time(|| {
+        let [one, batch] = one_and_batch(&model, &text);
+        let native_case: Box<dyn FnMut()> = Box::new(|| {
             native.embed(&text).unwrap();
         });
+        let t = interleaved(&mut [native_case, one, batch]);
+        let (native_time, one, marginal) = (t[0], t[1], marginal(t[1], t[2]));
         println!(
             "| native candle, {threads} threads, per embedding | {label} | {} | 1.00x |",
             ms(native_time)
         );
-        let (one, marginal) = one_and_marginal(&model, &text);
         println!(
             "| accel path (CPU backend, {threads} threads), per embedding (marginal in a batch of {BATCH}) | {label} | {} | {} |",
             ms(marginal),
@@ -274,53 +304,53 @@ fn main() {
     let native = native_embedder();
     let inputs = inputs(&native);
 
-    println!("| measurement | input | time | vs native |");
-    println!("|---|---|---|---|");
-    let mut native_times = Vec::new();
-    for (label, text) in &inputs {
-        let t = time(|| {
-            native.embed(text).unwrap();
-        });
-        native_times.push(t);
-        println!(
-            "| native candle, 1 thread, per embedding | {label} | {} | 1.00x |",
-            ms(t)
-        );
-    }
-
     let cache = std::env::temp_dir().join(format!("wasm-infer-bench-{}", std::process::id()));
-    // The sandbox alone (no accelerator), from the pre-initialised snapshot, under each
-    // determinism setting; and without fuel metering (the wall-time limit only).
-    for (meter_fuel, nan_canonicalization) in [(true, false), (true, true), (false, false)] {
+    // The sandbox alone (no accelerator), from the pre-initialised snapshot, with fuel and
+    // epochs, under each determinism setting; timed interleaved with native candle.
+    let sandbox = |nan_canonicalization| {
         let runtime = Runtime::with_config(RuntimeConfig {
             cache_dir: Some(cache.clone()),
-            meter_fuel,
             nan_canonicalization,
             accel: AccelMode::Off,
             ..RuntimeConfig::default()
         })
         .unwrap();
-        let model = Model::load(&runtime, &minilm).unwrap();
-        let metering = if meter_fuel {
-            "fuel + epochs"
-        } else {
-            "epochs only"
-        };
-        let canon = if nan_canonicalization { "on" } else { "off" };
-        let mode = format!("{metering}, NaN canon. {canon}");
-        for ((label, text), native_time) in inputs.iter().zip(&native_times) {
-            let (one, marginal) = one_and_marginal(&model, text);
-            println!(
+        Model::load(&runtime, &minilm).unwrap()
+    };
+    let (off, on) = (sandbox(false), sandbox(true));
+    println!("| measurement | input | time | vs native |");
+    println!("|---|---|---|---|");
+    let mut rows = Vec::new();
+    let mut native_times = Vec::new();
+    for (label, text) in &inputs {
+        let native_case: Box<dyn FnMut()> = Box::new(|| {
+            native.embed(text).unwrap();
+        });
+        let [off_one, off_batch] = one_and_batch(&off, text);
+        let [on_one, on_batch] = one_and_batch(&on, text);
+        let t = interleaved(&mut [native_case, off_one, off_batch, on_one, on_batch]);
+        native_times.push(t[0]);
+        println!(
+            "| native candle, 1 thread, per embedding | {label} | {} | 1.00x |",
+            ms(t[0])
+        );
+        for (canon, one, batch) in [("off", t[1], t[2]), ("on", t[3], t[4])] {
+            let mode = format!("fuel + epochs, NaN canon. {canon}");
+            let marginal = marginal(one, batch);
+            rows.push(format!(
                 "| in-sandbox ({mode}), per embedding (marginal in a batch of {BATCH}) | {label} | {} | {} |",
                 ms(marginal),
-                ratio(marginal, *native_time)
-            );
-            println!(
+                ratio(marginal, t[0])
+            ));
+            rows.push(format!(
                 "| in-sandbox ({mode}), fresh request, end to end | {label} | {} | {} |",
                 ms(one),
-                ratio(one, *native_time)
-            );
+                ratio(one, t[0])
+            ));
         }
+    }
+    for row in rows {
+        println!("{row}");
     }
 
     // What the snapshot saves a fresh request: the same request without it.
@@ -448,7 +478,12 @@ fn main() {
         }
     }
 
-    // Resident memory with N instances alive at once, each in a fresh child process.
+    // Resident memory with N instances alive at once, each in a fresh child process (minutes
+    // on 2 cores: only with `--memory`, `just bench-memory`).
+    if !all.iter().any(|a| a == "--memory") {
+        let _ = std::fs::remove_dir_all(&cache);
+        return;
+    }
     println!();
     println!("| memory with N concurrent runs (each a batch of 4 texts) | input | N=1 | N=4 | N=16 | N=16 / N=1 |");
     println!("|---|---|---|---|---|---|");

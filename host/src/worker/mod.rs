@@ -48,6 +48,9 @@ pub struct WorkerPoolConfig {
     pub cache_dir: Option<PathBuf>,
     /// The device the workers offer their models.
     pub accel: AccelMode,
+    /// NaN canonicalisation in the workers' engine (as
+    /// [`RuntimeConfig::nan_canonicalization`]).
+    pub nan_canonicalization: bool,
     /// Pre-initialise (as [`LoadOptions::preinit`]).
     pub preinit: bool,
     /// Lock each worker down once its models are loaded (default `true`).
@@ -69,6 +72,7 @@ impl WorkerPoolConfig {
             models,
             cache_dir: RuntimeConfig::default().cache_dir,
             accel: AccelMode::Auto,
+            nan_canonicalization: RuntimeConfig::default().nan_canonicalization,
             preinit: true,
             lockdown: true,
             recycle_after_runs: None,
@@ -84,6 +88,7 @@ struct Hello {
     models: Vec<PathBuf>,
     cache_dir: Option<PathBuf>,
     accel: AccelMode,
+    nan_canonicalization: bool,
     preinit: bool,
     lockdown: bool,
 }
@@ -259,6 +264,7 @@ fn start(hello: &Hello) -> Result<Vec<Model>, String> {
     let runtime = Runtime::with_config(RuntimeConfig {
         cache_dir: hello.cache_dir.clone(),
         accel: hello.accel,
+        nan_canonicalization: hello.nan_canonicalization,
         ..RuntimeConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -407,6 +413,7 @@ impl PoolInner {
             models: config.models.clone(),
             cache_dir: config.cache_dir.clone(),
             accel: config.accel,
+            nan_canonicalization: config.nan_canonicalization,
             preinit: config.preinit,
             lockdown: config.lockdown,
         };
