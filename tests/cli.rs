@@ -448,3 +448,27 @@ fn host_backtraces_never_reach_the_guest() {
     assert!(reply.len() < 200, "{reply}");
     assert!(!reply.contains(".rs"), "{reply}");
 }
+
+#[test]
+fn nan_canonicalization_is_a_flag_with_an_environment_fallback() {
+    // The first line of the hostile guest's `nans` report: 0/0 as the run computed it.
+    let zero_by_zero = |output: Output| {
+        assert_eq!(code(&output), 0, "stderr: {}", stderr(&output));
+        let text = json(&output.stdout)["output"]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        text.lines().next().unwrap().to_string()
+    };
+    let nans = ["--accel", "off", &hostile(), "nans"];
+    assert_eq!(zero_by_zero(wasm_infer(&nans)), "0/0=ffc00000");
+    let on = [&["--nan-canonicalization", "on"][..], &nans[..]].concat();
+    assert_eq!(zero_by_zero(wasm_infer(&on)), "0/0=7fc00000");
+    let from_env = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .env("WASM_INFER_CACHE_DIR", cache_dir())
+        .env("WASM_INFER_NAN_CANONICALIZATION", "on")
+        .args(nans)
+        .output()
+        .unwrap();
+    assert_eq!(zero_by_zero(from_env), "0/0=7fc00000");
+}
