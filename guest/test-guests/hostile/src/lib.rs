@@ -225,7 +225,6 @@ impl Guest for Hostile {
         let (verb, arg) = command.split_once(':').unwrap_or((&command, ""));
         match verb {
             "echo" => Ok(Output::Text(arg.to_string())),
-            "nans" => Ok(Output::Text(nan_report())),
             "work" => {
                 let mut acc = 0u64;
                 for i in 0..number(arg) {
@@ -422,6 +421,7 @@ impl Guest for Hostile {
                 let stale = unsafe { Tensor::from_handle(handle) };
                 Ok(Output::Text(format!("{:?}", stale.shape())))
             }
+            "nans" => Ok(Output::Text(nan_report())),
             _ => Err(ModelError {
                 code: ErrorCode::InvalidInput,
                 message: format!("unknown command {verb:?}"),
