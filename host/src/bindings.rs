@@ -11,8 +11,10 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq],
 });
 
-/// A guest's tensor on the device: the tensor and the bytes charged for it.
+/// A guest's tensor on the device: the tensor and the bytes charged for it to the run, and, for
+/// a resident weight, the shared weight it reads (read-only; kept alive by this handle).
 pub struct DeviceTensor {
     pub(crate) tensor: candle_core::Tensor,
     pub(crate) bytes: u64,
+    pub(crate) resident: Option<std::sync::Arc<crate::accel::Resident>>,
 }

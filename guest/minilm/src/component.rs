@@ -11,7 +11,7 @@
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::OnceLock;
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, Storage, Tensor};
 
 use crate::{Embedder, Linear, LinearId, Linears, DIMENSION, MAX_TOKENS, NAME};
 
@@ -127,9 +127,10 @@ impl From<candle_core::Error> for Fallback {
     }
 }
 
-/// The linear layers on the host's accelerator. Weights go up on first use in this run and
-/// stay (as device tensors of this run) for the rest of it; activations go up per layer, and
-/// the feed-forward block's intermediate activations never leave the device.
+/// The linear layers on the host's accelerator. Weights are resident on the host (bound by
+/// name the first time any run of this model uses them, then shared by every run, which only
+/// names them); activations go up per layer, and the feed-forward block's intermediate
+/// activations never leave the device.
 struct OnDevice {
     /// (weight, bias) of each linear layer used so far in this run.
     weights: HashMap<LinearId, (accel::Tensor, accel::Tensor)>,
@@ -143,15 +144,43 @@ impl OnDevice {
         })
     }
 
-    /// Uploads `layer`'s weights unless they are up already.
+    /// Gets handles to `layer`'s resident weights unless this run has them already.
     fn hold(&mut self, layer: &Linear) -> Result<(), Fallback> {
         if let Entry::Vacant(slot) = self.weights.entry(layer.id()) {
-            let w = upload(layer.weight())?;
-            let b = upload(layer.bias())?;
+            let index = layer.id().0;
+            let w = resident(&format!("linear{index}.weight"), layer.weight())?;
+            let b = resident(&format!("linear{index}.bias"), layer.bias())?;
             slot.insert((w, b));
         }
         Ok(())
     }
+}
+
+/// `t` as a resident weight named `name`. The values cross as little-endian bytes borrowed
+/// from candle's storage (no copy in the sandbox), so naming an already resident weight costs
+/// the same few instructions as binding it: the host reads the bytes only the first time.
+fn resident(name: &str, t: &Tensor) -> Result<accel::Tensor, Fallback> {
+    let shape: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
+    let (storage, layout) = t.storage_and_layout();
+    if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        let values = &values[start..end];
+        // SAFETY: f32 has no padding and no invalid bit patterns as bytes, the length is the
+        // slice's in bytes, and wasm32 is little-endian, which is the layout the host reads.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        return Ok(accel::resident(name, &shape, bytes)?);
+    }
+    drop(storage);
+    let bytes: Vec<u8> = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    Ok(accel::resident(name, &shape, &bytes)?)
 }
 
 fn upload(t: &Tensor) -> Result<accel::Tensor, Fallback> {

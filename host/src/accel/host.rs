@@ -5,12 +5,13 @@
 //! knows nothing of the rest of the store.
 
 use candle_core::{DType, Device, Tensor};
-use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType};
+use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType, WasmList};
 use wasmtime::{StoreContextMut, Trap};
 
 use crate::bindings::wasm_infer::model::accel::{AccelError, DeviceInfo};
 pub use crate::bindings::DeviceTensor;
 
+use super::resident::BindError;
 use super::RunDevice;
 
 /// What a store must give the accel imports.
@@ -88,7 +89,7 @@ fn invalid(message: impl Into<String>) -> AccelError {
 /// log, never into the sandbox.
 pub const DEVICE_FAILURE_MESSAGE: &str = "the device operation failed (details in the host log)";
 
-fn failure(e: candle_core::Error) -> AccelError {
+pub(super) fn failure(e: candle_core::Error) -> AccelError {
     tracing::warn!(error = %e, "accelerator operation failed");
     AccelError::DeviceFailure(DEVICE_FAILURE_MESSAGE.to_string())
 }
@@ -138,14 +139,15 @@ fn create<T: AccelState>(
     charge(store, work)?;
     match make() {
         Ok(tensor) => {
-            let resource = store
-                .data_mut()
-                .tensors()
-                .push(DeviceTensor { tensor, bytes })?;
+            let resource = store.data_mut().tensors().push(DeviceTensor {
+                tensor,
+                bytes,
+                resident: None,
+            })?;
             Ok(Ok(resource))
         }
         Err(e) => {
-            store.data_mut().device().free(bytes);
+            store.data_mut().device().free(bytes, true);
             Ok(Err(e))
         }
     }
@@ -170,7 +172,8 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 .data_mut()
                 .tensors()
                 .delete(Resource::<DeviceTensor>::new_own(rep))?;
-            store.data_mut().device().free(tensor.bytes);
+            let pooled = tensor.resident.is_none();
+            store.data_mut().device().free(tensor.bytes, pooled);
             Ok(())
         },
     )?;
@@ -214,6 +217,59 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 store.data_mut().device().uploaded += bytes;
             }
             Ok((created,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "resident",
+        |mut store: Store<'_, T>,
+         (name, shape, data): (String, Vec<u32>, WasmList<u8>)|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let device = match device(&mut store) {
+                Ok(device) => device,
+                Err(e) => return Ok((Err(e),)),
+            };
+            let elements = match elements_of(&shape) {
+                Ok(elements) => elements,
+                Err(e) => return Ok((Err(e),)),
+            };
+            let bytes = elements * 4;
+            if bytes != data.len() as u64 {
+                return Ok((Err(invalid(format!(
+                    "shape {shape:?} has {elements} f32 elements ({bytes} bytes), the data {} bytes",
+                    data.len()
+                ))),));
+            }
+            // Charged by rule, as an upload of this shape, before looking at the cache.
+            if let Err(e) = store.data_mut().device().alloc_by_rule(bytes) {
+                return Ok((Err(e),));
+            }
+            charge(&mut store, bytes / cost::BYTES_PER_FUEL)?;
+            let run = store.data_mut().device();
+            let (weights, accel) = (run.weights.clone(), run.accel.clone());
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            let bound = weights.bind(&accel, &device, &name, &dims, || {
+                data.as_le_slice(&store)
+            });
+            let resident = match bound {
+                Ok(resident) => resident,
+                Err(e) => {
+                    let run = store.data_mut().device();
+                    run.free(bytes, false);
+                    return Ok((Err(match e {
+                        BindError::Budget(refusal) => run.refuse(refusal),
+                        BindError::Other(e) => e,
+                    }),));
+                }
+            };
+            store.data_mut().device().uploaded += bytes;
+            let tensor = DeviceTensor {
+                tensor: resident.tensor.clone(),
+                bytes,
+                resident: Some(resident),
+            };
+            Ok((Ok(store.data_mut().tensors().push(tensor)?),))
         },
     )?;
 
@@ -288,6 +344,12 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
     accel.func_wrap(
         "[method]tensor.download",
         |mut store: Store<'_, T>, (this,): (Resource<DeviceTensor>,)| -> Answer<Vec<f32>> {
+            if store.data_mut().tensors().get(&this)?.resident.is_some() {
+                begin(&mut store, 0)?;
+                return Ok((Err(AccelError::ReadOnly(
+                    "a resident weight cannot be downloaded".into(),
+                )),));
+            }
             let t = tensor(&mut store, &this)?;
             let bytes = t.elem_count() as u64 * 4;
             begin(&mut store, bytes / cost::BYTES_PER_FUEL)?;
