@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, Storage, Tensor};
 
-use crate::{Embedder, Linear, LinearId, Linears, DIMENSION, MAX_TOKENS, NAME};
+use crate::{Embedder, Linear, LinearId, Linears, Norm, NormId, DIMENSION, MAX_TOKENS, NAME};
 
 wit_bindgen::generate!({
     world: "preinit-model",
@@ -134,6 +134,8 @@ impl From<candle_core::Error> for Fallback {
 struct OnDevice {
     /// (weight, bias) of each linear layer used so far in this run.
     weights: HashMap<LinearId, (accel::Tensor, accel::Tensor)>,
+    /// (scale, shift) of each layer norm used so far in this run.
+    norms: HashMap<NormId, (accel::Tensor, accel::Tensor)>,
 }
 
 impl OnDevice {
@@ -141,6 +143,7 @@ impl OnDevice {
     fn offered() -> Option<Self> {
         (accel::info().kind != DeviceKind::None).then(|| Self {
             weights: HashMap::new(),
+            norms: HashMap::new(),
         })
     }
 
@@ -151,6 +154,17 @@ impl OnDevice {
             let w = resident(&format!("linear{index}.weight"), layer.weight())?;
             let b = resident(&format!("linear{index}.bias"), layer.bias())?;
             slot.insert((w, b));
+        }
+        Ok(())
+    }
+
+    /// Gets handles to `norm`'s resident scale and shift unless this run has them already.
+    fn hold_norm(&mut self, norm: &Norm, bias: &Tensor) -> Result<(), Fallback> {
+        if let Entry::Vacant(slot) = self.norms.entry(norm.id()) {
+            let index = norm.id().0;
+            let g = resident(&format!("norm{index}.weight"), norm.weight())?;
+            let b = resident(&format!("norm{index}.bias"), bias)?;
+            slot.insert((g, b));
         }
         Ok(())
     }
@@ -221,5 +235,32 @@ impl Linears for OnDevice {
         let (wo, bo) = &self.weights[&output.id()];
         let hidden = accel::gelu(&accel::linear(&x, wi, Some(bi))?)?;
         download(&accel::linear(&hidden, wo, Some(bo))?)
+    }
+
+    fn attention(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor, Fallback> {
+        let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
+        download(&accel::attention(&q, &k, &v, heads as u32)?)
+    }
+
+    fn add_norm(&mut self, norm: &Norm, x: &Tensor, residual: &Tensor) -> Result<Tensor, Fallback> {
+        let Some(bias) = norm.bias() else {
+            return Ok(norm.forward(x, residual)?);
+        };
+        let (x, residual) = (upload(x)?, upload(residual)?);
+        self.hold_norm(norm, bias)?;
+        let (g, b) = &self.norms[&norm.id()];
+        download(&accel::layer_norm(
+            &x,
+            Some(&residual),
+            g,
+            b,
+            norm.eps() as f32,
+        )?)
     }
 }

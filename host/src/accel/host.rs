@@ -4,7 +4,9 @@
 //! The imports are generic over [`AccelState`], what a store must give them, so this module
 //! knows nothing of the rest of the store.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
 use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType, WasmList};
 use wasmtime::{StoreContextMut, Trap};
 
@@ -32,8 +34,12 @@ pub mod cost {
     pub const BYTES_PER_FUEL: u64 = 16;
     /// Per multiply-accumulate of a matrix product: one per 8.
     pub const MACS_PER_FUEL: u64 = 8;
-    /// Per element of an element-wise operation (bias add, GELU): one each.
+    /// Per element of an element-wise operation (bias add, GELU), per attention score
+    /// (softmax) and per element an attention or layer norm produces: one each.
     pub const PER_ELEMENT: u64 = 1;
+    /// Per element of a layer norm's input, on top of `PER_ELEMENT` per output: the
+    /// statistics pass (mean, variance) reads each element again.
+    pub const NORM_STATISTICS_PER_ELEMENT: u64 = 1;
 }
 
 /// Largest matrix product one call may ask for, in multiply-accumulates (2^33, a few seconds of
@@ -267,7 +273,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let tensor = DeviceTensor {
                 tensor: resident.tensor.clone(),
                 bytes,
-                resident: Some(resident),
+                resident: Some(resident as Arc<dyn std::any::Any + Send + Sync>),
             };
             Ok((Ok(store.data_mut().tensors().push(tensor)?),))
         },
@@ -324,6 +330,90 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let elements = x.elem_count() as u64;
             let work = elements * cost::PER_ELEMENT;
             let created = create(&mut store, elements, work, || x.gelu_erf().map_err(failure))?;
+            Ok((created,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "attention",
+        |mut store: Store<'_, T>,
+         (q, k, v, heads): (
+            Resource<DeviceTensor>,
+            Resource<DeviceTensor>,
+            Resource<DeviceTensor>,
+            u32,
+        )|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let (q, k, v) = (
+                tensor(&mut store, &q)?,
+                tensor(&mut store, &k)?,
+                tensor(&mut store, &v)?,
+            );
+            let (tokens, hidden) = match attention_dims(&q, &k, &v, heads) {
+                Ok(dims) => dims,
+                Err(e) => return Ok((Err(e),)),
+            };
+            // q·kᵀ and probs·v: tokens² × head_size per head each.
+            let macs = 2u64
+                .saturating_mul(tokens)
+                .saturating_mul(tokens)
+                .saturating_mul(hidden);
+            if macs > MAX_OP_MACS {
+                return Ok((Err(invalid(format!(
+                    "{macs} multiply-accumulates is more than one call may do ({MAX_OP_MACS})"
+                ))),));
+            }
+            let scores = u64::from(heads) * tokens * tokens;
+            let elements = tokens * hidden;
+            // The scores live on the device while the call runs: charged, then returned.
+            if scores > MAX_ELEMENTS {
+                return Ok((Err(invalid(format!(
+                    "{scores} attention scores is more than one call may create ({MAX_ELEMENTS})"
+                ))),));
+            }
+            if let Err(e) = store.data_mut().device().alloc(scores * 4) {
+                return Ok((Err(e),));
+            }
+            let work = macs / cost::MACS_PER_FUEL + (scores + elements) * cost::PER_ELEMENT;
+            let created = create(&mut store, elements, work, || {
+                multi_head_attention(&q, &k, &v, heads as usize).map_err(failure)
+            });
+            store.data_mut().device().free(scores * 4, true);
+            Ok((created?,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "layer-norm",
+        |mut store: Store<'_, T>,
+         (x, residual, scale, shift, eps): (
+            Resource<DeviceTensor>,
+            Option<Resource<DeviceTensor>>,
+            Resource<DeviceTensor>,
+            Resource<DeviceTensor>,
+            f32,
+        )|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let x = tensor(&mut store, &x)?;
+            let residual = match &residual {
+                Some(r) => Some(tensor(&mut store, r)?),
+                None => None,
+            };
+            let (scale, shift) = (tensor(&mut store, &scale)?, tensor(&mut store, &shift)?);
+            if let Err(e) = norm_dims(&x, residual.as_ref(), &scale, &shift, eps) {
+                return Ok((Err(e),));
+            }
+            let elements = x.elem_count() as u64;
+            let work = elements * (cost::PER_ELEMENT + cost::NORM_STATISTICS_PER_ELEMENT);
+            let created = create(&mut store, elements, work, || {
+                let y = match &residual {
+                    Some(r) => x.add(r).map_err(failure)?,
+                    None => x,
+                };
+                layer_norm(&y, &scale, &shift, eps).map_err(failure)
+            })?;
             Ok((created,))
         },
     )?;
@@ -389,6 +479,112 @@ fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(u64, u64, 
     }
     let rows = x.elem_count() / k.max(1);
     Ok((rows as u64, k as u64, n as u64))
+}
+
+/// `(tokens, hidden)` of an attention over `q`, `k`, `v`, or why the shapes do not fit.
+fn attention_dims(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: u32,
+) -> Result<(u64, u64), AccelError> {
+    let (tokens, hidden) = q
+        .dims2()
+        .map_err(|_| invalid(format!("q must be [tokens, hidden], got {:?}", q.dims())))?;
+    if k.dims() != q.dims() || v.dims() != q.dims() {
+        return Err(invalid(format!(
+            "q, k and v must have one shape, got {:?}, {:?}, {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if heads == 0 || hidden % heads as usize != 0 || tokens == 0 {
+        return Err(invalid(format!(
+            "{heads} heads do not divide [{tokens}, {hidden}] into non-empty heads"
+        )));
+    }
+    Ok((tokens as u64, hidden as u64))
+}
+
+/// What [`attention_dims`] accepted, computed as the guest's candle would: per head,
+/// softmax(q·kᵀ / √head_size)·v. Every step reduces within one row on one thread (candle's CPU
+/// matmul splits its output between threads, never a sum), so the bits do not depend on the
+/// number of threads.
+fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (tokens, hidden) = q.dims2()?;
+    let head_size = hidden / heads;
+    let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.reshape((tokens, heads, head_size))?
+            .transpose(0, 1)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (head_size as f64).sqrt())?;
+    // softmax over the last dimension, as candle_nn::ops::softmax: exp(x - max) / sum.
+    let max = scores.max_keepdim(D::Minus1)?;
+    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+    probs
+        .matmul(&v)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((tokens, hidden))
+}
+
+/// Checks a layer norm's operands: `residual` shaped as `x`, `scale` and `shift` [last dim].
+fn norm_dims(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f32,
+) -> Result<(), AccelError> {
+    let n = *x
+        .dims()
+        .last()
+        .ok_or_else(|| invalid("x must have at least one dimension"))?;
+    if n == 0 {
+        return Err(invalid("x's last dimension must be at least 1"));
+    }
+    if let Some(r) = residual {
+        if r.dims() != x.dims() {
+            return Err(invalid(format!(
+                "residual must be {:?}, got {:?}",
+                x.dims(),
+                r.dims()
+            )));
+        }
+    }
+    if scale.dims() != [n] || shift.dims() != [n] {
+        return Err(invalid(format!(
+            "scale and shift must be [{n}], got {:?} and {:?}",
+            scale.dims(),
+            shift.dims()
+        )));
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(invalid(format!(
+            "eps must be positive and finite, got {eps}"
+        )));
+    }
+    Ok(())
+}
+
+/// (x - mean) / √(variance + eps) · scale + shift over the last dimension, the steps of
+/// candle-nn's unfused `LayerNorm` (per-row reductions: the bits do not depend on threads).
+fn layer_norm(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let n = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let variance = (centred.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+    let normed = centred.broadcast_div(&(variance + f64::from(eps))?.sqrt()?)?;
+    normed.broadcast_mul(scale)?.broadcast_add(shift)
 }
 
 #[cfg(test)]

@@ -38,8 +38,9 @@ use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, AccelState};
 pub use host::{cost, DeviceTensor, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
+pub(crate) use resident::ModelWeights;
+use resident::Resident;
 pub use resident::MAX_RESIDENTS;
-pub(crate) use resident::{ModelWeights, Resident};
 
 /// Which device a runtime offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
