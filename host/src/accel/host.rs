@@ -50,6 +50,9 @@ pub const MAX_ELEMENTS: u64 = 1 << 31;
 
 type Store<'a, T> = StoreContextMut<'a, T>;
 type Answer<T> = wasmtime::Result<(Result<T, AccelError>,)>;
+type Handle = Resource<DeviceTensor>;
+/// `layer-norm`'s arguments: x, residual, scale, shift, eps.
+type NormArgs = (Handle, Option<Handle>, Handle, Handle, f32);
 
 /// Starts a call: the deadline check, then the fuel (a trap if either is spent).
 fn begin<T: AccelState>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result<()> {
@@ -387,13 +390,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
     accel.func_wrap(
         "layer-norm",
         |mut store: Store<'_, T>,
-         (x, residual, scale, shift, eps): (
-            Resource<DeviceTensor>,
-            Option<Resource<DeviceTensor>>,
-            Resource<DeviceTensor>,
-            Resource<DeviceTensor>,
-            f32,
-        )|
+         (x, residual, scale, shift, eps): NormArgs|
          -> Answer<Resource<DeviceTensor>> {
             begin(&mut store, 0)?;
             let x = tensor(&mut store, &x)?;
@@ -614,6 +611,86 @@ mod tests {
             elements_of(&[1 << 16, 1 << 16]),
             Err(AccelError::InvalidArgument(_))
         ));
+    }
+
+    fn zeros(dims: &[usize]) -> Tensor {
+        Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn attention_and_layer_norm_operands_are_checked_before_anything_runs() {
+        let x = zeros(&[3, 8]);
+        assert_eq!(attention_dims(&x, &x, &x, 2), Ok((3, 8)));
+        for heads in [0, 3] {
+            assert!(matches!(
+                attention_dims(&x, &x, &x, heads),
+                Err(AccelError::InvalidArgument(_))
+            ));
+        }
+        assert!(matches!(
+            attention_dims(&x, &zeros(&[4, 8]), &x, 2),
+            Err(AccelError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            attention_dims(&zeros(&[2, 3, 8]), &x, &x, 2),
+            Err(AccelError::InvalidArgument(_))
+        ));
+        let n = zeros(&[8]);
+        assert_eq!(norm_dims(&x, Some(&x), &n, &n, 1e-12), Ok(()));
+        for bad in [
+            norm_dims(&x, Some(&zeros(&[8])), &n, &n, 1e-12),
+            norm_dims(&x, None, &zeros(&[3]), &n, 1e-12),
+            norm_dims(&x, None, &n, &n, 0.0),
+            norm_dims(&x, None, &n, &n, f32::NAN),
+            norm_dims(&zeros(&[3, 0]), None, &zeros(&[0]), &zeros(&[0]), 1e-12),
+        ] {
+            assert!(
+                matches!(bad, Err(AccelError::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn attention_and_layer_norm_compute_what_they_say() {
+        // One head, two tokens, head size 2.
+        let t =
+            |v: &[f32], dims: (usize, usize)| Tensor::from_slice(v, dims, &Device::Cpu).unwrap();
+        let (q, v) = (t(&[1., 0., 0., 1.], (2, 2)), t(&[1., 2., 3., 4.], (2, 2)));
+        let out: Vec<f32> = multi_head_attention(&q, &q, &v, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Token 0's scores are [1/√2, 0]; token 1's [0, 1/√2].
+        let p = 1.0 / (1.0 + (-std::f64::consts::FRAC_1_SQRT_2).exp());
+        let expected = [
+            p * 1.0 + (1.0 - p) * 3.0,
+            p * 2.0 + (1.0 - p) * 4.0,
+            (1.0 - p) * 1.0 + p * 3.0,
+            (1.0 - p) * 2.0 + p * 4.0,
+        ];
+        for (got, want) in out.iter().zip(expected) {
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-6,
+                "{out:?} vs {expected:?}"
+            );
+        }
+        // Mean 2.5, variance 1.25; scale 2, shift 1.
+        let x = t(&[1., 2., 3., 4.], (1, 4));
+        let scale = Tensor::from_slice(&[2f32; 4], 4, &Device::Cpu).unwrap();
+        let shift = Tensor::from_slice(&[1f32; 4], 4, &Device::Cpu).unwrap();
+        let y: Vec<f32> = layer_norm(&x, &scale, &shift, 1e-12)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (got, xi) in y.iter().zip([1.0, 2.0, 3.0, 4.0]) {
+            let want = (xi - 2.5) / 1.25f64.sqrt() * 2.0 + 1.0;
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{y:?}");
+        }
     }
 
     #[test]
