@@ -170,37 +170,42 @@ impl OnDevice {
     }
 }
 
-/// `t` as a resident weight named `name`. The values cross as little-endian bytes borrowed
-/// from candle's storage (no copy in the sandbox), so naming an already resident weight costs
-/// the same few instructions as binding it: the host reads the bytes only the first time.
-fn resident(name: &str, t: &Tensor) -> Result<accel::Tensor, Fallback> {
-    let shape: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
+/// `t`'s values in row-major order, borrowed from candle's storage where `t` is a contiguous
+/// f32 CPU tensor (every weight, and the forward's activations), else copied.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
         (&*storage, layout.contiguous_offsets())
     {
-        let values = &values[start..end];
-        // SAFETY: f32 has no padding and no invalid bit patterns as bytes, the length is the
+        return Ok(f(&values[start..end]));
+    }
+    drop(storage);
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
+fn shape_of(t: &Tensor) -> Vec<u32> {
+    t.dims().iter().map(|&d| d as u32).collect()
+}
+
+/// `t` as a resident weight named `name`. The values cross as little-endian bytes borrowed
+/// from candle's storage (no copy in the sandbox), so naming an already resident weight costs
+/// the same few instructions as binding it: the host reads the bytes only the first time.
+fn resident(name: &str, t: &Tensor) -> Result<accel::Tensor, Fallback> {
+    let shape = shape_of(t);
+    Ok(with_values(t, |values| {
+        // SAFETY: f32 has no padding and every bit pattern is a valid byte, the length is the
         // slice's in bytes, and wasm32 is little-endian, which is the layout the host reads.
         let bytes = unsafe {
             std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
         };
-        return Ok(accel::resident(name, &shape, bytes)?);
-    }
-    drop(storage);
-    let bytes: Vec<u8> = t
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    Ok(accel::resident(name, &shape, &bytes)?)
+        accel::resident(name, &shape, bytes)
+    })??)
 }
 
+/// `t` uploaded, its values passed straight from candle's storage (the host copies them).
 fn upload(t: &Tensor) -> Result<accel::Tensor, Fallback> {
-    let shape: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
-    let data = t.flatten_all()?.to_vec1::<f32>()?;
-    Ok(accel::upload(&shape, &data)?)
+    let shape = shape_of(t);
+    Ok(with_values(t, |values| accel::upload(&shape, values))??)
 }
 
 fn download(t: &accel::Tensor) -> Result<Tensor, Fallback> {
