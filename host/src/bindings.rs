@@ -11,8 +11,12 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq],
 });
 
-/// A guest's tensor on the device: the tensor and the bytes charged for it.
+/// A guest's tensor on the device: the tensor and the bytes charged for it to the run, and, for
+/// a resident weight, the shared weight it reads (read-only; the handle keeps it, and its
+/// host-wide accounting, alive). The weight is typed `Any` so that the bindings do not depend on
+/// the accelerator module, which depends on them.
 pub struct DeviceTensor {
     pub(crate) tensor: candle_core::Tensor,
     pub(crate) bytes: u64,
+    pub(crate) resident: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }

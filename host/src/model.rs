@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::Component;
 
+use crate::accel::ModelWeights;
 use crate::bindings::ModelPre;
 use crate::cache::{self, Cache};
 use crate::component;
@@ -201,6 +202,9 @@ struct ModelInner {
     pre: ModelPre<RunState>,
     info: ModelInfo,
     load: LoadReport,
+    /// The accelerator weights this model's runs made resident: shared by all of them, freed
+    /// (when no other model holds the same content) with the last clone of the model.
+    weights: Arc<ModelWeights>,
 }
 
 impl std::fmt::Debug for Model {
@@ -390,6 +394,7 @@ impl Model {
                 pre,
                 info,
                 load,
+                weights: Arc::default(),
             }),
         })
     }
@@ -445,9 +450,11 @@ impl Model {
         };
         let limits = &granted;
         let pre = self.inner.pre.clone();
+        let weights = self.inner.weights.clone();
         let input = input.into_wit();
         let limited = call_limited(&self.inner.runtime, limits, move |store| {
             Box::pin(async move {
+                store.data_mut().device.weights = weights;
                 let instance = pre.instantiate_async(&mut *store).await?;
                 store.data_mut().mark_instantiated();
                 instance.call_infer(&mut *store, &input).await

@@ -11,9 +11,9 @@
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::OnceLock;
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, Storage, Tensor};
 
-use crate::{Embedder, Linear, LinearId, Linears, DIMENSION, MAX_TOKENS, NAME};
+use crate::{Embedder, Linear, LinearId, Linears, Norm, NormId, DIMENSION, MAX_TOKENS, NAME};
 
 wit_bindgen::generate!({
     world: "preinit-model",
@@ -127,12 +127,15 @@ impl From<candle_core::Error> for Fallback {
     }
 }
 
-/// The linear layers on the host's accelerator. Weights go up on first use in this run and
-/// stay (as device tensors of this run) for the rest of it; activations go up per layer, and
-/// the feed-forward block's intermediate activations never leave the device.
+/// The linear layers on the host's accelerator. Weights are resident on the host (bound by
+/// name the first time any run of this model uses them, then shared by every run, which only
+/// names them); activations go up per layer, and the feed-forward block's intermediate
+/// activations never leave the device.
 struct OnDevice {
     /// (weight, bias) of each linear layer used so far in this run.
     weights: HashMap<LinearId, (accel::Tensor, accel::Tensor)>,
+    /// (scale, shift) of each layer norm used so far in this run.
+    norms: HashMap<NormId, (accel::Tensor, accel::Tensor)>,
 }
 
 impl OnDevice {
@@ -140,24 +143,69 @@ impl OnDevice {
     fn offered() -> Option<Self> {
         (accel::info().kind != DeviceKind::None).then(|| Self {
             weights: HashMap::new(),
+            norms: HashMap::new(),
         })
     }
 
-    /// Uploads `layer`'s weights unless they are up already.
+    /// Gets handles to `layer`'s resident weights unless this run has them already.
     fn hold(&mut self, layer: &Linear) -> Result<(), Fallback> {
         if let Entry::Vacant(slot) = self.weights.entry(layer.id()) {
-            let w = upload(layer.weight())?;
-            let b = upload(layer.bias())?;
+            let index = layer.id().0;
+            let w = resident(&format!("linear{index}.weight"), layer.weight())?;
+            let b = resident(&format!("linear{index}.bias"), layer.bias())?;
             slot.insert((w, b));
+        }
+        Ok(())
+    }
+
+    /// Gets handles to `norm`'s resident scale and shift unless this run has them already.
+    fn hold_norm(&mut self, norm: &Norm, bias: &Tensor) -> Result<(), Fallback> {
+        if let Entry::Vacant(slot) = self.norms.entry(norm.id()) {
+            let index = norm.id().0;
+            let g = resident(&format!("norm{index}.weight"), norm.weight())?;
+            let b = resident(&format!("norm{index}.bias"), bias)?;
+            slot.insert((g, b));
         }
         Ok(())
     }
 }
 
+/// `t`'s values in row-major order, borrowed from candle's storage where `t` is a contiguous
+/// f32 CPU tensor (every weight, and the forward's activations), else copied.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(f(&values[start..end]));
+    }
+    drop(storage);
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
+fn shape_of(t: &Tensor) -> Vec<u32> {
+    t.dims().iter().map(|&d| d as u32).collect()
+}
+
+/// `t` as a resident weight named `name`. The values cross as little-endian bytes borrowed
+/// from candle's storage (no copy in the sandbox), so naming an already resident weight costs
+/// the same few instructions as binding it: the host reads the bytes only the first time.
+fn resident(name: &str, t: &Tensor) -> Result<accel::Tensor, Fallback> {
+    let shape = shape_of(t);
+    Ok(with_values(t, |values| {
+        // SAFETY: f32 has no padding and every bit pattern is a valid byte, the length is the
+        // slice's in bytes, and wasm32 is little-endian, which is the layout the host reads.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        accel::resident(name, &shape, bytes)
+    })??)
+}
+
+/// `t` uploaded, its values passed straight from candle's storage (the host copies them).
 fn upload(t: &Tensor) -> Result<accel::Tensor, Fallback> {
-    let shape: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
-    let data = t.flatten_all()?.to_vec1::<f32>()?;
-    Ok(accel::upload(&shape, &data)?)
+    let shape = shape_of(t);
+    Ok(with_values(t, |values| accel::upload(&shape, values))??)
 }
 
 fn download(t: &accel::Tensor) -> Result<Tensor, Fallback> {
@@ -192,5 +240,32 @@ impl Linears for OnDevice {
         let (wo, bo) = &self.weights[&output.id()];
         let hidden = accel::gelu(&accel::linear(&x, wi, Some(bi))?)?;
         download(&accel::linear(&hidden, wo, Some(bo))?)
+    }
+
+    fn attention(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor, Fallback> {
+        let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
+        download(&accel::attention(&q, &k, &v, heads as u32)?)
+    }
+
+    fn add_norm(&mut self, norm: &Norm, x: &Tensor, residual: &Tensor) -> Result<Tensor, Fallback> {
+        let Some(bias) = norm.bias() else {
+            return Ok(norm.forward(x, residual)?);
+        };
+        let (x, residual) = (upload(x)?, upload(residual)?);
+        self.hold_norm(norm, bias)?;
+        let (g, b) = &self.norms[&norm.id()];
+        download(&accel::layer_norm(
+            &x,
+            Some(&residual),
+            g,
+            b,
+            norm.eps() as f32,
+        )?)
     }
 }

@@ -91,8 +91,80 @@ impl Linear {
     }
 }
 
-/// Where the linear layers of [`Embedder::forward`] run. The forward does everything else
-/// (embeddings, attention scores, softmax, layer norms, pooling) itself.
+/// Names one residual layer norm of a loaded model (as [`LinearId`] names a linear layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NormId(usize);
+
+/// A residual layer norm, `norm(x + residual)` over the last dimension.
+pub struct Norm {
+    id: NormId,
+    norm: LayerNorm,
+}
+
+impl Norm {
+    fn load(
+        vb: VarBuilder,
+        hidden: usize,
+        eps: f64,
+        next_id: &mut usize,
+    ) -> candle_core::Result<Self> {
+        let id = NormId(*next_id);
+        *next_id += 1;
+        Ok(Self {
+            id,
+            norm: candle_nn::layer_norm(hidden, eps, vb)?,
+        })
+    }
+
+    pub fn id(&self) -> NormId {
+        self.id
+    }
+
+    /// The scale, [hidden].
+    pub fn weight(&self) -> &Tensor {
+        self.norm.weight()
+    }
+
+    /// The shift, [hidden].
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.norm.bias()
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.norm.eps()
+    }
+
+    /// `norm(x + residual)` in candle, as candle-transformers' BERT computes it.
+    pub fn forward(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm.forward(&x.add(residual)?)
+    }
+}
+
+/// Multi-head scaled dot-product self-attention without a mask: `q`, `k`, `v` are
+/// [tokens, heads × head_size]; per head softmax(q·kᵀ / √head_size)·v; the result is
+/// [tokens, heads × head_size].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (tokens, hidden) = q.dims2()?;
+    let head_size = hidden / heads;
+    // [tokens, hidden] → [heads, tokens, head_size]
+    let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.reshape((tokens, heads, head_size))?
+            .transpose(0, 1)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scores = (q.matmul(&k.t()?)? / (head_size as f64).sqrt())?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs
+        .matmul(&v)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((tokens, hidden))
+}
+
+/// Where the linear layers, the attention and the residual layer norms of
+/// [`Embedder::forward`] run (the defaults: here, in candle). The forward does everything else
+/// (embeddings, pooling) itself.
 pub trait Linears {
     /// The failure that stops the forward (the accelerator path falls back on it).
     type Error: From<candle_core::Error>;
@@ -106,6 +178,25 @@ pub trait Linears {
         output: &Linear,
         x: &Tensor,
     ) -> Result<Tensor, Self::Error>;
+    /// [`attention`] of the projected `q`, `k`, `v`.
+    fn attention(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor, Self::Error> {
+        Ok(attention(q, k, v, heads)?)
+    }
+    /// `norm(x + residual)`.
+    fn add_norm(
+        &mut self,
+        norm: &Norm,
+        x: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor, Self::Error> {
+        Ok(norm.forward(x, residual)?)
+    }
 }
 
 /// The linear layers in candle on the CPU this code runs on: the sandbox's, or natively the
@@ -175,46 +266,37 @@ struct Attention {
     key: Linear,
     value: Linear,
     output: Linear,
-    norm: LayerNorm,
+    norm: Norm,
     heads: usize,
-    head_size: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, config: &Config, next_id: &mut usize) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, config: &Config, ids: &mut Ids) -> candle_core::Result<Self> {
         let hidden = config.hidden_size;
+        let next_id = &mut ids.linear;
         Ok(Self {
             query: Linear::load(vb.pp("self.query"), hidden, hidden, next_id)?,
             key: Linear::load(vb.pp("self.key"), hidden, hidden, next_id)?,
             value: Linear::load(vb.pp("self.value"), hidden, hidden, next_id)?,
             output: Linear::load(vb.pp("output.dense"), hidden, hidden, next_id)?,
-            norm: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            norm: Norm::load(
+                vb.pp("output.LayerNorm"),
+                hidden,
+                config.layer_norm_eps,
+                &mut ids.norm,
+            )?,
             heads: config.num_attention_heads,
-            head_size: hidden / config.num_attention_heads,
         })
     }
 
     /// [tokens, hidden] → [tokens, hidden]. No mask: texts go one at a time, unpadded.
     fn forward<L: Linears>(&self, x: &Tensor, linears: &mut L) -> Result<Tensor, L::Error> {
-        let tokens = x.dim(0)?;
-        // [tokens, hidden] → [heads, tokens, head_size]
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((tokens, self.heads, self.head_size))?
-                .transpose(0, 1)?
-                .contiguous()
-        };
-        let q = split(linears.linear(&self.query, x)?)?;
-        let k = split(linears.linear(&self.key, x)?)?;
-        let v = split(linears.linear(&self.value, x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((tokens, self.heads * self.head_size))?;
+        let q = linears.linear(&self.query, x)?;
+        let k = linears.linear(&self.key, x)?;
+        let v = linears.linear(&self.value, x)?;
+        let context = linears.attention(&q, &k, &v, self.heads)?;
         let projected = linears.linear(&self.output, &context)?;
-        Ok(self.norm.forward(&projected.add(x)?)?)
+        linears.add_norm(&self.norm, &projected, x)
     }
 }
 
@@ -223,24 +305,42 @@ struct Layer {
     attention: Attention,
     intermediate: Linear,
     output: Linear,
-    norm: LayerNorm,
+    norm: Norm,
+}
+
+/// The next free [`LinearId`] and [`NormId`] while a model loads.
+#[derive(Default)]
+struct Ids {
+    linear: usize,
+    norm: usize,
 }
 
 impl Layer {
-    fn load(vb: VarBuilder, config: &Config, next_id: &mut usize) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, config: &Config, ids: &mut Ids) -> candle_core::Result<Self> {
         let (hidden, inner) = (config.hidden_size, config.intermediate_size);
+        let attention = Attention::load(vb.pp("attention"), config, ids)?;
         Ok(Self {
-            attention: Attention::load(vb.pp("attention"), config, next_id)?,
-            intermediate: Linear::load(vb.pp("intermediate.dense"), hidden, inner, next_id)?,
-            output: Linear::load(vb.pp("output.dense"), inner, hidden, next_id)?,
-            norm: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            attention,
+            intermediate: Linear::load(
+                vb.pp("intermediate.dense"),
+                hidden,
+                inner,
+                &mut ids.linear,
+            )?,
+            output: Linear::load(vb.pp("output.dense"), inner, hidden, &mut ids.linear)?,
+            norm: Norm::load(
+                vb.pp("output.LayerNorm"),
+                hidden,
+                config.layer_norm_eps,
+                &mut ids.norm,
+            )?,
         })
     }
 
     fn forward<L: Linears>(&self, x: &Tensor, linears: &mut L) -> Result<Tensor, L::Error> {
         let attended = self.attention.forward(x, linears)?;
         let fed = linears.feed_forward(&self.intermediate, &self.output, &attended)?;
-        Ok(self.norm.forward(&fed.add(&attended)?)?)
+        linears.add_norm(&self.norm, &fed, &attended)
     }
 }
 
@@ -285,9 +385,9 @@ impl Embedder {
 
     fn load_bert(vb: VarBuilder, config: &Config) -> candle_core::Result<(Embeddings, Vec<Layer>)> {
         let embeddings = Embeddings::load(vb.pp("embeddings"), config)?;
-        let mut next_id = 0;
+        let mut ids = Ids::default();
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(vb.pp("encoder.layer").pp(i), config, &mut next_id))
+            .map(|i| Layer::load(vb.pp("encoder.layer").pp(i), config, &mut ids))
             .collect::<candle_core::Result<_>>()?;
         Ok((embeddings, layers))
     }

@@ -4,13 +4,16 @@
 //! The imports are generic over [`AccelState`], what a store must give them, so this module
 //! knows nothing of the rest of the store.
 
-use candle_core::{DType, Device, Tensor};
-use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType};
+use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType, WasmList};
 use wasmtime::{StoreContextMut, Trap};
 
 use crate::bindings::wasm_infer::model::accel::{AccelError, DeviceInfo};
 pub use crate::bindings::DeviceTensor;
 
+use super::resident::BindError;
 use super::RunDevice;
 
 /// What a store must give the accel imports.
@@ -31,8 +34,12 @@ pub mod cost {
     pub const BYTES_PER_FUEL: u64 = 16;
     /// Per multiply-accumulate of a matrix product: one per 8.
     pub const MACS_PER_FUEL: u64 = 8;
-    /// Per element of an element-wise operation (bias add, GELU): one each.
+    /// Per element of an element-wise operation (bias add, GELU), per attention score
+    /// (softmax) and per element an attention or layer norm produces: one each.
     pub const PER_ELEMENT: u64 = 1;
+    /// Per element of a layer norm's input, on top of `PER_ELEMENT` per output: the
+    /// statistics pass (mean, variance) reads each element again.
+    pub const NORM_STATISTICS_PER_ELEMENT: u64 = 1;
 }
 
 /// Largest matrix product one call may ask for, in multiply-accumulates (2^33, a few seconds of
@@ -43,6 +50,9 @@ pub const MAX_ELEMENTS: u64 = 1 << 31;
 
 type Store<'a, T> = StoreContextMut<'a, T>;
 type Answer<T> = wasmtime::Result<(Result<T, AccelError>,)>;
+type Handle = Resource<DeviceTensor>;
+/// `layer-norm`'s arguments: x, residual, scale, shift, eps.
+type NormArgs = (Handle, Option<Handle>, Handle, Handle, f32);
 
 /// Starts a call: the deadline check, then the fuel (a trap if either is spent).
 fn begin<T: AccelState>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result<()> {
@@ -88,7 +98,7 @@ fn invalid(message: impl Into<String>) -> AccelError {
 /// log, never into the sandbox.
 pub const DEVICE_FAILURE_MESSAGE: &str = "the device operation failed (details in the host log)";
 
-fn failure(e: candle_core::Error) -> AccelError {
+pub(super) fn failure(e: candle_core::Error) -> AccelError {
     tracing::warn!(error = %e, "accelerator operation failed");
     AccelError::DeviceFailure(DEVICE_FAILURE_MESSAGE.to_string())
 }
@@ -138,14 +148,15 @@ fn create<T: AccelState>(
     charge(store, work)?;
     match make() {
         Ok(tensor) => {
-            let resource = store
-                .data_mut()
-                .tensors()
-                .push(DeviceTensor { tensor, bytes })?;
+            let resource = store.data_mut().tensors().push(DeviceTensor {
+                tensor,
+                bytes,
+                resident: None,
+            })?;
             Ok(Ok(resource))
         }
         Err(e) => {
-            store.data_mut().device().free(bytes);
+            store.data_mut().device().free(bytes, true);
             Ok(Err(e))
         }
     }
@@ -170,7 +181,8 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 .data_mut()
                 .tensors()
                 .delete(Resource::<DeviceTensor>::new_own(rep))?;
-            store.data_mut().device().free(tensor.bytes);
+            let pooled = tensor.resident.is_none();
+            store.data_mut().device().free(tensor.bytes, pooled);
             Ok(())
         },
     )?;
@@ -214,6 +226,59 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 store.data_mut().device().uploaded += bytes;
             }
             Ok((created,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "resident",
+        |mut store: Store<'_, T>,
+         (name, shape, data): (String, Vec<u32>, WasmList<u8>)|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let device = match device(&mut store) {
+                Ok(device) => device,
+                Err(e) => return Ok((Err(e),)),
+            };
+            let elements = match elements_of(&shape) {
+                Ok(elements) => elements,
+                Err(e) => return Ok((Err(e),)),
+            };
+            let bytes = elements * 4;
+            if bytes != data.len() as u64 {
+                return Ok((Err(invalid(format!(
+                    "shape {shape:?} has {elements} f32 elements ({bytes} bytes), the data {} bytes",
+                    data.len()
+                ))),));
+            }
+            // Charged by rule, as an upload of this shape, before looking at the cache.
+            if let Err(e) = store.data_mut().device().alloc_by_rule(bytes) {
+                return Ok((Err(e),));
+            }
+            charge(&mut store, bytes / cost::BYTES_PER_FUEL)?;
+            let run = store.data_mut().device();
+            let (weights, accel) = (run.weights.clone(), run.accel.clone());
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            let bound = weights.bind(&accel, &device, &name, &dims, || {
+                data.as_le_slice(&store)
+            });
+            let resident = match bound {
+                Ok(resident) => resident,
+                Err(e) => {
+                    let run = store.data_mut().device();
+                    run.free(bytes, false);
+                    return Ok((Err(match e {
+                        BindError::Budget(refusal) => run.refuse(refusal),
+                        BindError::Other(e) => e,
+                    }),));
+                }
+            };
+            store.data_mut().device().uploaded += bytes;
+            let tensor = DeviceTensor {
+                tensor: resident.tensor.clone(),
+                bytes,
+                resident: Some(resident as Arc<dyn std::any::Any + Send + Sync>),
+            };
+            Ok((Ok(store.data_mut().tensors().push(tensor)?),))
         },
     )?;
 
@@ -273,6 +338,84 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
     )?;
 
     accel.func_wrap(
+        "attention",
+        |mut store: Store<'_, T>,
+         (q, k, v, heads): (
+            Resource<DeviceTensor>,
+            Resource<DeviceTensor>,
+            Resource<DeviceTensor>,
+            u32,
+        )|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let (q, k, v) = (
+                tensor(&mut store, &q)?,
+                tensor(&mut store, &k)?,
+                tensor(&mut store, &v)?,
+            );
+            let (tokens, hidden) = match attention_dims(&q, &k, &v, heads) {
+                Ok(dims) => dims,
+                Err(e) => return Ok((Err(e),)),
+            };
+            // q·kᵀ and probs·v: tokens² × head_size per head each.
+            let macs = 2u64
+                .saturating_mul(tokens)
+                .saturating_mul(tokens)
+                .saturating_mul(hidden);
+            if macs > MAX_OP_MACS {
+                return Ok((Err(invalid(format!(
+                    "{macs} multiply-accumulates is more than one call may do ({MAX_OP_MACS})"
+                ))),));
+            }
+            let scores = u64::from(heads) * tokens * tokens;
+            let elements = tokens * hidden;
+            // The scores live on the device while the call runs: charged, then returned.
+            if scores > MAX_ELEMENTS {
+                return Ok((Err(invalid(format!(
+                    "{scores} attention scores is more than one call may create ({MAX_ELEMENTS})"
+                ))),));
+            }
+            if let Err(e) = store.data_mut().device().alloc(scores * 4) {
+                return Ok((Err(e),));
+            }
+            let work = macs / cost::MACS_PER_FUEL + (scores + elements) * cost::PER_ELEMENT;
+            let created = create(&mut store, elements, work, || {
+                multi_head_attention(&q, &k, &v, heads as usize).map_err(failure)
+            });
+            store.data_mut().device().free(scores * 4, true);
+            Ok((created?,))
+        },
+    )?;
+
+    accel.func_wrap(
+        "layer-norm",
+        |mut store: Store<'_, T>,
+         (x, residual, scale, shift, eps): NormArgs|
+         -> Answer<Resource<DeviceTensor>> {
+            begin(&mut store, 0)?;
+            let x = tensor(&mut store, &x)?;
+            let residual = match &residual {
+                Some(r) => Some(tensor(&mut store, r)?),
+                None => None,
+            };
+            let (scale, shift) = (tensor(&mut store, &scale)?, tensor(&mut store, &shift)?);
+            if let Err(e) = norm_dims(&x, residual.as_ref(), &scale, &shift, eps) {
+                return Ok((Err(e),));
+            }
+            let elements = x.elem_count() as u64;
+            let work = elements * (cost::PER_ELEMENT + cost::NORM_STATISTICS_PER_ELEMENT);
+            let created = create(&mut store, elements, work, || {
+                let y = match &residual {
+                    Some(r) => x.add(r).map_err(failure)?,
+                    None => x,
+                };
+                layer_norm(&y, &scale, &shift, eps).map_err(failure)
+            })?;
+            Ok((created,))
+        },
+    )?;
+
+    accel.func_wrap(
         "[method]tensor.shape",
         |mut store: Store<'_, T>, (this,): (Resource<DeviceTensor>,)| {
             begin(&mut store, 0)?;
@@ -288,6 +431,12 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
     accel.func_wrap(
         "[method]tensor.download",
         |mut store: Store<'_, T>, (this,): (Resource<DeviceTensor>,)| -> Answer<Vec<f32>> {
+            if store.data_mut().tensors().get(&this)?.resident.is_some() {
+                begin(&mut store, 0)?;
+                return Ok((Err(AccelError::ReadOnly(
+                    "a resident weight cannot be downloaded".into(),
+                )),));
+            }
             let t = tensor(&mut store, &this)?;
             let bytes = t.elem_count() as u64 * 4;
             begin(&mut store, bytes / cost::BYTES_PER_FUEL)?;
@@ -329,6 +478,112 @@ fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(u64, u64, 
     Ok((rows as u64, k as u64, n as u64))
 }
 
+/// `(tokens, hidden)` of an attention over `q`, `k`, `v`, or why the shapes do not fit.
+fn attention_dims(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: u32,
+) -> Result<(u64, u64), AccelError> {
+    let (tokens, hidden) = q
+        .dims2()
+        .map_err(|_| invalid(format!("q must be [tokens, hidden], got {:?}", q.dims())))?;
+    if k.dims() != q.dims() || v.dims() != q.dims() {
+        return Err(invalid(format!(
+            "q, k and v must have one shape, got {:?}, {:?}, {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if heads == 0 || hidden % heads as usize != 0 || tokens == 0 {
+        return Err(invalid(format!(
+            "{heads} heads do not divide [{tokens}, {hidden}] into non-empty heads"
+        )));
+    }
+    Ok((tokens as u64, hidden as u64))
+}
+
+/// What [`attention_dims`] accepted, computed as the guest's candle would: per head,
+/// softmax(q·kᵀ / √head_size)·v. Every step reduces within one row on one thread (candle's CPU
+/// matmul splits its output between threads, never a sum), so the bits do not depend on the
+/// number of threads.
+fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (tokens, hidden) = q.dims2()?;
+    let head_size = hidden / heads;
+    let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.reshape((tokens, heads, head_size))?
+            .transpose(0, 1)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (head_size as f64).sqrt())?;
+    // softmax over the last dimension, as candle_nn::ops::softmax: exp(x - max) / sum.
+    let max = scores.max_keepdim(D::Minus1)?;
+    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+    probs
+        .matmul(&v)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((tokens, hidden))
+}
+
+/// Checks a layer norm's operands: `residual` shaped as `x`, `scale` and `shift` [last dim].
+fn norm_dims(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f32,
+) -> Result<(), AccelError> {
+    let n = *x
+        .dims()
+        .last()
+        .ok_or_else(|| invalid("x must have at least one dimension"))?;
+    if n == 0 {
+        return Err(invalid("x's last dimension must be at least 1"));
+    }
+    if let Some(r) = residual {
+        if r.dims() != x.dims() {
+            return Err(invalid(format!(
+                "residual must be {:?}, got {:?}",
+                x.dims(),
+                r.dims()
+            )));
+        }
+    }
+    if scale.dims() != [n] || shift.dims() != [n] {
+        return Err(invalid(format!(
+            "scale and shift must be [{n}], got {:?} and {:?}",
+            scale.dims(),
+            shift.dims()
+        )));
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(invalid(format!(
+            "eps must be positive and finite, got {eps}"
+        )));
+    }
+    Ok(())
+}
+
+/// (x - mean) / √(variance + eps) · scale + shift over the last dimension, the steps of
+/// candle-nn's unfused `LayerNorm` (per-row reductions: the bits do not depend on threads).
+fn layer_norm(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let n = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let variance = (centred.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+    let normed = centred.broadcast_div(&(variance + f64::from(eps))?.sqrt()?)?;
+    normed.broadcast_mul(scale)?.broadcast_add(shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +611,86 @@ mod tests {
             elements_of(&[1 << 16, 1 << 16]),
             Err(AccelError::InvalidArgument(_))
         ));
+    }
+
+    fn zeros(dims: &[usize]) -> Tensor {
+        Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn attention_and_layer_norm_operands_are_checked_before_anything_runs() {
+        let x = zeros(&[3, 8]);
+        assert_eq!(attention_dims(&x, &x, &x, 2), Ok((3, 8)));
+        for heads in [0, 3] {
+            assert!(matches!(
+                attention_dims(&x, &x, &x, heads),
+                Err(AccelError::InvalidArgument(_))
+            ));
+        }
+        assert!(matches!(
+            attention_dims(&x, &zeros(&[4, 8]), &x, 2),
+            Err(AccelError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            attention_dims(&zeros(&[2, 3, 8]), &x, &x, 2),
+            Err(AccelError::InvalidArgument(_))
+        ));
+        let n = zeros(&[8]);
+        assert_eq!(norm_dims(&x, Some(&x), &n, &n, 1e-12), Ok(()));
+        for bad in [
+            norm_dims(&x, Some(&zeros(&[8])), &n, &n, 1e-12),
+            norm_dims(&x, None, &zeros(&[3]), &n, 1e-12),
+            norm_dims(&x, None, &n, &n, 0.0),
+            norm_dims(&x, None, &n, &n, f32::NAN),
+            norm_dims(&zeros(&[3, 0]), None, &zeros(&[0]), &zeros(&[0]), 1e-12),
+        ] {
+            assert!(
+                matches!(bad, Err(AccelError::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn attention_and_layer_norm_compute_what_they_say() {
+        // One head, two tokens, head size 2.
+        let t =
+            |v: &[f32], dims: (usize, usize)| Tensor::from_slice(v, dims, &Device::Cpu).unwrap();
+        let (q, v) = (t(&[1., 0., 0., 1.], (2, 2)), t(&[1., 2., 3., 4.], (2, 2)));
+        let out: Vec<f32> = multi_head_attention(&q, &q, &v, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Token 0's scores are [1/√2, 0]; token 1's [0, 1/√2].
+        let p = 1.0 / (1.0 + (-std::f64::consts::FRAC_1_SQRT_2).exp());
+        let expected = [
+            p * 1.0 + (1.0 - p) * 3.0,
+            p * 2.0 + (1.0 - p) * 4.0,
+            (1.0 - p) * 1.0 + p * 3.0,
+            (1.0 - p) * 2.0 + p * 4.0,
+        ];
+        for (got, want) in out.iter().zip(expected) {
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-6,
+                "{out:?} vs {expected:?}"
+            );
+        }
+        // Mean 2.5, variance 1.25; scale 2, shift 1.
+        let x = t(&[1., 2., 3., 4.], (1, 4));
+        let scale = Tensor::from_slice(&[2f32; 4], 4, &Device::Cpu).unwrap();
+        let shift = Tensor::from_slice(&[1f32; 4], 4, &Device::Cpu).unwrap();
+        let y: Vec<f32> = layer_norm(&x, &scale, &shift, 1e-12)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (got, xi) in y.iter().zip([1.0, 2.0, 3.0, 4.0]) {
+            let want = (xi - 2.5) / 1.25f64.sqrt() * 2.0 + 1.0;
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{y:?}");
+        }
     }
 
     #[test]

@@ -17,14 +17,19 @@
 //! - **wall time**: each call checks the run's deadline first, and one operation's work is
 //!   capped ([`MAX_OP_MACS`]), so a call cannot run long past the deadline.
 //!
-//! Weights are uploaded by each run, like activations: runs share nothing on the device, so a
-//! hostile run cannot touch another's tensors, and the budget and fuel of a run do not depend
-//! on what ran before it.
+//! Read-only weights can be made **resident** ([`resident`]): uploaded once, shared by every
+//! run of the loaded models that bind them, one physical copy per content digest for the whole
+//! runtime, freed when the last model holding it is dropped. A run is charged for a resident
+//! weight by rule (the fuel and run budget of uploading it), so its figures never depend on
+//! what ran before it; activations are per run, and a run reaches no other run's tensors.
 
 mod account;
 mod host;
+mod resident;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -33,6 +38,9 @@ use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, AccelState};
 pub use host::{cost, DeviceTensor, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
+pub(crate) use resident::ModelWeights;
+use resident::Resident;
+pub use resident::MAX_RESIDENTS;
 
 /// Which device a runtime offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -113,6 +121,9 @@ pub(crate) struct Accel {
     kind: DeviceKind,
     name: String,
     pool: DevicePool,
+    /// Every resident weight alive, by the SHA-256 of its shape and data: a second model (or a
+    /// run racing the first) that binds the same content shares the copy.
+    residents: Mutex<HashMap<[u8; 32], Weak<Resident>>>,
 }
 
 impl Accel {
@@ -132,6 +143,7 @@ impl Accel {
             kind,
             name,
             pool: DevicePool::new(host_budget),
+            residents: Mutex::default(),
         })
     }
 

@@ -39,6 +39,7 @@
 //! | `accel-forged`   | calls a method on a handle it never got                      |
 //! | `accel-dropped`  | calls a method on a handle it already dropped                |
 //! | `nans`           | makes NaNs (0/0, sqrt(-1), inf-inf, f32x4 ops on NaN payloads) and returns their raw bits |
+//! | `accel-resident:NAME,SEED` | binds a 4x4 resident weight NAME to `ramp(SEED)`, reports the data it got, then tries to download it and to rebind NAME to another shape |
 
 wit_bindgen::generate!({
     world: "model",
@@ -190,6 +191,30 @@ fn nan_report() -> String {
         text.push_str(&format!("{name}={bits:08x}\n"));
     }
     text
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Binds the 4x4 resident `name` to `ramp(16, seed)`; reports which ramp it is really bound to
+/// (read through a linear layer, `I · wᵀ`), and the answers to a download and a rebinding.
+fn accel_resident(name: &str, seed: usize) -> Result<String, AccelError> {
+    let w = accel::resident(name, &[4, 4], &le_bytes(&ramp(16, seed)))?;
+    let identity: Vec<f32> = (0..16).map(|i| f32::from(i % 5 == 0)).collect();
+    let x = accel::upload(&[4, 4], &identity)?;
+    let transposed = accel::linear(&x, &w, None)?.download()?;
+    let values: Vec<f32> = (0..16).map(|i| transposed[(i % 4) * 4 + i / 4]).collect();
+    let bound = (0..13)
+        .find(|&s| ramp(16, s) == values)
+        .map_or("none".to_string(), |s| s.to_string());
+    let download = match w.download() {
+        Ok(values) => format!("downloaded {} values", values.len()),
+        Err(e) => refusal(&e),
+    };
+    let rebind = match accel::resident(name, &[16], &le_bytes(&ramp(16, seed))) {
+        Ok(_) => "rebound".to_string(),
+        Err(e) => refusal(&e),
+    };
+    Ok(format!("bound={bound} download={download} rebind={rebind}"))
 }
 
 fn number(arg: &str) -> u64 {
@@ -409,6 +434,15 @@ impl Guest for Hostile {
                 loop {
                     held.push(accel::upload(&[1], &[1.0]).expect("a one-value upload"));
                 }
+            }
+            "accel-resident" => {
+                let (name, seed) = arg.split_once(',').expect("NAME,SEED");
+                Ok(Output::Text(
+                    match accel_resident(name, number(seed) as usize) {
+                        Ok(text) => text,
+                        Err(e) => format!("error: {}", refusal(&e)),
+                    },
+                ))
             }
             "accel-forged" => {
                 let forged = unsafe { Tensor::from_handle(12345) };
