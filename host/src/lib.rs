@@ -32,6 +32,7 @@ mod model;
 pub mod pressure;
 mod run;
 mod runtime;
+pub mod serve;
 pub mod snapshot;
 mod store;
 pub mod units;
