@@ -55,6 +55,11 @@ lint:
     cargo clippy --release --all-targets -- -D warnings
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -- -D warnings
 
+# deploy/ without a cluster or docker: the Kubernetes manifests parse (PyYAML) and agree with
+# deploy/serve.toml (grace period >= preStop + drain deadline, ports, probes, Redis Service).
+deploy-check:
+    python3 deploy/check.py
+
 # Benchmarks: native candle vs the sandbox (fuel on / epochs only, with and without simd128),
 # compile, precompiled-load and instantiate times. Markdown table on stdout.
 bench: guest build
