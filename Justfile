@@ -68,6 +68,11 @@ bench: guest build
     cargo run --release -p wasm-infer --example bench -- {{minilm}} \
         no-simd=target/nosimd/wasm32-wasip2/release/minilm.wasm
 
+# Loopback load test of `wasm-infer serve` (bounded: 64 requests per level) at 1, 2, 8 and 32
+# clients, accelerator and in-sandbox paths, vs a native candle loop. Markdown table on stdout.
+load: guest build
+    cargo run --release -p wasm-infer --example load -- target/release/wasm-infer {{minilm}}
+
 # What the worker-process hop adds to a request (in-process vs a locked-down worker).
 bench-workers: build test-guests
     cargo run --release -p wasm-infer --example worker_hop -- target/release/wasm-infer target/wasm32-wasip2/release/hostile.wasm
