@@ -17,7 +17,7 @@
 //! which hold every microsecond since the epoch exactly.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -299,7 +299,8 @@ const GCRA_LUA: &str = r#"
 -- Reserve returns {allowed (1 or 0), remaining, reset_us, retry_after_us (-1: never fits)};
 -- refund returns 0.
 -- Time is the server's (TIME), so that every replica agrees; counted from 2023-11-14 rather than
--- 1970 so that a double keeps a sixtieth of a microsecond of precision, not a quarter.
+-- 1970 so that a double keeps sub-microsecond precision (1/64 us in 2026, 1/8 us until 2041)
+-- where microseconds since 1970 would round to a quarter.
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])
 local per_second = tonumber(ARGV[1])
@@ -496,6 +497,9 @@ struct LimiterInner {
     policy: FailPolicy,
     key_prefix: String,
     backend_failures: AtomicU64,
+    /// Whether the last call to the backend failed: the warning is logged when it starts failing
+    /// (not once per request while it is down), and an info line when it answers again.
+    failing: AtomicBool,
 }
 
 impl Limiter {
@@ -533,6 +537,7 @@ impl Limiter {
                 policy: config.on_backend_error,
                 key_prefix: config.key_prefix.clone(),
                 backend_failures: AtomicU64::new(0),
+                failing: AtomicBool::new(false),
             }),
         }
     }
@@ -542,15 +547,24 @@ impl Limiter {
     }
 
     fn record_failure(&self, action: &str, key: &str, error: &BackendError) {
-        self.inner.backend_failures.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            backend = self.inner.store.name(),
-            policy = ?self.inner.policy,
-            action,
-            key,
-            %error,
-            "rate-limit backend failed"
-        );
+        let failures = self.inner.backend_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let backend = self.inner.store.name();
+        let policy = self.inner.policy;
+        if !self.inner.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(backend, ?policy, action, key, failures, %error, "rate-limit backend failed");
+        } else {
+            tracing::debug!(backend, ?policy, action, key, failures, %error, "rate-limit backend failed");
+        }
+    }
+
+    fn record_success(&self) {
+        if self.inner.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                backend = self.inner.store.name(),
+                failures = self.backend_failures(),
+                "rate-limit backend answers again"
+            );
+        }
     }
 
     /// Reserve `cost` units of `quota` for `key` (`"{tenant}:{limit}"`). With fail-open a
@@ -563,7 +577,10 @@ impl Limiter {
     ) -> Result<Decision, BackendError> {
         let key = self.full_key(key);
         match self.inner.store.reserve(&key, quota, cost).await {
-            Ok(decision) => Ok(decision),
+            Ok(decision) => {
+                self.record_success();
+                Ok(decision)
+            }
             Err(error) => {
                 self.record_failure("reserve", &key, &error);
                 match self.inner.policy {
@@ -581,12 +598,15 @@ impl Limiter {
         if cost == 0 {
             return;
         }
-        if let Err(error) = self.inner.store.refund(&key, quota, cost).await {
-            self.record_failure("refund", &key, &error);
-            if self.inner.policy == FailPolicy::Open {
-                // The reservation was likely answered by the fallback too; a refund of a key
-                // the fallback does not hold changes nothing.
-                self.inner.fallback.refund_now(&key, quota, cost);
+        match self.inner.store.refund(&key, quota, cost).await {
+            Ok(()) => self.record_success(),
+            Err(error) => {
+                self.record_failure("refund", &key, &error);
+                if self.inner.policy == FailPolicy::Open {
+                    // The reservation was likely answered by the fallback too; a refund of a
+                    // key the fallback does not hold changes nothing.
+                    self.inner.fallback.refund_now(&key, quota, cost);
+                }
             }
         }
     }
