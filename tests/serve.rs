@@ -629,6 +629,108 @@ fn metrics_after_a_scripted_mix_equal_what_was_sent() {
 }
 
 #[test]
+fn a_fuel_trip_is_retried_once_with_the_fallback_and_the_answer_says_so() {
+    // work:N burns fuel in proportion to N: cut to 8 bytes, "work:200000000" is "work:200".
+    let config = format!(
+        "[limits]\nfuel = 5000000\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n\
+         [models.fallback]\ntruncate = 8\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let reply = server.infer(None, "hostile", "work:200000000");
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.header("x-wasm-infer-answered-by"), Some("hostile"));
+    let body = reply.json();
+    assert_eq!(body["fallback"], "truncated to 8 bytes");
+    assert_eq!(body["usage"]["fuel_consumed"], hostile_fuel("work:200"));
+    assert!(body["output"]["text"].as_str().unwrap().starts_with("200 "));
+    // A run that fits is answered by the model itself.
+    let direct = server.infer(None, "hostile", "work:300").json();
+    assert_eq!(direct["fallback"], Value::Null);
+    assert_eq!(
+        server.metric("wasm_infer_fallbacks_total", &[("model", "hostile")]),
+        1.0
+    );
+    assert_eq!(
+        server.metric("wasm_infer_limit_trips_total", &[("kind", "fuel")]),
+        1.0
+    );
+}
+
+/// The client script: two embeddings calls, the second one refused with 429 + Retry-After
+/// and retried by the client itself. Prints the vectors as JSON.
+const OPENAI_SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2], max_retries=2)
+texts = json.loads(sys.argv[3])
+first = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+second = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0])
+print(json.dumps({
+    "first": [d.embedding for d in first.data],
+    "second": second.data[0].embedding,
+    "model": first.model,
+}))
+"#;
+
+#[test]
+fn the_official_openai_client_gets_the_same_vectors_and_honours_retry_after() {
+    let setup = Command::new("bash")
+        .arg(support::workspace_root().join("scripts/openai-venv.sh"))
+        .output()
+        .expect("running scripts/openai-venv.sh");
+    if !setup.status.success() {
+        println!(
+            "skipped: the openai venv could not be created: {}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
+        return;
+    }
+    let python = String::from_utf8(setup.stdout).unwrap().trim().to_string();
+    // One request per second, burst one: the client's second call gets 429 with Retry-After 1
+    // and only a retry after that wait can pass.
+    let config = tenant(
+        "a",
+        KEY_A,
+        "[tenants.rates]\nrequests_per_second = 1.0\nrequests_burst = 1",
+    );
+    let server = Server::start(&config, &[minilm_wasm()]);
+    let texts: Vec<&str> = reference()
+        .cases
+        .iter()
+        .take(3)
+        .map(|c| c.text.as_str())
+        .collect();
+    let output = Command::new(&python)
+        .args(["-c", OPENAI_SCRIPT, &server.base, KEY_A])
+        .arg(serde_json::to_string(&texts).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(got["model"], "all-MiniLM-L6-v2");
+    let first: Vec<Vec<f32>> = serde_json::from_value(got["first"].clone()).unwrap();
+    for (vector, case) in first.iter().zip(&reference().cases) {
+        assert!(cosine(vector, &case.embedding) >= 0.9999, "{}", case.name);
+    }
+    let second: Vec<f32> = serde_json::from_value(got["second"].clone()).unwrap();
+    assert!(cosine(&second, &first[0]) >= 0.99999);
+    let answered = |status: &str| {
+        server.metric(
+            "wasm_infer_requests_total",
+            &[("route", "/v1/embeddings"), ("status", status)],
+        )
+    };
+    assert_eq!(answered("429"), 1.0, "the second call was refused once");
+    assert_eq!(answered("200"), 2.0, "and its retry passed");
+}
+
+#[test]
 fn an_invalid_model_refuses_to_start_with_the_clis_exit_status() {
     let dir = std::env::temp_dir().join(format!("wasm-infer-serve-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
