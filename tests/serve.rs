@@ -474,15 +474,13 @@ fn a_fuel_quota_admits_fewer_long_runs_than_short_ones_by_the_predicted_count() 
     );
     let server = Server::start(&config, &[]);
     let admitted = |key: &str, command: &str, most: u64| {
-        let mut passed = 0;
-        for _ in 0..most {
+        for passed in 0..most {
             let reply = server.infer(Some(key), "hostile", command);
             if reply.status == 429 {
                 assert_eq!(reply.json()["error"]["type"], "fuel");
                 return passed;
             }
             assert_eq!(reply.status, 200, "{}", reply.text);
-            passed += 1;
         }
         panic!("no 429 after {most} requests");
     };
@@ -572,7 +570,7 @@ fn sigterm_lets_eight_in_flight_requests_finish_refuses_new_ones_and_exits_zero(
 #[test]
 fn metrics_after_a_scripted_mix_equal_what_was_sent() {
     let config = format!(
-        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        "metrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
         hostile_wasm().display(),
         tenant("a", KEY_A, "[tenants.limits]\nfuel = 1000000"),
     );
@@ -594,6 +592,18 @@ fn metrics_after_a_scripted_mix_equal_what_was_sent() {
         .unwrap();
 
     let text = server.get("/metrics", None).text;
+    // The separate metrics address serves the same figures.
+    let log = server.log();
+    let metrics_url = log
+        .lines()
+        .find_map(|line| line.strip_prefix("metrics on "))
+        .expect("the metrics address is printed");
+    let separate = Reply::from(ureq::get(metrics_url).call());
+    assert_eq!(separate.status, 200);
+    assert_eq!(
+        metric_value(&separate.text, "wasm_infer_requests_total", &[]),
+        metric_value(&text, "wasm_infer_requests_total", &[]),
+    );
     let requests = |status: &str, tenant: &str| {
         metric_value(
             &text,

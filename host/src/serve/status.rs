@@ -51,9 +51,27 @@ fn type_of(kind: ErrorKind) -> &'static str {
 /// Retry-After for a lost worker: the pool has already replaced it.
 const WORKER_LOST_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// An error answer: status, body fields, extra headers.
+/// An error answer: status, body fields, extra headers (boxed, so that `Result`s carrying it
+/// stay small; its fields are reached through `Deref`).
 #[derive(Debug)]
-pub struct ApiError {
+pub struct ApiError(Box<ApiErrorFields>);
+
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorFields;
+    fn deref(&self) -> &ApiErrorFields {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ApiErrorFields {
+        &mut self.0
+    }
+}
+
+/// What an [`ApiError`] holds.
+#[derive(Debug)]
+pub struct ApiErrorFields {
     pub status: StatusCode,
     pub message: String,
     pub error_type: &'static str,
@@ -66,7 +84,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(ApiErrorFields {
             status,
             message: message.into(),
             error_type,
@@ -74,7 +92,7 @@ impl ApiError {
             code: None,
             extra: serde_json::Map::new(),
             headers: HeaderMap::new(),
-        }
+        }))
     }
 
     /// 400: the request is malformed.
@@ -171,7 +189,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = self.body();
         let mut response = (self.status, axum::Json(body)).into_response();
-        response.headers_mut().extend(self.headers);
+        response.headers_mut().extend(self.0.headers);
         response
     }
 }
