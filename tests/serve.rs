@@ -453,6 +453,34 @@ fn a_request_quota_admits_its_burst_then_429_until_retry_after() {
 }
 
 #[test]
+fn a_token_quota_counts_the_estimated_tokens_of_each_input() {
+    // "echo:abc" is 8 bytes: 2 + 8 / 4 = 4 estimated tokens, so a burst of 10 admits two.
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        hostile_wasm().display(),
+        tenant(
+            "a",
+            KEY_A,
+            "[tenants.rates]\ntokens_per_second = 0.01\ntokens_burst = 10"
+        ),
+    );
+    let server = Server::start(&config, &[]);
+    for n in 0..2 {
+        let ok = server.infer(Some(KEY_A), "hostile", "echo:abc");
+        assert_eq!(ok.status, 200, "request {n}: {}", ok.text);
+    }
+    let limited = server.infer(Some(KEY_A), "hostile", "echo:abc");
+    let error = limited.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(error["type"], "tokens");
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"tokens\";q=10;w=1000")
+    );
+    // Two tokens are left: a 1-byte input (3 tokens) does not fit either, and nothing ran.
+    assert_eq!(server.infer(Some(KEY_A), "hostile", "e").status, 429);
+}
+
+#[test]
 fn a_fuel_quota_admits_fewer_long_runs_than_short_ones_by_the_predicted_count() {
     // Each request reserves the tenant's fuel cap and gets back what it did not burn, so a
     // quota of `burst` admits requests while `cap` still fits: 1 + (burst - cap) / consumed.
