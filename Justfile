@@ -69,9 +69,10 @@ bench: guest build
         no-simd=target/nosimd/wasm32-wasip2/release/minilm.wasm
 
 # Loopback load test of `wasm-infer serve` (bounded: 64 requests per level) at 1, 2, 8 and 32
-# clients, accelerator and in-sandbox paths, vs a native candle loop. Markdown table on stdout.
-load: guest build
-    cargo run --release -p wasm-infer --example load -- target/release/wasm-infer {{minilm}}
+# clients, accelerator and in-sandbox paths, vs a native candle loop; then a victim tenant's
+# latency alone and under another tenant's spin flood. Markdown tables on stdout.
+load: guest test-guests build
+    cargo run --release -p wasm-infer --example load -- target/release/wasm-infer {{minilm}} target/wasm32-wasip2/release/hostile.wasm
 
 # What the worker-process hop adds to a request (in-process vs a locked-down worker).
 bench-workers: build test-guests
