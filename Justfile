@@ -55,6 +55,11 @@ lint:
     cargo clippy --release --all-targets -- -D warnings
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -- -D warnings
 
+# deploy/ without a cluster or docker: the Kubernetes manifests parse (PyYAML) and agree with
+# deploy/serve.toml (grace period >= preStop + drain deadline, ports, probes, Redis Service).
+deploy-check:
+    python3 deploy/check.py
+
 # Benchmarks in one run: native candle (1 thread, all cores) vs in-sandbox (NaN canonicalisation
 # off and on) vs the accelerator path, short / long / max inputs; throughput of 4 concurrent
 # requests (pooled) vs native; compile, precompiled-load, instantiate; memory. Markdown on stdout.
@@ -64,6 +69,12 @@ bench: guest build
 # The same, plus peak RSS/PSS with 1, 4 and 16 concurrent runs (several more minutes).
 bench-memory: guest build
     cargo run --release -p wasm-infer --example bench -- {{minilm}} --memory
+
+# Loopback load test of `wasm-infer serve` (bounded: 64 requests per level) at 1, 2, 8 and 32
+# clients, accelerator and in-sandbox paths, vs a native candle loop; then a victim tenant's
+# latency alone and under another tenant's spin flood. Markdown tables on stdout.
+load: guest test-guests build
+    cargo run --release -p wasm-infer --example load -- target/release/wasm-infer {{minilm}} target/wasm32-wasip2/release/hostile.wasm
 
 # What the worker-process hop adds to a request (in-process vs a locked-down worker).
 bench-workers: build test-guests

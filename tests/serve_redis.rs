@@ -1,0 +1,621 @@
+//! Rate limits shared in Redis: several replicas (each its own `Limiter`) enforce one quota
+//! through a real `redis-server` started on a loopback port for the test and stopped after;
+//! Redis going down applies the configured policy and counts it; Redis coming back shares
+//! again; and the same across two real `wasm-infer serve` processes. `scripts/setup.sh` installs
+//! redis-server; without it these tests fail, not skip.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wasm_infer::serve::ratelimit::{
+    Backend, Decision, FailPolicy, Limiter, Quota, RateLimitConfig, REDIS_RECONNECT_BACKOFF,
+};
+
+/// One unit every 100 s: no unit drains back while a test runs, so admissions are exact counts.
+const SLOW: Quota = Quota {
+    per_second: 0.01,
+    burst: 4,
+};
+const SLOW_PERIOD: Duration = Duration::from_secs(100);
+
+/// A `redis-server` on a loopback port, with no persistence, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        Redis::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let mut child = Command::new(redis_server())
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start redis-server");
+        // Ready when it says so (its log line), not after a guessed delay.
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("Ready to accept connections") => break,
+                Some(Ok(_)) => continue,
+                _ => panic!("redis-server on port {port} exited before it was ready"),
+            }
+        }
+        // Keep draining its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kill it (SIGKILL: a crash, not a clean shutdown) and wait until it is gone.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A plain connection, for looking at the keys the limiter wrote.
+    fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_server() -> String {
+    let found = std::env::var("REDIS_SERVER").ok().or_else(|| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("redis-server"))
+                .find(|candidate| candidate.is_file())
+                .map(|candidate| candidate.display().to_string())
+        })
+    });
+    found.expect("redis-server is not installed: run scripts/setup.sh (it installs the Debian package redis-server)")
+}
+
+fn config(redis: &Redis, policy: FailPolicy) -> RateLimitConfig {
+    RateLimitConfig {
+        backend: Backend::Redis,
+        redis_url: Some(redis.url()),
+        on_backend_error: policy,
+        key_prefix: "test".to_string(),
+    }
+}
+
+/// Allowed with exactly `remaining` left, and a reset of `units` periods (less the
+/// microseconds that passed since the first reservation: Redis's clock runs).
+fn assert_allowed(decision: Decision, remaining: u64, units: u32) {
+    match decision {
+        Decision::Allowed {
+            remaining: r,
+            reset,
+        } => {
+            assert_eq!(r, remaining, "{decision:?}");
+            let full = SLOW_PERIOD * units;
+            assert!(
+                reset <= full && reset > full - Duration::from_secs(5),
+                "{decision:?}"
+            );
+        }
+        other => panic!("expected Allowed with {remaining} remaining, got {other:?}"),
+    }
+}
+
+/// Refused, with the retry-after of one period (less the time that passed).
+fn assert_limited(decision: Decision) {
+    match decision {
+        Decision::Limited {
+            retry_after: Some(retry_after),
+            remaining: 0,
+            reset,
+        } => {
+            assert!(
+                retry_after <= SLOW_PERIOD && retry_after > SLOW_PERIOD - Duration::from_secs(5),
+                "{retry_after:?}"
+            );
+            assert!(reset > SLOW_PERIOD * 3, "{reset:?}");
+        }
+        other => panic!("expected Limited with 0 remaining, got {other:?}"),
+    }
+}
+
+/// Reserve on a probe key until the backend answers again (it reconnects after
+/// `REDIS_RECONNECT_BACKOFF`), counting the failures on the way.
+async fn until_backend_answers(limiter: &Limiter) {
+    let deadline = Instant::now() + REDIS_RECONNECT_BACKOFF * 20;
+    let probe = Quota {
+        per_second: 1e6,
+        burst: 1_000_000,
+    };
+    loop {
+        let failures = limiter.backend_failures();
+        match limiter.reserve("probe:requests", probe, 1).await {
+            Ok(_) if limiter.backend_failures() == failures => return,
+            _ if Instant::now() > deadline => panic!("the limiter did not reconnect to Redis"),
+            _ => tokio::time::sleep(REDIS_RECONNECT_BACKOFF / 5).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_admit_exactly_one_burst_between_them() {
+    let redis = Redis::start();
+    let a = Limiter::new(&config(&redis, FailPolicy::Closed))
+        .await
+        .unwrap();
+    let b = Limiter::new(&config(&redis, FailPolicy::Closed))
+        .await
+        .unwrap();
+    assert_eq!((a.backend(), b.backend()), ("redis", "redis"));
+
+    // Alternating replicas: 4 admitted in all, the 5th refused on either.
+    assert_allowed(a.reserve("acme:requests", SLOW, 1).await.unwrap(), 3, 1);
+    assert_allowed(b.reserve("acme:requests", SLOW, 1).await.unwrap(), 2, 2);
+    assert_allowed(a.reserve("acme:requests", SLOW, 1).await.unwrap(), 1, 3);
+    assert_allowed(b.reserve("acme:requests", SLOW, 1).await.unwrap(), 0, 4);
+    assert_limited(a.reserve("acme:requests", SLOW, 1).await.unwrap());
+    assert_limited(b.reserve("acme:requests", SLOW, 1).await.unwrap());
+
+    // Another tenant, and another limit of the same tenant, have their own buckets.
+    assert_allowed(b.reserve("other:requests", SLOW, 1).await.unwrap(), 3, 1);
+    assert_allowed(b.reserve("acme:fuel", SLOW, 4).await.unwrap(), 0, 4);
+
+    // A refund on one replica is visible to the other, and only what was refunded.
+    a.refund("acme:requests", SLOW, 1).await;
+    assert_allowed(b.reserve("acme:requests", SLOW, 1).await.unwrap(), 0, 4);
+    assert_limited(a.reserve("acme:requests", SLOW, 1).await.unwrap());
+
+    // A cost above the burst never fits, and reserves nothing.
+    match a.reserve("fresh:fuel", SLOW, 5).await.unwrap() {
+        Decision::Limited {
+            retry_after: None,
+            remaining: 4,
+            ..
+        } => {}
+        other => panic!("expected a refusal that never fits, got {other:?}"),
+    }
+
+    // Keys are {prefix}:rl:{tenant}:{limit}, each expiring when its bucket is full again (a
+    // full 4-unit bucket of 100 s units: 400 s), so idle tenants vanish.
+    let mut client = redis.client();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("test:rl:*")
+        .query(&mut client)
+        .unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "test:rl:acme:fuel",
+            "test:rl:acme:requests",
+            "test:rl:other:requests"
+        ]
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("test:rl:acme:requests")
+        .query(&mut client)
+        .unwrap();
+    assert!(ttl > 395_000 && ttl <= 400_000, "PTTL {ttl} ms");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("test:rl:other:requests")
+        .query(&mut client)
+        .unwrap();
+    assert!(ttl > 95_000 && ttl <= 100_000, "PTTL {ttl} ms");
+
+    // Refunding everything empties the bucket: the key goes at once.
+    b.refund("other:requests", SLOW, 1).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("test:rl:other:requests")
+        .query(&mut client)
+        .unwrap();
+    assert_eq!(exists, 0);
+    assert_eq!(a.backend_failures() + b.backend_failures(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fuel_quota_is_shared_by_weight() {
+    // 1e8 fuel/s with a burst of 3e9: requests capped at 1e9 fuel, three fit across both
+    // replicas (each cap takes 10 s to drain back); a run that used 1e8 refunds 9e8, which the
+    // other replica can spend.
+    let redis = Redis::start();
+    let a = Limiter::new(&config(&redis, FailPolicy::Closed))
+        .await
+        .unwrap();
+    let b = Limiter::new(&config(&redis, FailPolicy::Closed))
+        .await
+        .unwrap();
+    let fuel = Quota {
+        per_second: 1e8,
+        burst: 3_000_000_000,
+    };
+    let cap = 1_000_000_000;
+    assert!(a
+        .reserve("acme:fuel", fuel, cap)
+        .await
+        .unwrap()
+        .is_allowed());
+    assert!(b
+        .reserve("acme:fuel", fuel, cap)
+        .await
+        .unwrap()
+        .is_allowed());
+    assert!(a
+        .reserve("acme:fuel", fuel, cap)
+        .await
+        .unwrap()
+        .is_allowed());
+    // The fourth waits for one cap to drain: 10 s less the time these calls took.
+    let refused = b.reserve("acme:fuel", fuel, cap).await.unwrap();
+    let Decision::Limited {
+        retry_after: Some(retry_after),
+        ..
+    } = refused
+    else {
+        panic!("expected the 4th cap to be refused, got {refused:?}");
+    };
+    assert!(retry_after > Duration::from_secs(5) && retry_after <= Duration::from_secs(10));
+    a.refund("acme:fuel", fuel, 900_000_000).await;
+    assert!(b
+        .reserve("acme:fuel", fuel, 900_000_000)
+        .await
+        .unwrap()
+        .is_allowed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_counts_it_and_shares_again_when_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let a = Limiter::new(&config(&redis, FailPolicy::Closed))
+        .await
+        .unwrap();
+    let b = Limiter::new(&config(&redis, FailPolicy::Closed))
+        .await
+        .unwrap();
+    assert_allowed(a.reserve("acme:requests", SLOW, 1).await.unwrap(), 3, 1);
+
+    redis.kill();
+    assert!(a.reserve("acme:requests", SLOW, 1).await.is_err());
+    assert_eq!(a.backend_failures(), 1);
+    assert!(b.reserve("acme:requests", SLOW, 1).await.is_err());
+    assert_eq!(b.backend_failures(), 1);
+    // A refund that cannot reach Redis is counted, not returned.
+    a.refund("acme:requests", SLOW, 1).await;
+    assert_eq!(a.backend_failures(), 2);
+    // While down, every reservation fails (none is admitted on the side).
+    for n in 3..6 {
+        assert!(a.reserve("acme:requests", SLOW, 1).await.is_err());
+        assert_eq!(a.backend_failures(), n);
+    }
+
+    // Back (empty: no persistence): both replicas reconnect and share one burst again.
+    let _redis = Redis::start_on(port);
+    until_backend_answers(&a).await;
+    until_backend_answers(&b).await;
+    let failures = (a.backend_failures(), b.backend_failures());
+    assert_allowed(a.reserve("acme:requests", SLOW, 1).await.unwrap(), 3, 1);
+    assert_allowed(b.reserve("acme:requests", SLOW, 1).await.unwrap(), 2, 2);
+    assert_allowed(a.reserve("acme:requests", SLOW, 1).await.unwrap(), 1, 3);
+    assert_allowed(b.reserve("acme:requests", SLOW, 1).await.unwrap(), 0, 4);
+    assert_limited(a.reserve("acme:requests", SLOW, 1).await.unwrap());
+    assert_eq!((a.backend_failures(), b.backend_failures()), failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_open_to_each_replicas_own_limit() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let a = Limiter::new(&config(&redis, FailPolicy::Open))
+        .await
+        .unwrap();
+    let b = Limiter::new(&config(&redis, FailPolicy::Open))
+        .await
+        .unwrap();
+    assert_allowed(a.reserve("acme:requests", SLOW, 1).await.unwrap(), 3, 1);
+
+    redis.kill();
+    // Each replica now enforces the quota on its own: a full burst each, then refusals, and
+    // every reservation counted as a backend failure.
+    for replica in [&a, &b] {
+        for remaining in (0..4).rev() {
+            assert_allowed(
+                replica.reserve("acme:requests", SLOW, 1).await.unwrap(),
+                remaining,
+                4 - remaining as u32,
+            );
+        }
+        assert_limited(replica.reserve("acme:requests", SLOW, 1).await.unwrap());
+        assert_eq!(replica.backend_failures(), 5);
+    }
+
+    // Back: shared again (the restarted Redis is empty).
+    let _redis = Redis::start_on(port);
+    until_backend_answers(&a).await;
+    until_backend_answers(&b).await;
+    let failures = (a.backend_failures(), b.backend_failures());
+    for (n, replica) in [&a, &b, &a, &b].into_iter().enumerate() {
+        assert_allowed(
+            replica.reserve("acme:requests", SLOW, 1).await.unwrap(),
+            3 - n as u64,
+            n as u32 + 1,
+        );
+    }
+    assert_limited(b.reserve("acme:requests", SLOW, 1).await.unwrap());
+    assert_eq!((a.backend_failures(), b.backend_failures()), failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_at_start_refuses_fail_closed_and_serves_fail_open() {
+    let mut redis = Redis::start();
+    redis.kill();
+    let closed = Limiter::new(&config(&redis, FailPolicy::Closed)).await;
+    assert!(
+        closed.is_err(),
+        "fail-closed must refuse to start without its Redis"
+    );
+    let open = Limiter::new(&config(&redis, FailPolicy::Open))
+        .await
+        .unwrap();
+    assert_allowed(open.reserve("acme:requests", SLOW, 1).await.unwrap(), 3, 1);
+    assert_eq!(open.backend_failures(), 1);
+
+    let missing = RateLimitConfig {
+        redis_url: None,
+        ..config(&redis, FailPolicy::Open)
+    };
+    assert!(Limiter::new(&missing).await.is_err());
+}
+
+#[test]
+fn the_deployed_config_parses_with_the_servers_parser_and_shares_limits_in_redis() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/serve.toml");
+    let config = wasm_infer::serve::ServeConfig::from_file(&path).unwrap();
+    assert_eq!(
+        config.rate_limit,
+        RateLimitConfig {
+            backend: Backend::Redis,
+            redis_url: Some("redis://wasm-infer-redis:6379/0".to_string()),
+            on_backend_error: FailPolicy::Closed,
+            key_prefix: "wasm-infer".to_string(),
+        }
+    );
+    assert_eq!(config.drain_deadline, Duration::from_secs(30));
+    let tenants = config.tenants().unwrap();
+    assert_eq!(tenants.len(), 1);
+    assert_eq!(
+        tenants[0].rates.requests,
+        Some(Quota {
+            per_second: 20.0,
+            burst: 40
+        })
+    );
+    assert_eq!(
+        tenants[0].rates.fuel,
+        Some(Quota {
+            per_second: 5e9,
+            burst: 5_000_000_000 * 2
+        })
+    );
+}
+
+/// A running `wasm-infer serve` (serving the hostile test guest), killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    config: std::path::PathBuf,
+}
+
+impl Server {
+    /// Starts a replica whose one tenant `a` (key `KEY`) may make `SLOW` requests, its limits
+    /// in `redis` under `policy`.
+    fn start(redis: &Redis, policy: &str) -> Server {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = std::env::temp_dir().join(format!(
+            "wasm-infer-serve-redis-{}-{n}.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &config,
+            format!(
+                r#"listen = "127.0.0.1:0"
+[[models]]
+name = "hostile"
+path = "{model}"
+[rate_limit]
+backend = "redis"
+redis_url = "{url}"
+on_backend_error = "{policy}"
+key_prefix = "e2e"
+[[tenants]]
+name = "a"
+key_sha256 = "{hash}"
+[tenants.rates]
+requests_per_second = {per_second}
+requests_burst = {burst}
+"#,
+                model = support::hostile_wasm().display(),
+                url = redis.url(),
+                hash = wasm_infer::serve::hash_key(KEY),
+                per_second = SLOW.per_second,
+                burst = SLOW.burst,
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("WASM_INFER_CACHE_DIR", support::cache_dir())
+            .env("WASM_INFER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting wasm-infer serve");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(line)) => match line.strip_prefix("listening on ") {
+                    Some(base) => break base.to_string(),
+                    None => log.push(line),
+                },
+                _ => panic!("the server did not start:\n{}", log.join("\n")),
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Server {
+            child,
+            base,
+            config,
+        }
+    }
+
+    /// One request as tenant `a`: its status and `RateLimit` header.
+    fn request(&self) -> (u16, Option<String>, String) {
+        let result = ureq::post(&format!("{}/v1/infer", self.base))
+            .set("Authorization", &format!("Bearer {KEY}"))
+            .send_json(serde_json::json!({"model": "hostile", "input": {"text": "echo:x"}}));
+        let response = match result {
+            Ok(response) => response,
+            Err(ureq::Error::Status(_, response)) => response,
+            Err(error) => panic!("HTTP transport error: {error}"),
+        };
+        let status = response.status();
+        let header = response.header("ratelimit").map(str::to_string);
+        (status, header, response.into_string().unwrap_or_default())
+    }
+
+    fn backend_failures(&self) -> f64 {
+        let text = ureq::get(&format!("{}/metrics", self.base))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("wasm_infer_rate_limit_backend_failures_total "))
+            .unwrap_or_else(|| panic!("no backend failure counter in /metrics:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+const KEY: &str = "sk-test-shared-quota";
+
+/// 200 with `remaining` requests left in the shared bucket.
+fn assert_served(reply: (u16, Option<String>, String), remaining: u64) {
+    let (status, header, body) = reply;
+    assert_eq!(status, 200, "{body}");
+    let header = header.expect("a RateLimit header");
+    assert!(
+        header.starts_with(&format!("\"requests\";r={remaining};")),
+        "{header}"
+    );
+}
+
+fn assert_status(reply: (u16, Option<String>, String), status: u16, code: &str) {
+    assert_eq!(reply.0, status, "{}", reply.2);
+    assert!(
+        reply.2.contains(&format!("\"code\":\"{code}\"")),
+        "{}",
+        reply.2
+    );
+}
+
+#[test]
+fn two_servers_share_a_tenants_quota_and_fail_closed_with_503_when_redis_dies() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (one, two) = (
+        Server::start(&redis, "closed"),
+        Server::start(&redis, "closed"),
+    );
+
+    assert_served(one.request(), 3);
+    assert_served(two.request(), 2);
+    assert_served(one.request(), 1);
+    assert_served(two.request(), 0);
+    assert_status(one.request(), 429, "rate_limit_exceeded");
+    assert_status(two.request(), 429, "rate_limit_exceeded");
+    assert_eq!((one.backend_failures(), two.backend_failures()), (0.0, 0.0));
+
+    redis.kill();
+    assert_status(one.request(), 503, "rate_limit_unavailable");
+    assert_status(one.request(), 503, "rate_limit_unavailable");
+    assert_status(two.request(), 503, "rate_limit_unavailable");
+    assert_eq!((one.backend_failures(), two.backend_failures()), (2.0, 1.0));
+
+    // Back (empty): once each replica has reconnected, one quota again.
+    let _redis = Redis::start_on(port);
+    let deadline = Instant::now() + REDIS_RECONNECT_BACKOFF * 20;
+    let mut first = one.request();
+    while first.0 == 503 {
+        assert!(
+            Instant::now() < deadline,
+            "server one did not reconnect to Redis"
+        );
+        std::thread::sleep(REDIS_RECONNECT_BACKOFF / 5);
+        first = one.request();
+    }
+    assert_served(first, 3);
+    let mut second = two.request();
+    while second.0 == 503 {
+        assert!(
+            Instant::now() < deadline,
+            "server two did not reconnect to Redis"
+        );
+        std::thread::sleep(REDIS_RECONNECT_BACKOFF / 5);
+        second = two.request();
+    }
+    assert_served(second, 2);
+    assert_served(one.request(), 1);
+    assert_served(two.request(), 0);
+    assert_status(one.request(), 429, "rate_limit_exceeded");
+}
+
+#[test]
+fn two_servers_fail_open_to_a_quota_each_while_redis_is_down() {
+    let mut redis = Redis::start();
+    let (one, two) = (Server::start(&redis, "open"), Server::start(&redis, "open"));
+    assert_served(one.request(), 3);
+    redis.kill();
+    for server in [&one, &two] {
+        for remaining in (0..4).rev() {
+            assert_served(server.request(), remaining);
+        }
+        assert_status(server.request(), 429, "rate_limit_exceeded");
+        assert_eq!(server.backend_failures(), 5.0);
+    }
+}
