@@ -13,6 +13,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 #[cfg(target_arch = "wasm32")]
 mod component;
+mod kernels;
 
 /// Model name reported by `info`.
 pub const NAME: &str = "all-MiniLM-L6-v2";
@@ -52,6 +53,8 @@ pub struct Linear {
     id: LinearId,
     weight: Tensor,
     bias: Tensor,
+    /// The same weights packed for the guest's own matmul ([`Packed`]), once, at load.
+    packed: kernels::PackedLinear,
 }
 
 impl Linear {
@@ -64,10 +67,19 @@ impl Linear {
     ) -> candle_core::Result<Self> {
         let id = LinearId(*next_id);
         *next_id += 1;
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = vb.get(out_dim, "bias")?;
+        let packed = kernels::PackedLinear::pack(
+            &weight.flatten_all()?.to_vec1()?,
+            &bias.to_vec1()?,
+            out_dim,
+            in_dim,
+        );
         Ok(Self {
             id,
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: vb.get(out_dim, "bias")?,
+            weight,
+            bias,
+            packed,
         })
     }
 
@@ -89,6 +101,26 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
     }
+
+    /// `x · Wᵀ + b` for `x` [tokens, in] with the guest's packed-weight kernel.
+    pub fn forward_packed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.packed_with(x, kernels::PackedLinear::forward)
+    }
+
+    /// `gelu(x · Wᵀ + b)` (the erf form) with the guest's packed-weight kernel.
+    pub fn forward_packed_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.packed_with(x, kernels::PackedLinear::forward_gelu)
+    }
+
+    fn packed_with(
+        &self,
+        x: &Tensor,
+        kernel: fn(&kernels::PackedLinear, &[f32]) -> Vec<f32>,
+    ) -> candle_core::Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let y = kernel(&self.packed, &x.flatten_all()?.to_vec1()?);
+        Tensor::from_vec(y, (tokens, self.packed.out_dim()), &Device::Cpu)
+    }
 }
 
 /// Where the linear layers of [`Embedder::forward`] run. The forward does everything else
@@ -108,15 +140,19 @@ pub trait Linears {
     ) -> Result<Tensor, Self::Error>;
 }
 
-/// The linear layers in candle on the CPU this code runs on: the sandbox's, or natively the
-/// baseline's.
+/// The linear layers on the CPU this code runs on: in the sandbox with the guest's own kernels
+/// ([`Packed`]); natively (the tests' and benchmark's baseline) in candle.
 pub struct InSandbox;
 
 impl Linears for InSandbox {
     type Error = candle_core::Error;
 
     fn linear(&mut self, layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-        layer.forward(x)
+        if cfg!(target_arch = "wasm32") {
+            Packed.linear(layer, x)
+        } else {
+            layer.forward(x)
+        }
     }
 
     fn feed_forward(
@@ -125,7 +161,32 @@ impl Linears for InSandbox {
         output: &Linear,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        output.forward(&intermediate.forward(x)?.gelu_erf()?)
+        if cfg!(target_arch = "wasm32") {
+            Packed.feed_forward(intermediate, output, x)
+        } else {
+            output.forward(&intermediate.forward(x)?.gelu_erf()?)
+        }
+    }
+}
+
+/// The linear layers with the guest's packed-weight kernels ([`kernels`]): what the sandbox
+/// runs, and natively (a portable micro-kernel with the same roundings) what the tests check.
+pub struct Packed;
+
+impl Linears for Packed {
+    type Error = candle_core::Error;
+
+    fn linear(&mut self, layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer.forward_packed(x)
+    }
+
+    fn feed_forward(
+        &mut self,
+        intermediate: &Linear,
+        output: &Linear,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        output.forward_packed(&intermediate.forward_packed_gelu(x)?)
     }
 }
 
@@ -207,7 +268,7 @@ impl Attention {
         let k = split(linears.linear(&self.key, x)?)?;
         let v = split(linears.linear(&self.value, x)?)?;
         let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = softmax_last_dim(&scores)?;
         let context = probs
             .matmul(&v)?
             .transpose(0, 1)?
@@ -318,6 +379,18 @@ impl Embedder {
             hidden = layer.forward(&hidden, linears)?;
         }
         Ok(l2_normalize(&mean_pool(&hidden)?)?.to_vec1::<f32>()?)
+    }
+}
+
+/// Softmax over the last dimension of `x`: the guest's SIMD kernel ([`kernels`]) in the
+/// sandbox, where candle's runs scalar; candle's natively (the baseline).
+fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if cfg!(target_arch = "wasm32") {
+        let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+        kernels::softmax_rows(&mut values, x.dim(D::Minus1)?);
+        Tensor::from_vec(values, x.shape(), x.device())
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
     }
 }
 
