@@ -257,25 +257,44 @@ impl Attention {
 
     /// [tokens, hidden] → [tokens, hidden]. No mask: texts go one at a time, unpadded.
     fn forward<L: Linears>(&self, x: &Tensor, linears: &mut L) -> Result<Tensor, L::Error> {
-        let tokens = x.dim(0)?;
+        let q = linears.linear(&self.query, x)?;
+        let k = linears.linear(&self.key, x)?;
+        let v = linears.linear(&self.value, x)?;
+        let context = self.attend(&q, &k, &v)?;
+        let projected = linears.linear(&self.output, &context)?;
+        Ok(self.norm.forward(&projected.add(x)?)?)
+    }
+
+    /// `softmax(q_h · k_hᵀ / √head_size) · v_h` for every head, [tokens, hidden] in and out: in
+    /// the sandbox with the guest's kernels ([`kernels::attention`]; candle's wasm softmax is
+    /// scalar and its small per-head matmuls re-pack every call), natively in candle.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let tokens = q.dim(0)?;
+        if cfg!(target_arch = "wasm32") {
+            let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let context = kernels::attention(
+                &values(q)?,
+                &values(k)?,
+                &values(v)?,
+                self.heads,
+                self.head_size,
+            );
+            return Tensor::from_vec(context, q.shape(), q.device());
+        }
         // [tokens, hidden] → [heads, tokens, head_size]
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+        let split = |t: &Tensor| -> candle_core::Result<Tensor> {
             t.reshape((tokens, self.heads, self.head_size))?
                 .transpose(0, 1)?
                 .contiguous()
         };
-        let q = split(linears.linear(&self.query, x)?)?;
-        let k = split(linears.linear(&self.key, x)?)?;
-        let v = split(linears.linear(&self.value, x)?)?;
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
-        let probs = softmax_last_dim(&scores)?;
-        let context = probs
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        probs
             .matmul(&v)?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((tokens, self.heads * self.head_size))?;
-        let projected = linears.linear(&self.output, &context)?;
-        Ok(self.norm.forward(&projected.add(x)?)?)
+            .reshape((tokens, self.heads * self.head_size))
     }
 }
 
@@ -379,18 +398,6 @@ impl Embedder {
             hidden = layer.forward(&hidden, linears)?;
         }
         Ok(l2_normalize(&mean_pool(&hidden)?)?.to_vec1::<f32>()?)
-    }
-}
-
-/// Softmax over the last dimension of `x`: the guest's SIMD kernel ([`kernels`]) in the
-/// sandbox, where candle's runs scalar; candle's natively (the baseline).
-fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if cfg!(target_arch = "wasm32") {
-        let mut values = x.flatten_all()?.to_vec1::<f32>()?;
-        kernels::softmax_rows(&mut values, x.dim(D::Minus1)?);
-        Tensor::from_vec(values, x.shape(), x.device())
-    } else {
-        candle_nn::ops::softmax(x, D::Minus1)
     }
 }
 
