@@ -143,7 +143,7 @@ impl<'a> Strided<'a> {
 /// arithmetic), with no per-head copies or transposes of the inputs.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, head_size: usize) -> Vec<f32> {
     let hidden = heads * head_size;
-    assert!(q.len() == k.len() && k.len() == v.len() && q.len() % hidden == 0);
+    assert!(q.len() == k.len() && k.len() == v.len() && q.len().is_multiple_of(hidden));
     let tokens = q.len() / hidden;
     let scale = 1.0 / (head_size as f32).sqrt();
     let mut context = vec![0.0; tokens * hidden];
