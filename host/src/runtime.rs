@@ -270,7 +270,12 @@ pub struct EngineSettings {
 const EPOCHS: bool = true;
 /// WebAssembly SIMD (v128): on (candle's wasm kernels use it).
 const SIMD: bool = true;
-/// Relaxed-SIMD instructions give one result on every CPU.
+/// Relaxed SIMD: on (the MiniLM guest's matmul uses `f32x4.relaxed_madd`, a fused
+/// multiply-add: twice the arithmetic per instruction of mul-then-add).
+const RELAXED_SIMD: bool = true;
+/// Relaxed-SIMD instructions give one result on every CPU (`relaxed_madd` is a real,
+/// single-rounding FMA everywhere, emulated where the CPU has none), instead of whatever the
+/// host's instruction happens to compute.
 const RELAXED_SIMD_DETERMINISTIC: bool = true;
 
 impl EngineSettings {
@@ -306,6 +311,7 @@ impl EngineSettings {
             .consume_fuel(self.meter_fuel)
             .epoch_interruption(EPOCHS)
             .wasm_simd(SIMD)
+            .wasm_relaxed_simd(RELAXED_SIMD)
             .cranelift_nan_canonicalization(self.nan_canonicalization)
             .relaxed_simd_deterministic(RELAXED_SIMD_DETERMINISTIC)
             .wasm_component_model(true);
@@ -319,6 +325,7 @@ impl EngineSettings {
             fuel: self.meter_fuel,
             epochs: EPOCHS,
             simd: SIMD,
+            relaxed_simd: RELAXED_SIMD,
             relaxed_simd_deterministic: RELAXED_SIMD_DETERMINISTIC,
             nan_canonicalization: self.nan_canonicalization,
         }
@@ -337,6 +344,9 @@ pub struct EngineFingerprint {
     pub epochs: bool,
     /// WebAssembly SIMD (v128) enabled.
     pub simd: bool,
+    /// Relaxed SIMD enabled.
+    #[serde(default)]
+    pub relaxed_simd: bool,
     /// Relaxed-SIMD instructions give the same result on every CPU.
     pub relaxed_simd_deterministic: bool,
     /// NaN results canonicalised.
@@ -357,6 +367,7 @@ impl EngineFingerprint {
             ("fuel", self.fuel, runtime.fuel),
             ("epochs", self.epochs, runtime.epochs),
             ("simd", self.simd, runtime.simd),
+            ("relaxed-simd", self.relaxed_simd, runtime.relaxed_simd),
             (
                 "relaxed-simd-deterministic",
                 self.relaxed_simd_deterministic,

@@ -351,6 +351,7 @@ mod tests {
                 fuel: true,
                 epochs: true,
                 simd: true,
+                relaxed_simd: true,
                 relaxed_simd_deterministic: true,
                 nan_canonicalization: true,
             },

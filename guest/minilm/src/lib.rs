@@ -13,6 +13,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 #[cfg(target_arch = "wasm32")]
 mod component;
+mod kernels;
 
 /// Model name reported by `info`.
 pub const NAME: &str = "all-MiniLM-L6-v2";
@@ -52,6 +53,8 @@ pub struct Linear {
     id: LinearId,
     weight: Tensor,
     bias: Tensor,
+    /// The same weights packed for the guest's own matmul ([`Packed`]), once, at load.
+    packed: kernels::PackedLinear,
 }
 
 impl Linear {
@@ -64,10 +67,19 @@ impl Linear {
     ) -> candle_core::Result<Self> {
         let id = LinearId(*next_id);
         *next_id += 1;
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = vb.get(out_dim, "bias")?;
+        let packed = kernels::PackedLinear::pack(
+            &weight.flatten_all()?.to_vec1()?,
+            &bias.to_vec1()?,
+            out_dim,
+            in_dim,
+        );
         Ok(Self {
             id,
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: vb.get(out_dim, "bias")?,
+            weight,
+            bias,
+            packed,
         })
     }
 
@@ -88,6 +100,26 @@ impl Linear {
     /// `x · Wᵀ + b` in candle for `x` [tokens, in], as `candle_nn::Linear` computes it.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+
+    /// `x · Wᵀ + b` for `x` [tokens, in] with the guest's packed-weight kernel.
+    pub fn forward_packed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.packed_with(x, kernels::PackedLinear::forward)
+    }
+
+    /// `gelu(x · Wᵀ + b)` (the erf form) with the guest's packed-weight kernel.
+    pub fn forward_packed_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.packed_with(x, kernels::PackedLinear::forward_gelu)
+    }
+
+    fn packed_with(
+        &self,
+        x: &Tensor,
+        kernel: fn(&kernels::PackedLinear, &[f32]) -> Vec<f32>,
+    ) -> candle_core::Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let y = kernel(&self.packed, &x.flatten_all()?.to_vec1()?);
+        Tensor::from_vec(y, (tokens, self.packed.out_dim()), &Device::Cpu)
     }
 }
 
@@ -143,9 +175,17 @@ impl Norm {
 /// Multi-head scaled dot-product self-attention without a mask: `q`, `k`, `v` are
 /// [tokens, heads × head_size]; per head softmax(q·kᵀ / √head_size)·v; the result is
 /// [tokens, heads × head_size].
+///
+/// In the sandbox this runs on the guest's kernels ([`kernels::attention`]: candle's wasm
+/// softmax is scalar and its small per-head matmuls re-pack every call); natively in candle.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (tokens, hidden) = q.dims2()?;
     let head_size = hidden / heads;
+    if cfg!(target_arch = "wasm32") {
+        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let context = kernels::attention(&values(q)?, &values(k)?, &values(v)?, heads, head_size);
+        return Tensor::from_vec(context, q.shape(), q.device());
+    }
     // [tokens, hidden] → [heads, tokens, head_size]
     let split = |t: &Tensor| -> candle_core::Result<Tensor> {
         t.reshape((tokens, heads, head_size))?
@@ -199,15 +239,19 @@ pub trait Linears {
     }
 }
 
-/// The linear layers in candle on the CPU this code runs on: the sandbox's, or natively the
-/// baseline's.
+/// The linear layers on the CPU this code runs on: in the sandbox with the guest's own kernels
+/// ([`Packed`]); natively (the tests' and benchmark's baseline) in candle.
 pub struct InSandbox;
 
 impl Linears for InSandbox {
     type Error = candle_core::Error;
 
     fn linear(&mut self, layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-        layer.forward(x)
+        if cfg!(target_arch = "wasm32") {
+            Packed.linear(layer, x)
+        } else {
+            layer.forward(x)
+        }
     }
 
     fn feed_forward(
@@ -216,7 +260,32 @@ impl Linears for InSandbox {
         output: &Linear,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        output.forward(&intermediate.forward(x)?.gelu_erf()?)
+        if cfg!(target_arch = "wasm32") {
+            Packed.feed_forward(intermediate, output, x)
+        } else {
+            output.forward(&intermediate.forward(x)?.gelu_erf()?)
+        }
+    }
+}
+
+/// The linear layers with the guest's packed-weight kernels ([`kernels`]): what the sandbox
+/// runs, and natively (a portable micro-kernel with the same roundings) what the tests check.
+pub struct Packed;
+
+impl Linears for Packed {
+    type Error = candle_core::Error;
+
+    fn linear(&mut self, layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer.forward_packed(x)
+    }
+
+    fn feed_forward(
+        &mut self,
+        intermediate: &Linear,
+        output: &Linear,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        output.forward_packed(&intermediate.forward_packed_gelu(x)?)
     }
 }
 

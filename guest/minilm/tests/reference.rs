@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::Tensor;
-use minilm::{Embedder, InSandbox, Linear, LinearId, Linears, DIMENSION};
+use minilm::{Embedder, InSandbox, Linear, LinearId, Linears, Packed, DIMENSION};
 use serde::Deserialize;
 
 /// The accuracy asked of the model against the reference.
@@ -85,6 +85,36 @@ fn embeddings_match_the_reference() {
         }
     }
     println!("minimum cosine vs reference: {} ({})", worst.0, worst.1);
+}
+
+#[test]
+fn packed_kernels_match_the_reference_and_candle() {
+    // The sandbox's kernels (natively their portable micro-kernel, the same packing, blocking,
+    // summation order and FMA rounding) on every reference text.
+    let mut worst = (f64::INFINITY, "");
+    for case in &reference().cases {
+        let packed = embedder().forward(&case.token_ids, &mut Packed).unwrap();
+        let similarity = cosine(&packed, &case.embedding);
+        assert!(
+            similarity >= MIN_COSINE_VS_REFERENCE,
+            "{}: cosine {similarity}",
+            case.name
+        );
+        let candle = embedder().embed(&case.text).unwrap();
+        let between = cosine(&packed, &candle);
+        assert!(
+            between >= MIN_COSINE_BETWEEN_LINEARS,
+            "{}: cosine {between} between the packed kernels and candle",
+            case.name
+        );
+        if similarity < worst.0 {
+            worst = (similarity, &case.name);
+        }
+    }
+    println!(
+        "packed kernels, minimum cosine vs reference: {} ({})",
+        worst.0, worst.1
+    );
 }
 
 /// Linear layers computed another way (an elementwise product summed, and GELU from its erf
