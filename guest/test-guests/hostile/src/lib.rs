@@ -191,6 +191,8 @@ fn nan_report() -> String {
         text.push_str(&format!("{name}={bits:08x}\n"));
     }
     text
+}
+
 fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
