@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -50,42 +50,8 @@ impl Server {
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("serve.toml");
         std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .args(models)
-            .env("WASM_INFER_CACHE_DIR", cache_dir())
-            .env("WASM_INFER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting wasm-infer serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        let _ = tx.send(addr.to_string());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let base = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(base) => base,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "the server did not start:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
+        let support::ServeProcess { child, base, log } =
+            support::spawn_serve(&config_path, models, START_TIMEOUT);
         Self {
             child,
             base,

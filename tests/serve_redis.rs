@@ -465,29 +465,8 @@ requests_burst = {burst}
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env("WASM_INFER_CACHE_DIR", support::cache_dir())
-            .env("WASM_INFER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting wasm-infer serve");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut log = Vec::new();
-        let base = loop {
-            match lines.next() {
-                Some(Ok(line)) => match line.strip_prefix("listening on ") {
-                    Some(base) => break base.to_string(),
-                    None => log.push(line),
-                },
-                _ => panic!("the server did not start:\n{}", log.join("\n")),
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let support::ServeProcess { child, base, .. } =
+            support::spawn_serve(&config, &[], Duration::from_secs(120));
         Server {
             child,
             base,

@@ -374,3 +374,61 @@ pub fn table_bomb_wasm() -> Vec<u8> {
 pub fn div_zero_wasm() -> Vec<u8> {
     wat_model("(drop (i32.div_s (i32.const 1) (local.get 0)))", "")
 }
+
+/// A `wasm-infer serve` process started by a test: its address once it listens, and its log
+/// lines (stderr), collected by a thread for as long as it runs.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`, from its "listening on" line.
+    pub base: String,
+    pub log: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts `wasm-infer serve --config CONFIG MODELS...` (the config should listen on port 0) and
+/// waits up to `timeout` for it to listen; a server that exits or stays silent fails the test
+/// with its log.
+pub fn spawn_serve(
+    config: &Path,
+    models: &[PathBuf],
+    timeout: std::time::Duration,
+) -> ServeProcess {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(models)
+        .env("WASM_INFER_CACHE_DIR", cache_dir())
+        .env("WASM_INFER_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting wasm-infer serve");
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
+    match rx.recv_timeout(timeout) {
+        Ok(base) => ServeProcess { child, base, log },
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server did not start:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        }
+    }
+}
