@@ -477,7 +477,14 @@ impl Context {
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                tracing::info!(status = error.status.as_u16(), code = ?error.code, message = %error.message, "refused");
+                // Quota refusals are counted (`rate_limited_total`), not logged at info: a tenant
+                // flooding past its quota would otherwise write a log line per refusal, as fast
+                // as it can send, spending the host's CPU and disk on its behalf.
+                if error.status == StatusCode::TOO_MANY_REQUESTS {
+                    tracing::debug!(status = 429, code = ?error.code, message = %error.message, "refused");
+                } else {
+                    tracing::info!(status = error.status.as_u16(), code = ?error.code, message = %error.message, "refused");
+                }
                 error.into_response()
             }
         };
