@@ -325,6 +325,23 @@ fn read_only_answers(name: &str) -> String {
 }
 
 #[test]
+fn a_resident_name_over_the_cap_is_refused_and_binds_nothing() {
+    let (runtime, model) = cpu();
+    let limits = Limits::default();
+    let at_cap = "n".repeat(wasm_infer::accel::MAX_RESIDENT_NAME_BYTES);
+    let ok = run(&model, &format!("accel-resident:{at_cap},1"), &limits).unwrap();
+    assert_eq!(text(&ok), format!("bound=1 {}", read_only_answers(&at_cap)));
+    let used = runtime.device_usage().used;
+    let over = "n".repeat(wasm_infer::accel::MAX_RESIDENT_NAME_BYTES + 1);
+    let refused = run(&model, &format!("accel-resident:{over},1"), &limits).unwrap();
+    assert_eq!(
+        text(&refused),
+        "error: AccelError::InvalidArgument(\"a resident weight's name is 257 bytes, over the 256-byte cap\")"
+    );
+    assert_eq!(runtime.device_usage().used, used, "nothing bound");
+}
+
+#[test]
 fn a_resident_weight_is_read_only_private_to_its_model_shared_by_content_and_freed_with_the_last_model(
 ) {
     let (runtime, a) = cpu();

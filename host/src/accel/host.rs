@@ -235,6 +235,13 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
          (name, shape, data): (String, Vec<u32>, WasmList<u8>)|
          -> Answer<Resource<DeviceTensor>> {
             begin(&mut store, 0)?;
+            if name.len() > super::MAX_RESIDENT_NAME_BYTES {
+                return Ok((Err(invalid(format!(
+                    "a resident weight's name is {} bytes, over the {}-byte cap",
+                    name.len(),
+                    super::MAX_RESIDENT_NAME_BYTES
+                ))),));
+            }
             let device = match device(&mut store) {
                 Ok(device) => device,
                 Err(e) => return Ok((Err(e),)),

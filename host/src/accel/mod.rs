@@ -40,7 +40,7 @@ pub(crate) use host::{add_to_linker, AccelState};
 pub use host::{cost, DeviceTensor, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
 pub(crate) use resident::ModelWeights;
 use resident::Resident;
-pub use resident::MAX_RESIDENTS;
+pub use resident::{MAX_RESIDENTS, MAX_RESIDENT_NAME_BYTES};
 
 /// Which device a runtime offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

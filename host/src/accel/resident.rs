@@ -23,6 +23,11 @@ use super::{device_free_memory, Accel};
 /// can grow across runs. Its bytes are bounded by the host-wide device budget.
 pub const MAX_RESIDENTS: usize = 4096;
 
+/// Longest name a guest may give a resident weight, in bytes. The names table lives as long as
+/// the model and no run's limit charges it, so each entry's size is bounded here: at most
+/// [`MAX_RESIDENTS`] x 256 bytes per model.
+pub const MAX_RESIDENT_NAME_BYTES: usize = 256;
+
 /// One weight on the device, shared read-only.
 pub(crate) struct Resident {
     pub(crate) tensor: Tensor,
