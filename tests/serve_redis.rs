@@ -598,3 +598,131 @@ fn two_servers_fail_open_to_a_quota_each_while_redis_is_down() {
         assert_eq!(server.backend_failures(), 5.0);
     }
 }
+
+/// The calls of `command` since the last `CONFIG RESETSTAT`, from `INFO commandstats` (0 when
+/// it was not called).
+fn command_calls(redis: &Redis, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.client())
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[test]
+fn each_request_checks_its_three_quotas_in_one_round_trip_and_refunds_in_one() {
+    const FUEL_CAP: u64 = 1_000_000;
+    const REQUESTS: u64 = 10;
+    let redis = Redis::start();
+    let config = std::env::temp_dir().join(format!(
+        "wasm-infer-serve-redis-trips-{}.toml",
+        std::process::id()
+    ));
+    // Tenant a: three quotas, roomy enough for every request here. Tenant b: a fuel burst of
+    // one cap at 1 fuel/s, so after one run that burns its cap the fuel quota refuses.
+    std::fs::write(
+        &config,
+        format!(
+            r#"listen = "127.0.0.1:0"
+[[models]]
+name = "hostile"
+path = "{model}"
+[rate_limit]
+backend = "redis"
+redis_url = "{url}"
+key_prefix = "trips"
+[[tenants]]
+name = "a"
+key_sha256 = "{hash_a}"
+[tenants.limits]
+fuel = {FUEL_CAP}
+[tenants.rates]
+requests_per_second = 0.01
+requests_burst = 100
+tokens_per_second = 0.01
+tokens_burst = 10000
+fuel_per_second = 1
+fuel_burst = {fuel_burst_a}
+[[tenants]]
+name = "b"
+key_sha256 = "{hash_b}"
+[tenants.limits]
+fuel = {FUEL_CAP}
+[tenants.rates]
+requests_per_second = 0.01
+requests_burst = 4
+fuel_per_second = 1
+fuel_burst = {FUEL_CAP}
+"#,
+            model = support::hostile_wasm().display(),
+            url = redis.url(),
+            hash_a = wasm_infer::serve::hash_key(KEY),
+            hash_b = wasm_infer::serve::hash_key("sk-b"),
+            fuel_burst_a = 100 * FUEL_CAP,
+        ),
+    )
+    .unwrap();
+    let support::ServeProcess {
+        mut child, base, ..
+    } = support::spawn_serve(&config, &[], Duration::from_secs(120));
+    let request = |key: &str, command: &str| {
+        let result = ureq::post(&format!("{base}/v1/infer"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .send_json(serde_json::json!({"model": "hostile", "input": {"text": command}}));
+        match result {
+            Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+            Err(error) => panic!("HTTP transport error: {error}"),
+        }
+    };
+    // The first call loads the script into Redis (EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA):
+    // counting starts after it.
+    assert_eq!(request(KEY, "echo:x").status(), 200);
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut redis.client())
+        .unwrap();
+
+    for _ in 0..REQUESTS {
+        let reply = request(KEY, "echo:x");
+        assert_eq!(reply.status(), 200);
+        let header = reply.header("ratelimit").unwrap().to_string();
+        assert!(
+            header.starts_with("\"requests\";") && header.contains("\"tokens\";"),
+            "{header}"
+        );
+        assert!(header.contains("\"fuel\";"), "{header}");
+    }
+    // Three quotas each: one reservation and one refund of the unburnt fuel per request.
+    assert_eq!(command_calls(&redis, "evalsha"), 2 * REQUESTS);
+    assert_eq!(command_calls(&redis, "eval"), 0);
+    assert_eq!(command_calls(&redis, "script"), 0);
+
+    // Tenant b: one run that burns its whole fuel cap (a trip, nothing to refund), then a
+    // request the fuel quota refuses.
+    assert_eq!(request("sk-b", "spin").status(), 422);
+    let requests_tat = || -> Option<String> {
+        redis::cmd("GET")
+            .arg("trips:rl:b:requests")
+            .query(&mut redis.client())
+            .unwrap()
+    };
+    let before = requests_tat().expect("b's request quota holds one request");
+    let refused = request("sk-b", "echo:x");
+    assert_eq!(refused.status(), 429);
+    assert!(refused.header("retry-after").is_some());
+    let header = refused.header("ratelimit").unwrap().to_string();
+    let body: serde_json::Value = serde_json::from_str(&refused.into_string().unwrap()).unwrap();
+    assert_eq!(body["error"]["type"], "fuel", "{body}");
+    // The request quota is untouched: the same TAT, and 3 of its 4 left as the header says.
+    assert_eq!(requests_tat().unwrap(), before);
+    assert!(header.starts_with("\"requests\";r=3;"), "{header}");
+    // Tenant b's run: one reservation and no refund (its fuel was all burnt); its refusal:
+    // one reservation, nothing to give back.
+    assert_eq!(command_calls(&redis, "evalsha"), 2 * REQUESTS + 2);
+
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&config);
+}

@@ -4,6 +4,11 @@
 //! request reserves its cost (its fuel cap, or 1 for the request count) before running and
 //! refunds what it did not use after.
 //!
+//! A request's quotas (requests, tokens, fuel) are reserved together, all or nothing, in one
+//! step of the store ([`RateStore::reserve_all`]: one lock in process, one script call in Redis),
+//! and refunded together in one step after the run: one round trip each way however many
+//! quotas a tenant has.
+//!
 //! The algorithm is the generic cell rate algorithm: each key keeps one number, its
 //! *theoretical arrival time* (TAT), the instant at which the quota would be full again. A unit
 //! costs `1 / per_second` seconds of it; a reservation of `cost` units is admitted when the TAT
@@ -52,6 +57,29 @@ impl Decision {
     }
 }
 
+/// One quota a request is charged: the key of its bucket, the quota, and the units.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Charge {
+    pub key: String,
+    pub quota: Quota,
+    pub cost: u64,
+}
+
+impl Charge {
+    pub fn new(key: impl Into<String>, quota: Quota, cost: u64) -> Charge {
+        Charge {
+            key: key.into(),
+            quota,
+            cost,
+        }
+    }
+}
+
+/// Whether every decision of an all-or-nothing reservation admitted (and so was reserved).
+pub fn all_allowed(decisions: &[Decision]) -> bool {
+    decisions.iter().all(Decision::is_allowed)
+}
+
 /// The shared store could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -62,10 +90,12 @@ pub enum BackendError {
 /// Where the GCRA state lives (one theoretical arrival time per key).
 #[async_trait::async_trait]
 pub trait RateStore: Send + Sync + 'static {
-    /// Reserve `cost` units of `quota` under `key`, or refuse without reserving.
-    async fn reserve(&self, key: &str, quota: Quota, cost: u64) -> Result<Decision, BackendError>;
-    /// Give back `cost` units reserved earlier (never more than the quota's burst).
-    async fn refund(&self, key: &str, quota: Quota, cost: u64) -> Result<(), BackendError>;
+    /// Reserve every charge (distinct keys) or none, atomically: one decision per charge, in
+    /// order. When any is `Limited` nothing was reserved, and the `Allowed` ones report what
+    /// is left without this request.
+    async fn reserve_all(&self, charges: &[Charge]) -> Result<Vec<Decision>, BackendError>;
+    /// Give back each charge's units, reserved earlier (never more than its quota's burst).
+    async fn refund_all(&self, charges: &[Charge]) -> Result<(), BackendError>;
     /// `memory` or `redis`, for metrics and logs.
     fn name(&self) -> &'static str;
 }
@@ -243,28 +273,62 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    #[cfg(test)]
     fn reserve_now(&self, key: &str, quota: Quota, cost: u64) -> Decision {
+        let mut decisions = self.reserve_all_now(&[Charge::new(key, quota, cost)]);
+        decisions.pop().expect("one decision per charge")
+    }
+
+    /// [`RateStore::reserve_all`] under one lock: every charge decided against the same now,
+    /// stored only when all admit.
+    fn reserve_all_now(&self, charges: &[Charge]) -> Vec<Decision> {
         let now = (self.clock)();
         let mut state = self.lock();
-        let (decision, new_tat) = gcra_reserve(quota, state.tats.get(key).copied(), now, cost);
-        if let Some(new_tat) = new_tat {
-            state.tats.insert(key.to_string(), new_tat);
-        }
+        let decided: Vec<(Decision, Option<f64>)> = charges
+            .iter()
+            .map(|c| gcra_reserve(c.quota, state.tats.get(&c.key).copied(), now, c.cost))
+            .collect();
+        let admitted = decided.iter().all(|(decision, _)| decision.is_allowed());
+        let decisions = decided
+            .into_iter()
+            .zip(charges)
+            .map(|((decision, new_tat), charge)| match new_tat {
+                Some(new_tat) if admitted => {
+                    state.tats.insert(charge.key.clone(), new_tat);
+                    decision
+                }
+                // Admitted alone but not reserved: what is left now, as a reservation of
+                // nothing answers it.
+                Some(_) => {
+                    let tat = state.tats.get(&charge.key).copied();
+                    gcra_reserve(charge.quota, tat, now, 0).0
+                }
+                None => decision,
+            })
+            .collect();
         if state.tats.len() >= state.sweep_at {
             // Idle keys (TAT in the past: the quota is full) carry no information.
             state.tats.retain(|_, tat| *tat > now);
             state.sweep_at = (state.tats.len() * 2).max(SWEEP_MIN_KEYS);
         }
-        decision
+        decisions
     }
 
+    #[cfg(test)]
     fn refund_now(&self, key: &str, quota: Quota, cost: u64) {
+        self.refund_all_now(&[Charge::new(key, quota, cost)]);
+    }
+
+    /// [`RateStore::refund_all`] under one lock.
+    fn refund_all_now(&self, charges: &[Charge]) {
         let now = (self.clock)();
         let mut state = self.lock();
-        match gcra_refund(quota, state.tats.get(key).copied(), now, cost) {
-            Some(tat) => state.tats.insert(key.to_string(), tat),
-            None => state.tats.remove(key),
-        };
+        for Charge { key, quota, cost } in charges {
+            match gcra_refund(*quota, state.tats.get(key).copied(), now, *cost) {
+                Some(tat) => state.tats.insert(key.clone(), tat),
+                None => state.tats.remove(key),
+            };
+        }
     }
 }
 
@@ -276,12 +340,12 @@ impl Default for MemoryStore {
 
 #[async_trait::async_trait]
 impl RateStore for MemoryStore {
-    async fn reserve(&self, key: &str, quota: Quota, cost: u64) -> Result<Decision, BackendError> {
-        Ok(self.reserve_now(key, quota, cost))
+    async fn reserve_all(&self, charges: &[Charge]) -> Result<Vec<Decision>, BackendError> {
+        Ok(self.reserve_all_now(charges))
     }
 
-    async fn refund(&self, key: &str, quota: Quota, cost: u64) -> Result<(), BackendError> {
-        self.refund_now(key, quota, cost);
+    async fn refund_all(&self, charges: &[Charge]) -> Result<(), BackendError> {
+        self.refund_all_now(charges);
         Ok(())
     }
 
@@ -293,59 +357,87 @@ impl RateStore for MemoryStore {
 /// [`gcra_reserve`] and [`gcra_refund`] as one atomic Redis script (the same arithmetic and
 /// slack, so that both backends answer alike).
 const GCRA_LUA: &str = r#"
--- The GCRA of ratelimit.rs (gcra_reserve, gcra_refund) as one atomic step in Redis.
--- KEYS[1]: the bucket, holding its theoretical arrival time (TAT) in microseconds.
--- ARGV: per_second, burst, cost, and "reserve" or "refund".
--- Reserve returns {allowed (1 or 0), remaining, reset_us, retry_after_us (-1: never fits)};
--- refund returns 0.
+-- The GCRA of ratelimit.rs (gcra_reserve, gcra_refund) over all of a request's quotas as one
+-- atomic step in Redis: reserve all or none, or refund all.
+-- KEYS[i]: bucket i, holding its theoretical arrival time (TAT) in microseconds.
+-- ARGV[1]: "reserve" or "refund"; then per_second, burst, cost for each key, in order.
+-- Reserve returns {all allowed (1 or 0)} followed, for each key, by {allowed (1 or 0),
+-- remaining, reset_us, retry_after_us (-1: never fits)}; when not all are allowed nothing is
+-- stored, and an allowed key reports what is left without this request. Refund returns 0.
 -- Time is the server's (TIME), so that every replica agrees; counted from 2023-11-14 rather than
 -- 1970 so that a double keeps sub-microsecond precision (1/64 us in 2026, 1/8 us until 2041)
 -- where microseconds since 1970 would round to a quarter.
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])
-local per_second = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local unit = 1000000 / per_second
-local tolerance = burst * unit
 local slack = 0.001
-local stored = redis.call('GET', KEYS[1])
-if stored then stored = tonumber(stored) end
 
--- The key lives until its quota is full again: idle tenants vanish.
-local function store(tat)
-  redis.call('SET', KEYS[1], string.format('%.17g', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
-end
-local function remaining(ahead)
-  local free = math.floor((tolerance - ahead) / unit + 0.000001)
-  if free < 0 then return 0 end
-  if free > burst then return burst end
-  return free
+-- A key lives until its quota is full again: idle tenants vanish.
+local function store(key, tat)
+  redis.call('SET', key, string.format('%.17g', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
 end
 local function micros(x)
   if x <= slack then return 0 end
   return math.ceil(x - slack)
 end
+local function quota(i)
+  local per_second = tonumber(ARGV[3 * i - 1])
+  return 1000000 / per_second, tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+end
+local function stored(i)
+  local value = redis.call('GET', KEYS[i])
+  if value then return tonumber(value) end
+  return nil
+end
 
-if ARGV[4] == 'refund' then
-  if stored then
-    local refunded = stored - math.min(cost, burst) * unit
-    if refunded > now + slack then store(refunded) else redis.call('DEL', KEYS[1]) end
+if ARGV[1] == 'refund' then
+  for i = 1, #KEYS do
+    local unit, burst, cost = quota(i)
+    local tat = stored(i)
+    if tat then
+      local refunded = tat - math.min(cost, burst) * unit
+      if refunded > now + slack then store(KEYS[i], refunded) else redis.call('DEL', KEYS[i]) end
+    end
   end
   return 0
 end
 
-local tat = now
-if stored and stored > now then tat = stored end
-local new_tat = tat + cost * unit
-local over = new_tat - now - tolerance
-if over > slack then
-  local retry = -1
-  if cost <= burst then retry = micros(over) end
-  return {0, remaining(tat - now), micros(tat - now), retry}
+local out = {1}
+local new_tats = {}
+local without = {}
+for i = 1, #KEYS do
+  local unit, burst, cost = quota(i)
+  local tolerance = burst * unit
+  local function remaining(ahead)
+    local free = math.floor((tolerance - ahead) / unit + 0.000001)
+    if free < 0 then return 0 end
+    if free > burst then return burst end
+    return free
+  end
+  local tat = now
+  local old = stored(i)
+  if old and old > now then tat = old end
+  local new_tat = tat + cost * unit
+  local over = new_tat - now - tolerance
+  local base = 4 * i - 2
+  if over > slack then
+    out[1] = 0
+    local retry = -1
+    if cost <= burst then retry = micros(over) end
+    out[base], out[base + 1], out[base + 2], out[base + 3] = 0, remaining(tat - now), micros(tat - now), retry
+  else
+    new_tats[i] = new_tat
+    without[i] = {remaining(tat - now), micros(tat - now)}
+    out[base], out[base + 1], out[base + 2], out[base + 3] = 1, remaining(new_tat - now), micros(new_tat - now), -1
+  end
 end
-store(new_tat)
-return {1, remaining(new_tat - now), micros(new_tat - now), -1}
+for i, new_tat in pairs(new_tats) do
+  if out[1] == 1 then
+    store(KEYS[i], new_tat)
+  else
+    out[4 * i - 1], out[4 * i] = without[i][1], without[i][2]
+  end
+end
+return out
 "#;
 
 /// A Redis that answers slower than this is treated as down: each rate check costs a request at
@@ -356,8 +448,9 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// long before the next attempt, so that a Redis that is down costs each request nothing.
 pub const REDIS_RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 
-/// The GCRA state in Redis, shared by every replica pointed at it. One round trip per check
-/// (`EVALSHA`, loading the script the first time a server has not seen it).
+/// The GCRA state in Redis, shared by every replica pointed at it. One round trip per request's
+/// check of all its quotas, and one per refund (`EVALSHA`, loading the script the first time a
+/// server has not seen it).
 pub struct RedisStore {
     client: redis::Client,
     script: redis::Script,
@@ -428,21 +521,20 @@ impl RedisStore {
     /// Run the script once; a failure drops the connection so that the next call reconnects.
     async fn invoke<T: redis::FromRedisValue>(
         &self,
-        key: &str,
-        quota: Quota,
-        cost: u64,
+        charges: &[Charge],
         action: &str,
     ) -> Result<T, BackendError> {
         let mut connection = self.connection().await?;
-        let result = self
-            .script
-            .key(key)
-            .arg(quota.per_second)
-            .arg(quota.burst)
-            .arg(cost)
-            .arg(action)
-            .invoke_async(&mut connection)
-            .await;
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(action);
+        for Charge { key, quota, cost } in charges {
+            invocation
+                .key(key)
+                .arg(quota.per_second)
+                .arg(quota.burst)
+                .arg(*cost);
+        }
+        let result = invocation.invoke_async(&mut connection).await;
         if result.is_err() {
             let mut state = self.connection.lock().await;
             state.live = None;
@@ -454,29 +546,46 @@ impl RedisStore {
 
 #[async_trait::async_trait]
 impl RateStore for RedisStore {
-    async fn reserve(&self, key: &str, quota: Quota, cost: u64) -> Result<Decision, BackendError> {
-        let (allowed, remaining, reset, retry_after): (i64, i64, i64, i64) =
-            self.invoke(key, quota, cost, "reserve").await?;
+    async fn reserve_all(&self, charges: &[Charge]) -> Result<Vec<Decision>, BackendError> {
+        if charges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply: Vec<i64> = self.invoke(charges, "reserve").await?;
+        if reply.len() != 1 + 4 * charges.len() {
+            return Err(unreachable(format!(
+                "the rate-limit script answered {} numbers for {} quotas",
+                reply.len(),
+                charges.len()
+            )));
+        }
         let micros = |value: i64| Duration::from_micros(value.max(0) as u64);
-        let remaining = remaining.max(0) as u64;
-        Ok(if allowed == 1 {
-            Decision::Allowed {
-                remaining,
-                reset: micros(reset),
-            }
-        } else {
-            Decision::Limited {
-                retry_after: (retry_after >= 0).then(|| micros(retry_after)),
-                remaining,
-                reset: micros(reset),
-            }
-        })
+        Ok(reply[1..]
+            .chunks_exact(4)
+            .map(|answer| {
+                let (allowed, remaining, reset, retry_after) =
+                    (answer[0], answer[1], answer[2], answer[3]);
+                let remaining = remaining.max(0) as u64;
+                if allowed == 1 {
+                    Decision::Allowed {
+                        remaining,
+                        reset: micros(reset),
+                    }
+                } else {
+                    Decision::Limited {
+                        retry_after: (retry_after >= 0).then(|| micros(retry_after)),
+                        remaining,
+                        reset: micros(reset),
+                    }
+                }
+            })
+            .collect())
     }
 
-    async fn refund(&self, key: &str, quota: Quota, cost: u64) -> Result<(), BackendError> {
-        self.invoke::<i64>(key, quota, cost, "refund")
-            .await
-            .map(drop)
+    async fn refund_all(&self, charges: &[Charge]) -> Result<(), BackendError> {
+        if charges.is_empty() {
+            return Ok(());
+        }
+        self.invoke::<i64>(charges, "refund").await.map(drop)
     }
 
     fn name(&self) -> &'static str {
@@ -567,48 +676,79 @@ impl Limiter {
         }
     }
 
-    /// Reserve `cost` units of `quota` for `key` (`"{tenant}:{limit}"`). With fail-open a
-    /// backend failure is answered by the in-process limiter; with fail-closed it is returned.
+    /// Reserve `cost` units of `quota` for `key` (`"{tenant}:{limit}"`): [`Limiter::reserve_all`]
+    /// of one charge.
     pub async fn reserve(
         &self,
         key: &str,
         quota: Quota,
         cost: u64,
     ) -> Result<Decision, BackendError> {
-        let key = self.full_key(key);
-        match self.inner.store.reserve(&key, quota, cost).await {
-            Ok(decision) => {
+        let mut decisions = self.reserve_all(&[Charge::new(key, quota, cost)]).await?;
+        Ok(decisions.pop().expect("one decision per charge"))
+    }
+
+    /// Reserve every charge (keys `"{tenant}:{limit}"`, distinct) or none, in one step of the
+    /// store: one decision per charge (see [`RateStore::reserve_all`]). With fail-open a
+    /// backend failure is answered by the in-process limiter; with fail-closed it is returned.
+    pub async fn reserve_all(&self, charges: &[Charge]) -> Result<Vec<Decision>, BackendError> {
+        if charges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let charges = self.full_keys(charges);
+        match self.inner.store.reserve_all(&charges).await {
+            Ok(decisions) => {
                 self.record_success();
-                Ok(decision)
+                Ok(decisions)
             }
             Err(error) => {
-                self.record_failure("reserve", &key, &error);
+                self.record_failure("reserve", &charges[0].key, &error);
                 match self.inner.policy {
                     FailPolicy::Closed => Err(error),
-                    FailPolicy::Open => Ok(self.inner.fallback.reserve_now(&key, quota, cost)),
+                    FailPolicy::Open => Ok(self.inner.fallback.reserve_all_now(&charges)),
                 }
             }
         }
     }
 
-    /// Give back `cost` units of an earlier reservation. A failure is logged and counted: the
-    /// units stay spent until the quota refills on its own.
+    /// Give back `cost` units of an earlier reservation: [`Limiter::refund_all`] of one charge.
     pub async fn refund(&self, key: &str, quota: Quota, cost: u64) {
-        let key = self.full_key(key);
-        if cost == 0 {
+        self.refund_all(&[Charge::new(key, quota, cost)]).await
+    }
+
+    /// Give back each charge's units in one step of the store (charges of nothing are left
+    /// out; none left, no call). A failure is logged and counted: the units stay spent until
+    /// the quota refills on its own.
+    pub async fn refund_all(&self, charges: &[Charge]) {
+        let charges: Vec<Charge> = self
+            .full_keys(charges)
+            .into_iter()
+            .filter(|charge| charge.cost > 0)
+            .collect();
+        if charges.is_empty() {
             return;
         }
-        match self.inner.store.refund(&key, quota, cost).await {
+        match self.inner.store.refund_all(&charges).await {
             Ok(()) => self.record_success(),
             Err(error) => {
-                self.record_failure("refund", &key, &error);
+                self.record_failure("refund", &charges[0].key, &error);
                 if self.inner.policy == FailPolicy::Open {
                     // The reservation was likely answered by the fallback too; a refund of a
                     // key the fallback does not hold changes nothing.
-                    self.inner.fallback.refund_now(&key, quota, cost);
+                    self.inner.fallback.refund_all_now(&charges);
                 }
             }
         }
+    }
+
+    fn full_keys(&self, charges: &[Charge]) -> Vec<Charge> {
+        charges
+            .iter()
+            .map(|charge| Charge {
+                key: self.full_key(&charge.key),
+                ..*charge
+            })
+            .collect()
     }
 
     /// Reservations and refunds the backend failed to answer since start.
@@ -820,6 +960,153 @@ mod tests {
         );
     }
 
+    /// A request's three quotas: 1 request (burst 5), 4 tokens (burst 10), 1e9 fuel (burst 2e9).
+    fn request_charges(fuel: u64) -> Vec<Charge> {
+        vec![
+            Charge::new("t:requests", TEN_PER_SECOND_BURST_5, 1),
+            Charge::new(
+                "t:tokens",
+                Quota {
+                    per_second: 10.0,
+                    burst: 10,
+                },
+                4,
+            ),
+            Charge::new(
+                "t:fuel",
+                Quota {
+                    per_second: 1e9,
+                    burst: 2_000_000_000,
+                },
+                fuel,
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_request_reserves_all_its_quotas_at_once() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        let decisions = store.reserve_all_now(&request_charges(1_000_000_000));
+        assert!(all_allowed(&decisions));
+        assert_eq!(
+            decisions,
+            vec![
+                Decision::Allowed {
+                    remaining: 4,
+                    reset: Duration::from_millis(100),
+                },
+                Decision::Allowed {
+                    remaining: 6,
+                    reset: Duration::from_millis(400),
+                },
+                Decision::Allowed {
+                    remaining: 1_000_000_000,
+                    reset: Duration::from_secs(1),
+                },
+            ]
+        );
+        assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn a_refusal_by_one_quota_reserves_nothing_in_the_others() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        // The fuel burst (2e9) holds one request capped at 1.5e9, not two.
+        assert!(all_allowed(
+            &store.reserve_all_now(&request_charges(1_500_000_000))
+        ));
+        let refused = store.reserve_all_now(&request_charges(1_500_000_000));
+        assert!(!all_allowed(&refused));
+        // The quotas that would have admitted say what is left without this request.
+        assert_eq!(
+            refused,
+            vec![
+                Decision::Allowed {
+                    remaining: 4,
+                    reset: Duration::from_millis(100),
+                },
+                Decision::Allowed {
+                    remaining: 6,
+                    reset: Duration::from_millis(400),
+                },
+                Decision::Limited {
+                    retry_after: Some(Duration::from_secs(1)),
+                    remaining: 500_000_000,
+                    reset: Duration::from_millis(1500),
+                },
+            ]
+        );
+        // Nothing was taken from the request or token quotas: 4 more requests and 1 more
+        // 4-token input fit exactly as after the first.
+        for n in 0..4u64 {
+            assert_eq!(
+                store.reserve_now("t:requests", TEN_PER_SECOND_BURST_5, 1),
+                Decision::Allowed {
+                    remaining: 3 - n,
+                    reset: Duration::from_millis(200 + 100 * n),
+                }
+            );
+        }
+        assert!(!store
+            .reserve_now("t:requests", TEN_PER_SECOND_BURST_5, 1)
+            .is_allowed());
+        let tokens = request_charges(0)[1].clone();
+        assert_eq!(
+            store.reserve_now(&tokens.key, tokens.quota, 4),
+            Decision::Allowed {
+                remaining: 2,
+                reset: Duration::from_millis(800),
+            }
+        );
+    }
+
+    #[test]
+    fn a_refusal_by_several_quotas_reports_each_and_reserves_nothing() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        // 5 requests fill the request quota; fuel 2e9 fills the fuel quota.
+        for _ in 0..5 {
+            store.reserve_now("t:requests", TEN_PER_SECOND_BURST_5, 1);
+        }
+        let fuel = request_charges(0)[2].clone();
+        assert!(store
+            .reserve_now(&fuel.key, fuel.quota, 2_000_000_000)
+            .is_allowed());
+        let refused = store.reserve_all_now(&request_charges(2_000_000_000));
+        assert_eq!(
+            refused[0],
+            Decision::Limited {
+                retry_after: Some(Duration::from_millis(100)),
+                remaining: 0,
+                reset: Duration::from_millis(500),
+            }
+        );
+        assert_eq!(
+            refused[2],
+            Decision::Limited {
+                retry_after: Some(Duration::from_secs(2)),
+                remaining: 0,
+                reset: Duration::from_secs(2),
+            }
+        );
+        // The token quota, which admitted alone, holds no key: nothing was reserved there.
+        assert!(refused[1].is_allowed());
+        assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn one_refund_gives_back_every_charge() {
+        let (clock, _) = manual_clock();
+        let store = MemoryStore::with_clock(clock);
+        let charges = request_charges(2_000_000_000);
+        assert!(all_allowed(&store.reserve_all_now(&charges)));
+        store.refund_all_now(&charges);
+        // Every quota is full again: its key is gone.
+        assert!(store.is_empty());
+    }
+
     #[test]
     fn idle_keys_are_swept() {
         let (clock, now) = manual_clock();
@@ -837,10 +1124,10 @@ mod tests {
 
     #[async_trait::async_trait]
     impl RateStore for Down {
-        async fn reserve(&self, _: &str, _: Quota, _: u64) -> Result<Decision, BackendError> {
+        async fn reserve_all(&self, _: &[Charge]) -> Result<Vec<Decision>, BackendError> {
             Err(BackendError::Unreachable("down".into()))
         }
-        async fn refund(&self, _: &str, _: Quota, _: u64) -> Result<(), BackendError> {
+        async fn refund_all(&self, _: &[Charge]) -> Result<(), BackendError> {
             Err(BackendError::Unreachable("down".into()))
         }
         fn name(&self) -> &'static str {

@@ -25,7 +25,7 @@ use tower_http::trace::TraceLayer;
 use super::admission::Refused;
 use super::config::{Tenant, TenantRates};
 use super::metrics::{ModelLabels, RateLabels, RequestLabels, RunLabels, TripLabels};
-use super::ratelimit::{Decision, Quota};
+use super::ratelimit::{Charge, Decision, Quota};
 use super::status::{retry_after_seconds, usage_json, ApiError};
 use super::{Served, State};
 use crate::data::{DataKind, Input};
@@ -533,7 +533,8 @@ impl Done {
 
 /// The reservations a request holds, to refund what it did not use.
 struct Reserved {
-    fuel: Option<(Quota, u64)>,
+    /// The fuel charge (its key, quota and the cap reserved).
+    fuel: Option<Charge>,
 }
 
 /// One run, start to end: input check, rate limits, queue, run (and fallback), refund, metrics.
@@ -561,18 +562,19 @@ async fn execute(
         }
         (other, _) => other.map(|outcome| (outcome, served.name.clone(), None)),
     };
-    // Refund the fuel the run did not burn (a failed run burnt what its usage says).
-    if let Some((quota, reserved_fuel)) = reserved.fuel {
+    // Refund what the run did not use, in one step of the limiter: the fuel it did not burn (a
+    // failed run burnt what its usage says). Requests and tokens are spent once admitted.
+    if let Some(fuel) = reserved.fuel {
         let consumed = match &result {
             Ok((outcome, _, _)) => outcome.usage.fuel_consumed,
             Err(Failure::Run(failure)) => failure.usage.fuel_consumed,
             Err(Failure::Refused(_)) => 0,
         };
-        let unused = reserved_fuel.saturating_sub(consumed);
-        state
-            .limiter
-            .refund(&format!("{}:fuel", tenant.name), quota, unused)
-            .await;
+        let unused = Charge {
+            cost: fuel.cost.saturating_sub(consumed),
+            ..fuel
+        };
+        state.limiter.refund_all(&[unused]).await;
     }
     match result {
         Ok((outcome, answered_by, fallback)) => Ok(Done {
@@ -751,9 +753,10 @@ fn truncate(input: Input, bytes: usize) -> Input {
     }
 }
 
-/// Reserves the tenant's request, token and fuel quotas (in that order, giving back the
-/// earlier ones if a later one refuses). 429 when one does not fit, 503 when the backend
-/// cannot answer (fail-closed).
+/// Reserves the tenant's request, token and fuel quotas, all or none, in one step of the
+/// limiter (one round trip to Redis). 429 when one does not fit, naming the quota that limits
+/// (the longest wait; a cost above its burst is the longest of all), with its Retry-After; 503
+/// when the backend cannot answer (fail-closed).
 async fn reserve(
     state: &Shared,
     tenant: &Tenant,
@@ -774,89 +777,82 @@ async fn reserve(
     .into_iter()
     .flatten()
     .collect();
-    let mut taken: Vec<(&'static str, Quota, u64)> = Vec::new();
+    let charges: Vec<Charge> = wanted
+        .iter()
+        .map(|(name, quota, cost)| Charge::new(format!("{}:{name}", tenant.name), *quota, *cost))
+        .collect();
+    let decisions = state.limiter.reserve_all(&charges).await.map_err(|error| {
+        ApiError::unavailable(
+            format!("Rate limits cannot be checked now: {error}"),
+            "rate_limit_unavailable",
+            BACKEND_RETRY_AFTER,
+        )
+    })?;
     let mut policies = Vec::new();
     let mut remaining = Vec::new();
-    let mut refusal = None;
-    for (name, quota, cost) in wanted {
-        let key = format!("{}:{name}", tenant.name);
-        let decision = match state.limiter.reserve(&key, quota, cost).await {
-            Ok(decision) => decision,
-            Err(error) => {
-                refusal = Some(ApiError::unavailable(
-                    format!("Rate limits cannot be checked now: {error}"),
-                    "rate_limit_unavailable",
-                    BACKEND_RETRY_AFTER,
-                ));
-                break;
-            }
-        };
+    // The refusing quota with the longest wait (`None`, never fits, is longest).
+    let mut limiting: Option<(usize, Option<Duration>, u64)> = None;
+    for (i, ((name, quota, _), decision)) in wanted.iter().zip(&decisions).enumerate() {
         let window = (quota.burst as f64 / quota.per_second).ceil() as u64;
         policies.push(format!("\"{name}\";q={};w={window}", quota.burst));
-        match decision {
-            Decision::Allowed {
-                remaining: r,
-                reset,
-            } => {
-                remaining.push(format!(
-                    "\"{name}\";r={r};t={}",
-                    reset.as_secs_f64().ceil() as u64
-                ));
-                taken.push((name, quota, cost));
-            }
+        let (r, reset) = match decision {
+            Decision::Allowed { remaining, reset } => (*remaining, *reset),
             Decision::Limited {
                 retry_after,
-                remaining: r,
+                remaining,
                 reset,
             } => {
-                remaining.push(format!(
-                    "\"{name}\";r={r};t={}",
-                    reset.as_secs_f64().ceil() as u64
-                ));
-                state
-                    .metrics
-                    .rate_limited
-                    .get_or_create(&RateLabels {
-                        tenant: ctx.tenant.clone(),
-                        limit: name.into(),
-                    })
-                    .inc();
-                let message = match retry_after {
-                    Some(after) => format!(
-                        "Rate limit reached for {name}: this request needs {cost}, {r} left; \
-                         retry after {} s.",
-                        retry_after_seconds(after)
-                    ),
-                    None => format!(
-                        "Rate limit for {name}: this request needs {cost}, more than the burst \
-                         of {} ever admits.",
-                        quota.burst
-                    ),
+                let longer = match limiting {
+                    None => true,
+                    Some((_, None, _)) => false,
+                    Some((_, Some(longest), _)) => retry_after.is_none_or(|after| after > longest),
                 };
-                let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, name, message)
-                    .code("rate_limit_exceeded");
-                if let Some(after) = retry_after {
-                    e = e.retry_after(after);
+                if longer {
+                    limiting = Some((i, *retry_after, *remaining));
                 }
-                refusal = Some(e);
-                break;
+                (*remaining, *reset)
             }
-        }
+        };
+        remaining.push(format!(
+            "\"{name}\";r={r};t={}",
+            reset.as_secs_f64().ceil() as u64
+        ));
     }
-    if let Some(mut e) = refusal {
-        for (name, quota, cost) in taken {
-            state
-                .limiter
-                .refund(&format!("{}:{name}", tenant.name), quota, cost)
-                .await;
+    if let Some((i, retry_after, r)) = limiting {
+        let (name, quota, cost) = wanted[i];
+        state
+            .metrics
+            .rate_limited
+            .get_or_create(&RateLabels {
+                tenant: ctx.tenant.clone(),
+                limit: name.into(),
+            })
+            .inc();
+        let message = match retry_after {
+            Some(after) => format!(
+                "Rate limit reached for {name}: this request needs {cost}, {r} left; \
+                 retry after {} s.",
+                retry_after_seconds(after)
+            ),
+            None => format!(
+                "Rate limit for {name}: this request needs {cost}, more than the burst \
+                 of {} ever admits.",
+                quota.burst
+            ),
+        };
+        let mut e =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, name, message).code("rate_limit_exceeded");
+        if let Some(after) = retry_after {
+            e = e.retry_after(after);
         }
         e.headers.extend(rate_headers(&policies, &remaining));
         return Err(e);
     }
-    let fuel = taken
-        .iter()
-        .find(|(name, _, _)| *name == "fuel")
-        .map(|(_, quota, cost)| (*quota, *cost));
+    let fuel = charges
+        .into_iter()
+        .zip(&wanted)
+        .find(|(_, (name, _, _))| *name == "fuel")
+        .map(|(charge, _)| charge);
     Ok((Reserved { fuel }, rate_headers(&policies, &remaining)))
 }
 
