@@ -633,6 +633,38 @@ fn metrics_after_a_scripted_mix_equal_what_was_sent() {
 }
 
 #[test]
+fn pool_slots_free_is_read_from_the_runtime_while_runs_hold_slots() {
+    // Four pooled slots; two sleepers hold one each until their 3 s wall time trips.
+    const SLOTS: f64 = 4.0;
+    const HELD: usize = 2;
+    let config = format!(
+        "pool_slots = 4\n[limits]\nwall_time = \"3s\"\n[[models]]\nname = \"hostile\"\n\
+         path = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Arc::new(Server::start(&config, &[]));
+    let free = |server: &Server| server.metric("wasm_infer_pool_slots_free", &[]);
+    assert_eq!(free(&server), SLOTS);
+    let sleepers: Vec<_> = (0..HELD)
+        .map(|_| {
+            let server = server.clone();
+            std::thread::spawn(move || server.infer(None, "hostile", "sleep").status)
+        })
+        .collect();
+    // A run takes its slot when its store is made, just after it counts as in flight.
+    wait_for(|| free(&server) <= SLOTS - HELD as f64);
+    assert_eq!(free(&server), SLOTS - HELD as f64);
+    for sleeper in sleepers {
+        assert_eq!(
+            sleeper.join().unwrap(),
+            422,
+            "the sleeper hits its wall time"
+        );
+    }
+    wait_for(|| free(&server) == SLOTS);
+}
+
+#[test]
 fn a_fuel_trip_is_retried_once_with_the_fallback_and_the_answer_says_so() {
     // work:N burns fuel in proportion to N: cut to 8 bytes, "work:200000000" is "work:200".
     let config = format!(

@@ -197,6 +197,15 @@ impl Runtime {
         self.inner.accel.describe()
     }
 
+    /// Pooled slots free now (`None` when the runtime is not pooled): the permits of the
+    /// semaphore every pooled run holds for as long as its store lives.
+    pub fn slots_free(&self) -> Option<usize> {
+        self.inner
+            .slots
+            .as_ref()
+            .map(|slots| slots.available_permits())
+    }
+
     /// Waits for a free pooled slot (immediately `None` without a pool). Hold the permit for as
     /// long as the store lives.
     pub(crate) async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {

@@ -57,10 +57,13 @@ impl State {
     fn refresh_gauges(&self) {
         let device = self.runtime.device_usage();
         self.metrics.device_memory_used.set(device.used as i64);
-        let running: usize = self.models.values().map(|m| m.queue.running()).sum();
-        self.metrics
-            .pool_slots_free
-            .set(self.config.pool_slots as i64 - running as i64);
+        // The runtime's own count (the serve runtime is always pooled): a run holds its slot
+        // from store to drop, which the queues' counts do not see.
+        let free = self
+            .runtime
+            .slots_free()
+            .unwrap_or(self.config.pool_slots as usize);
+        self.metrics.pool_slots_free.set(free as i64);
     }
 }
 
