@@ -664,6 +664,103 @@ fn pool_slots_free_is_read_from_the_runtime_while_runs_hold_slots() {
     wait_for(|| free(&server) == SLOTS);
 }
 
+/// Sends `GET path` on a kept-alive connection and reads one answer (head and a
+/// Content-Length body); `Err` when none comes (the stream's read timeout).
+fn get_on(stream: &mut std::net::TcpStream, path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        answer.push(byte[0]);
+    }
+    let head = String::from_utf8(answer).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body)?;
+    Ok(head + &String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn past_max_connections_a_connection_waits_until_one_closes() {
+    let config = format!(
+        "max_connections = 2\nmetrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\n\
+         path = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let addr = server.base.strip_prefix("http://").unwrap().to_string();
+    let metrics_url = server
+        .log()
+        .lines()
+        .find_map(|line| line.strip_prefix("metrics on ").map(str::to_string))
+        .expect("the metrics address is printed");
+    let open = || {
+        metric_value(
+            &Reply::from(ureq::get(&metrics_url).call()).text,
+            "wasm_infer_connections_open",
+            &[],
+        )
+    };
+    let connect = || {
+        let stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    // Two idle keep-alive connections, each answered once, then held open.
+    let mut first = connect();
+    let mut second = connect();
+    for stream in [&mut first, &mut second] {
+        assert!(get_on(stream, "/healthz")
+            .unwrap()
+            .starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(open(), 2.0);
+    // A third connects (the kernel's backlog) but is not served while both are open.
+    let mut third = connect();
+    third
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let waiting = get_on(&mut third, "/healthz").unwrap_err();
+    assert!(
+        matches!(
+            waiting.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{waiting}"
+    );
+    assert_eq!(open(), 2.0);
+    // Closing one admits it: its request, already sent, is answered.
+    drop(first);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        use std::io::Read;
+        assert_eq!(third.read(&mut byte).unwrap(), 1, "answered once admitted");
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(open(), 2.0);
+    drop(second);
+    drop(third);
+    wait_for(|| open() == 0.0);
+}
+
 #[test]
 fn a_fuel_trip_is_retried_once_with_the_fallback_and_the_answer_says_so() {
     // work:N burns fuel in proportion to N: cut to 8 bytes, "work:200000000" is "work:200".

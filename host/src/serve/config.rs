@@ -24,6 +24,9 @@ pub const DEFAULT_MAX_BODY: u64 = 2 << 20;
 /// Default queue length per model: requests that wait for a free run slot before the queue is
 /// full and new ones get 503.
 pub const DEFAULT_QUEUE: u32 = 64;
+/// Default connection limit on the API address: far above what the pool serves at once (the
+/// queues absorb the difference), far below a process's usual 64 Ki file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// Default pool slots: concurrent sandboxes (and so the default concurrency cap per model).
 pub const DEFAULT_POOL_SLOTS: u32 = 16;
 
@@ -38,6 +41,10 @@ pub struct ServeConfig {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[serde(with = "crate::units::serde::duration")]
     pub drain_deadline: Duration,
+    /// Connections open at once on `listen`; past it, new ones wait in the kernel's accept
+    /// backlog until one closes (see [`crate::serve::connections`]). The metrics address is
+    /// not counted.
+    pub max_connections: u32,
     /// Largest request body, checked before parsing (413 past it).
     #[serde(with = "crate::units::serde::size")]
     pub max_body: u64,
@@ -63,6 +70,7 @@ impl Default for ServeConfig {
             listen: DEFAULT_LISTEN.parse().expect("a valid address"),
             metrics_listen: None,
             drain_deadline: DEFAULT_DRAIN_DEADLINE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_body: DEFAULT_MAX_BODY,
             queue_wait: None,
             pool_slots: DEFAULT_POOL_SLOTS,

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub in_flight: Family<ModelLabels, Gauge>,
     pub queue_depth: Family<ModelLabels, Gauge>,
     pub pool_slots_free: Gauge,
+    /// Connections open on the API address (see `max_connections`).
+    pub connections_open: Gauge,
     pub device_memory_used: Gauge,
     pub rate_limit_backend_failures: Counter,
     pub drain_cancelled: Counter,
@@ -131,6 +133,12 @@ impl Metrics {
             "Pooled sandbox slots not in use",
             pool_slots_free.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Connections open on the API address",
+            connections_open.clone(),
+        );
         let device_memory_used = Gauge::default();
         registry.register(
             "device_memory_used_bytes",
@@ -168,6 +176,7 @@ impl Metrics {
             in_flight,
             queue_depth,
             pool_slots_free,
+            connections_open,
             device_memory_used,
             rate_limit_backend_failures,
             drain_cancelled,

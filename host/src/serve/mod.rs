@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod metrics;
 pub mod ratelimit;
 pub mod routes;
@@ -89,6 +90,11 @@ pub async fn prepare(
     runtime_config: RuntimeConfig,
     load: &LoadOptions,
 ) -> Result<Arc<State>, ServeError> {
+    if config.max_connections == 0 {
+        return Err(ServeError::Config(
+            "max_connections must be at least 1".into(),
+        ));
+    }
     let runtime = Runtime::with_config(RuntimeConfig {
         pool: Some(config.pool_slots),
         ..runtime_config
@@ -187,6 +193,11 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
     let app = routes::router(state.clone());
     let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
     let local = listener.local_addr()?;
+    let listener = connections::Limited::new(
+        listener,
+        state.config.max_connections,
+        state.metrics.connections_open.clone(),
+    );
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(async move { axum::serve(listener, app).await });
     if let Some(metrics_addr) = state.config.metrics_listen {
