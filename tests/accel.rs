@@ -62,6 +62,46 @@ fn info_reports_the_device_and_this_runs_budget() {
 }
 
 #[test]
+fn a_run_with_the_device_hidden_sees_none_and_every_device_call_is_unsupported() {
+    let (_runtime, model) = cpu();
+    let offered = Limits::default().device_memory(3 << 20);
+    let hidden = offered.clone().hide_device();
+    assert_eq!(
+        text(&run(&model, "accel-info", &hidden).unwrap()),
+        "kind=DeviceKind::None budget=0 used=0"
+    );
+    for command in ["accel-rank:1", "accel-linear:2,2,2"] {
+        let outcome = run(&model, command, &hidden).unwrap();
+        assert!(text(&outcome).contains("Unsupported"), "{}", text(&outcome));
+        assert_eq!(outcome.usage.accel_refusals, 0);
+    }
+    // A guest with an in-sandbox path takes it: 1,000 halves summed in the sandbox.
+    assert_eq!(
+        text(&run(&model, "accel-or-sandbox:1000", &hidden).unwrap()),
+        "sandbox 500"
+    );
+    // For that run only: the next one is offered the device again.
+    assert_eq!(
+        text(&run(&model, "accel-info", &offered).unwrap()),
+        "kind=DeviceKind::Cpu budget=3145728 used=0"
+    );
+    assert_eq!(
+        text(&run(&model, "accel-or-sandbox:1000", &offered).unwrap()),
+        "device 1000"
+    );
+    // Offered a device too small, the guest does not fall back by itself: a device-memory trip.
+    let failure = run(&model, "accel-or-sandbox:1000000", &offered).unwrap_err();
+    assert_eq!(
+        failure.error.limit(),
+        Some(&LimitExceeded::DeviceMemory {
+            requested: 4_000_000,
+            used: 0,
+            budget: 3 << 20
+        })
+    );
+}
+
+#[test]
 fn an_allocation_loop_is_refused_exactly_at_the_run_budget() {
     let (runtime, model) = cpu();
     let outcome = run(

@@ -46,7 +46,7 @@ pub use data::{DataKind, Input, ModelInfo, Output};
 pub use error::{
     ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, Result, RunError,
 };
-pub use limits::Limits;
+pub use limits::{DeviceAccess, Limits};
 pub use model::{
     CodeSource, LoadOptions, LoadPhase, LoadReport, Model, Outcome, Preinit, PreinitSource,
     Progress,

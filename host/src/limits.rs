@@ -105,6 +105,22 @@ pub struct Limits {
     /// [`DEFAULT_DEVICE_MEMORY_BYTES`].
     #[serde(with = "crate::units::serde::size")]
     pub device_memory: u64,
+    /// Whether the run sees the runtime's accelerator ([`DeviceAccess::Offered`], the default)
+    /// or not ([`DeviceAccess::Hidden`]: `accel::info` answers kind `none` with no budget, and
+    /// every device call `unsupported`, for this run only). Not a ceiling but a per-run switch,
+    /// so not part of the serialised form (a config cannot set it).
+    #[serde(skip)]
+    pub device: DeviceAccess,
+}
+
+/// Whether a run is offered the runtime's accelerator (see [`Limits::device`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DeviceAccess {
+    /// The run sees the runtime's device (which may itself be none).
+    #[default]
+    Offered,
+    /// The run sees no device: a guest with an in-sandbox path takes it.
+    Hidden,
 }
 
 impl Default for Limits {
@@ -117,11 +133,18 @@ impl Default for Limits {
             max_batch: DEFAULT_MAX_BATCH,
             max_output: DEFAULT_MAX_OUTPUT_BYTES,
             device_memory: DEFAULT_DEVICE_MEMORY_BYTES,
+            device: DeviceAccess::Offered,
         }
     }
 }
 
 impl Limits {
+    /// Hides the accelerator from the run (see [`Limits::device`]).
+    pub fn hide_device(mut self) -> Self {
+        self.device = DeviceAccess::Hidden;
+        self
+    }
+
     /// Sets the fuel cap.
     pub fn fuel(mut self, fuel: u64) -> Self {
         self.fuel = Some(fuel);

@@ -124,7 +124,12 @@ impl RunState {
         Self {
             wasi: wasi::no_authority(&stdout, &stderr),
             table,
-            device: RunDevice::new(accel, limits.device_memory, attribution.clone()),
+            device: RunDevice::new(
+                accel,
+                limits.device_memory,
+                limits.device == crate::limits::DeviceAccess::Hidden,
+                attribution.clone(),
+            ),
             limiter: MemoryLimiter::new(limits.memory, attribution.clone()),
             attribution,
             stdout,

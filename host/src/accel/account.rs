@@ -17,6 +17,8 @@ use super::{device_free_memory, Accel, ModelWeights};
 pub(crate) struct RunDevice {
     pub(super) accel: Arc<Accel>,
     pub(super) budget: u64,
+    /// The accelerator is hidden from this run ([`crate::DeviceAccess::Hidden`]).
+    pub(super) hidden: bool,
     pub(crate) used: u64,
     /// Bytes this run holds in the host-wide pool (returned when the run ends).
     pooled: u64,
@@ -32,10 +34,16 @@ pub(crate) struct RunDevice {
 }
 
 impl RunDevice {
-    pub(crate) fn new(accel: Arc<Accel>, budget: u64, attribution: Attribution) -> Self {
+    pub(crate) fn new(
+        accel: Arc<Accel>,
+        budget: u64,
+        hidden: bool,
+        attribution: Attribution,
+    ) -> Self {
         Self {
             accel,
             budget,
+            hidden,
             used: 0,
             pooled: 0,
             weights: Arc::default(),

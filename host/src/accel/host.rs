@@ -10,7 +10,7 @@ use std::sync::Arc;
 use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType, WasmList};
 use wasmtime::{StoreContextMut, Trap};
 
-use crate::bindings::wasm_infer::model::accel::{AccelError, DeviceInfo};
+use crate::bindings::wasm_infer::model::accel::{AccelError, DeviceInfo, DeviceKind};
 pub use crate::bindings::DeviceTensor;
 
 use super::resident::BindError;
@@ -78,15 +78,15 @@ fn charge<T>(store: &mut Store<'_, T>, cost: u64) -> wasmtime::Result<()> {
 }
 
 fn device<T: AccelState>(store: &mut Store<'_, T>) -> Result<Device, AccelError> {
-    store
-        .data_mut()
-        .device()
-        .accel
-        .device
-        .clone()
-        .ok_or_else(|| {
-            AccelError::Unsupported("the host offers no accelerator (--accel off)".into())
-        })
+    let run = store.data_mut().device();
+    if run.hidden {
+        return Err(AccelError::Unsupported(
+            "the accelerator is hidden from this run".into(),
+        ));
+    }
+    run.accel.device.clone().ok_or_else(|| {
+        AccelError::Unsupported("the host offers no accelerator (--accel off)".into())
+    })
 }
 
 fn invalid(message: impl Into<String>) -> AccelError {
@@ -189,6 +189,14 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
 
     accel.func_wrap("info", |mut store: Store<'_, T>, (): ()| {
         let run = store.data_mut().device();
+        if run.hidden {
+            return Ok((DeviceInfo {
+                kind: DeviceKind::None,
+                name: "none".into(),
+                budget: 0,
+                used: 0,
+            },));
+        }
         Ok((DeviceInfo {
             kind: run.accel.kind,
             name: run.accel.name.clone(),

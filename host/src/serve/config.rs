@@ -274,6 +274,7 @@ pub fn capped_limits(
         max_batch: asked.max_batch.min(server.max_batch),
         max_output: asked.max_output.min(server.max_output),
         device_memory: asked.device_memory.min(server.device_memory),
+        device: server.device,
     })
 }
 

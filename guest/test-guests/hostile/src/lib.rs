@@ -39,6 +39,7 @@
 //! | `accel-forged`   | calls a method on a handle it never got                      |
 //! | `accel-dropped`  | calls a method on a handle it already dropped                |
 //! | `nans`           | makes NaNs (0/0, sqrt(-1), inf-inf, f32x4 ops on NaN payloads) and returns their raw bits |
+//! | `accel-or-sandbox:N` | with a device: uploads N floats and panics if refused; with none (`--accel off`, or hidden from the run): sums N halves in the sandbox; reports which |
 //! | `accel-resident:NAME,SEED` | binds a 4x4 resident weight NAME to `ramp(SEED)`, reports the data it got, then tries to download it and to rebind NAME to another shape |
 
 wit_bindgen::generate!({
@@ -409,6 +410,18 @@ impl Guest for Hostile {
                 let result = Self::infer(Input::Text(arg.to_string()));
                 drop(held);
                 result
+            }
+            "accel-or-sandbox" => {
+                let n = number(arg) as usize;
+                if matches!(accel::info().kind, accel::DeviceKind::None) {
+                    let sum: f32 = black_box(vec![0.5f32; n]).iter().sum();
+                    Ok(Output::Text(format!("sandbox {sum}")))
+                } else {
+                    let t = accel::upload(&[n as u32], &vec![0.5f32; n])
+                        .expect("no in-sandbox path once a device is offered: the device refused");
+                    drop(t);
+                    Ok(Output::Text(format!("device {n}")))
+                }
             }
             "accel-rank" => {
                 let shape = vec![1u32; number(arg) as usize];

@@ -55,6 +55,7 @@ impl LimitArgs {
             max_batch: self.max_batch,
             max_output: self.max_output,
             device_memory: self.vram,
+            ..Limits::default()
         }
     }
 }
