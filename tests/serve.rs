@@ -790,6 +790,48 @@ fn a_fuel_trip_is_retried_once_with_the_fallback_and_the_answer_says_so() {
     );
 }
 
+#[test]
+fn a_device_memory_trip_is_retried_in_the_sandbox_when_configured_and_is_a_422_when_not() {
+    // 1,000,000 floats are 4 MB on the device, over the 1 MiB device budget.
+    const COMMAND: &str = "accel-or-sandbox:1000000";
+    let config = |fallback: &str| {
+        format!(
+            "[limits]\ndevice_memory = \"1MiB\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n\
+             {fallback}",
+            hostile_wasm().display(),
+        )
+    };
+    let server = Server::start(&config("[models.fallback]\nin_sandbox = true\n"), &[]);
+    let reply = server.infer(None, "hostile", COMMAND);
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.header("x-wasm-infer-answered-by"), Some("hostile"));
+    assert_eq!(reply.header("x-wasm-infer-fallback"), Some("in-sandbox"));
+    let body = reply.json();
+    assert_eq!(body["fallback"], "in-sandbox");
+    assert_eq!(body["output"]["text"], "sandbox 500000");
+    assert_eq!(
+        server.metric("wasm_infer_limit_trips_total", &[("kind", "device_memory")]),
+        1.0
+    );
+    assert_eq!(
+        server.metric("wasm_infer_fallbacks_total", &[("model", "hostile")]),
+        1.0
+    );
+    // A run that fits on the device is answered there, with no fallback.
+    let direct = server.infer(None, "hostile", "accel-or-sandbox:1000");
+    assert_eq!(direct.header("x-wasm-infer-fallback"), None);
+    let direct = direct.json();
+    assert_eq!(direct["output"]["text"], "device 1000");
+    assert_eq!(direct["fallback"], Value::Null);
+    drop(server);
+
+    // Without the fallback the same request is the documented device-memory 422.
+    let server = Server::start(&config(""), &[]);
+    let refused = server.infer(None, "hostile", COMMAND);
+    let error = refused.assert_error(422, "device_memory");
+    assert_eq!(error["type"], "limit_exceeded", "{error}");
+}
+
 /// The client script: two embeddings calls, the second one refused with 429 + Retry-After
 /// and retried by the client itself. Prints the vectors as JSON.
 const OPENAI_SCRIPT: &str = r#"

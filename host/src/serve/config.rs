@@ -113,6 +113,31 @@ pub struct FallbackConfig {
     /// The same model with each text cut to this many bytes (at a character boundary).
     #[serde(default, with = "opt_size")]
     pub truncate: Option<u64>,
+    /// The same model and input with the accelerator hidden from the run, so a guest with an
+    /// in-sandbox path takes it ([`crate::DeviceAccess::Hidden`]).
+    #[serde(default)]
+    pub in_sandbox: bool,
+}
+
+impl FallbackConfig {
+    /// Exactly one of `model`, `truncate` and `in_sandbox = true` must be set.
+    pub fn check(&self) -> Result<(), String> {
+        let set = [
+            self.model.is_some(),
+            self.truncate.is_some(),
+            self.in_sandbox,
+        ]
+        .into_iter()
+        .filter(|set| *set)
+        .count();
+        if set == 1 {
+            Ok(())
+        } else {
+            Err(format!(
+                "a fallback sets exactly one of model, truncate, in_sandbox = true ({set} set)"
+            ))
+        }
+    }
 }
 
 /// One tenant: who it is, how it proves it, what it may spend.
@@ -382,5 +407,32 @@ mod tests {
         assert_eq!(tenants[0].key_sha256, None);
         assert_eq!(tenants[0].limits, Limits::default());
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn a_fallback_sets_exactly_one_of_model_truncate_and_in_sandbox() {
+        let fallback = |table: &str| {
+            let text = format!("[[models]]\nname = \"m\"\npath = \"m.wasm\"\nfallback = {table}");
+            ServeConfig::from_toml(&text).unwrap().models[0]
+                .fallback
+                .clone()
+                .unwrap()
+        };
+        for one in [
+            "{ in_sandbox = true }",
+            "{ model = \"small\" }",
+            "{ truncate = \"2KiB\" }",
+        ] {
+            assert_eq!(fallback(one).check(), Ok(()), "{one}");
+        }
+        for bad in [
+            "{}",
+            "{ in_sandbox = false }",
+            "{ in_sandbox = true, truncate = 8 }",
+            "{ model = \"small\", truncate = 8 }",
+        ] {
+            assert!(fallback(bad).check().is_err(), "{bad}");
+        }
     }
 }

@@ -160,6 +160,11 @@ pub async fn prepare(
         }
     }
     for served in loaded.values() {
+        if let Some(fallback) = &served.fallback {
+            fallback
+                .check()
+                .map_err(|why| ServeError::Config(format!("model {}: {why}", served.name)))?;
+        }
         if let Some(other) = served.fallback.as_ref().and_then(|f| f.model.as_ref()) {
             if !loaded.contains_key(other) {
                 return Err(ServeError::Config(format!(

@@ -39,6 +39,8 @@ type Shared = Arc<State>;
 const REQUEST_ID: &str = "x-request-id";
 /// Which model answered (the requested one, or its fallback).
 const ANSWERED_BY: &str = "x-wasm-infer-answered-by";
+/// Set when a fallback answered: which (`model NAME`, `truncated to N bytes`, `in-sandbox`).
+const FALLBACK: &str = "x-wasm-infer-fallback";
 /// Retry-After for a full queue or a wait that ran out: about one run's time.
 const QUEUE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Retry-After while draining: this replica will not come back.
@@ -527,6 +529,13 @@ impl Done {
         if let Ok(v) = HeaderValue::from_str(&self.answered_by) {
             headers.insert(ANSWERED_BY, v);
         }
+        if let Some(v) = self
+            .fallback
+            .as_deref()
+            .and_then(|f| HeaderValue::from_str(f).ok())
+        {
+            headers.insert(FALLBACK, v);
+        }
         response
     }
 }
@@ -697,6 +706,7 @@ async fn run_fallback(
     first: &RunError,
 ) -> Result<(Outcome, String, Option<String>), Failure> {
     let fallback = served.fallback.as_ref().expect("checked by the caller");
+    let mut limits = limits.clone();
     let (target, input, how) = match (&fallback.model, fallback.truncate) {
         (Some(other), _) => (
             state.models.get(other).expect("checked at start").clone(),
@@ -708,6 +718,14 @@ async fn run_fallback(
             truncate(input, bytes as usize),
             format!("truncated to {bytes} bytes"),
         ),
+        (None, None) if fallback.in_sandbox => {
+            limits = limits.hide_device();
+            (
+                state.models[&served.name].clone(),
+                input,
+                "in-sandbox".to_string(),
+            )
+        }
         (None, None) => {
             return Err(Failure::Run(RunError {
                 error: clone_error(&first.error),
@@ -716,7 +734,7 @@ async fn run_fallback(
         }
     };
     tracing::info!(model = %served.name, first = %first.error, fallback = %how, "retrying with the fallback");
-    let outcome = run_queued(state, &target, input, limits, ctx).await?;
+    let outcome = run_queued(state, &target, input, &limits, ctx).await?;
     state
         .metrics
         .fallbacks
