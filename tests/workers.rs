@@ -47,6 +47,24 @@ fn forbidden_system_calls_kill_a_locked_down_process() {
 }
 
 #[test]
+fn a_hidden_device_stays_hidden_in_a_worker_process() {
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let offered = Limits::default().device_memory(3 << 20);
+    let run = |limits: &Limits| {
+        let outcome = pool.run_blocking(0, text("accel-info"), limits).unwrap();
+        match outcome.output {
+            wasm_infer::Output::Text(text) => text,
+            other => panic!("expected text, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        run(&offered.clone().hide_device()),
+        "kind=DeviceKind::None budget=0 used=0"
+    );
+    assert_eq!(run(&offered), "kind=DeviceKind::Cpu budget=3145728 used=0");
+}
+
+#[test]
 fn runs_in_locked_down_workers_give_the_in_process_outputs_and_fuel() {
     let pool = WorkerPool::start(config(1)).unwrap();
     let work = pool

@@ -107,20 +107,28 @@ pub struct Limits {
     pub device_memory: u64,
     /// Whether the run sees the runtime's accelerator ([`DeviceAccess::Offered`], the default)
     /// or not ([`DeviceAccess::Hidden`]: `accel::info` answers kind `none` with no budget, and
-    /// every device call `unsupported`, for this run only). Not a ceiling but a per-run switch,
-    /// so not part of the serialised form (a config cannot set it).
-    #[serde(skip)]
+    /// every device call `unsupported`, for this run only). Serialised as `"offered"` or
+    /// `"hidden"`, and left out when offered, so that it crosses to a worker process and every
+    /// existing serialised form is unchanged.
+    #[serde(default, skip_serializing_if = "DeviceAccess::is_offered")]
     pub device: DeviceAccess,
 }
 
 /// Whether a run is offered the runtime's accelerator (see [`Limits::device`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceAccess {
     /// The run sees the runtime's device (which may itself be none).
     #[default]
     Offered,
     /// The run sees no device: a guest with an in-sandbox path takes it.
     Hidden,
+}
+
+impl DeviceAccess {
+    pub fn is_offered(&self) -> bool {
+        *self == DeviceAccess::Offered
+    }
 }
 
 impl Default for Limits {
@@ -226,6 +234,17 @@ impl fmt::Display for Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_access_is_left_out_when_offered_and_round_trips_when_hidden() {
+        let offered = serde_json::to_value(Limits::default()).unwrap();
+        assert!(offered.get("device").is_none(), "{offered}");
+        let hidden = Limits::default().hide_device();
+        let json = serde_json::to_value(&hidden).unwrap();
+        assert_eq!(json["device"], "hidden");
+        assert_eq!(serde_json::from_value::<Limits>(json).unwrap(), hidden);
+        assert!(serde_json::from_str::<Limits>(r#"{"device":"gpu"}"#).is_err());
+    }
 
     #[test]
     fn limits_deserialise_from_human_strings_and_numbers() {

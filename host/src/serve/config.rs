@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::limits::Limits;
+use crate::limits::{DeviceAccess, Limits};
 use crate::serve::ratelimit::{Quota, RateLimitConfig};
 
 /// Default listen address: loopback only, so a server started without a config is not
@@ -299,7 +299,12 @@ pub fn capped_limits(
         max_batch: asked.max_batch.min(server.max_batch),
         max_output: asked.max_output.min(server.max_output),
         device_memory: asked.device_memory.min(server.device_memory),
-        device: server.device,
+        // Hidden is the tighter of the two, as a cap takes the smaller.
+        device: if asked.device == DeviceAccess::Hidden {
+            asked.device
+        } else {
+            server.device
+        },
     })
 }
 
