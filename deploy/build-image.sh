@@ -14,7 +14,8 @@
 #      (no dpkg path excludes, so a little larger), but the same release and packages.
 #   3. `podman build --build-arg ARTIFACTS=prebuilt` from a small context (the two artefacts and
 #      deploy/serve.toml), so target/ is not sent.
-#   4. Runs the image on the host network with a loopback port and checks: /healthz 200,
+#   4. Runs the image on the host network with a loopback port, locked down as deploy/k8s runs it
+#      (read-only root, no capabilities, a writable module cache), and checks: /healthz 200,
 #      /readyz 200, POST /v1/embeddings of one text -> one 384-float vector, the server runs as
 #      uid 10001, and `podman stop` (SIGTERM) makes it exit 0 within the drain deadline. The
 #      container is removed whatever happens.
@@ -103,7 +104,7 @@ fi
 
 # 3. Build from the prebuilt artefacts.
 ctx=$(mktemp -d /tmp/wasm-infer-image.XXXXXX)
-cleanup_ctx() { rm -rf "$ctx"; }
+cleanup_ctx() { as_root rm -rf "$ctx"; }
 trap cleanup_ctx EXIT
 mkdir -p "$ctx/prebuilt" "$ctx/deploy"
 # Hard links where the file system allows (the artefacts are ~290 MB), else copies.
@@ -124,7 +125,15 @@ sed -e "s|^listen = .*|listen = \"127.0.0.1:$PORT\"|" \
 chmod 0644 "$ctx/serve.toml"
 cleanup() { podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true; cleanup_ctx; }
 trap cleanup EXIT
+# As deploy/k8s/deployment.yaml runs it: read-only root file system, no capabilities, no privilege
+# escalation, writable only the module cache and /tmp (emptyDirs there). The cache is a host
+# directory owned by 10001, as an emptyDir with fsGroup 10001 is: a podman tmpfs there comes up
+# root-owned 0755 whatever its mode option says (podman 4.3), and the server then cannot start.
+mkdir "$ctx/cache"
+as_root chown 10001:10001 "$ctx/cache"
 "${PODMAN[@]}" run -d --name "$NAME" --network host "${LIMITS[@]}" \
+    --read-only --cap-drop ALL --security-opt no-new-privileges \
+    -v "$ctx/cache:/var/cache/wasm-infer:rw" --tmpfs /tmp:rw,size=256m,mode=1777 \
     -v "$ctx/serve.toml:/etc/wasm-infer/serve.toml:ro,Z" "$IMAGE" >/dev/null
 
 results=()
