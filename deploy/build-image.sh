@@ -162,24 +162,34 @@ fi
 c=$(code "$url/healthz"); record "GET /healthz" "$([ "$c" = 200 ] && echo ok)" "$c"
 c=$(code "$url/readyz"); record "GET /readyz" "$([ "$c" = 200 ] && echo ok)" "$c (ready after ${ready_s}s)"
 
+# The "plain" case of tests/fixtures/reference.json (sentence-transformers' vector), held to the
+# tests' bar: cosine >= 0.9999.
+reference=tests/fixtures/reference.json
+request=$(python3 -c '
+import json, sys
+case = next(c for c in json.load(open(sys.argv[1]))["cases"] if c["name"] == "plain")
+print(json.dumps({"model": "minilm", "input": case["text"]}))' "$reference")
 body=$(curl -s --max-time 30 -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
-    -d '{"model":"minilm","input":"WebAssembly sandboxes keep untrusted models in check."}' \
-    -w '\n%{http_code}' "$url/v1/embeddings" || true)
+    -d "$request" -w '\n%{http_code}' "$url/v1/embeddings" || true)
 emb=$(printf '%s' "$body" | python3 -c '
 import json, math, sys
 text = sys.stdin.read()
 body, status = text.rsplit("\n", 1)
 try:
+    case = next(c for c in json.load(open(sys.argv[1]))["cases"] if c["name"] == "plain")
+    want = case["embedding"]
     reply = json.loads(body)
     vec = reply["data"][0]["embedding"]
     ok = len(reply["data"]) == 1 and len(vec) == 384 and all(isinstance(x, float) for x in vec)
-    norm = math.sqrt(sum(x * x for x in vec))
+    norm = lambda v: math.sqrt(sum(x * x for x in v))
+    cosine = sum(x * y for x, y in zip(vec, want)) / (norm(vec) * norm(want))
     count, tokens = len(reply["data"]), reply["usage"]["prompt_tokens"]
-    print(("ok" if ok and status == "200" else "no"),
-          f"{status}, {count} vector of {len(vec)} floats, L2 norm {norm:.4f}, {tokens} tokens")
+    print(("ok" if ok and status == "200" and cosine >= 0.9999 else "no"),
+          f"{status}, {count} vector of {len(vec)} floats, {tokens} tokens, "
+          f"cosine {cosine:.6f} to the reference")
 except Exception as error:
     print("no", f"{status}: {body[:200]!r} ({error})")
-')
+' "$reference")
 record "POST /v1/embeddings" "${emb%% *}" "${emb#* }"
 
 pid=$(podman inspect --format '{{.State.Pid}}' "$NAME")
