@@ -78,7 +78,7 @@ else
         "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
         "$rootfs"/var/log/*.log "$rootfs"/var/cache/ldconfig/aux-cache
     as_root tar -C "$rootfs" --numeric-owner -c . \
-        | podman import --change 'CMD ["bash"]' \
+        | podman import -q --change 'CMD ["bash"]' \
             --message "local stand-in for $BASE: debootstrap --variant=minbase bookworm (deb.debian.org)" \
             - "$BASE" >/dev/null
     [ -n "${BASE_ROOTFS:-}" ] || as_root rm -rf "$rootfs"
