@@ -60,6 +60,13 @@ lint:
 deploy-check:
     python3 deploy/check.py
 
+# Builds deploy/Containerfile from the artefacts built here with podman (a debootstrap stand-in
+# for debian:bookworm-slim where no registry is reachable), runs it and checks /healthz, /readyz,
+# one embedding, uid 10001 and that SIGTERM exits 0 within the drain deadline. Not in CI.
+# Build the container image and check it for real (podman, root).
+image: guest build
+    deploy/build-image.sh target/release/wasm-infer {{minilm}}
+
 # Benchmarks in one run: native candle (1 thread, all cores) vs in-sandbox (NaN canonicalisation
 # off and on) vs the accelerator path, short / long / max inputs; throughput of 4 concurrent
 # requests (pooled) vs native; compile, precompiled-load, instantiate; memory. Markdown on stdout.
