@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+
+/// Names the local change to Wasmtime's code generation (vendor/README.md), part of every
+/// cache key.
+const CODEGEN_PATCH: &str = "wasm-infer codegen: preserve-all fuel/epoch slow paths";
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
@@ -79,6 +83,9 @@ impl Cache {
         use std::hash::Hash;
         let mut hasher = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
+        // Code compiled before the vendored code-generation patch (vendor/README.md) has the
+        // same wasmtime version and flags: correct, but slower. A new key recompiles it.
+        hasher.0.update(CODEGEN_PATCH.as_bytes());
         hasher.0.update(material.as_bytes());
         self.dir.join(format!("{:x}.cwasm", hasher.0.finalize()))
     }

@@ -517,6 +517,35 @@ mod tests {
     }
 
     #[test]
+    fn loop_checks_call_their_builtins_through_the_preserve_all_trampolines() {
+        // The vendored code-generation patch (vendor/README.md) is in effect: a loop's fuel and
+        // epoch slow paths reference the `PreserveAll` trampolines, and nothing references the
+        // clobber-everything ones. Without the `[patch]` this fails, not just runs slower.
+        let settings = EngineSettings {
+            meter_fuel: true,
+            pool: None,
+            nan_canonicalization: false,
+            cpu_features: CpuFeatures::Host,
+        };
+        let engine = Engine::new(&settings.config().unwrap()).unwrap();
+        let wat = r#"(module (func (export "spin") (param i32) (result v128)
+            (local v128)
+            (loop $l
+                (local.set 1 (f32x4.add (local.get 1) (local.get 1)))
+                (br_if $l (local.tee 0 (i32.sub (local.get 0) (i32.const 1)))))
+            (local.get 1)))"#;
+        let code = wasmtime::Module::new(&engine, wat)
+            .unwrap()
+            .serialize()
+            .unwrap();
+        let has = |symbol: &str| code.windows(symbol.len()).any(|w| w == symbol.as_bytes());
+        assert!(has("wasmtime_patchable_builtin_out_of_gas"));
+        assert!(has("wasmtime_patchable_builtin_new_epoch"));
+        assert!(!has("wasmtime_builtin_out_of_gas"));
+        assert!(!has("wasmtime_builtin_new_epoch"));
+    }
+
+    #[test]
     fn nan_canonicalization_and_cpu_features_change_the_compiled_code_key() {
         let key = |nan_canonicalization, cpu_features| {
             use std::hash::{Hash, Hasher};
