@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::Engine;
 
 /// Names the local change to Wasmtime's code generation (vendor/README.md), part of every
 /// cache key.
 const CODEGEN_PATCH: &str = "wasm-infer codegen: preserve-all fuel/epoch slow paths";
-use wasmtime::component::Component;
-use wasmtime::Engine;
 
 /// SHA-256 of a component's bytes, as lowercase hex.
 pub(crate) fn component_digest(wasm: &[u8]) -> String {
