@@ -17,9 +17,10 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-/// Names the local change to Wasmtime's code generation (vendor/README.md), part of every
-/// cache key.
-const CODEGEN_PATCH: &str = "wasm-infer codegen: preserve-all fuel/epoch slow paths";
+/// The local change to Wasmtime's code generation (vendor/README.md) as built: the SHA-256 of
+/// the patch file when the patched crate is compiled in, `absent` when it is not (build.rs).
+/// Part of every cache key: code generated under another patch, or none, is never reused.
+pub(crate) const CODEGEN_PATCH: &str = env!("WASM_INFER_CODEGEN_PATCH");
 
 /// SHA-256 of a component's bytes, as lowercase hex.
 pub(crate) fn component_digest(wasm: &[u8]) -> String {
@@ -83,8 +84,10 @@ impl Cache {
         use std::hash::Hash;
         let mut hasher = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        // Code compiled before the vendored code-generation patch (vendor/README.md) has the
-        // same wasmtime version and flags: correct, but slower. A new key recompiles it.
+        // Code compiled under another version of the vendored code-generation patch
+        // (vendor/README.md), or without it, has the same wasmtime version and flags: correct,
+        // but not this build's code. A new key recompiles it.
+        hasher.0.update(b"wasm-infer codegen patch ");
         hasher.0.update(CODEGEN_PATCH.as_bytes());
         hasher.0.update(material.as_bytes());
         self.dir.join(format!("{:x}.cwasm", hasher.0.finalize()))

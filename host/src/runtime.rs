@@ -96,8 +96,12 @@ pub enum CpuFeatures {
     /// Every feature this CPU has (AVX2, FMA, ... as detected): the fastest code.
     #[default]
     Host,
-    /// The target's baseline only (x86-64: SSE2), as for the oldest CPU of the architecture;
-    /// instructions it lacks become longer sequences or library calls.
+    /// The target's baseline, raised on x86-64 to the x86-64-v2 level (SSE2 up to SSE4.2 and
+    /// POPCNT: every x86-64 CPU since about 2009) so that the rounding instructions
+    /// (`ceil`, `floor`, `trunc`, `nearest`, scalar and SIMD) compile to the same `roundss`/
+    /// `roundps` family as on any newer CPU, never to SSE2 library calls whose NaN results
+    /// differ. Instructions it lacks (AVX, FMA, ...) become longer sequences that compute the
+    /// same bits (`tests/determinism.rs`).
     Baseline,
 }
 
@@ -164,6 +168,15 @@ impl Runtime {
             return Err(Error::Config("a pool needs at least one slot".into()));
         }
         let engine = Engine::new(&config.engine_settings().config()?).map_err(internal)?;
+        if crate::cache::CODEGEN_PATCH == "absent" {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "built without wasm-infer's code-generation patch (vendor/README.md): \
+                     results and fuel are the same, in-sandbox kernels run slower"
+                )
+            });
+        }
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
         crate::accel::add_to_linker(&mut linker).map_err(internal)?;
@@ -275,6 +288,11 @@ pub struct EngineSettings {
     pub cpu_features: CpuFeatures,
 }
 
+/// The x86-64-v2 level's features, the floor of [`CpuFeatures::Baseline`] on x86-64: with
+/// SSE4.1 the rounding instructions are `roundss`/`roundps` on every CPU, whose NaN results
+/// (the operand's payload, quieted) are what a newer CPU's `vroundss` gives too.
+const X86_64_V2: [&str; 5] = ["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt"];
+
 /// Epoch interruption: always on (the wall-time limit depends on it).
 const EPOCHS: bool = true;
 /// WebAssembly SIMD (v128): on (candle's wasm kernels use it).
@@ -298,6 +316,16 @@ impl EngineSettings {
             config
                 .target(env!("WASM_INFER_TARGET"))
                 .map_err(|e| Error::Config(format!("compilation target: {e}")))?;
+            if env!("WASM_INFER_TARGET").starts_with("x86_64") {
+                for flag in X86_64_V2 {
+                    // SAFETY: each flag is a CPU feature Cranelift knows for x86-64; code
+                    // compiled with them runs only on CPUs that have them, which wasmtime
+                    // checks against the host before it runs (or loads) any.
+                    unsafe {
+                        config.cranelift_flag_enable(flag);
+                    }
+                }
+            }
         }
         if let Some(n) = self.pool {
             let mut pooling = PoolingAllocationConfig::new();

@@ -16,6 +16,10 @@ fn main() {
     faux_feature("wmemcheck");
     faux_feature("component-model");
     faux_feature("incremental-cache");
+
+    // wasm-infer patch: tells dependents' build scripts that this is the patched crate
+    // (`links = "wasm_infer_codegen_patch"` in Cargo.toml).
+    println!("cargo:applied=1");
 }
 
 fn faux_feature(feature: &str) {

@@ -663,6 +663,9 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
     fn fuel_check(&mut self, builder: &mut FunctionBuilder) {
         self.fuel_increment_var(builder);
         let out_of_gas_block = builder.create_block();
+        // wasm-infer patch: the out-of-fuel call is as cold as the new-epoch one (it runs at
+        // exhaustion or at a yield interval, not on a loop's ordinary trip).
+        builder.set_cold_block(out_of_gas_block);
         let continuation_block = builder.create_block();
 
         // Note that our fuel is encoded as adding positive values to a
