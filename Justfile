@@ -87,6 +87,21 @@ load: guest test-guests build
 bench-workers: build test-guests
     cargo run --release -p wasm-infer --example worker_hop -- target/release/wasm-infer target/wasm32-wasip2/release/hostile.wasm
 
+# Take wasmtime VERSION (a point release of the pinned line): re-derive the vendored, patched
+# wasmtime-internal-cranelift from the registry's crate (checksum checked), move every `=` pin,
+# update the lockfiles, run the patch's tests. SECURITY.md says when.
+vendor-update VERSION:
+    bash scripts/vendor.sh update {{VERSION}}
+
+# The vendored tree is the registry crate of the locked version plus vendor/*.patch, byte for
+# byte, and both lockfiles (main and fuzz) use it. In CI.
+vendor-check:
+    bash scripts/vendor.sh check
+
+# Warns (never fails) when the registry has a newer point release of the pinned wasmtime line.
+vendor-newer:
+    bash scripts/vendor.sh newer
+
 # Regenerate the reference embeddings with sentence-transformers (needs the venv in its docstring).
 reference:
     ~/.cache/wasm-infer/pyref/bin/python tests/fixtures/make_reference.py "{{model_dir}}"

@@ -16,6 +16,12 @@
 //!   the build warns, and the runtime logs one line saying the patch is absent.
 use std::path::Path;
 
+// The lockfile reading is its own file so that tests/codegen_patch.rs can check it on real
+// lockfiles.
+#[path = "build/lockfile.rs"]
+mod lockfile;
+use lockfile::{locked_version, unpatched};
+
 fn main() {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
     let root = Path::new(&manifest_dir).join("..");
@@ -53,41 +59,19 @@ fn codegen_patch(root: &Path, lock: &str) {
     }
     // Not the patched crate. In this workspace (its lockfile beside the patch file) that is a
     // broken update, never acceptable.
-    let ours = patch.is_some() && !lock.is_empty();
-    let unused = lock.contains("[[patch.unused]]");
-    let from_registry = lock_entry(lock, "wasmtime-internal-cranelift")
-        .is_some_and(|entry| entry.contains("\nsource = "));
-    if ours && (unused || from_registry) {
-        panic!(
-            "\n\nthe vendored code-generation patch is not applied: Cargo.lock {}.\n\
-             The pinned wasmtime and vendor/wasmtime-internal-cranelift must be the same \
-             version: run `just vendor-update VERSION` (scripts/vendor.sh) for the version \
-             you want, then `just vendor-check`.\n\n",
-            if unused {
-                "records an unused [patch]"
-            } else {
-                "resolves wasmtime-internal-cranelift from the registry"
-            }
-        );
+    if patch.is_some() {
+        if let Some(why) = unpatched(lock) {
+            panic!(
+                "\n\nthe vendored code-generation patch is not applied: Cargo.lock {why}.\n\
+                 The pinned wasmtime and vendor/wasmtime-internal-cranelift must be the same \
+                 version: run `just vendor-update VERSION` (scripts/vendor.sh) for the version \
+                 you want, then `just vendor-check`.\n\n"
+            );
+        }
     }
     println!(
         "cargo:warning=wasm-infer is built without its code-generation patch \
          (vendor/README.md): correct, but in-sandbox kernels run slower"
     );
     println!("cargo:rustc-env=WASM_INFER_CODEGEN_PATCH=absent");
-}
-
-/// The `[[package]]` entry of `name` in a lockfile, if any.
-fn lock_entry<'a>(lock: &'a str, name: &str) -> Option<&'a str> {
-    let header = format!("[[package]]\nname = \"{name}\"\n");
-    let start = lock.find(&header)?;
-    let rest = &lock[start..];
-    let end = rest[1..].find("\n[[").map_or(rest.len(), |i| i + 1);
-    Some(&rest[..end])
-}
-
-fn locked_version(lock: &str, name: &str) -> Option<String> {
-    let entry = lock_entry(lock, name)?;
-    let line = entry.lines().find(|l| l.starts_with("version = "))?;
-    Some(line["version = ".len()..].trim_matches('"').to_string())
 }

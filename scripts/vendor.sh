@@ -16,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CRATE=wasmtime-internal-cranelift
-VENDORED="vendor/$CRATE"
+# WASM_INFER_VENDORED: check another copy of the tree instead (tests/codegen_patch.rs).
+VENDORED="${WASM_INFER_VENDORED:-vendor/$CRATE}"
 PATCH="vendor/$CRATE.patch"
 SUM="vendor/$CRATE.sha256"
 # Every manifest that pins the wasmtime crates (the fuzz workspace applies the same patch).
@@ -143,7 +144,8 @@ check)
 newer)
     version=$(locked_version Cargo.lock wasmtime)
     line=${version%%.*}
-    latest=$(cargo info "wasmtime@$line" 2>/dev/null | awk '/^version:/ { print $2; exit }' || true)
+    # Outside the workspace: inside it, `cargo info` reports the locked version.
+    latest=$(cd "$scratch" && cargo info "wasmtime@$line" 2>/dev/null | awk '/^version:/ { print $2; exit }' || true)
     if [ -z "$latest" ]; then
         say "could not ask the registry for wasmtime $line.x (offline?); pinned $version"
     elif [ "$latest" != "$version" ]; then

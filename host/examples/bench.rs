@@ -280,6 +280,33 @@ fn all_cores_child(wasm: &Path, cache: &Path) {
     }
 }
 
+/// The CPU the benchmark ran on, from /proc/cpuinfo: model name, family/model/stepping, the
+/// vector features that decide which instructions the sandbox's and native candle's kernels
+/// use, and the core count.
+fn cpu_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(name))
+            .and_then(|l| l.split_once(':'))
+            .map_or("?", |(_, v)| v.trim())
+    };
+    let flags: Vec<&str> = field("flags").split_whitespace().collect();
+    let features: Vec<&str> = ["sse4_1", "avx", "avx2", "fma", "avx512f", "avx512vl"]
+        .into_iter()
+        .filter(|f| flags.contains(f))
+        .collect();
+    format!(
+        "CPU: {} (family {}, model {}, stepping {}), {} logical cores, features: {}",
+        field("model name"),
+        field("cpu family"),
+        field("model"),
+        field("stepping"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        features.join(" ")
+    )
+}
+
 fn main() {
     let all: Vec<String> = std::env::args().collect();
     if all.get(1).map(String::as_str) == Some("--all-cores") {
@@ -318,6 +345,8 @@ fn main() {
         Model::load(&runtime, &minilm).unwrap()
     };
     let (off, on) = (sandbox(false), sandbox(true));
+    // Ratios to native depend on the CPU (README, "Benchmark"): say which one ran them.
+    println!("{}\n", cpu_line());
     println!("| measurement | input | time | vs native |");
     println!("|---|---|---|---|");
     let mut rows = Vec::new();

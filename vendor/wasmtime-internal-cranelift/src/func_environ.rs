@@ -5722,6 +5722,32 @@ impl FuncEnvironment<'_> {
         }
     }
 
+    /// wasm-infer patch: with NaN canonicalisation on, Cranelift canonicalises the NaN results
+    /// of its float instructions (`fma` among them) but not of a library call, so the
+    /// deterministic FMA that stands in for `fma` on a CPU without FMA returned payload NaNs
+    /// where the same code on an FMA CPU returned the canonical one. Canonicalise the call's
+    /// result the way the pass canonicalises an `fma`.
+    fn canonicalize_libcall_nans(&self, builder: &mut FunctionBuilder, value: ir::Value) -> ir::Value {
+        if !self.isa.flags().enable_nan_canonicalization() {
+            return value;
+        }
+        let ty = builder.func.dfg.value_type(value);
+        let canonical = match ty {
+            F32X4 => {
+                let nan = builder.ins().f32const(Ieee32::NAN);
+                builder.ins().splat(F32X4, nan)
+            }
+            F64X2 => {
+                let nan = builder.ins().f64const(Ieee64::NAN);
+                builder.ins().splat(F64X2, nan)
+            }
+            _ => return value,
+        };
+        let is_nan = builder.ins().fcmp(FloatCC::Unordered, value, value);
+        let is_nan = builder.ins().bitcast(ty, MemFlagsData::new(), is_nan);
+        builder.ins().bitselect(is_nan, canonical, value)
+    }
+
     pub fn fma_f32x4(
         &mut self,
         builder: &mut FunctionBuilder,
@@ -5736,7 +5762,8 @@ impl FuncEnvironment<'_> {
             let fma = self.builtin_functions.fma_f32x4(builder.func);
             let vmctx = self.vmctx_val(&mut builder.cursor());
             let call = builder.ins().call(fma, &[vmctx, a, b, c]);
-            *builder.func.dfg.inst_results(call).first().unwrap()
+            let result = *builder.func.dfg.inst_results(call).first().unwrap();
+            self.canonicalize_libcall_nans(builder, result)
         } else {
             let mul = builder.ins().fmul(a, b);
             builder.ins().fadd(mul, c)
@@ -5757,7 +5784,8 @@ impl FuncEnvironment<'_> {
             let fma = self.builtin_functions.fma_f64x2(builder.func);
             let vmctx = self.vmctx_val(&mut builder.cursor());
             let call = builder.ins().call(fma, &[vmctx, a, b, c]);
-            *builder.func.dfg.inst_results(call).first().unwrap()
+            let result = *builder.func.dfg.inst_results(call).first().unwrap();
+            self.canonicalize_libcall_nans(builder, result)
         } else {
             let mul = builder.ins().fmul(a, b);
             builder.ins().fadd(mul, c)

@@ -2526,13 +2526,13 @@ pub fn translate_operator(
         }
         Operator::F32x4RelaxedNmadd => {
             let (a, b, c) = pop3_with_bitcast(environ, type_of(op), builder);
-            let a = builder.ins().fneg(a);
+            let a = negate_by_sign_bit(builder, a, I32X4, 1 << 31);
             let result = environ.fma_f32x4(builder, a, b, c);
             environ.stacks.push1(result);
         }
         Operator::F64x2RelaxedNmadd => {
             let (a, b, c) = pop3_with_bitcast(environ, type_of(op), builder);
-            let a = builder.ins().fneg(a);
+            let a = negate_by_sign_bit(builder, a, I64X2, 1 << 63);
             let result = environ.fma_f64x2(builder, a, b, c);
             environ.stacks.push1(result);
         }
@@ -4383,6 +4383,26 @@ fn type_of(operator: &Operator) -> Type {
 
 /// Some SIMD operations only operate on I8X16 in CLIF; this will convert them to that type by
 /// adding a bitcast if necessary.
+/// wasm-infer patch: `relaxed_nmadd(a, b, c)` is `fma(neg(a), b, c)` with `neg` flipping the
+/// sign bit, on every CPU. Upstream negates with `fneg`, which the x64 backend fuses into
+/// `vfnmadd` where the CPU has FMA: that instruction does not flip the sign of a NaN `a`, while
+/// the same IR on a CPU without FMA (`fneg`, then the deterministic FMA library call) does,
+/// so the NaN results' sign bits depended on the CPU's features. An integer XOR of the sign
+/// bit is not fused: the same bits everywhere, at one `xorps` more where FMA exists.
+fn negate_by_sign_bit(
+    builder: &mut FunctionBuilder,
+    value: Value,
+    int_ty: Type,
+    sign_bit: u64,
+) -> Value {
+    let float_ty = builder.func.dfg.value_type(value);
+    let bits = optionally_bitcast_vector(value, int_ty, builder);
+    let lane = builder.ins().iconst(int_ty.lane_type(), sign_bit as i64);
+    let mask = builder.ins().splat(int_ty, lane);
+    let flipped = builder.ins().bxor(bits, mask);
+    optionally_bitcast_vector(flipped, float_ty, builder)
+}
+
 fn optionally_bitcast_vector(
     value: Value,
     needed_type: Type,
