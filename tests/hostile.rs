@@ -432,6 +432,63 @@ fn clocks_are_frozen_so_reading_them_in_a_loop_leaks_nothing() {
     );
 }
 
+#[test]
+fn timers_run_on_the_frozen_clock_so_polling_one_gives_the_same_answer_every_run() {
+    // A 1 ms timer polled between units of ~0.1 ms of work: on real time it fired after a
+    // host-speed-dependent number of units (about 10 here), so output and fuel differed run to
+    // run. On the frozen clock a future timer is never ready and a zero one is ready at once.
+    let runs: Vec<(String, u64)> = (0..3)
+        .map(|_| {
+            let outcome = hostile_run("timer:1000000,40", &Limits::default()).unwrap();
+            let Output::Text(text) = outcome.output else {
+                panic!("expected text")
+            };
+            (text, outcome.usage.fuel_consumed)
+        })
+        .collect();
+    assert_eq!(runs[0].0, "units=40 ready=false");
+    assert!(runs.iter().all(|r| *r == runs[0]), "{runs:?}");
+    assert_eq!(reply("timer:0,40"), "units=0 ready=true");
+    // Blocking on a future timer is waiting for a time that never comes: the wall-time limit
+    // ends it (tests `a_guest_blocked_inside_a_host_call_is_stopped_by_wall_time` too).
+    assert!(matches!(
+        limit(hostile_run(
+            "sleep",
+            &Limits::default().wall_time(Duration::from_millis(100))
+        )),
+        LimitExceeded::WallTime { .. }
+    ));
+}
+
+#[test]
+fn one_random_call_is_capped_before_any_byte_is_made() {
+    // wasmtime-wasi's own cap is 64 MiB (about 350 ms of host CPU in one uninterruptible call).
+    let cap = wasm_infer::MAX_RANDOM_BYTES_PER_CALL;
+    assert_eq!(cap, 1 << 20);
+    assert_eq!(reply(&format!("random:{cap}")), "got 1048576 bytes");
+    let (code, message, _) = trap(hostile_run(
+        &format!("random:{}", cap + 1),
+        &Limits::default(),
+    ));
+    assert_eq!(code, None);
+    assert_eq!(message, "requested len 1048577 exceeds limit 1048576");
+    assert_host_unharmed();
+}
+
+#[test]
+fn a_write_over_the_check_write_permit_traps() {
+    // WASI: writing more than `check-write` granted is an error. It was accepted (a 512 MiB
+    // write went through for 23 fuel).
+    assert_eq!(reply("write:65536"), "granted 65536, wrote: Ok(())");
+    let (code, message, _) = trap(hostile_run("write:65537", &Limits::default()));
+    assert_eq!(code, None);
+    assert_eq!(
+        message,
+        "a write of 65537 bytes to stdout or stderr, over the 65536 bytes check-write permits"
+    );
+    assert_host_unharmed();
+}
+
 // --- concurrency --------------------------------------------------------------------------
 
 #[test]

@@ -57,4 +57,5 @@ pub use runtime::{
     DEFAULT_NAN_CANONICALIZATION,
 };
 pub use usage::Usage;
+pub use wasi::MAX_RANDOM_BYTES_PER_CALL;
 pub use wasmtime::Trap;

@@ -160,6 +160,13 @@ pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) ->
         }
         .into();
     }
+    // Not a trap, and the host's own resources failed (file descriptors, memory maps,
+    // threads): the host's error, not the guest's.
+    if code.is_none() {
+        if let Some(cause) = host_resource_failure(&e) {
+            return Error::Internal(format!("the host ran out of a resource: {cause}"));
+        }
+    }
     let stderr = state.stderr.contents();
     let tail = &stderr[stderr.len().saturating_sub(GUEST_STDERR_TAIL_BYTES)..];
     Error::Trap {
@@ -167,6 +174,20 @@ pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) ->
         message: trap_message(&e, code),
         guest_stderr: String::from_utf8_lossy(tail).into_owned(),
     }
+}
+
+/// The operating-system error in `e`'s chain, if any: an `std::io::Error` (or one that
+/// reports an OS error code, as `rustix`'s do: "Too many open files (os error 24)"). A guest
+/// reaches the host's files, memory maps and threads only through wasmtime and the host's own
+/// code, which never turn a guest's action into an OS error: WASI gives the guest its errors
+/// as values, and refusals (limits, tables, copy budgets) are classified above.
+pub(crate) fn host_resource_failure(e: &wasmtime::Error) -> Option<String> {
+    e.chain()
+        .find(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some()
+                || cause.to_string().contains("(os error ")
+        })
+        .map(|_| format!("{e:#}"))
 }
 
 /// How much of the guest's stderr a trap error carries: enough for a panic message.

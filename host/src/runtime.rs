@@ -179,6 +179,7 @@ impl Runtime {
         }
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
+        crate::wasi::add_frozen_clock(&mut linker).map_err(internal)?;
         crate::accel::add_to_linker(&mut linker).map_err(internal)?;
         let accel =
             Arc::new(Accel::new(config.accel, config.device_memory).map_err(Error::Config)?);
@@ -291,7 +292,13 @@ pub struct EngineSettings {
 /// The x86-64-v2 level's features, the floor of [`CpuFeatures::Baseline`] on x86-64: with
 /// SSE4.1 the rounding instructions are `roundss`/`roundps` on every CPU, whose NaN results
 /// (the operand's payload, quieted) are what a newer CPU's `vroundss` gives too.
-const X86_64_V2: [&str; 5] = ["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt"];
+const X86_64_V2: [&str; 5] = [
+    "has_sse3",
+    "has_ssse3",
+    "has_sse41",
+    "has_sse42",
+    "has_popcnt",
+];
 
 /// Epoch interruption: always on (the wall-time limit depends on it).
 const EPOCHS: bool = true;

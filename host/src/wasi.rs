@@ -1,17 +1,19 @@
 //! The guest's view of the world: WASI with no ambient authority (no arguments, environment,
-//! preopened directories, network or stdin), frozen clocks, seeded randomness, and stdout and
-//! stderr captured into bounded logs.
+//! preopened directories, network or stdin), frozen clocks and timers on them, seeded
+//! randomness bounded per call, and stdout and stderr captured into bounded logs.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::random::Deterministic;
-use wasmtime_wasi::WasiCtx;
+use wasmtime_wasi::{WasiCtx, WasiView};
 
 /// Seed for the guest's random source. Rust's std seeds its `HashMap`s from WASI random; a
 /// fixed seed makes every run take the same code paths and so consume the same fuel.
@@ -20,6 +22,12 @@ const RANDOM_SEED: [u8; 32] = *b"wasm-infer deterministic seed v1";
 /// The wall clock the guest sees: always 2000-01-01T00:00:00Z. Real time would leak host
 /// information and make runs differ.
 const FIXED_WALL_CLOCK: Duration = Duration::from_secs(946_684_800);
+
+/// Most bytes one `get-random-bytes` (or `get-insecure-random-bytes`) call may ask for: 1 MiB.
+/// A larger request traps before any byte is made (wasmtime-wasi's default is 64 MiB, about
+/// 350 ms of host CPU in one call that no epoch check can interrupt). Seeding a hash map takes
+/// 16 bytes; a guest that wants more calls again.
+pub const MAX_RANDOM_BYTES_PER_CALL: u64 = 1 << 20;
 
 /// The WASI context of one run, writing the guest's stdout and stderr to the given logs.
 pub(crate) fn no_authority(stdout: &GuestLog, stderr: &GuestLog) -> WasiCtx {
@@ -31,6 +39,7 @@ pub(crate) fn no_authority(stdout: &GuestLog, stderr: &GuestLog) -> WasiCtx {
         .secure_random(Deterministic::new(RANDOM_SEED.to_vec()))
         .insecure_random(Deterministic::new(RANDOM_SEED.to_vec()))
         .insecure_random_seed(u128::from_le_bytes(RANDOM_SEED[..16].try_into().unwrap()))
+        .max_random_size(MAX_RANDOM_BYTES_PER_CALL)
         .wall_clock(FixedWallClock)
         .monotonic_clock(VirtualMonotonicClock)
         .allow_ip_name_lookup(false)
@@ -64,6 +73,70 @@ impl HostMonotonicClock for VirtualMonotonicClock {
     }
 }
 
+/// Replaces wasmtime-wasi's monotonic clock, whose timers (`subscribe-duration`,
+/// `subscribe-instant`) fire on the host's real time, with one whose timers run on the frozen
+/// clock the guest reads: now is always 0, so a timer for 0 ns (or an instant at or before 0)
+/// is ready at once and any later one never is. A guest that polls a timer between units of
+/// work therefore sees the same answer on every run, whatever the host's speed or load; one
+/// that blocks on a future timer waits until its wall-time limit ends the run.
+pub(crate) fn add_frozen_clock<T: WasiView + 'static>(
+    linker: &mut Linker<T>,
+) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let linked = monotonic_clock::add_to_linker::<T, FrozenClock>(linker, |state| FrozenTimers {
+        table: state.ctx().table,
+    });
+    linker.allow_shadowing(false);
+    linked
+}
+
+/// [`HasData`] for [`add_frozen_clock`]: the run's resource table, where timers live.
+struct FrozenClock;
+
+impl HasData for FrozenClock {
+    type Data<'a> = FrozenTimers<'a>;
+}
+
+struct FrozenTimers<'a> {
+    table: &'a mut ResourceTable,
+}
+
+impl FrozenTimers<'_> {
+    fn timer(&mut self, ready: bool) -> wasmtime::Result<Resource<DynPollable>> {
+        let timer = self.table.push(FrozenTimer { ready })?;
+        wasmtime_wasi::p2::subscribe(self.table, timer)
+    }
+}
+
+impl monotonic_clock::Host for FrozenTimers<'_> {
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(VirtualMonotonicClock.now())
+    }
+    fn resolution(&mut self) -> wasmtime::Result<u64> {
+        Ok(VirtualMonotonicClock.resolution())
+    }
+    fn subscribe_instant(&mut self, when: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        self.timer(when <= VirtualMonotonicClock.now())
+    }
+    fn subscribe_duration(&mut self, duration: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        self.timer(duration == 0)
+    }
+}
+
+/// A timer on the frozen clock: ready from the start, or never.
+struct FrozenTimer {
+    ready: bool,
+}
+
+#[async_trait::async_trait]
+impl Pollable for FrozenTimer {
+    async fn ready(&mut self) {
+        if !self.ready {
+            std::future::pending::<()>().await
+        }
+    }
+}
+
 /// Captures what the guest writes to stdout or stderr: keeps the first `capacity` bytes, counts
 /// and discards the rest. A chatty guest therefore neither fails (its writes always succeed) nor
 /// makes the host hold more than `capacity` bytes.
@@ -78,7 +151,11 @@ struct LogBuffer {
     written: u64,
 }
 
-/// What `check-write` grants per call: any size works, since writes never block or fail.
+/// What `check-write` grants per call, and the most one `write` may carry: WASI says a write
+/// of more than the last `check-write` granted is an error, and so it is here (the guest's
+/// write traps). The write's bytes are copied out of the guest before the host sees them, so
+/// this bounds that copy for a guest that asks first; the hostcall copy budget bounds it for
+/// one that does not.
 const LOG_WRITE_PERMIT: usize = 64 << 10;
 
 impl GuestLog {
@@ -122,6 +199,13 @@ impl Pollable for GuestLog {
 #[async_trait::async_trait]
 impl OutputStream for GuestLog {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        if bytes.len() > LOG_WRITE_PERMIT {
+            return Err(StreamError::Trap(wasmtime::format_err!(
+                "a write of {} bytes to stdout or stderr, over the {LOG_WRITE_PERMIT} bytes \
+                 check-write permits",
+                bytes.len()
+            )));
+        }
         self.append(&bytes);
         Ok(())
     }

@@ -220,6 +220,23 @@ fn accel_resident(name: &str, seed: usize) -> Result<String, AccelError> {
     Ok(format!("bound={bound} download={download} rebind={rebind}"))
 }
 
+/// `timer:NANOS,UNITS`: subscribes to a timer of NANOS and does up to UNITS units of work,
+/// polling the timer between them; reports how many units ran before it was ready. On real
+/// time the count depends on the host's speed; on the sandbox's frozen clock it cannot.
+fn poll_timer(arg: &str) -> String {
+    let (nanos, units) = arg.split_once(',').expect("NANOS,UNITS");
+    let timer = wasip2::clocks::monotonic_clock::subscribe_duration(number(nanos));
+    let mut done = 0;
+    let mut acc = 0u64;
+    while done < number(units) && !timer.ready() {
+        for i in 0..100_000u64 {
+            acc = black_box(acc.wrapping_mul(31).wrapping_add(i));
+        }
+        done += 1;
+    }
+    format!("units={done} ready={}", timer.ready())
+}
+
 fn number(arg: &str) -> u64 {
     arg.parse().expect("numeric argument")
 }
@@ -471,6 +488,21 @@ impl Guest for Hostile {
                 Ok(Output::Text(format!("{:?}", stale.shape())))
             }
             "nans" => Ok(Output::Text(nan_report())),
+            "timer" => Ok(Output::Text(poll_timer(arg))),
+            "random" => {
+                let bytes = wasip2::random::random::get_random_bytes(number(arg));
+                Ok(Output::Text(format!("got {} bytes", bytes.len())))
+            }
+            "write" => {
+                // One `write` call (not Rust's std, which chunks), as a guest bypassing
+                // `check-write` would make it.
+                let stdout = wasip2::cli::stdout::get_stdout();
+                let granted = stdout.check_write().expect("check-write");
+                let result = stdout.write(&vec![b'x'; number(arg) as usize]);
+                Ok(Output::Text(format!(
+                    "granted {granted}, wrote: {result:?}"
+                )))
+            }
             _ => Err(ModelError {
                 code: ErrorCode::InvalidInput,
                 message: format!("unknown command {verb:?}"),
