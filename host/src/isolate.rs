@@ -85,6 +85,10 @@ pub(crate) fn compile_in_worker(
     let mut command = Command::new(&isolation.worker);
     command
         .arg("__load-worker")
+        // Nothing of this process's environment reaches a process that runs guest code: the
+        // child reads no variable (its cache directory and settings come in the request, its
+        // stderr goes nowhere).
+        .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());

@@ -382,6 +382,10 @@ impl PoolInner {
         let config = &self.config;
         let mut child = Command::new(&config.binary)
             .arg("__run-worker")
+            // Nothing of this process's environment (secrets, proxies, `LD_*`) reaches the
+            // worker: it reads no variable but the one below (its cache and settings come in
+            // its `Hello`; its stderr goes nowhere, so no logging variable either).
+            .env_clear()
             // candle sizes its CPU work from this variable, else by reading /proc/cpuinfo on
             // every matrix product, which a locked-down worker may not open.
             .env(
