@@ -343,3 +343,72 @@ fn a_worker_holds_no_capabilities_and_may_start_no_process() {
         .unwrap();
     assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_answers_is_killed_at_its_deadline() {
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let pid = pool.idle_pids()[0];
+    // A stopped worker reads nothing and answers nothing, as a wedged or hostile one would.
+    signal(pid, libc::SIGSTOP);
+    wait_for_state(pid, 'T');
+    let wall_time = Duration::from_secs(1);
+    let limits = Limits::default().wall_time(wall_time);
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        pool.run(0, text("work:1000"), &limits),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let Ok(answer) = answer else {
+        signal(pid, libc::SIGKILL);
+        panic!("no answer after {elapsed:?}: the supervisor waits forever");
+    };
+    let lost = answer.unwrap_err();
+    match &lost.error {
+        Error::WorkerLost { reason } => assert!(reason.contains("no answer"), "{reason}"),
+        other => panic!("expected WorkerLost, got {other}"),
+    }
+    let deadline = wall_time + wasm_infer::worker::EXCHANGE_MARGIN;
+    assert!(
+        elapsed >= deadline && elapsed < deadline + Duration::from_secs(5),
+        "{elapsed:?} for a deadline of {deadline:?}"
+    );
+    assert_eq!(state_or_gone(pid), None, "the wedged worker was not killed");
+    assert_eq!(pool.stats().lost, 1);
+    let next = pool
+        .run(0, text("work:1000"), &Limits::default())
+        .await
+        .unwrap();
+    assert_golden("hostile_work_1000", next.usage.fuel_consumed);
+}
+
+/// The state of `pid`, or `None` once it is gone (reaped, or a zombie).
+fn state_or_gone(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit_once(") ")?.1.chars().next()?;
+    (state != 'Z').then_some(state)
+}
+
+#[test]
+fn a_worker_whose_guest_trapped_is_replaced() {
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let first = pool.idle_pids()[0];
+    let failure = pool
+        .run_blocking(0, text("panic"), &Limits::default())
+        .unwrap_err();
+    assert!(
+        matches!(failure.error, Error::Trap { .. }),
+        "{}",
+        failure.error
+    );
+    assert_eq!(pool.stats().recycled, 1);
+    assert_ne!(pool.idle_pids(), vec![first]);
+    // A fuel trip is a run ending as designed: its worker stays.
+    let second = pool.idle_pids()[0];
+    let _ = pool
+        .run_blocking(0, text("spin"), &Limits::default().fuel(1_000_000))
+        .unwrap_err();
+    assert_eq!(pool.idle_pids(), vec![second]);
+    assert_eq!(pool.stats().recycled, 1);
+}
