@@ -168,3 +168,45 @@ fn a_component_that_needs_more_memory_than_allowed_is_refused_by_the_memory_limi
     };
     assert_eq!(slow_compile_hits("mem", limits), CompileLimit::Memory);
 }
+
+#[test]
+fn a_directory_planted_under_the_old_handoff_name_does_not_capture_the_code() {
+    // What a local attacker did: pre-create `wasm-infer-handoff-<pid>-<n>` (once a
+    // predictable name, accepted by `create_dir_all`) for the next few hand-offs, to swap
+    // the compiled code under the parent. Each holds a marker and must stay exactly so.
+    let planted: Vec<PathBuf> = (0..64)
+        .map(|n| {
+            std::env::temp_dir().join(format!("wasm-infer-handoff-{}-{n}", std::process::id()))
+        })
+        .collect();
+    for dir in &planted {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("planted"), b"attacker").unwrap();
+    }
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: None,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let loaded = Model::load_with(
+        &runtime,
+        hostile_wasm(),
+        &isolated(CompileLimits::default()),
+    );
+    let untouched = planted.iter().all(|dir| {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name())
+                .eq([std::ffi::OsString::from("planted")])
+        })
+    });
+    for dir in &planted {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert!(untouched, "a planted hand-off directory was used");
+    let outcome = loaded
+        .unwrap()
+        .run(text("echo:private"), &Limits::default())
+        .unwrap();
+    assert_eq!(outcome.output, wasm_infer::Output::Text("private".into()));
+}

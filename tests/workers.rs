@@ -199,3 +199,216 @@ fn workers_join_a_cgroup_with_the_memory_ceiling_where_one_can_be_made() {
         .unwrap();
     assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
 }
+
+/// The state letter of process `pid` (`S` sleeping in a system call, `T` stopped, ...).
+fn state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+/// Waits (polling /proc, without a fixed sleep) until `pid` is in `wanted`.
+fn wait_for_state(pid: u32, wanted: char) {
+    let started = Instant::now();
+    while state(pid) != wanted {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{pid} never reached state {wanted}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: sending a signal to a child process of this test.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+}
+
+#[test]
+fn a_locked_process_cannot_signal_another_process() {
+    let mut victim = Command::new("sleep").arg("60").spawn().unwrap();
+    let status = Command::new(binary())
+        .args(["__lockdown-selftest", &format!("tgkill:{}", victim.id())])
+        .status()
+        .unwrap();
+    let victim_alive = victim.try_wait().unwrap().is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}");
+    assert!(victim_alive, "the locked process killed another process");
+}
+
+#[test]
+fn a_locked_process_cannot_undo_its_lock_down_or_arrange_signals() {
+    // `PR_SET_DUMPABLE 1` would make it ptrace-able and its memory readable again;
+    // `F_SETOWN` (then `O_ASYNC`) would have the kernel signal a process of its choosing.
+    for call in ["dumpable", "setown"] {
+        let status = Command::new(binary())
+            .args(["__lockdown-selftest", call])
+            .status()
+            .unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{call}: {status}");
+    }
+}
+
+#[test]
+fn a_locked_process_stopped_and_continued_in_a_sleep_lives_on() {
+    // What `docker pause` or the cgroup freezer does to a worker: the interrupted sleep is
+    // resumed through `restart_syscall`.
+    let mut child = Command::new(binary())
+        .args(["__lockdown-selftest", "pause"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "locked\n");
+    let pid = child.id();
+    wait_for_state(pid, 'S');
+    signal(pid, libc::SIGSTOP);
+    wait_for_state(pid, 'T');
+    signal(pid, libc::SIGCONT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[test]
+fn an_idle_worker_stopped_and_continued_serves_its_next_request() {
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let pid = pool.idle_pids()[0];
+    signal(pid, libc::SIGSTOP);
+    wait_for_state(pid, 'T');
+    signal(pid, libc::SIGCONT);
+    let outcome = pool
+        .run_blocking(0, text("work:1000"), &Limits::default())
+        .unwrap();
+    assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
+    assert_eq!(pool.idle_pids(), vec![pid]);
+    assert_eq!(pool.stats().lost, 0);
+}
+
+#[test]
+fn a_worker_sees_only_the_environment_it_is_given() {
+    // A secret in the supervisor's environment (an API key, a database URL) is not the
+    // worker's to read.
+    std::env::set_var("WASM_INFER_TEST_SECRET", "hunter2");
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let pid = pool.idle_pids()[0];
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let names: Vec<String> = environ
+        .split(|&b| b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split('=')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names, ["RAYON_NUM_THREADS"]);
+}
+
+/// A field of /proc/PID/status, e.g. `CapEff`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+#[test]
+fn a_worker_holds_no_capabilities_and_may_start_no_process() {
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let pid = pool.idle_pids()[0];
+    for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, field), "0000000000000000", "{field}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nproc = limits
+        .lines()
+        .find(|l| l.starts_with("Max processes"))
+        .unwrap();
+    let figures: Vec<&str> = nproc.split_whitespace().skip(2).take(2).collect();
+    assert_eq!(figures, ["0", "0"], "{nproc}");
+    // Still a working worker.
+    let outcome = pool
+        .run_blocking(0, text("work:1000"), &Limits::default())
+        .unwrap();
+    assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_answers_is_killed_at_its_deadline() {
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let pid = pool.idle_pids()[0];
+    // A stopped worker reads nothing and answers nothing, as a wedged or hostile one would.
+    signal(pid, libc::SIGSTOP);
+    wait_for_state(pid, 'T');
+    let wall_time = Duration::from_secs(1);
+    let limits = Limits::default().wall_time(wall_time);
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        pool.run(0, text("work:1000"), &limits),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let Ok(answer) = answer else {
+        signal(pid, libc::SIGKILL);
+        panic!("no answer after {elapsed:?}: the supervisor waits forever");
+    };
+    let lost = answer.unwrap_err();
+    match &lost.error {
+        Error::WorkerLost { reason } => assert!(reason.contains("no answer"), "{reason}"),
+        other => panic!("expected WorkerLost, got {other}"),
+    }
+    let deadline = wall_time + wasm_infer::worker::EXCHANGE_MARGIN;
+    assert!(
+        elapsed >= deadline && elapsed < deadline + Duration::from_secs(5),
+        "{elapsed:?} for a deadline of {deadline:?}"
+    );
+    assert_eq!(state_or_gone(pid), None, "the wedged worker was not killed");
+    assert_eq!(pool.stats().lost, 1);
+    let next = pool
+        .run(0, text("work:1000"), &Limits::default())
+        .await
+        .unwrap();
+    assert_golden("hostile_work_1000", next.usage.fuel_consumed);
+}
+
+/// The state of `pid`, or `None` once it is gone (reaped, or a zombie).
+fn state_or_gone(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit_once(") ")?.1.chars().next()?;
+    (state != 'Z').then_some(state)
+}
+
+#[test]
+fn a_worker_whose_guest_trapped_is_replaced() {
+    let pool = WorkerPool::start(config(1)).unwrap();
+    let first = pool.idle_pids()[0];
+    let failure = pool
+        .run_blocking(0, text("panic"), &Limits::default())
+        .unwrap_err();
+    assert!(
+        matches!(failure.error, Error::Trap { .. }),
+        "{}",
+        failure.error
+    );
+    assert_eq!(pool.stats().recycled, 1);
+    assert_ne!(pool.idle_pids(), vec![first]);
+    // A fuel trip is a run ending as designed: its worker stays.
+    let second = pool.idle_pids()[0];
+    let _ = pool
+        .run_blocking(0, text("spin"), &Limits::default().fuel(1_000_000))
+        .unwrap_err();
+    assert_eq!(pool.idle_pids(), vec![second]);
+    assert_eq!(pool.stats().recycled, 1);
+}

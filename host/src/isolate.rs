@@ -17,6 +17,7 @@
 //! load from the cache) and needs no worker binary.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,6 +85,10 @@ pub(crate) fn compile_in_worker(
     let mut command = Command::new(&isolation.worker);
     command
         .arg("__load-worker")
+        // Nothing of this process's environment reaches a process that runs guest code: the
+        // child reads no variable (its cache directory and settings come in the request, its
+        // stderr goes nowhere).
+        .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -169,31 +174,59 @@ const WORKER_POLL: Duration = Duration::from_millis(5);
 
 /// A private temporary cache through which a worker hands its compiled code to a parent
 /// whose runtime has no cache; removed when dropped (a loaded model keeps its mapping).
+///
+/// The directory is made by `mkdir` under a random name (never an existing directory, which
+/// another local user could have planted under a predictable one to swap the code between
+/// the worker's write and the parent's load), mode 0700, and its owner and mode are checked
+/// before anything is written there.
 pub(crate) struct Handoff {
     pub(crate) cache: crate::cache::Cache,
     pub(crate) entry: PathBuf,
+    /// Removes the directory when the hand-off ends.
+    _dir: tempfile::TempDir,
 }
 
 impl Handoff {
     pub(crate) fn new(runtime: &Runtime, material: &str) -> Result<Self, Error> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("wasm-infer-handoff-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|error| Error::Io {
-            path: dir.clone(),
-            error,
-        })?;
-        let cache = crate::cache::Cache::new(dir, None);
+        let parent = std::env::temp_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("wasm-infer-handoff-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(&parent)
+            .map_err(|error| Error::Io {
+                path: parent.clone(),
+                error,
+            })?;
+        check_private(dir.path())?;
+        let cache = crate::cache::Cache::new(dir.path().to_path_buf(), None);
         let entry = cache.entry(runtime.engine(), material);
-        Ok(Self { cache, entry })
+        Ok(Self {
+            cache,
+            entry,
+            _dir: dir,
+        })
     }
 }
 
-impl Drop for Handoff {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(self.cache.dir());
+/// Refuses a directory that is not ours alone: owned by another user, or open to the group
+/// or others (what a directory made by someone else, or a umask we did not expect, gives).
+fn check_private(dir: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|error| Error::Io {
+        path: dir.to_path_buf(),
+        error,
+    })?;
+    // SAFETY: geteuid has no failure mode and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o077 != 0 {
+        return Err(Error::Internal(format!(
+            "the hand-off directory {} is not private (owner {}, mode {:o}; expected {euid}, 0700)",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
     }
+    Ok(())
 }
 
 /// Sets the child's resource limits between fork and exec.

@@ -1,19 +1,21 @@
 //! Locking a worker process down once it has loaded its models: no core dumps, few file
-//! descriptors, not dumpable or ptrace-able, no new privileges, and a seccomp-bpf allow-list
-//! of the system calls a run needs. Anything else (opening a file, a socket, `execve`,
-//! `ptrace`, `fork`) kills the worker with `SIGSYS`; its supervisor replaces it.
+//! descriptors, no new processes, no capabilities, not dumpable or ptrace-able, no new
+//! privileges, and a seccomp-bpf allow-list of the system calls a run needs. Anything else
+//! (opening a file, a socket, `execve`, `ptrace`, `fork`, a signal to another process,
+//! `PR_SET_DUMPABLE 1`) kills the worker with `SIGSYS`; its supervisor replaces it.
 //!
-//! What is allowed, and why: memory management (`mmap`, `munmap`, `mprotect`, `madvise`,
-//! `mremap`, `brk`: wasmtime's linear memories and the allocator), threads and their
-//! synchronisation (`clone` with `CLONE_THREAD` only, for the accelerator's worker threads:
-//! a new process is refused; `clone3`, whose flags a filter cannot read, answers `ENOSYS` so
-//! that glibc falls back to `clone`; `futex`,
-//! `set_robust_list`, `rseq`, `sched_yield`, `sched_getaffinity`, `membarrier`), signals
-//! (`rt_sigaction`, `rt_sigprocmask`, `rt_sigreturn`, `sigaltstack`, `tgkill`, `gettid`,
-//! `getpid`: wasmtime turns traps into signals and back), time (`clock_gettime`,
-//! `clock_nanosleep`, `nanosleep`: the epoch ticker), `getrandom`, reading and writing the
-//! already-open channel (`read`, `write`, `writev`, `close`, `fcntl`, `fstat`, `statx`,
-//! `lseek`, `poll`, `ppoll`, `ioctl`), and leaving (`exit`, `exit_group`).
+//! What is allowed, and why (SECURITY.md has the table): memory management (`mmap`,
+//! `munmap`, `mprotect`, `madvise`, `mremap`, `brk`: wasmtime's linear memories and the
+//! allocator), threads and their synchronisation (`clone` with `CLONE_THREAD` only: a new
+//! process is refused; `clone3`, whose flags a filter cannot read, answers `ENOSYS` so that
+//! glibc falls back to `clone`; `futex`, `set_robust_list`, `rseq`, `sched_yield`,
+//! `sched_getaffinity`, `membarrier`), signals (`rt_sigaction`, `rt_sigprocmask`,
+//! `rt_sigreturn`, `sigaltstack`, `gettid`, `getpid`, and `tgkill` to its own process only:
+//! wasmtime turns traps into signals and back), time (`clock_gettime`, `clock_nanosleep`,
+//! `nanosleep`: the epoch ticker; `restart_syscall`, which resumes a sleep interrupted by
+//! `SIGSTOP`/`SIGCONT`), `getrandom`, reading and writing the already-open channel (`read`,
+//! `write`, `writev`, `close`, `fstat`, `statx`, `lseek`, `poll`, `ppoll`, and `fcntl` for
+//! a few flag queries), `prctl` to name threads, and leaving (`exit`, `exit_group`).
 
 use std::collections::BTreeMap;
 
@@ -25,21 +27,29 @@ use seccompiler::{
 /// a little slack. A leak or an attempt to open more fails instead of growing.
 pub const MAX_WORKER_FILES: u64 = 64;
 
-/// The system calls a locked worker may make (see the module docs).
+/// `RLIMIT_NPROC` of a locked worker: 0, no new process or thread for an unprivileged
+/// worker (its threads are all started before lock-down; `fork` is refused by the filter as
+/// well). The count is per user, and the kernel exempts the root user from it altogether,
+/// so this is a second check for unprivileged deployments only.
+pub const MAX_WORKER_NEW_PROCESSES: u64 = 0;
+
+/// How long the `pause` self-test sleeps: long enough for a test to stop and continue it.
+const PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The system calls a locked worker may make with any arguments (see the module docs and
+/// SECURITY.md's table); those allowed only with certain arguments are in [`lock_down`].
 const ALLOWED: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_writev,
     libc::SYS_readv,
     libc::SYS_close,
-    libc::SYS_fcntl,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_lseek,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    libc::SYS_ioctl,
     libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mprotect,
@@ -56,16 +66,35 @@ const ALLOWED: &[i64] = &[
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
-    libc::SYS_tgkill,
     libc::SYS_gettid,
     libc::SYS_getpid,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
+    libc::SYS_restart_syscall,
     libc::SYS_getrandom,
-    libc::SYS_prctl,
     libc::SYS_exit,
     libc::SYS_exit_group,
+];
+
+/// `prctl` options a locked worker uses: Rust's standard library names every thread it
+/// starts (`PR_SET_NAME`); `PR_GET_NAME` reads it back. Anything else (`PR_SET_DUMPABLE`,
+/// `PR_SET_PDEATHSIG`, `PR_SET_PTRACER`, `PR_CAPBSET_*`, `PR_SET_SECCOMP`) could undo a
+/// lock-down step or reach another process.
+const PRCTL_OPTIONS: &[libc::c_int] = &[libc::PR_SET_NAME, libc::PR_GET_NAME];
+
+/// `fcntl` commands a locked worker may use: none was seen in a traced worker's runs
+/// (`strace -f`: model runs, traps, fuel trips), but the standard library reads and sets
+/// descriptor flags (`F_GETFD`, `F_SETFD`) and status flags (`F_GETFL`) and duplicates with
+/// close-on-exec (`F_DUPFD_CLOEXEC`, bounded by `RLIMIT_NOFILE`) on paths a run could take.
+/// Refused: `F_SETOWN`/`F_SETOWN_EX`/`F_SETSIG` (with `O_ASYNC`, the kernel would signal a
+/// process the worker names), `F_SETFL`, locks and leases. `ioctl` is refused outright: no
+/// run makes one (device and terminal control, `TIOCSTI`, `FIOASYNC` are all out of reach).
+const FCNTL_COMMANDS: &[libc::c_int] = &[
+    libc::F_GETFD,
+    libc::F_SETFD,
+    libc::F_GETFL,
+    libc::F_DUPFD_CLOEXEC,
 ];
 
 fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
@@ -80,12 +109,101 @@ fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Resul
     Ok(())
 }
 
-fn prctl(option: libc::c_int, arg: libc::c_ulong) -> std::io::Result<()> {
-    // SAFETY: PR_SET_NO_NEW_PRIVS and PR_SET_DUMPABLE take one integer argument.
-    if unsafe { libc::prctl(option, arg, 0, 0, 0) } != 0 {
+fn prctl(option: libc::c_int, arg: libc::c_ulong) -> std::io::Result<libc::c_int> {
+    // SAFETY: the options used here (PR_SET_NO_NEW_PRIVS, PR_SET_DUMPABLE, PR_CAPBSET_READ,
+    // PR_CAPBSET_DROP, PR_CAP_AMBIENT) take integers and write no memory.
+    let answer = unsafe { libc::prctl(option, arg, 0, 0, 0) };
+    if answer < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(answer)
+}
+
+/// `capget`/`capset`'s header and data (linux/capability.h, version 3: two 32-bit words).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+/// The capability `PR_CAPBSET_DROP` needs.
+const CAP_SETPCAP: u32 = 8;
+
+/// Drops every capability: the bounding set (so that nothing, not even an `execve` of a
+/// set-uid or file-capability binary, could bring one back), the ambient set, then the
+/// effective, permitted and inheritable sets. A worker started as root would otherwise keep
+/// `CAP_KILL`, `CAP_SYS_ADMIN` and the rest (it could signal any process on the host). An
+/// unprivileged worker holds none: its bounding set, which only matters at `execve`, is left
+/// as it is (dropping from it needs `CAP_SETPCAP`).
+pub fn drop_capabilities() -> Result<(), String> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two CapData into `data`, the size version 3 asks for.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(format!("capget: {}", std::io::Error::last_os_error()));
+    }
+    if data[0].effective & (1 << CAP_SETPCAP) != 0 {
+        // PR_CAPBSET_READ fails with EINVAL past the kernel's last capability.
+        let mut cap = 0;
+        while prctl(libc::PR_CAPBSET_READ, cap).is_ok() {
+            prctl(libc::PR_CAPBSET_DROP, cap).map_err(|e| format!("PR_CAPBSET_DROP {cap}: {e}"))?;
+            cap += 1;
+        }
+    }
+    // Kernels before 4.3 have no ambient set (EINVAL): nothing to clear there.
+    if let Err(e) = prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+    ) {
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(format!("PR_CAP_AMBIENT_CLEAR_ALL: {e}"));
+        }
+    }
+    let empty = [CapData::default(); 2];
+    // SAFETY: capset reads the header and two CapData; dropping capabilities always succeeds.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            empty.as_ptr(),
+        )
+    } != 0
+    {
+        return Err(format!("capset: {}", std::io::Error::last_os_error()));
+    }
     Ok(())
+}
+
+/// A rule allowing a call when argument `index` (a 32-bit integer) equals one of `values`.
+fn one_of(index: u8, values: impl IntoIterator<Item = u64>) -> Result<Vec<SeccompRule>, String> {
+    values
+        .into_iter()
+        .map(|value| {
+            let condition =
+                SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+                    .map_err(|e| format!("seccomp condition: {e}"))?;
+            SeccompRule::new(vec![condition]).map_err(|e| format!("seccomp rule: {e}"))
+        })
+        .collect()
 }
 
 /// Locks the calling process down (all its threads: the filter is synchronised to every
@@ -93,6 +211,9 @@ fn prctl(option: libc::c_int, arg: libc::c_ulong) -> std::io::Result<()> {
 pub fn lock_down() -> Result<(), String> {
     set_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| format!("RLIMIT_CORE: {e}"))?;
     set_rlimit(libc::RLIMIT_NOFILE, MAX_WORKER_FILES).map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    set_rlimit(libc::RLIMIT_NPROC, MAX_WORKER_NEW_PROCESSES)
+        .map_err(|e| format!("RLIMIT_NPROC: {e}"))?;
+    drop_capabilities()?;
     prctl(libc::PR_SET_DUMPABLE, 0).map_err(|e| format!("PR_SET_DUMPABLE: {e}"))?;
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
     let arch: seccompiler::TargetArch = std::env::consts::ARCH
@@ -119,6 +240,19 @@ pub fn lock_down() -> Result<(), String> {
         .collect();
     allowed.insert(libc::SYS_clone, vec![only_threads]);
     allowed.insert(libc::SYS_clone3, Vec::new());
+    // Signals to its own threads only (wasmtime and the standard library use tgkill for
+    // that): the process id is fixed into the filter, so any other target kills the worker.
+    // SAFETY: getpid has no failure mode.
+    let pid = unsafe { libc::getpid() } as u32;
+    allowed.insert(libc::SYS_tgkill, one_of(0, [u64::from(pid)])?);
+    allowed.insert(
+        libc::SYS_prctl,
+        one_of(0, PRCTL_OPTIONS.iter().map(|&o| o as u64))?,
+    );
+    allowed.insert(
+        libc::SYS_fcntl,
+        one_of(1, FCNTL_COMMANDS.iter().map(|&c| c as u64))?,
+    );
     let main = compile(allowed, SeccompAction::KillProcess, SeccompAction::Allow)?;
     // Stacked filters: the strictest answer wins, so clone3 gets ENOSYS.
     let no_clone3 = compile(
@@ -132,12 +266,40 @@ pub fn lock_down() -> Result<(), String> {
     Ok(())
 }
 
-/// What a lock-down self-test tries after locking down (`wasm-infer __lockdown-selftest`):
-/// each must kill the process with `SIGSYS`; `none` tries nothing (the control: a locked
-/// process that stays within the allow-list lives on).
+/// What a lock-down self-test tries after locking down (`wasm-infer __lockdown-selftest`),
+/// standing in for native code that escaped wasmtime: each must kill the process with
+/// `SIGSYS`. `none` tries nothing (the control: a locked process that stays within the
+/// allow-list lives on); `pause` writes `locked` on stdout and sleeps for a while, to be
+/// stopped and continued (the interrupted sleep resumes through `restart_syscall`).
+/// `tgkill:PID` signals another process, `dumpable` undoes `PR_SET_DUMPABLE 0`, `setown`
+/// asks for I/O signals to be sent to a process of its choosing.
 pub fn forbidden(what: &str) -> Result<(), String> {
     match what {
         "none" => return Ok(()),
+        "pause" => {
+            use std::io::Write;
+            let mut stdout = std::io::stdout();
+            stdout
+                .write_all(b"locked\n")
+                .and_then(|()| stdout.flush())
+                .map_err(|e| e.to_string())?;
+            std::thread::sleep(PAUSE);
+            return Ok(());
+        }
+        "dumpable" => {
+            let _ = prctl(libc::PR_SET_DUMPABLE, 1);
+        }
+        "setown" => {
+            // SAFETY: F_SETOWN on stdout takes an integer; nothing is read or written.
+            let _ = unsafe { libc::fcntl(1, libc::F_SETOWN, 1) };
+        }
+        other if other.starts_with("tgkill:") => {
+            let pid: libc::pid_t = other["tgkill:".len()..]
+                .parse()
+                .map_err(|e| format!("{other:?}: {e}"))?;
+            // SAFETY: a plain system call; SIGKILL is what an attacker would send.
+            let _ = unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGKILL) };
+        }
         "open" => {
             let _ = std::fs::File::open("/etc/hostname");
         }

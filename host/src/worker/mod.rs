@@ -19,16 +19,18 @@ pub mod lockdown;
 pub use compile::load_worker_main;
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
-use crate::limits::Limits;
+use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::model::{LoadOptions, Model, Outcome};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::usage::Usage;
@@ -197,32 +199,213 @@ impl From<WireError> for Error {
     }
 }
 
-/// Most bytes one frame may have: 256 MiB (an input or output within any sane limit).
-const MAX_FRAME: u32 = 256 << 20;
+/// How long past a run's wall-time limit the supervisor waits for its worker's answer: the
+/// worker's own deadline ends the run within one epoch tick of the limit, and the answer
+/// (up to the output limit, as JSON) must still be written and read. Past it the worker is
+/// taken for wedged or hostile, killed, and its request answered [`Error::WorkerLost`].
+pub const EXCHANGE_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a starting worker may take to load its models and report ready: loading from a
+/// warm cache takes milliseconds, compiling a large model on a cache miss tens of seconds.
+pub const START_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Bytes of JSON per byte of payload, at most: a `u8` is written as up to 3 digits and a
+/// comma, an `f32` (4 bytes) as up to 15 characters and a comma, a text byte escaped as
+/// `\u00XX` (6).
+const JSON_BYTES_PER_BYTE: u64 = 6;
+
+/// Bytes a frame may have beyond its payload: the usage report, error messages and the
+/// tail of the guest's stderr a trap carries (4 KiB before escaping).
+const FRAME_MARGIN: u64 = 1 << 20;
+
+/// The largest frame a worker may answer a run with: the run's output limit in JSON, plus
+/// the margin. Anything longer is out of protocol (the output limit was checked in the
+/// worker, or the worker is lying), read no further, and its worker replaced.
+fn max_run_frame(limits: &Limits) -> u64 {
+    limits
+        .max_output
+        .saturating_mul(JSON_BYTES_PER_BYTE)
+        .saturating_add(FRAME_MARGIN)
+}
+
+/// The largest frame a starting worker may answer with: each model's info (at most
+/// [`MAX_INFO_BYTES`] each) in JSON, plus the margin.
+fn max_ready_frame(models: usize) -> u64 {
+    (models as u64)
+        .saturating_mul(MAX_INFO_BYTES * JSON_BYTES_PER_BYTE)
+        .saturating_add(FRAME_MARGIN)
+}
+
+/// Most bytes a frame the worker reads may have: any length the prefix can say (the worker
+/// trusts its supervisor, whose input limits bound what it sends).
+const MAX_REQUEST_FRAME: u64 = u32::MAX as u64;
 
 fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(message).map_err(std::io::Error::other)?;
-    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
-    out.write_all(&len.to_le_bytes())?;
-    out.write_all(&bytes)?;
+    out.write_all(&encode_frame(message)?)?;
     out.flush()
 }
 
-fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> std::io::Result<T> {
+fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
+    let bytes = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+    let mut frame = Vec::with_capacity(bytes.len() + 4);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&bytes);
+    Ok(frame)
+}
+
+fn read_frame<T: DeserializeOwned>(input: &mut impl Read, max: u64) -> std::io::Result<T> {
     let mut len = [0u8; 4];
     input.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len);
-    if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!("frame of {len} bytes")));
+    if u64::from(len) > max {
+        return Err(std::io::Error::other(format!(
+            "a frame of {len} bytes, above the bound of {max}"
+        )));
     }
     let mut bytes = vec![0u8; len as usize];
     input.read_exact(&mut bytes)?;
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)
 }
 
+/// The supervisor's end of a worker's channel: every read and write has a deadline, and
+/// every frame read a bound, so that a worker that stops answering, answers slowly or
+/// answers without end costs its request, never the supervisor's thread.
+struct Channel {
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+}
+
+impl Channel {
+    fn new(stdin: ChildStdin, stdout: ChildStdout) -> std::io::Result<Self> {
+        // Writes to a worker that does not read would otherwise block once the pipe is full.
+        let fd = stdin.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(Self { stdin, stdout })
+    }
+
+    fn send<T: Serialize>(&mut self, message: &T, deadline: Instant) -> std::io::Result<()> {
+        let frame = encode_frame(message)?;
+        let mut sent = 0;
+        while sent < frame.len() {
+            match self.stdin.write(&frame[sent..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait_for(self.stdin.as_raw_fd(), libc::POLLOUT, deadline)?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn receive<T: DeserializeOwned>(&mut self, max: u64, deadline: Instant) -> std::io::Result<T> {
+        let mut reader = ReadBy {
+            stdout: &mut self.stdout,
+            deadline,
+        };
+        read_frame(&mut reader, max)
+    }
+}
+
+/// A reader that waits for data no later than its deadline.
+struct ReadBy<'a> {
+    stdout: &'a mut ChildStdout,
+    deadline: Instant,
+}
+
+impl Read for ReadBy<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        wait_for(self.stdout.as_raw_fd(), libc::POLLIN, self.deadline)?;
+        self.stdout.read(buf)
+    }
+}
+
+/// The instant `wait` from now; a wait too long for the clock (a wall-time limit of
+/// `Duration::MAX`) is cut to a year, which no run reaches.
+fn deadline_after(wait: Duration) -> Instant {
+    const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+    Instant::now() + wait.min(LONGEST)
+}
+
+/// Waits until `fd` is ready for `events` (or closed), or fails with `TimedOut` at `deadline`.
+fn wait_for(fd: RawFd, events: libc::c_short, deadline: Instant) -> std::io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        let mut poll = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // Rounded up, so that a wait never ends just before the deadline and spins.
+        let millis = left
+            .as_millis()
+            .saturating_add(1)
+            .min(libc::c_int::MAX as u128);
+        // SAFETY: poll reads and writes the one pollfd we pass.
+        match unsafe { libc::poll(&mut poll, 1, millis as libc::c_int) } {
+            n if n > 0 => return Ok(()),
+            0 => {}
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}
+
+/// Checks the figures a worker reports against what its request allowed and the parent can
+/// verify: a run never consumes more fuel than its store was given (the cap, plus the one
+/// unit whose lack trips it: [`crate::store::fuel_budget`]) nor holds more linear memory
+/// than its ceiling (the limiter refuses growth past it). A worker that says otherwise is
+/// broken or lying, and its report is not taken into anyone's accounts.
+fn check_usage(usage: &Usage, limits: &Limits) -> Result<(), String> {
+    if limits.fuel.is_some() {
+        let budget = crate::store::fuel_budget(limits);
+        if usage.fuel_consumed > budget {
+            return Err(format!(
+                "reported {} fuel consumed, above the budget of {budget}",
+                usage.fuel_consumed
+            ));
+        }
+    }
+    if usage.peak_memory_bytes > limits.memory {
+        return Err(format!(
+            "reported a peak of {} bytes of memory, above the ceiling of {}",
+            usage.peak_memory_bytes, limits.memory
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a worker may serve another request after this result: a run that ended as the
+/// design expects (an output, a guest's own error, a limit the host meters or checks) leaves
+/// nothing behind; a trap, an internal failure or an invalid-model verdict in the middle of a
+/// run is where a compromise or a corrupted process would show first, so its worker is
+/// replaced.
+fn ended_cleanly(result: &Result<Output, WireError>) -> bool {
+    match result {
+        Ok(_) | Err(WireError::Limit(_)) | Err(WireError::Model { .. }) => true,
+        Err(WireError::Trap { .. } | WireError::InvalidModel(_) | WireError::Other { .. }) => false,
+    }
+}
+
 /// The worker side (`wasm-infer __run-worker`): see the module docs. Returns the exit status.
 pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
-    let Ok(hello) = read_frame::<Hello>(&mut input) else {
+    let Ok(hello) = read_frame::<Hello>(&mut input, MAX_REQUEST_FRAME) else {
         return 1;
     };
     let models = match start(&hello) {
@@ -236,7 +419,7 @@ pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
     if write_frame(&mut output, &FromWorker::Ready { models: infos }).is_err() {
         return 1;
     }
-    while let Ok(request) = read_frame::<RunRequest>(&mut input) {
+    while let Ok(request) = read_frame::<RunRequest>(&mut input, MAX_REQUEST_FRAME) {
         let reply = match models.get(request.model) {
             Some(model) => match model.run(request.input, &request.limits) {
                 Ok(outcome) => FromWorker::Done {
@@ -290,8 +473,7 @@ fn start(hello: &Hello) -> Result<Vec<Model>, String> {
 /// One worker process and its channel.
 struct Worker {
     child: Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
+    channel: Channel,
     runs: u64,
 }
 
@@ -300,9 +482,27 @@ impl Worker {
         self.child.id()
     }
 
-    fn exchange(&mut self, request: &RunRequest) -> std::io::Result<FromWorker> {
-        write_frame(&mut self.stdin, request)?;
-        read_frame(&mut self.stdout)
+    /// Sends a run and waits for its answer, no longer than the run's wall-time limit plus
+    /// [`EXCHANGE_MARGIN`] and no more than [`max_run_frame`] bytes; the usage it reports is
+    /// checked ([`check_usage`]). Any failure here is the worker's: the caller replaces it.
+    fn exchange(&mut self, request: &RunRequest) -> Result<FromWorker, String> {
+        let patience = request.limits.wall_time.saturating_add(EXCHANGE_MARGIN);
+        let deadline = deadline_after(patience);
+        let reply = self.channel.send(request, deadline).and_then(|()| {
+            self.channel
+                .receive(max_run_frame(&request.limits), deadline)
+        });
+        match reply {
+            Ok(FromWorker::Done { result, usage }) => {
+                check_usage(&usage, &request.limits)?;
+                Ok(FromWorker::Done { result, usage })
+            }
+            Ok(other) => Ok(other),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(format!(
+                "no answer within {patience:?} (the wall-time limit and {EXCHANGE_MARGIN:?})"
+            )),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Waits for a worker whose channel broke, and says how it ended.
@@ -320,12 +520,15 @@ impl Worker {
         }
     }
 
-    /// Ends a healthy worker: closing its channel makes it exit.
+    /// Ends a worker that is not suspected of anything: closing its channel makes it exit;
+    /// the kill that follows is for one that would not (the supervisor never waits on a
+    /// worker's good will).
     fn retire(self) {
         let Worker {
-            mut child, stdin, ..
+            mut child, channel, ..
         } = self;
-        drop(stdin);
+        drop(channel);
+        let _ = child.kill();
         let _ = child.wait();
     }
 
@@ -382,6 +585,10 @@ impl PoolInner {
         let config = &self.config;
         let mut child = Command::new(&config.binary)
             .arg("__run-worker")
+            // Nothing of this process's environment (secrets, proxies, `LD_*`) reaches the
+            // worker: it reads no variable but the one below (its cache and settings come in
+            // its `Hello`; its stderr goes nowhere, so no logging variable either).
+            .env_clear()
             // candle sizes its CPU work from this variable, else by reading /proc/cpuinfo on
             // every matrix product, which a locked-down worker may not open.
             .env(
@@ -403,9 +610,20 @@ impl PoolInner {
                 tracing::warn!(error = %e, "could not put a worker in its cgroup");
             }
         }
+        let channel = Channel::new(
+            child.stdin.take().expect("piped stdin"),
+            child.stdout.take().expect("piped stdout"),
+        );
+        let channel = match channel {
+            Ok(channel) => channel,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Internal(format!("a worker's channel: {e}")));
+            }
+        };
         let mut worker = Worker {
-            stdin: child.stdin.take().expect("piped stdin"),
-            stdout: child.stdout.take().expect("piped stdout"),
+            channel,
             child,
             runs: 0,
         };
@@ -417,8 +635,12 @@ impl PoolInner {
             preinit: config.preinit,
             lockdown: config.lockdown,
         };
-        let ready = write_frame(&mut worker.stdin, &hello)
-            .and_then(|()| read_frame::<FromWorker>(&mut worker.stdout));
+        let deadline = deadline_after(START_DEADLINE);
+        let ready = worker.channel.send(&hello, deadline).and_then(|()| {
+            worker
+                .channel
+                .receive::<FromWorker>(max_ready_frame(config.models.len()), deadline)
+        });
         self.started.fetch_add(1, Ordering::Relaxed);
         match ready {
             Ok(FromWorker::Ready { models }) => Ok((worker, models)),
@@ -594,7 +816,13 @@ impl WorkerPool {
             match reply {
                 Ok(FromWorker::Done { result, usage }) => {
                     worker.runs += 1;
-                    if inner.should_recycle(&worker) {
+                    if !ended_cleanly(&result) {
+                        // Killed, not asked to leave: a worker that trapped may not be the
+                        // program it was.
+                        inner.recycled.fetch_add(1, Ordering::Relaxed);
+                        let _ = worker.reap();
+                        inner.give_back(None);
+                    } else if inner.should_recycle(&worker) {
                         inner.recycled.fetch_add(1, Ordering::Relaxed);
                         worker.retire();
                         inner.give_back(None);
@@ -610,10 +838,14 @@ impl WorkerPool {
                     inner.give_back(Some(worker));
                     Err(RunError::new(Error::Config(message), Usage::default()))
                 }
-                Ok(FromWorker::Ready { .. }) | Err(_) => {
-                    let reason = worker.reap();
+                out_of_protocol => {
+                    let why = match out_of_protocol {
+                        Err(why) => why,
+                        _ => "it answered a run with `ready`".to_string(),
+                    };
+                    let reason = format!("{why}; {}", worker.reap());
                     inner.lost.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%reason, "a worker died during a request; replacing it");
+                    tracing::warn!(%reason, "a worker was lost during a request; replacing it");
                     inner.give_back(None);
                     Err(RunError::new(
                         Error::WorkerLost { reason },
@@ -650,5 +882,71 @@ impl Drop for PoolInner {
         for worker in idle {
             worker.retire();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_usage_beyond_the_request_caps_is_refused() {
+        let limits = Limits::default().fuel(1_000_000).memory(64 << 20);
+        let honest = Usage {
+            // A run that tripped its cap consumed the cap and the unit that tripped it.
+            fuel_consumed: 1_000_001,
+            peak_memory_bytes: 64 << 20,
+            ..Usage::default()
+        };
+        assert_eq!(check_usage(&honest, &limits), Ok(()));
+        let too_much_fuel = Usage {
+            fuel_consumed: 1_000_002,
+            ..honest.clone()
+        };
+        assert_eq!(
+            check_usage(&too_much_fuel, &limits),
+            Err("reported 1000002 fuel consumed, above the budget of 1000001".into())
+        );
+        let too_much_memory = Usage {
+            peak_memory_bytes: (64 << 20) + 1,
+            ..honest.clone()
+        };
+        assert_eq!(
+            check_usage(&too_much_memory, &limits),
+            Err(
+                "reported a peak of 67108865 bytes of memory, above the ceiling of 67108864".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_run_frame_is_bounded_by_the_output_limit() {
+        // 16 MiB of output: at most 96 MiB of JSON and the 1 MiB margin, not 256 MiB.
+        let limits = Limits::default().max_output(16 << 20);
+        assert_eq!(max_run_frame(&limits), (96 << 20) + (1 << 20));
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&u32::MAX.to_le_bytes());
+        let error =
+            read_frame::<FromWorker>(&mut frame.as_slice(), max_run_frame(&limits)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "a frame of 4294967295 bytes, above the bound of 101711872"
+        );
+    }
+
+    #[test]
+    fn a_worker_whose_run_trapped_is_not_reused() {
+        let trap = Err(WireError::Trap {
+            code: None,
+            message: "unreachable".into(),
+            guest_stderr: String::new(),
+        });
+        assert!(!ended_cleanly(&trap));
+        let fuel = Err(WireError::Limit(LimitExceeded::Fuel {
+            limit: 1,
+            consumed: 1,
+        }));
+        assert!(ended_cleanly(&fuel));
+        assert!(ended_cleanly(&Ok(Output::Text("ok".into()))));
     }
 }
