@@ -472,3 +472,47 @@ fn nan_canonicalization_is_a_flag_with_an_environment_fallback() {
         .unwrap();
     assert_eq!(zero_by_zero(from_env), "0/0=7fc00000");
 }
+
+#[test]
+fn running_out_of_file_descriptors_is_an_internal_error_not_the_guests_trap() {
+    // The host's own resources failing (here: the process may open only N files) is the
+    // host's error, exit 1 `internal`, whatever step it hits; it was reported as the guest
+    // trapping (exit 4). Warm the cache first so that each run loads precompiled code.
+    let hostile = hostile_wasm();
+    let hostile = hostile.to_str().unwrap();
+    let warm = wasm_infer(&["--compile-in-process", hostile, "echo:x"]);
+    assert_eq!(code(&warm), 0, "{}", stderr(&warm));
+    let mut internal = 0;
+    for files in 4..=48u64 {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wasm-infer"));
+        command
+            .env("WASM_INFER_CACHE_DIR", cache_dir())
+            .args(["--compile-in-process", hostile, "echo:x"])
+            .stdin(Stdio::null());
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: files,
+                    rlim_max: files,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = command.output().unwrap();
+        match code(&out) {
+            0 => {}
+            1 => internal += 1,
+            other => panic!(
+                "{files} files: exit {other}, not 0 or 1 (internal): {}",
+                stderr(&out)
+            ),
+        }
+    }
+    // Some limits in the range are too low to run at all: those runs end as internal errors.
+    assert!(internal > 0);
+}
