@@ -476,18 +476,20 @@ fn nan_canonicalization_is_a_flag_with_an_environment_fallback() {
 #[test]
 fn running_out_of_file_descriptors_is_an_internal_error_not_the_guests_trap() {
     // The host's own resources failing (here: the process may open only N files) is the
-    // host's error, exit 1 `internal`, whatever step it hits; it was reported as the guest
-    // trapping (exit 4). Warm the cache first so that each run loads precompiled code.
+    // host's error, exit 1 `internal`, whatever step it hits: not the guest trapping (exit 4)
+    // nor a usage error (exit 2, which a compile worker that could not start for want of file
+    // descriptors was). Each run compiles afresh (an empty cache), in a compile worker.
     let hostile = hostile_wasm();
     let hostile = hostile.to_str().unwrap();
-    let warm = wasm_infer(&["--compile-in-process", hostile, "echo:x"]);
-    assert_eq!(code(&warm), 0, "{}", stderr(&warm));
     let mut internal = 0;
-    for files in 4..=48u64 {
+    for files in 4..=16u64 {
+        let cache =
+            support::target_dir().join(format!("tmp-nofile-{}-{files}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
         let mut command = Command::new(env!("CARGO_BIN_EXE_wasm-infer"));
         command
-            .env("WASM_INFER_CACHE_DIR", cache_dir())
-            .args(["--compile-in-process", hostile, "echo:x"])
+            .env("WASM_INFER_CACHE_DIR", &cache)
+            .args([hostile, "echo:x"])
             .stdin(Stdio::null());
         // SAFETY: setrlimit is async-signal-safe and touches only the child.
         unsafe {
@@ -504,9 +506,17 @@ fn running_out_of_file_descriptors_is_an_internal_error_not_the_guests_trap() {
             });
         }
         let out = command.output().unwrap();
+        let _ = std::fs::remove_dir_all(&cache);
         match code(&out) {
             0 => {}
-            1 => internal += 1,
+            1 => {
+                assert!(
+                    stderr(&out).contains("the host ran out of a resource"),
+                    "{}",
+                    stderr(&out)
+                );
+                internal += 1
+            }
             other => panic!(
                 "{files} files: exit {other}, not 0 or 1 (internal): {}",
                 stderr(&out)

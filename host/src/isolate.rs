@@ -94,10 +94,18 @@ pub(crate) fn compile_in_worker(
         .stderr(Stdio::null());
     apply_rlimits(&mut command, limits);
     let mut child = command.spawn().map_err(|e| {
-        Error::Config(format!(
+        let message = format!(
             "cannot start the compile worker {}: {e}",
             isolation.worker.display()
-        ))
+        );
+        // A worker binary that is missing or not executable is a setting to fix; anything
+        // else (no file descriptors, memory or processes left) is the host's resource failing.
+        match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                Error::Config(message)
+            }
+            _ => Error::Internal(format!("the host ran out of a resource: {message}")),
+        }
     })?;
     let mut input = serde_json::to_vec(request).expect("requests serialise");
     input.push(b'\n');
