@@ -326,7 +326,7 @@ fn every_nan_instruction() -> (String, Vec<(String, std::ops::Range<usize>)>) {
         let e = triples(n64).map(|(i, j, k)| format!("({op} {} {} {})", v64(i), v64(j), v64(k)));
         emit(op, "v128.store", 16, e.collect());
     }
-    let pages = (at + 65535) / 65536;
+    let pages = at.div_ceil(65536);
     let wat = format!(
         "(module (memory (export \"memory\") {pages}) (data (i32.const 0) \"{data}\")\n\
          (func (export \"run\")\n{body}))"
