@@ -135,18 +135,25 @@ fn fuel_yields_at_every_loop_header_keep_every_vector_register() {
     );
 }
 
-#[test]
-fn epoch_callbacks_at_every_loop_header_keep_every_vector_register() {
+/// A store on the project's engine with fuel to spare whose epoch callback counts its calls
+/// and answers `then()`.
+fn counting_store(then: fn() -> UpdateDeadline) -> (Store<()>, Arc<AtomicU64>) {
     let engine = Engine::new(&project_config()).unwrap();
     let mut store = Store::new(&engine, ());
     store.set_fuel(u64::MAX / 2).unwrap();
-    // A deadline of "now" after every callback: the new-epoch slow path on every header.
     let calls = Arc::new(AtomicU64::new(0));
     let counted = calls.clone();
     store.epoch_deadline_callback(move |_| {
         counted.fetch_add(1, Ordering::Relaxed);
-        Ok(UpdateDeadline::Yield(0))
+        Ok(then())
     });
+    (store, calls)
+}
+
+#[test]
+fn epoch_callbacks_at_every_loop_header_keep_every_vector_register() {
+    // A deadline of "now" after every callback: the new-epoch slow path on every header.
+    let (mut store, calls) = counting_store(|| UpdateDeadline::Yield(0));
     store.set_epoch_deadline(0);
     let with_epoch_yields = run(&mut store, TRIPS).unwrap();
     assert!(
@@ -205,15 +212,8 @@ fn the_epoch_deadline_is_reloaded_after_each_new_epoch() {
     // Each tick moves the deadline one epoch on, so each tick costs one callback. Had the
     // patched slow path not reloaded the deadline the callback stored, the loop would keep the
     // stale one and call back on every later trip (millions of calls).
-    let engine = Engine::new(&project_config()).unwrap();
-    let mut store = Store::new(&engine, ());
-    store.set_fuel(u64::MAX / 2).unwrap();
-    let calls = Arc::new(AtomicU64::new(0));
-    let counted = calls.clone();
-    store.epoch_deadline_callback(move |_| {
-        counted.fetch_add(1, Ordering::Relaxed);
-        Ok(UpdateDeadline::Continue(1))
-    });
+    let (mut store, calls) = counting_store(|| UpdateDeadline::Continue(1));
+    let engine = store.engine().clone();
     store.set_epoch_deadline(1);
     const TICKS: u64 = 5;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
