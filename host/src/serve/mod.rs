@@ -1,10 +1,12 @@
 //! `wasm-infer serve`: the HTTP service. It only translates: every decision about a run is the
 //! library's (`Error::kind()` maps to a status, see [`status`]).
 //!
-//! One pooled [`Runtime`], each model loaded (and pre-initialised) once at start; per request:
-//! the tenant from its API key ([`auth`]), its rate limits reserved ([`ratelimit`]), a place in
-//! the model's bounded queue ([`admission`]), the run under the tenant's limits, the unused fuel
-//! refunded, the answer in OpenAI's shape ([`routes`]), the figures counted ([`metrics`]).
+//! One pooled [`Runtime`], each model loaded (and pre-initialised) once at start. Each
+//! connection is watched for slow heads and idleness ([`connections`]); per request, from its
+//! head alone: the tenant from its API key ([`auth`]), its declared length, its request and fuel
+//! quotas reserved ([`ratelimit`]); then its body read and parsed, its tokens reserved, a place
+//! in the model's bounded queue ([`admission`]), the run under the tenant's limits, the unused
+//! fuel refunded, the answer in OpenAI's shape ([`routes`]), the figures counted ([`metrics`]).
 //! SIGTERM/SIGINT drains: `/readyz` turns false, new requests get 503, in-flight ones finish
 //! within the drain deadline.
 
