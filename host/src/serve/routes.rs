@@ -1138,6 +1138,24 @@ mod tests {
     }
 
     #[test]
+    fn request_ids_are_kept_only_when_short_and_plain_and_log_fields_are_clipped() {
+        let ok = |id: &str| acceptable_request_id(&HeaderValue::from_str(id).unwrap());
+        assert!(ok("trace-0123.abc_DEF"));
+        assert!(ok(&"x".repeat(MAX_REQUEST_ID)));
+        assert!(!ok(&"x".repeat(MAX_REQUEST_ID + 1)));
+        for bad in ["", "a b", "a/b", "a\"b", "é"] {
+            assert!(!ok(bad), "{bad:?}");
+        }
+        assert_eq!(clip("short", LOG_FIELD_MAX), "short");
+        assert_eq!(
+            clip(&"m".repeat(1 << 20), LOG_FIELD_MAX).len(),
+            LOG_FIELD_MAX
+        );
+        // Cut at a character boundary: é is two bytes.
+        assert_eq!(clip("aé", 2), "a");
+    }
+
+    #[test]
     fn truncation_cuts_at_a_character_boundary() {
         assert_eq!(
             truncate(Input::Text("héllo".into()), 2),
