@@ -350,10 +350,18 @@ fn each_refusal_has_its_status_and_the_openai_error_shape() {
     assert_eq!(tokens.json()["error"]["param"], "input");
 
     // 413: a body over max_body (before parsing), an input over max_input (before running).
-    let huge = "x".repeat(70 << 10);
-    server
-        .post_raw("/v1/infer", Some(KEY_A), &huge)
-        .assert_error(413, "body_too_large");
+    // Refused from the declared length, before the body: sent by hand, since a client still
+    // writing the body when the server answers and closes may see a reset instead.
+    let mut huge = raw(&server);
+    write!(
+        huge,
+        "POST /v1/infer HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY_A}\r\n\
+         Content-Length: {}\r\n\r\n",
+        70 << 10
+    )
+    .unwrap();
+    let head = read_head(&mut huge).expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     let error = server
         .infer(Some(KEY_A), "hostile", &"x".repeat(20 << 10))
         .assert_error(413, "input");
@@ -585,19 +593,11 @@ fn metrics_after_a_scripted_mix_equal_what_was_sent() {
         .as_u64()
         .unwrap();
 
-    let text = server.get("/metrics", None).text;
-    // The separate metrics address serves the same figures.
-    let log = server.log();
-    let metrics_url = log
-        .lines()
-        .find_map(|line| line.strip_prefix("metrics on "))
-        .expect("the metrics address is printed");
-    let separate = Reply::from(ureq::get(metrics_url).call());
+    // With metrics_listen set, /metrics is served there only.
+    assert_eq!(server.get("/metrics", None).status, 404);
+    let separate = Reply::from(ureq::get(&metrics_url(&server)).call());
     assert_eq!(separate.status, 200);
-    assert_eq!(
-        metric_value(&separate.text, "wasm_infer_requests_total", &[]),
-        metric_value(&text, "wasm_infer_requests_total", &[]),
-    );
+    let text = separate.text;
     let requests = |status: &str, tenant: &str| {
         metric_value(
             &text,
@@ -953,4 +953,305 @@ fn wait_for(mut condition: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A raw connection to `server`'s API address, reads timing out after 10 s.
+fn raw(server: &Server) -> std::net::TcpStream {
+    let addr = server.base.strip_prefix("http://").unwrap();
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Reads one answer's head (through the blank line); `None` if the server closed first.
+fn read_head(stream: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream
+            .read(&mut byte)
+            .expect("an answer or a close in time")
+            == 0
+        {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8(head).unwrap())
+}
+
+/// Reads until the server closes the connection; how long that took.
+fn time_to_close(stream: &mut std::net::TcpStream) -> Duration {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut sink = [0u8; 4096];
+    while stream
+        .read(&mut sink)
+        .expect("closed before the read timeout")
+        > 0
+    {}
+    start.elapsed()
+}
+
+fn metrics_url(server: &Server) -> String {
+    server
+        .log()
+        .lines()
+        .find_map(|line| line.strip_prefix("metrics on ").map(str::to_string))
+        .expect("the metrics address is printed")
+}
+
+#[test]
+fn half_a_head_is_closed_after_the_header_timeout_and_an_idle_connection_after_the_idle_timeout() {
+    let config = format!(
+        "header_read_timeout = \"1s\"\nidle_timeout = \"3s\"\n[[models]]\nname = \"hostile\"\n\
+         path = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    // Half a head, then nothing: closed at the header timeout, unanswered.
+    let mut half = raw(&server);
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: te")
+        .unwrap();
+    let waited = time_to_close(&mut half);
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // A head trickled a byte every 200 ms does not reset the header timeout.
+    let mut trickle = raw(&server);
+    let start = Instant::now();
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: " {
+        if trickle.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if start.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let closed_after = start.elapsed() + time_to_close(&mut trickle);
+    assert!(closed_after < Duration::from_secs(4), "{closed_after:?}");
+    // A kept-alive connection after its answer: the idle timeout (3 s), not the header one.
+    let mut idle = raw(&server);
+    assert!(get_on(&mut idle, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    let waited = time_to_close(&mut idle);
+    assert!(
+        waited >= Duration::from_millis(2800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let text = server.get("/metrics", None).text;
+    let closed = |reason| {
+        metric_value(
+            &text,
+            "wasm_infer_connections_closed_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(closed("header_timeout"), 2.0);
+    assert!(closed("idle_timeout") >= 1.0);
+}
+
+#[test]
+fn a_head_larger_than_the_read_buffer_is_431_and_a_slow_body_is_408() {
+    let config = format!(
+        "max_read_buffer = \"16KiB\"\nbody_read_timeout = \"1s\"\n[[models]]\nname = \"hostile\"\n\
+         path = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let mut big = raw(&server);
+    let filler = "a".repeat(20 << 10);
+    // The server may answer and close before the whole head is written.
+    let _ = write!(
+        big,
+        "GET /healthz HTTP/1.1\r\nHost: test\r\nX-Filler: {filler}\r\n\r\n"
+    );
+    let head = read_head(&mut big).expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    // Just under the cap is served.
+    let mut fits = raw(&server);
+    let filler = "a".repeat(12 << 10);
+    write!(
+        fits,
+        "GET /healthz HTTP/1.1\r\nHost: test\r\nX-Filler: {filler}\r\n\r\n"
+    )
+    .unwrap();
+    assert!(read_head(&mut fits).unwrap().starts_with("HTTP/1.1 200"));
+    // A body declared 100 bytes, 10 sent: 408 at the body-read timeout.
+    let mut slow = raw(&server);
+    let start = Instant::now();
+    write!(
+        slow,
+        "POST /v1/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"model\":"
+    )
+    .unwrap();
+    let head = read_head(&mut slow).expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn the_key_and_the_declared_length_are_checked_before_100_continue_or_any_body_byte() {
+    let config = format!(
+        "max_body = \"64KiB\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        hostile_wasm().display(),
+        tenant("a", KEY_A, ""),
+    );
+    let server = Server::start(&config, &[]);
+    let head = |key: &str, length: u64| {
+        format!(
+            "POST /v1/infer HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\
+             Expect: 100-continue\r\n\r\n"
+        )
+    };
+    // A wrong key declaring 10 GiB: 401, not 100 Continue, and no body byte sent.
+    let mut wrong = raw(&server);
+    wrong
+        .write_all(head("sk-wrong", 10 << 30).as_bytes())
+        .unwrap();
+    let answer = read_head(&mut wrong).expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // The right key declaring 10 GiB: 413 at once.
+    let mut huge = raw(&server);
+    let start = Instant::now();
+    huge.write_all(head(KEY_A, 10 << 30).as_bytes()).unwrap();
+    let answer = read_head(&mut huge).expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // The right key and a length within max_body: 100 Continue, then the answer.
+    let body = json!({"model": "hostile", "input": {"text": "echo:hi"}}).to_string();
+    let mut ok = raw(&server);
+    ok.write_all(head(KEY_A, body.len() as u64).as_bytes())
+        .unwrap();
+    let answer = read_head(&mut ok).expect("100 Continue");
+    assert!(answer.starts_with("HTTP/1.1 100"), "{answer}");
+    ok.write_all(body.as_bytes()).unwrap();
+    let answer = read_head(&mut ok).expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn malformed_bodies_spend_the_request_quota_like_any_other() {
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        hostile_wasm().display(),
+        tenant(
+            "a",
+            KEY_A,
+            "[tenants.rates]\nrequests_per_second = 0.01\nrequests_burst = 3"
+        ),
+    );
+    let server = Server::start(&config, &[]);
+    for n in 0..3 {
+        let bad = server.post_raw("/v1/infer", Some(KEY_A), "{not json");
+        bad.assert_error(400, "invalid_json");
+        assert_eq!(
+            bad.header("ratelimit"),
+            Some(format!("\"requests\";r={};t={}", 2 - n, 100 * (n + 1)).as_str()),
+            "request {n}"
+        );
+    }
+    let limited = server.infer(Some(KEY_A), "hostile", "echo:x");
+    let error = limited.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(error["type"], "requests");
+}
+
+#[test]
+fn readyz_called_twenty_times_at_once_probes_the_models_once() {
+    let config = format!(
+        "readiness_interval = \"1h\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Arc::new(Server::start(&config, &[]));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|_| server.get("/readyz", None).status)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for caller in callers {
+        assert_eq!(caller.join().unwrap(), vec![200; 5]);
+    }
+    assert_eq!(server.get("/readyz", None).json()["ready"], true);
+    assert_eq!(server.metric("wasm_infer_readiness_probes_total", &[]), 1.0);
+}
+
+#[test]
+fn a_long_or_unsafe_request_id_is_replaced_and_refusals_log_no_client_string() {
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let id_of = |id: &str| {
+        Reply::from(
+            ureq::get(&server.url("/healthz"))
+                .set("x-request-id", id)
+                .call(),
+        )
+        .header("x-request-id")
+        .unwrap()
+        .to_string()
+    };
+    let plain = "trace-0123.abc_DEF";
+    assert_eq!(id_of(plain), plain);
+    for bad in [
+        "x".repeat(65),
+        "x".repeat(10 << 10),
+        "a/b".into(),
+        "a b".into(),
+    ] {
+        let id = id_of(&bad);
+        assert!(
+            id.starts_with("req-") && id.len() == 12,
+            "{} -> {id}",
+            bad.len()
+        );
+    }
+    // Refusals carrying long client strings: no line of the log holds one.
+    let long = "m".repeat(100 << 10);
+    let before = server.log().len();
+    server
+        .infer(None, &long, "echo:x")
+        .assert_error(404, "model_not_found");
+    let status = server
+        .post(
+            "/v1/embeddings",
+            None,
+            &json!({"model": "hostile", "input": "x", "encoding_format": long}),
+        )
+        .status;
+    assert_eq!(status, 400);
+    std::thread::sleep(Duration::from_millis(200));
+    let logged = server.log().len() - before;
+    assert!(logged < 4096, "{logged} bytes of log for two refusals");
+}
+
+#[test]
+fn with_metrics_listen_metrics_is_not_served_on_the_api_address() {
+    let config = format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    assert_eq!(server.get("/metrics", None).status, 404);
+    let metrics = Reply::from(ureq::get(&metrics_url(&server)).call());
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.text.contains("wasm_infer_connections_open"));
 }

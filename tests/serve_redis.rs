@@ -612,7 +612,7 @@ fn command_calls(redis: &Redis, command: &str) -> u64 {
 }
 
 #[test]
-fn each_request_checks_its_three_quotas_in_one_round_trip_and_refunds_in_one() {
+fn each_request_reserves_from_its_head_then_its_tokens_and_refunds_one_round_trip_each() {
     const FUEL_CAP: u64 = 1_000_000;
     const REQUESTS: u64 = 10;
     let redis = Redis::start();
@@ -694,8 +694,9 @@ fuel_burst = {FUEL_CAP}
         );
         assert!(header.contains("\"fuel\";"), "{header}");
     }
-    // Three quotas each: one reservation and one refund of the unburnt fuel per request.
-    assert_eq!(command_calls(&redis, "evalsha"), 2 * REQUESTS);
+    // Three quotas each: the request and fuel reserved from the head (before the body is
+    // read), the tokens once the body is parsed, and one refund of the unburnt fuel.
+    assert_eq!(command_calls(&redis, "evalsha"), 3 * REQUESTS);
     assert_eq!(command_calls(&redis, "eval"), 0);
     assert_eq!(command_calls(&redis, "script"), 0);
 
@@ -720,7 +721,7 @@ fuel_burst = {FUEL_CAP}
     assert!(header.starts_with("\"requests\";r=3;"), "{header}");
     // Tenant b's run: one reservation and no refund (its fuel was all burnt); its refusal:
     // one reservation, nothing to give back.
-    assert_eq!(command_calls(&redis, "evalsha"), 2 * REQUESTS + 2);
+    assert_eq!(command_calls(&redis, "evalsha"), 3 * REQUESTS + 2);
 
     let _ = child.kill();
     let _ = child.wait();

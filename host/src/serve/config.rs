@@ -27,6 +27,27 @@ pub const DEFAULT_QUEUE: u32 = 64;
 /// Default connection limit on the API address: far above what the pool serves at once (the
 /// queues absorb the difference), far below a process's usual 64 Ki file descriptors.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+/// Default header-read timeout: a client has this long from the first byte of a request's head
+/// to its last. Ten seconds is generous for any real client over any real link (a full 64 KiB
+/// head at 6.5 KB/s) and short enough that connections trickling a head hold their slot for
+/// seconds, not for ever.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout: a keep-alive connection with no request open and no byte moving for
+/// this long is closed. Above the common load balancers' own idle timeouts (AWS ALB 60 s,
+/// nginx upstream keep-alive 60 s), so a pool's connection is normally closed by its owner first.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default body-read timeout: the whole body, from the handler's first read to its last byte.
+/// A full default `max_body` (2 MiB) in 30 s is a minimum rate of ~70 KB/s.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on a connection's read buffer: a request head larger than this is answered 431.
+/// 64 KiB is 8x nginx's default header buffer (8 KiB) and 1/6 of hyper's own default (~400
+/// KiB), which is what `max_connections` idle-but-unfinished heads could otherwise pin.
+pub const DEFAULT_MAX_READ_BUFFER: u64 = 64 << 10;
+/// The smallest read buffer hyper accepts.
+pub const MIN_READ_BUFFER: u64 = 8 << 10;
+/// Default readiness interval: `/readyz` runs each model's probe at most once per interval
+/// and answers from the last result in between (a kubelet probes every 10 s by default).
+pub const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(5);
 /// Default pool slots: concurrent sandboxes (and so the default concurrency cap per model).
 pub const DEFAULT_POOL_SLOTS: u32 = 16;
 
@@ -36,7 +57,8 @@ pub const DEFAULT_POOL_SLOTS: u32 = 16;
 pub struct ServeConfig {
     /// Where the API listens.
     pub listen: SocketAddr,
-    /// A separate address for `/metrics` (it is also served on `listen`).
+    /// A separate address for `/metrics`; when set, `/metrics` is served there only, not on
+    /// `listen` (it names every tenant).
     pub metrics_listen: Option<SocketAddr>,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[serde(with = "crate::units::serde::duration")]
@@ -45,9 +67,34 @@ pub struct ServeConfig {
     /// backlog until one closes (see [`crate::serve::connections`]). The metrics address is
     /// not counted.
     pub max_connections: u32,
-    /// Largest request body, checked before parsing (413 past it).
+    /// Largest request body (413 past it): a declared `Content-Length` over it is refused
+    /// before any body byte is read, a chunked body is cut when it passes it.
     #[serde(with = "crate::units::serde::size")]
     pub max_body: u64,
+    /// From the first byte of a request's head to its last; past it the connection is closed
+    /// without an answer (default [`DEFAULT_HEADER_READ_TIMEOUT`]).
+    #[serde(with = "crate::units::serde::duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request open and no byte read or written for this long is closed
+    /// (default [`DEFAULT_IDLE_TIMEOUT`]). Shorter frees slots sooner; longer than the load
+    /// balancer's own idle timeout avoids closing a connection it is about to reuse.
+    #[serde(with = "crate::units::serde::duration")]
+    pub idle_timeout: Duration,
+    /// From the first read of a request's body to its last byte; past it 408 and the
+    /// connection is closed (default [`DEFAULT_BODY_READ_TIMEOUT`]). With `max_body` it sets
+    /// the slowest rate a full body may arrive at.
+    #[serde(with = "crate::units::serde::duration")]
+    pub body_read_timeout: Duration,
+    /// A connection's read buffer cap (at least 8 KiB): a request head that does not fit is
+    /// answered 431 and the connection closed (default [`DEFAULT_MAX_READ_BUFFER`]). Bounds
+    /// what `max_connections` unfinished heads hold.
+    #[serde(with = "crate::units::serde::size")]
+    pub max_read_buffer: u64,
+    /// `/readyz` probes the models at most once per interval (one probe at a time; callers
+    /// meanwhile get the last result), so probes cannot be used to run models for free
+    /// (default [`DEFAULT_READINESS_INTERVAL`]).
+    #[serde(with = "crate::units::serde::duration")]
+    pub readiness_interval: Duration,
     /// Longest a request waits in a model's queue (default: its wall-time limit, which covers
     /// the wait anyway).
     #[serde(default, with = "opt_duration")]
@@ -72,6 +119,11 @@ impl Default for ServeConfig {
             drain_deadline: DEFAULT_DRAIN_DEADLINE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_body: DEFAULT_MAX_BODY,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            max_read_buffer: DEFAULT_MAX_READ_BUFFER,
+            readiness_interval: DEFAULT_READINESS_INTERVAL,
             queue_wait: None,
             pool_slots: DEFAULT_POOL_SLOTS,
             limits: Limits::default(),
@@ -234,6 +286,28 @@ impl ServeConfig {
     /// Parses a config's text.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The edge's settings a server cannot run with.
+    pub fn check_edge(&self) -> Result<(), String> {
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        if self.max_read_buffer < MIN_READ_BUFFER {
+            return Err(format!(
+                "max_read_buffer must be at least {MIN_READ_BUFFER} bytes (hyper's minimum)"
+            ));
+        }
+        for (name, value) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{name} must be more than zero"));
+            }
+        }
+        Ok(())
     }
 
     /// The tenants, validated (one anonymous tenant with the server's limits when none are
@@ -413,6 +487,28 @@ mod tests {
         assert_eq!(tenants[0].limits, Limits::default());
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_read_buffer, 64 << 10);
+        assert_eq!(config.check_edge(), Ok(()));
+    }
+
+    #[test]
+    fn edge_settings_parse_and_unusable_ones_refuse_to_start() {
+        let config = ServeConfig::from_toml(
+            "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"\nbody_read_timeout = \"3s\"\n\
+             max_read_buffer = \"16KiB\"\nreadiness_interval = \"1m\"",
+        )
+        .unwrap();
+        assert_eq!(config.header_read_timeout, Duration::from_secs(1));
+        assert_eq!(config.idle_timeout, Duration::from_secs(2));
+        assert_eq!(config.body_read_timeout, Duration::from_secs(3));
+        assert_eq!(config.max_read_buffer, 16 << 10);
+        assert_eq!(config.readiness_interval, Duration::from_secs(60));
+        let small = ServeConfig::from_toml("max_read_buffer = \"4KiB\"").unwrap();
+        assert!(small.check_edge().unwrap_err().contains("max_read_buffer"));
+        let zero = ServeConfig::from_toml("idle_timeout = \"0s\"").unwrap();
+        assert!(zero.check_edge().unwrap_err().contains("idle_timeout"));
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The connection limit on the API address: an axum [`Listener`] that holds one permit per open
-//! connection and accepts only while a permit is free.
+//! The API address's edge: the connection limit (an axum [`Listener`] that holds one permit per
+//! open connection and accepts only while a permit is free), and each connection served by
+//! hyper's HTTP/1 with a capped read buffer and a watchdog that closes it when its head is slow
+//! or it sits idle ([`serve`]).
 //!
 //! Past `max_connections` the listener **waits** rather than accepting and closing at once:
 //! the kernel completes the handshake and keeps the connection in the listen backlog, and it is
@@ -11,14 +13,22 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::serve::Listener;
+use axum::Router;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use super::metrics::CloseLabels;
 
 /// A TCP listener that keeps at most `max` connections open.
 pub struct Limited {
@@ -59,6 +69,7 @@ impl Listener for Limited {
                 io,
                 _permit: permit,
                 open,
+                activity: Arc::new(Activity::new()),
             },
             addr,
         )
@@ -70,11 +81,12 @@ impl Listener for Limited {
 }
 
 /// An accepted connection: its permit and its place in the gauge are given back when hyper
-/// drops it.
+/// drops it; its reads and writes are recorded in its [`Activity`].
 pub struct Counted {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
     open: Gauge,
+    activity: Arc<Activity>,
 }
 
 impl Drop for Counted {
@@ -89,7 +101,13 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.read();
+        }
+        polled
     }
 }
 
@@ -99,7 +117,12 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.wrote();
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -107,7 +130,12 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.wrote();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -120,5 +148,232 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The edge's settings for each connection (from the serve config).
+#[derive(Debug, Clone, Copy)]
+pub struct Edge {
+    /// From a head's first byte to its last.
+    pub header_read_timeout: Duration,
+    /// No request open and no byte moving.
+    pub idle_timeout: Duration,
+    /// hyper's read buffer cap: a head that does not fit is 431.
+    pub max_read_buffer: usize,
+}
+
+/// What a connection's watchdog reads: whether a request is open, when bytes last moved, and
+/// when the head being read (if any) began. Updated by the connection's reads and writes and
+/// by the service around each request.
+pub struct Activity {
+    state: Mutex<ActivityState>,
+    /// Woken when a head starts or a request ends: the deadline to watch changes.
+    changed: Notify,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ActivityState {
+    /// Requests whose head hyper parsed and whose answer is not yet produced.
+    open: usize,
+    /// Bytes last read or written (or a request last began or ended).
+    last: Instant,
+    /// The first byte read while no request was open: a head being read since then.
+    head_started: Option<Instant>,
+}
+
+/// Why the watchdog closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    HeaderTimeout,
+    IdleTimeout,
+}
+
+impl Close {
+    fn as_str(self) -> &'static str {
+        match self {
+            Close::HeaderTimeout => "header_timeout",
+            Close::IdleTimeout => "idle_timeout",
+        }
+    }
+}
+
+impl ActivityState {
+    /// When the connection is to be closed, and why; `None` while a request is open (its body
+    /// has its own timeout, and the answer's writing counts as activity once it is produced).
+    fn deadline(&self, edge: &Edge) -> Option<(Instant, Close)> {
+        if self.open > 0 {
+            return None;
+        }
+        Some(match self.head_started {
+            Some(started) => (started + edge.header_read_timeout, Close::HeaderTimeout),
+            None => (self.last + edge.idle_timeout, Close::IdleTimeout),
+        })
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(ActivityState {
+                open: 0,
+                last: Instant::now(),
+                head_started: None,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        // Nothing panics while holding it; a poisoned state is still a valid one.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) {
+        let mut state = self.lock();
+        state.last = Instant::now();
+        if state.open == 0 && state.head_started.is_none() {
+            state.head_started = Some(state.last);
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    fn wrote(&self) {
+        self.lock().last = Instant::now();
+    }
+
+    /// A request's head was parsed: it is open until the guard drops (its answer produced).
+    fn begin(self: &Arc<Self>) -> RequestOpen {
+        let mut state = self.lock();
+        state.open += 1;
+        state.head_started = None;
+        state.last = Instant::now();
+        RequestOpen(self.clone())
+    }
+}
+
+/// One open request of a connection.
+struct RequestOpen(Arc<Activity>);
+
+impl Drop for RequestOpen {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.open -= 1;
+        state.last = Instant::now();
+        drop(state);
+        self.0.changed.notify_one();
+    }
+}
+
+/// Serves `app` on `listener`'s connections until the returned future is dropped (which drops
+/// every connection with it). HTTP/1 only: a client speaking HTTP/2 gets a parse error.
+pub async fn serve(
+    mut listener: Limited,
+    app: Router,
+    edge: Edge,
+    closed: Family<CloseLabels, Counter>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        // hyper's own timer also runs while a keep-alive connection waits for its next
+        // request, which would make the idle timeout the header timeout: the watchdog keeps
+        // the two apart.
+        .header_read_timeout(None)
+        .max_buf_size(edge.max_read_buffer);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            (io, _peer) = listener.accept() => {
+                let activity = io.activity.clone();
+                let service = {
+                    let activity = activity.clone();
+                    let app = app.clone();
+                    hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let open = activity.begin();
+                        let answer = app.clone().oneshot(request.map(axum::body::Body::new));
+                        async move {
+                            let answer = answer.await;
+                            drop(open);
+                            answer
+                        }
+                    })
+                };
+                let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+                let closed = closed.clone();
+                connections.spawn(async move {
+                    if let Some(reason) = watch(connection, &activity, &edge).await {
+                        tracing::debug!(reason = reason.as_str(), "connection closed");
+                        closed
+                            .get_or_create(&CloseLabels {
+                                reason: reason.as_str().into(),
+                            })
+                            .inc();
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Drives `connection` until it ends on its own (`None`) or its head or idle deadline passes
+/// (the connection is dropped, which closes it, and the reason returned).
+async fn watch<F: std::future::Future>(
+    connection: F,
+    activity: &Activity,
+    edge: &Edge,
+) -> Option<Close> {
+    tokio::pin!(connection);
+    loop {
+        let changed = activity.changed.notified();
+        let deadline = activity.lock().deadline(edge);
+        let wake = match deadline {
+            Some((at, reason)) if at <= Instant::now() => return Some(reason),
+            Some((at, _)) => at,
+            // A request is open: look again when it ends (or after a while).
+            None => Instant::now() + edge.idle_timeout,
+        };
+        tokio::select! {
+            _ = &mut connection => return None,
+            () = tokio::time::sleep_until(wake) => {}
+            () = changed => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EDGE: Edge = Edge {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_read_buffer: 64 << 10,
+    };
+
+    #[test]
+    fn a_head_has_the_header_timeout_an_idle_connection_the_idle_timeout_and_a_request_none() {
+        let t0 = Instant::now();
+        let idle = ActivityState {
+            open: 0,
+            last: t0,
+            head_started: None,
+        };
+        assert_eq!(
+            idle.deadline(&EDGE),
+            Some((t0 + Duration::from_secs(60), Close::IdleTimeout))
+        );
+        let head = ActivityState {
+            head_started: Some(t0 + Duration::from_secs(5)),
+            last: t0 + Duration::from_secs(9),
+            ..idle
+        };
+        // Bytes trickling in do not move the head's deadline.
+        assert_eq!(
+            head.deadline(&EDGE),
+            Some((t0 + Duration::from_secs(15), Close::HeaderTimeout))
+        );
+        let open = ActivityState { open: 1, ..head };
+        assert_eq!(open.deadline(&EDGE), None);
     }
 }

@@ -36,6 +36,12 @@ pub struct RateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// `header_timeout` or `idle_timeout`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
 }
@@ -70,6 +76,10 @@ pub struct Metrics {
     pub rate_limit_backend_failures: Counter,
     pub drain_cancelled: Counter,
     pub fallbacks: Family<RunLabels, Counter>,
+    /// Connections the server closed on its own, by reason.
+    pub connections_closed: Family<CloseLabels, Counter>,
+    /// `/readyz` probes that ran the models (the rest answered from the cached result).
+    pub readiness_probes: Counter,
 }
 
 impl Metrics {
@@ -163,6 +173,18 @@ impl Metrics {
             "Requests answered by a model's fallback",
             fallbacks.clone(),
         );
+        let connections_closed = Family::default();
+        registry.register(
+            "connections_closed",
+            "Connections the server closed on its own (header_timeout, idle_timeout)",
+            connections_closed.clone(),
+        );
+        let readiness_probes = Counter::default();
+        registry.register(
+            "readiness_probes",
+            "Readiness checks that ran the models (at most one per readiness_interval)",
+            readiness_probes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -181,6 +203,8 @@ impl Metrics {
             rate_limit_backend_failures,
             drain_cancelled,
             fallbacks,
+            connections_closed,
+            readiness_probes,
         }
     }
 

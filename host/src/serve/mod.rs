@@ -1,10 +1,12 @@
 //! `wasm-infer serve`: the HTTP service. It only translates: every decision about a run is the
 //! library's (`Error::kind()` maps to a status, see [`status`]).
 //!
-//! One pooled [`Runtime`], each model loaded (and pre-initialised) once at start; per request:
-//! the tenant from its API key ([`auth`]), its rate limits reserved ([`ratelimit`]), a place in
-//! the model's bounded queue ([`admission`]), the run under the tenant's limits, the unused fuel
-//! refunded, the answer in OpenAI's shape ([`routes`]), the figures counted ([`metrics`]).
+//! One pooled [`Runtime`], each model loaded (and pre-initialised) once at start. Each
+//! connection is watched for slow heads and idleness ([`connections`]); per request, from its
+//! head alone: the tenant from its API key ([`auth`]), its declared length, its request and fuel
+//! quotas reserved ([`ratelimit`]); then its body read and parsed, its tokens reserved, a place
+//! in the model's bounded queue ([`admission`]), the run under the tenant's limits, the unused
+//! fuel refunded, the answer in OpenAI's shape ([`routes`]), the figures counted ([`metrics`]).
 //! SIGTERM/SIGINT drains: `/readyz` turns false, new requests get 503, in-flight ones finish
 //! within the drain deadline.
 
@@ -51,6 +53,17 @@ pub struct State {
     /// Requests between admission and answer (what the drain waits for).
     pub in_flight: AtomicUsize,
     pub drained: tokio::sync::Notify,
+    /// The last readiness check (`/readyz`); its lock is held while a check runs, so callers
+    /// meanwhile wait for that one rather than start their own.
+    pub readiness: tokio::sync::Mutex<Option<Readiness>>,
+}
+
+/// One readiness check's result.
+pub struct Readiness {
+    pub checked: std::time::Instant,
+    pub ready: bool,
+    /// What `/readyz` answers (each model's probe).
+    pub body: serde_json::Value,
 }
 
 impl State {
@@ -90,11 +103,7 @@ pub async fn prepare(
     runtime_config: RuntimeConfig,
     load: &LoadOptions,
 ) -> Result<Arc<State>, ServeError> {
-    if config.max_connections == 0 {
-        return Err(ServeError::Config(
-            "max_connections must be at least 1".into(),
-        ));
-    }
+    config.check_edge().map_err(ServeError::Config)?;
     let runtime = Runtime::with_config(RuntimeConfig {
         pool: Some(config.pool_slots),
         ..runtime_config
@@ -188,6 +197,7 @@ pub async fn prepare(
         draining: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         drained: tokio::sync::Notify::new(),
+        readiness: tokio::sync::Mutex::new(None),
     }))
 }
 
@@ -203,8 +213,17 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
         state.config.max_connections,
         state.metrics.connections_open.clone(),
     );
+    let edge = connections::Edge {
+        header_read_timeout: state.config.header_read_timeout,
+        idle_timeout: state.config.idle_timeout,
+        max_read_buffer: state.config.max_read_buffer as usize,
+    };
+    let closed = state.metrics.connections_closed.clone();
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(async move { axum::serve(listener, app).await });
+    servers.spawn(async move {
+        connections::serve(listener, app, edge, closed).await;
+        Ok(())
+    });
     if let Some(metrics_addr) = state.config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
         let metrics_local: SocketAddr = listener.local_addr()?;

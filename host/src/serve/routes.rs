@@ -1,15 +1,20 @@
 //! The routes: `POST /v1/embeddings` (OpenAI's shape), `POST /v1/infer` (native), `GET
 //! /v1/models`, `/healthz`, `/readyz`, `/metrics`; and the one path every run takes through
-//! them ([`execute`]): draining check, tenant, input check, rate limits, queue, run, refund,
-//! fallback, metrics.
+//! them: [`Context::admit`] from the head alone (draining check, tenant, declared length, the
+//! request and fuel quotas), then the body (read under `max_body` and `body_read_timeout`,
+//! parsed off the async workers), then [`execute`] (input check, tokens quota, queue, run,
+//! refund, fallback, metrics).
+//!
+//! Nothing a client sends is logged whole: its request id is kept only when short and plain
+//! ([`acceptable_request_id`]), and every string of its in a log line is cut to
+//! [`LOG_FIELD_MAX`] bytes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State as AxumState};
+use axum::body::{Body, Bytes};
+use axum::extract::State as AxumState;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +25,7 @@ use serde_json::json;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use super::admission::Refused;
 use super::config::{Tenant, TenantRates};
@@ -51,6 +56,36 @@ const BACKEND_RETRY_AFTER: Duration = Duration::from_secs(1);
 const READY_WALL_TIME: Duration = Duration::from_secs(10);
 /// OpenAI's cap on the items of one embeddings request.
 const MAX_EMBEDDING_ITEMS: usize = 2048;
+/// The longest client request id kept (a UUID is 36, a W3C trace id 32); a longer one, or one
+/// with other characters, is replaced by the server's own, so a client cannot make every log
+/// line of its request long or forge log structure.
+pub const MAX_REQUEST_ID: usize = 64;
+/// The most bytes of one client-provided string (model name, field value, error message, path)
+/// in a log line.
+pub const LOG_FIELD_MAX: usize = 256;
+
+/// Whether a client's `x-request-id` is kept: 1 to [`MAX_REQUEST_ID`] bytes of
+/// `[A-Za-z0-9._-]`.
+pub fn acceptable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, for a log line.
+pub fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 #[derive(Clone, Default)]
 struct Counter(Arc<AtomicU64>);
@@ -64,31 +99,49 @@ impl MakeRequestId for Counter {
     }
 }
 
-/// The API's router.
+/// The API's router. `/metrics` is on it only when there is no `metrics_listen`: it names every
+/// tenant, which the API's clients need not learn.
 pub fn router(state: Shared) -> Router {
-    let max_body = state.config.max_body as usize;
     let request_id = HeaderName::from_static(REQUEST_ID);
-    Router::new()
+    let mut router = Router::new()
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/infer", post(infer))
         .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz));
+    if state.config.metrics_listen.is_none() {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(
-            |request: &Request<axum::body::Body>| {
-                let id = request
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), id)
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<Body>| {
+                    let id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    let path = clip(request.uri().path(), LOG_FIELD_MAX);
+                    tracing::info_span!("request", method = %request.method(), path, id)
+                })
+                // A 5xx under load (503 overloaded, draining) is a refusal, counted in
+                // `requests_total`: not a log line per request.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
+        .layer(SetRequestIdLayer::new(request_id, Counter::default()))
+        // Outermost: an unacceptable client id is dropped before the server's is set.
+        .layer(tower::util::MapRequestLayer::new(
+            |mut request: Request<Body>| {
+                if let Some(id) = request.headers().get(REQUEST_ID) {
+                    if !acceptable_request_id(id) {
+                        request.headers_mut().remove(REQUEST_ID);
+                    }
+                }
+                request
             },
         ))
-        .layer(SetRequestIdLayer::new(request_id, Counter::default()))
         .with_state(state)
 }
 
@@ -111,8 +164,10 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready: not draining, and every model answers a tiny real request from its snapshot (an
-/// answer of the model's own, even a refusal of the probe's input, proves the sandbox works).
+/// Ready: not draining, and every model answered a tiny real request from its snapshot (an
+/// answer of the model's own, even a refusal of the probe's input, proves the sandbox works)
+/// within the last `readiness_interval`. One caller at a time runs the probe; the others wait
+/// for it and share its result, so probes cost at most one run per model per interval.
 async fn readyz(AxumState(state): AxumState<Shared>) -> Response {
     if state.draining.load(Ordering::SeqCst) {
         return (
@@ -121,6 +176,30 @@ async fn readyz(AxumState(state): AxumState<Shared>) -> Response {
         )
             .into_response();
     }
+    let mut last = state.readiness.lock().await;
+    let fresh = last
+        .as_ref()
+        .is_some_and(|r| r.checked.elapsed() < state.config.readiness_interval);
+    if !fresh {
+        let (ready, body) = probe_models(&state).await;
+        state.metrics.readiness_probes.inc();
+        *last = Some(super::Readiness {
+            checked: std::time::Instant::now(),
+            ready,
+            body,
+        });
+    }
+    let readiness = last.as_ref().expect("set above");
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness.body.clone())).into_response()
+}
+
+/// Runs each model's readiness probe: whether all answered, and the body `/readyz` returns.
+async fn probe_models(state: &Shared) -> (bool, serde_json::Value) {
     let limits = Limits {
         wall_time: READY_WALL_TIME,
         ..state.config.limits.clone()
@@ -145,12 +224,7 @@ async fn readyz(AxumState(state): AxumState<Shared>) -> Response {
         };
         models.insert(served.name.clone(), answer);
     }
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(json!({"ready": ready, "models": models}))).into_response()
+    (ready, json!({"ready": ready, "models": models}))
 }
 
 async fn metrics(AxumState(state): AxumState<Shared>) -> Response {
@@ -191,20 +265,59 @@ async fn models(AxumState(state): AxumState<Shared>, headers: HeaderMap) -> Resp
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// The body, or the OpenAI-shaped error for one that is too large or unreadable.
-fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        let status = rejection.status();
-        let mut e = ApiError::new(status, "invalid_request_error", rejection.body_text());
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            e = e.code("body_too_large");
-        }
-        e
-    })
+fn body_too_large(max_body: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!("The request body is larger than max_body ({max_body} bytes)."),
+    )
+    .code("body_too_large")
 }
 
-fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
+/// The body, read only now that the request is admitted: at most `max_body` bytes (413 past
+/// it) within `body_read_timeout` (408 past it).
+async fn read_body(state: &Shared, body: Body) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let max_body = state.config.max_body;
+    let timeout = state.config.body_read_timeout;
+    let limited = http_body_util::Limited::new(body, max_body as usize);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(body_too_large(max_body))
+        }
+        Ok(Err(error)) => Err(ApiError::bad_request(
+            format!("The request body could not be read: {error}"),
+            None,
+        )
+        .code("body_unreadable")),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The request body did not arrive within body_read_timeout ({}).",
+                humantime::format_duration(timeout)
+            ),
+        )
+        .code("body_timeout")),
+    }
+}
+
+/// Parses the body on the blocking pool: a large body's parse then holds a blocking thread,
+/// not one of the async workers every other request needs.
+async fn parse<T: serde::de::DeserializeOwned + Send + 'static>(
+    bytes: Bytes,
+) -> Result<T, ApiError> {
+    let parsed = tokio::task::spawn_blocking(move || serde_json::from_slice::<T>(&bytes))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("Parsing the request failed: {e}"),
+            )
+        })?;
+    parsed.map_err(|e| {
         ApiError::bad_request(format!("The request body is not valid: {e}"), None)
             .code("invalid_json")
     })
@@ -223,32 +336,90 @@ struct EmbeddingsRequest {
     user: Option<String>,
 }
 
-async fn embeddings(
-    AxumState(state): AxumState<Shared>,
-    headers: HeaderMap,
-    bytes: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn embeddings(AxumState(state): AxumState<Shared>, request: Request<Body>) -> Response {
     let route = "/v1/embeddings";
     let mut ctx = Context::new(&state, route);
-    let result = embeddings_inner(&state, &headers, bytes, &mut ctx).await;
+    let result = embeddings_inner(&state, request, &mut ctx).await;
     ctx.finish(result)
+}
+
+/// An embeddings request, checked and ready to run.
+struct Embeddings {
+    served: Arc<Served>,
+    input: Input,
+    tokens: u64,
+    base64: bool,
 }
 
 async fn embeddings_inner(
     state: &Shared,
-    headers: &HeaderMap,
-    bytes: Result<Bytes, BytesRejection>,
+    request: Request<Body>,
     ctx: &mut Context,
 ) -> Result<Response, ApiError> {
-    let tenant = ctx.tenant(state, headers)?;
-    let bytes = body(bytes)?;
-    let request: EmbeddingsRequest = parse(&bytes)?;
+    let (tenant, admitted) = ctx.admit(state, request.headers()).await?;
+    let prepared = prepare_embeddings(state, request.into_body(), ctx).await;
+    let Embeddings {
+        served,
+        input,
+        tokens,
+        base64,
+    } = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return Err(admitted.release(state, e).await),
+    };
+    let done = execute(state, tenant, &served, input, tokens, admitted, ctx).await?;
+    let Some(vectors) = done.outcome.output.embeddings() else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "The model returned no embeddings.",
+        ));
+    };
+    let data: Vec<_> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": done.answered_by,
+        "usage": {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "fuel": done.outcome.usage.fuel_consumed,
+            "answered_by": done.answered_by,
+            "fallback": done.fallback,
+        },
+    });
+    Ok(done.respond(body))
+}
+
+/// The body of an admitted embeddings request, read, parsed and checked against the model.
+async fn prepare_embeddings(
+    state: &Shared,
+    body: Body,
+    ctx: &mut Context,
+) -> Result<Embeddings, ApiError> {
+    let bytes = read_body(state, body).await?;
+    let request: EmbeddingsRequest = parse(bytes).await?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
             return Err(ApiError::bad_request(
-                format!("encoding_format must be \"float\" or \"base64\", not {other:?}."),
+                format!(
+                    "encoding_format must be \"float\" or \"base64\", not {:?}.",
+                    clip(other, LOG_FIELD_MAX)
+                ),
                 Some("encoding_format"),
             ))
         }
@@ -284,40 +455,12 @@ async fn embeddings_inner(
         1 => Input::Text(texts.into_iter().next().expect("one text")),
         _ => Input::Texts(texts),
     };
-    let done = execute(state, tenant, &served, input, tokens, ctx).await?;
-    let Some(vectors) = done.outcome.output.embeddings() else {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "The model returned no embeddings.",
-        ));
-    };
-    let data: Vec<_> = vectors
-        .iter()
-        .enumerate()
-        .map(|(index, vector)| {
-            let embedding = if base64 {
-                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": done.answered_by,
-        "usage": {
-            "prompt_tokens": tokens,
-            "total_tokens": tokens,
-            "fuel": done.outcome.usage.fuel_consumed,
-            "answered_by": done.answered_by,
-            "fallback": done.fallback,
-        },
-    });
-    Ok(done.respond(body))
+    Ok(Embeddings {
+        served,
+        input,
+        tokens,
+        base64,
+    })
 }
 
 /// The texts of an embeddings `input`: a string or an array of strings. Token-id arrays (which
@@ -372,27 +515,29 @@ struct InferRequest {
     input: Input,
 }
 
-async fn infer(
-    AxumState(state): AxumState<Shared>,
-    headers: HeaderMap,
-    bytes: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn infer(AxumState(state): AxumState<Shared>, request: Request<Body>) -> Response {
     let mut ctx = Context::new(&state, "/v1/infer");
-    let result = infer_inner(&state, &headers, bytes, &mut ctx).await;
+    let result = infer_inner(&state, request, &mut ctx).await;
     ctx.finish(result)
 }
 
 async fn infer_inner(
     state: &Shared,
-    headers: &HeaderMap,
-    bytes: Result<Bytes, BytesRejection>,
+    request: Request<Body>,
     ctx: &mut Context,
 ) -> Result<Response, ApiError> {
-    let tenant = ctx.tenant(state, headers)?;
-    let bytes = body(bytes)?;
-    let request: InferRequest = parse(&bytes)?;
-    let served = ctx.model(state, &request.model)?;
-    let tokens = match &request.input {
+    let (tenant, admitted) = ctx.admit(state, request.headers()).await?;
+    let prepared = async {
+        let bytes = read_body(state, request.into_body()).await?;
+        let request: InferRequest = parse(bytes).await?;
+        let served = ctx.model(state, &request.model)?;
+        Ok((served, request.input))
+    };
+    let (served, input) = match prepared.await {
+        Ok(prepared) => prepared,
+        Err(e) => return Err(admitted.release(state, e).await),
+    };
+    let tokens = match &input {
         Input::Text(t) => estimate_tokens(t, served.model.info().max_input_tokens),
         Input::Texts(ts) => ts
             .iter()
@@ -400,7 +545,7 @@ async fn infer_inner(
             .sum(),
         _ => 0,
     };
-    let done = execute(state, tenant, &served, request.input, tokens, ctx).await?;
+    let done = execute(state, tenant, &served, input, tokens, admitted, ctx).await?;
     let body = json!({
         "model": done.answered_by,
         "output": done.outcome.output,
@@ -430,6 +575,40 @@ impl Context {
             state: state.clone(),
             counted: false,
         }
+    }
+
+    /// Everything decided from the request's head, before any body byte is read (and so before
+    /// hyper sends `100 Continue`): draining, the tenant (401), the declared length (413), and
+    /// the request and fuel quotas (429), so a request whose body turns out malformed has spent
+    /// its request like any other.
+    async fn admit<'s>(
+        &mut self,
+        state: &'s Shared,
+        headers: &HeaderMap,
+    ) -> Result<(&'s Tenant, Admitted), ApiError> {
+        let tenant = self.tenant(state, headers)?;
+        let declared = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > state.config.max_body) {
+            return Err(body_too_large(state.config.max_body));
+        }
+        let TenantRates { requests, fuel, .. } = tenant.rates;
+        let wanted: Vec<(&'static str, Quota, u64)> = [
+            requests.map(|q| ("requests", q, 1)),
+            fuel.map(|q| ("fuel", q, tenant.limits.fuel.unwrap_or(q.burst))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let (charges, rates) = reserve(state, tenant, &wanted, &[], self).await?;
+        let fuel = charges
+            .into_iter()
+            .zip(&wanted)
+            .find(|(_, (name, _, _))| *name == "fuel")
+            .map(|(charge, _)| charge);
+        Ok((tenant, Admitted { fuel, rates }))
     }
 
     /// Refuses while draining, then finds the tenant.
@@ -464,7 +643,8 @@ impl Context {
                     StatusCode::NOT_FOUND,
                     "invalid_request_error",
                     format!(
-                        "The model `{name}` does not exist. Available: {}.",
+                        "The model `{}` does not exist. Available: {}.",
+                        clip(name, LOG_FIELD_MAX),
                         names.join(", ")
                     ),
                 )
@@ -479,13 +659,15 @@ impl Context {
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                // Quota refusals are counted (`rate_limited_total`), not logged at info: a tenant
-                // flooding past its quota would otherwise write a log line per refusal, as fast
-                // as it can send, spending the host's CPU and disk on its behalf.
-                if error.status == StatusCode::TOO_MANY_REQUESTS {
-                    tracing::debug!(status = 429, code = ?error.code, message = %error.message, "refused");
+                // Refusals are counted (`requests_total` by status), not logged at info: a client
+                // sending refused requests would otherwise write a log line per refusal, as fast
+                // as it can send, spending the host's CPU and disk on its behalf. Only the
+                // server's own failures (500) are worth a line each.
+                let message = clip(&error.message, LOG_FIELD_MAX);
+                if error.status == StatusCode::INTERNAL_SERVER_ERROR {
+                    tracing::warn!(status = 500, code = ?error.code, message, "failed");
                 } else {
-                    tracing::info!(status = error.status.as_u16(), code = ?error.code, message = %error.message, "refused");
+                    tracing::debug!(status = error.status.as_u16(), code = ?error.code, message, "refused");
                 }
                 error.into_response()
             }
@@ -540,28 +722,61 @@ impl Done {
     }
 }
 
-/// The reservations a request holds, to refund what it did not use.
-struct Reserved {
+/// What an admitted request holds: its fuel reservation (refunded by what its run does not
+/// burn, whole if it never runs) and the quotas' figures for its answer's headers.
+struct Admitted {
     /// The fuel charge (its key, quota and the cap reserved).
     fuel: Option<Charge>,
+    rates: Vec<RateEntry>,
 }
 
-/// One run, start to end: input check, rate limits, queue, run (and fallback), refund, metrics.
+impl Admitted {
+    /// The request will not run: its fuel reservation goes back whole (its request stays
+    /// spent). Returns `error` with the quotas' headers.
+    async fn release(self, state: &Shared, mut error: ApiError) -> ApiError {
+        if let Some(fuel) = self.fuel {
+            state.limiter.refund_all(&[fuel]).await;
+        }
+        error.headers.extend(rate_headers(&self.rates));
+        error
+    }
+}
+
+/// One run, start to end: input check, tokens quota, queue, run (and fallback), refund,
+/// metrics.
 async fn execute(
     state: &Shared,
     tenant: &Tenant,
     served: &Arc<Served>,
     input: Input,
     tokens: u64,
+    admitted: Admitted,
     ctx: &Context,
 ) -> Result<Done, ApiError> {
     let limits = tenant.limits.clone();
-    // Refused before anything is reserved or queued: no quota spent on a request never run.
+    // Refused before it is queued: its request is spent, its fuel given back.
     if let Err(limit) = limits.check_input(&input) {
         let error: crate::Error = limit.into();
-        return Err(ApiError::from_error(&error));
+        return Err(admitted.release(state, ApiError::from_error(&error)).await);
     }
-    let (reserved, rate_headers) = reserve(state, tenant, &limits, tokens, ctx).await?;
+    // The tokens are known only now that the body is parsed: their quota is the one reserved
+    // after admission (one more step of the limiter, only for tenants that have it).
+    let mut rates = admitted.rates.clone();
+    if let Some(quota) = tenant.rates.tokens {
+        let wanted = [("tokens", quota, tokens)];
+        match reserve(state, tenant, &wanted, &admitted.rates, ctx).await {
+            Ok((_, entries)) => rates.extend(entries),
+            Err(e) => {
+                let Admitted { fuel, .. } = admitted;
+                if let Some(fuel) = fuel {
+                    state.limiter.refund_all(&[fuel]).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let rate_headers = rate_headers(&rates);
+    let reserved = admitted;
     // Kept for the fallback's retry only when there is one.
     let retry_input = served.fallback.as_ref().map(|_| input.clone());
     let result = run_queued(state, served, input, &limits, ctx).await;
@@ -771,30 +986,29 @@ fn truncate(input: Input, bytes: usize) -> Input {
     }
 }
 
-/// Reserves the tenant's request, token and fuel quotas, all or none, in one step of the
+/// One quota's figures for the `RateLimit-Policy` and `RateLimit` headers.
+#[derive(Clone)]
+struct RateEntry {
+    name: &'static str,
+    policy: String,
+    remaining: String,
+}
+
+/// Reserves `wanted` (name, quota, cost) of the tenant's quotas, all or none, in one step of the
 /// limiter (one round trip to Redis). 429 when one does not fit, naming the quota that limits
-/// (the longest wait; a cost above its burst is the longest of all), with its Retry-After; 503
-/// when the backend cannot answer (fail-closed).
+/// (the longest wait; a cost above its burst is the longest of all), with its Retry-After and
+/// the headers of `earlier` entries and these; 503 when the backend cannot answer
+/// (fail-closed). Nothing is asked of the limiter when `wanted` is empty.
 async fn reserve(
     state: &Shared,
     tenant: &Tenant,
-    limits: &Limits,
-    tokens: u64,
+    wanted: &[(&'static str, Quota, u64)],
+    earlier: &[RateEntry],
     ctx: &Context,
-) -> Result<(Reserved, HeaderMap), ApiError> {
-    let TenantRates {
-        requests,
-        fuel,
-        tokens: tokens_quota,
-    } = tenant.rates;
-    let wanted: Vec<(&'static str, Quota, u64)> = [
-        requests.map(|q| ("requests", q, 1)),
-        tokens_quota.map(|q| ("tokens", q, tokens)),
-        fuel.map(|q| ("fuel", q, limits.fuel.unwrap_or(q.burst))),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+) -> Result<(Vec<Charge>, Vec<RateEntry>), ApiError> {
+    if wanted.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let charges: Vec<Charge> = wanted
         .iter()
         .map(|(name, quota, cost)| Charge::new(format!("{}:{name}", tenant.name), *quota, *cost))
@@ -806,13 +1020,12 @@ async fn reserve(
             BACKEND_RETRY_AFTER,
         )
     })?;
-    let mut policies = Vec::new();
-    let mut remaining = Vec::new();
+    let mut entries = Vec::new();
     // The refusing quota with the longest wait (`None`, never fits, is longest).
     let mut limiting: Option<(usize, Option<Duration>, u64)> = None;
     for (i, ((name, quota, _), decision)) in wanted.iter().zip(&decisions).enumerate() {
         let window = (quota.burst as f64 / quota.per_second).ceil() as u64;
-        policies.push(format!("\"{name}\";q={};w={window}", quota.burst));
+        let policy = format!("\"{name}\";q={};w={window}", quota.burst);
         let (r, reset) = match decision {
             Decision::Allowed { remaining, reset } => (*remaining, *reset),
             Decision::Limited {
@@ -831,10 +1044,11 @@ async fn reserve(
                 (*remaining, *reset)
             }
         };
-        remaining.push(format!(
-            "\"{name}\";r={r};t={}",
-            reset.as_secs_f64().ceil() as u64
-        ));
+        entries.push(RateEntry {
+            name,
+            policy,
+            remaining: format!("\"{name}\";r={r};t={}", reset.as_secs_f64().ceil() as u64),
+        });
     }
     if let Some((i, retry_after, r)) = limiting {
         let (name, quota, cost) = wanted[i];
@@ -863,20 +1077,23 @@ async fn reserve(
         if let Some(after) = retry_after {
             e = e.retry_after(after);
         }
-        e.headers.extend(rate_headers(&policies, &remaining));
+        let all: Vec<RateEntry> = earlier.iter().cloned().chain(entries).collect();
+        e.headers.extend(rate_headers(&all));
         return Err(e);
     }
-    let fuel = charges
-        .into_iter()
-        .zip(&wanted)
-        .find(|(_, (name, _, _))| *name == "fuel")
-        .map(|(charge, _)| charge);
-    Ok((Reserved { fuel }, rate_headers(&policies, &remaining)))
+    Ok((charges, entries))
 }
 
-fn rate_headers(policies: &[String], remaining: &[String]) -> HeaderMap {
+/// The `RateLimit-Policy` and `RateLimit` headers, one item per quota in a fixed order
+/// (requests, tokens, fuel) whichever step reserved it.
+fn rate_headers(entries: &[RateEntry]) -> HeaderMap {
+    const ORDER: [&str; 3] = ["requests", "tokens", "fuel"];
+    let mut sorted: Vec<&RateEntry> = entries.iter().collect();
+    sorted.sort_by_key(|e| ORDER.iter().position(|n| *n == e.name));
     let mut headers = HeaderMap::new();
-    if !policies.is_empty() {
+    if !sorted.is_empty() {
+        let policies: Vec<&str> = sorted.iter().map(|e| e.policy.as_str()).collect();
+        let remaining: Vec<&str> = sorted.iter().map(|e| e.remaining.as_str()).collect();
         if let Ok(v) = HeaderValue::from_str(&policies.join(", ")) {
             headers.insert(HeaderName::from_static("ratelimit-policy"), v);
         }
@@ -918,6 +1135,24 @@ mod tests {
         assert_eq!(estimate_tokens("abcde", 256), 4);
         assert_eq!(estimate_tokens(&"x".repeat(4000), 256), 256);
         assert_eq!(estimate_tokens(&"x".repeat(4000), 0), 1002);
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_short_and_plain_and_log_fields_are_clipped() {
+        let ok = |id: &str| acceptable_request_id(&HeaderValue::from_str(id).unwrap());
+        assert!(ok("trace-0123.abc_DEF"));
+        assert!(ok(&"x".repeat(MAX_REQUEST_ID)));
+        assert!(!ok(&"x".repeat(MAX_REQUEST_ID + 1)));
+        for bad in ["", "a b", "a/b", "a\"b", "é"] {
+            assert!(!ok(bad), "{bad:?}");
+        }
+        assert_eq!(clip("short", LOG_FIELD_MAX), "short");
+        assert_eq!(
+            clip(&"m".repeat(1 << 20), LOG_FIELD_MAX).len(),
+            LOG_FIELD_MAX
+        );
+        // Cut at a character boundary: é is two bytes.
+        assert_eq!(clip("aé", 2), "a");
     }
 
     #[test]
