@@ -395,16 +395,21 @@ fn each_refusal_has_its_status_and_the_openai_error_shape() {
     assert_eq!(limited.header("ratelimit"), Some("\"requests\";r=0;t=100"));
 }
 
+/// A config serving the hostile guest to tenant `a` (key [`KEY_A`]) with `tenant_extra`
+/// (its rates or limits), after the server-wide settings `top`.
+fn hostile_for_tenant_a(top: &str, tenant_extra: &str) -> String {
+    format!(
+        "{top}[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
+        hostile_wasm().display(),
+        tenant("a", KEY_A, tenant_extra),
+    )
+}
+
 #[test]
 fn a_request_quota_admits_its_burst_then_429_until_retry_after() {
-    let config = format!(
-        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
-        hostile_wasm().display(),
-        tenant(
-            "a",
-            KEY_A,
-            "[tenants.rates]\nrequests_per_second = 0.5\nrequests_burst = 3"
-        ),
+    let config = hostile_for_tenant_a(
+        "",
+        "[tenants.rates]\nrequests_per_second = 0.5\nrequests_burst = 3",
     );
     let server = Server::start(&config, &[]);
     for n in 0..3 {
@@ -429,14 +434,9 @@ fn a_request_quota_admits_its_burst_then_429_until_retry_after() {
 #[test]
 fn a_token_quota_counts_the_estimated_tokens_of_each_input() {
     // "echo:abc" is 8 bytes: 2 + 8 / 4 = 4 estimated tokens, so a burst of 10 admits two.
-    let config = format!(
-        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
-        hostile_wasm().display(),
-        tenant(
-            "a",
-            KEY_A,
-            "[tenants.rates]\ntokens_per_second = 0.01\ntokens_burst = 10"
-        ),
+    let config = hostile_for_tenant_a(
+        "",
+        "[tenants.rates]\ntokens_per_second = 0.01\ntokens_burst = 10",
     );
     let server = Server::start(&config, &[]);
     for n in 0..2 {
@@ -571,10 +571,9 @@ fn sigterm_lets_eight_in_flight_requests_finish_refuses_new_ones_and_exits_zero(
 
 #[test]
 fn metrics_after_a_scripted_mix_equal_what_was_sent() {
-    let config = format!(
-        "metrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
-        hostile_wasm().display(),
-        tenant("a", KEY_A, "[tenants.limits]\nfuel = 1000000"),
+    let config = hostile_for_tenant_a(
+        "metrics_listen = \"127.0.0.1:0\"\n",
+        "[tenants.limits]\nfuel = 1000000",
     );
     let server = Server::start(&config, &[]);
     let mut fuel = 0;
@@ -1103,11 +1102,7 @@ fn a_head_larger_than_the_read_buffer_is_431_and_a_slow_body_is_408() {
 
 #[test]
 fn the_key_and_the_declared_length_are_checked_before_100_continue_or_any_body_byte() {
-    let config = format!(
-        "max_body = \"64KiB\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
-        hostile_wasm().display(),
-        tenant("a", KEY_A, ""),
-    );
+    let config = hostile_for_tenant_a("max_body = \"64KiB\"\n", "");
     let server = Server::start(&config, &[]);
     let head = |key: &str, length: u64| {
         format!(
@@ -1144,14 +1139,9 @@ fn the_key_and_the_declared_length_are_checked_before_100_continue_or_any_body_b
 
 #[test]
 fn malformed_bodies_spend_the_request_quota_like_any_other() {
-    let config = format!(
-        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n{}",
-        hostile_wasm().display(),
-        tenant(
-            "a",
-            KEY_A,
-            "[tenants.rates]\nrequests_per_second = 0.01\nrequests_burst = 3"
-        ),
+    let config = hostile_for_tenant_a(
+        "",
+        "[tenants.rates]\nrequests_per_second = 0.01\nrequests_burst = 3",
     );
     let server = Server::start(&config, &[]);
     for n in 0..3 {
