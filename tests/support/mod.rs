@@ -24,9 +24,18 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// Where the built guest components are: `WASM_INFER_GUEST_DIR` if set (a checkout that
+/// builds its own test guests beside another's shared target), else the target directory's
+/// `wasm32-wasip2/release`.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("WASM_INFER_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("wasm32-wasip2/release"))
+}
+
 /// The all-MiniLM-L6-v2 component, built by `just guest`.
 pub fn minilm_wasm() -> PathBuf {
-    let path = target_dir().join("wasm32-wasip2/release/minilm.wasm");
+    let path = guest_dir().join("minilm.wasm");
     assert!(
         path.is_file(),
         "{} is missing: run `just guest` (or `just test`, which builds it first)",
@@ -37,7 +46,7 @@ pub fn minilm_wasm() -> PathBuf {
 
 /// The `hostile` test guest, built by `just test-guests` (which `just test` runs first).
 pub fn hostile_wasm() -> PathBuf {
-    let path = target_dir().join("wasm32-wasip2/release/hostile.wasm");
+    let path = guest_dir().join("hostile.wasm");
     assert!(
         path.is_file(),
         "{} is missing: run `just test-guests` (or `just test`, which builds it first)",
