@@ -55,10 +55,12 @@ lint:
     cargo clippy --release --all-targets -- -D warnings
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -- -D warnings
 
-# deploy/ without a cluster or docker: the Kubernetes manifests parse (PyYAML) and agree with
-# deploy/serve.toml (grace period >= preStop + drain deadline, ports, probes, Redis Service).
+# deploy/ without a cluster or docker: the Kubernetes manifests parse and agree with
+# deploy/serve.toml (grace period >= preStop + drain deadline, ports, probes, Redis Service, its
+# password Secret and NetworkPolicy, one namespace, images by digest), pass the Kubernetes
+# schemas (kubernetes-validate --strict) and the policy scanner (checkov, no failed check).
 deploy-check:
-    python3 deploy/check.py
+    "$(bash scripts/deploy-venv.sh)" deploy/check.py
 
 # Builds deploy/Containerfile from the artefacts built here with podman (a debootstrap stand-in
 # for debian:bookworm-slim where no registry is reachable), runs it and checks /healthz, /readyz,

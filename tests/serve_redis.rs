@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use wasm_infer::serve::ratelimit::{
-    Backend, Decision, FailPolicy, Limiter, Quota, RateLimitConfig, REDIS_RECONNECT_BACKOFF,
+    Backend, BackendError, Decision, FailPolicy, Limiter, Quota, RateLimitConfig, SecretSource,
+    REDIS_RECONNECT_BACKOFF,
 };
 
 /// One unit every 100 s: no unit drains back while a test runs, so admissions are exact counts.
@@ -26,20 +27,32 @@ const SLOW_PERIOD: Duration = Duration::from_secs(100);
 struct Redis {
     child: Child,
     port: u16,
+    /// `requirepass`, when it was started with one.
+    password: Option<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    /// A Redis that requires `password` (`requirepass`) when given one.
+    fn start_with(password: Option<&str>) -> Redis {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        Redis::start_on(port)
+        Redis::start_on(port, password)
     }
 
-    fn start_on(port: u16) -> Redis {
-        let mut child = Command::new(redis_server())
+    fn start_on(port: u16, password: Option<&str>) -> Redis {
+        let mut command = Command::new(redis_server());
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"]);
+        if let Some(password) = password {
+            command.args(["--requirepass", password]);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -56,7 +69,11 @@ impl Redis {
         }
         // Keep draining its log so that it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Redis { child, port }
+        Redis {
+            child,
+            port,
+            password: password.map(str::to_string),
+        }
     }
 
     fn url(&self) -> String {
@@ -71,10 +88,11 @@ impl Redis {
 
     /// A plain connection, for looking at the keys the limiter wrote.
     fn client(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        let url = match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            None => self.url(),
+        };
+        redis::Client::open(url).unwrap().get_connection().unwrap()
     }
 }
 
@@ -100,6 +118,7 @@ fn config(redis: &Redis, policy: FailPolicy) -> RateLimitConfig {
     RateLimitConfig {
         backend: Backend::Redis,
         redis_url: Some(redis.url()),
+        redis_password: None,
         on_backend_error: policy,
         key_prefix: "test".to_string(),
     }
@@ -312,7 +331,7 @@ async fn redis_down_fails_closed_counts_it_and_shares_again_when_back() {
     }
 
     // Back (empty: no persistence): both replicas reconnect and share one burst again.
-    let _redis = Redis::start_on(port);
+    let _redis = Redis::start_on(port, None);
     until_backend_answers(&a).await;
     until_backend_answers(&b).await;
     let failures = (a.backend_failures(), b.backend_failures());
@@ -352,7 +371,7 @@ async fn redis_down_fails_open_to_each_replicas_own_limit() {
     }
 
     // Back: shared again (the restarted Redis is empty).
-    let _redis = Redis::start_on(port);
+    let _redis = Redis::start_on(port, None);
     until_backend_answers(&a).await;
     until_backend_answers(&b).await;
     let failures = (a.backend_failures(), b.backend_failures());
@@ -398,6 +417,9 @@ fn the_deployed_config_parses_with_the_servers_parser_and_shares_limits_in_redis
         RateLimitConfig {
             backend: Backend::Redis,
             redis_url: Some("redis://wasm-infer-redis:6379/0".to_string()),
+            redis_password: Some(SecretSource::File(
+                "/run/secrets/wasm-infer-redis/password".into()
+            )),
             on_backend_error: FailPolicy::Closed,
             key_prefix: "wasm-infer".to_string(),
         }
@@ -430,14 +452,43 @@ struct Server {
 
 impl Server {
     /// Starts a replica whose one tenant `a` (key `KEY`) may make `SLOW` requests, its limits
-    /// in `redis` under `policy`.
+    /// in `redis` under `policy` (with `redis`'s password, read from a file, if it has one).
     fn start(redis: &Redis, policy: &str) -> Server {
+        let config = Server::config(redis, policy, redis.password.as_deref());
+        let support::ServeProcess { child, base, .. } =
+            support::spawn_serve(&config, &[], Duration::from_secs(120));
+        Server {
+            child,
+            base,
+            config,
+        }
+    }
+
+    /// Writes a replica's config; with `password`, the password goes to a file beside it
+    /// (`<config>.password`, 0600) that the config names, never into the config itself.
+    fn config(redis: &Redis, policy: &str, password: Option<&str>) -> std::path::PathBuf {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let config = std::env::temp_dir().join(format!(
             "wasm-infer-serve-redis-{}-{n}.toml",
             std::process::id()
         ));
+        let secret = config.with_extension("password");
+        let password_line = match password {
+            Some(password) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&secret)
+                    .unwrap();
+                std::io::Write::write_all(&mut file, format!("{password}\n").as_bytes()).unwrap();
+                format!("redis_password = {{ file = \"{}\" }}\n", secret.display())
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
@@ -448,7 +499,7 @@ path = "{model}"
 [rate_limit]
 backend = "redis"
 redis_url = "{url}"
-on_backend_error = "{policy}"
+{password_line}on_backend_error = "{policy}"
 key_prefix = "e2e"
 [[tenants]]
 name = "a"
@@ -465,13 +516,7 @@ requests_burst = {burst}
             ),
         )
         .unwrap();
-        let support::ServeProcess { child, base, .. } =
-            support::spawn_serve(&config, &[], Duration::from_secs(120));
-        Server {
-            child,
-            base,
-            config,
-        }
+        config
     }
 
     /// One request as tenant `a`: its status and `RateLimit` header.
@@ -508,6 +553,7 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(self.config.with_extension("password"));
     }
 }
 
@@ -557,7 +603,7 @@ fn two_servers_share_a_tenants_quota_and_fail_closed_with_503_when_redis_dies() 
     assert_eq!((one.backend_failures(), two.backend_failures()), (2.0, 1.0));
 
     // Back (empty): once each replica has reconnected, one quota again.
-    let _redis = Redis::start_on(port);
+    let _redis = Redis::start_on(port, None);
     let deadline = Instant::now() + REDIS_RECONNECT_BACKOFF * 20;
     let mut first = one.request();
     while first.0 == 503 {
@@ -726,4 +772,138 @@ fuel_burst = {FUEL_CAP}
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&config);
+}
+
+const REDIS_PASSWORD: &str = "correct-horse-battery-staple-7f3a";
+
+#[tokio::test]
+async fn a_limiter_authenticates_with_the_password_it_reads_and_refuses_to_start_without_it() {
+    let redis = Redis::start_with(Some(REDIS_PASSWORD));
+    let var = "WASM_INFER_TEST_REDIS_PASSWORD_LIMITER";
+    std::env::set_var(var, REDIS_PASSWORD);
+    let right = RateLimitConfig {
+        redis_password: Some(SecretSource::Env(var.to_string())),
+        ..config(&redis, FailPolicy::Closed)
+    };
+    let limiter = Limiter::new(&right).await.unwrap();
+    assert_allowed(
+        limiter.reserve("acme:requests", SLOW, 1).await.unwrap(),
+        3,
+        1,
+    );
+
+    // No password, a wrong one, one in the URL, an unset variable: refused at start under
+    // either policy (credentials are configuration, not an outage), never echoing a secret.
+    for policy in [FailPolicy::Closed, FailPolicy::Open] {
+        let none = config(&redis, policy);
+        let error = Limiter::new(&none)
+            .await
+            .err()
+            .expect("no password refused");
+        assert!(
+            matches!(error, BackendError::Credentials(_)),
+            "{policy:?}: {error}"
+        );
+        assert!(error.to_string().contains("NOAUTH"), "{error}");
+
+        std::env::set_var("WASM_INFER_TEST_REDIS_PASSWORD_WRONG", "not-the-password");
+        let wrong = RateLimitConfig {
+            redis_password: Some(SecretSource::Env(
+                "WASM_INFER_TEST_REDIS_PASSWORD_WRONG".into(),
+            )),
+            ..config(&redis, policy)
+        };
+        let error = Limiter::new(&wrong)
+            .await
+            .err()
+            .expect("a wrong password refused");
+        assert!(
+            matches!(error, BackendError::Credentials(_)),
+            "{policy:?}: {error}"
+        );
+        assert!(!error.to_string().contains("not-the-password"), "{error}");
+
+        let in_url = RateLimitConfig {
+            redis_url: Some(format!(
+                "redis://:{REDIS_PASSWORD}@127.0.0.1:{}/",
+                redis.port
+            )),
+            ..config(&redis, policy)
+        };
+        let error = Limiter::new(&in_url)
+            .await
+            .err()
+            .expect("a password in the URL refused");
+        assert!(
+            error.to_string().contains("redis_url holds a password"),
+            "{error}"
+        );
+        assert!(!error.to_string().contains(REDIS_PASSWORD), "{error}");
+
+        let unset = RateLimitConfig {
+            redis_password: Some(SecretSource::Env("WASM_INFER_TEST_UNSET_VARIABLE".into())),
+            ..config(&redis, policy)
+        };
+        let error = Limiter::new(&unset)
+            .await
+            .err()
+            .expect("an unset variable refused");
+        assert_eq!(
+            error.to_string(),
+            "rate-limit backend refused the server's credentials: rate_limit.redis_password: \
+             environment variable WASM_INFER_TEST_UNSET_VARIABLE is not set"
+        );
+    }
+}
+
+#[test]
+fn two_servers_share_a_quota_in_a_redis_with_a_password_and_a_wrong_one_stops_the_start() {
+    let redis = Redis::start_with(Some(REDIS_PASSWORD));
+    let (one, two) = (
+        Server::start(&redis, "closed"),
+        Server::start(&redis, "closed"),
+    );
+    // SLOW's burst of 4, shared: two from each replica, then the fifth is refused by either.
+    assert_served(one.request(), 3);
+    assert_served(two.request(), 2);
+    assert_served(one.request(), 1);
+    assert_served(two.request(), 0);
+    assert_status(one.request(), 429, "rate_limit_exceeded");
+    assert_status(two.request(), 429, "rate_limit_exceeded");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("e2e:*")
+        .query(&mut redis.client())
+        .unwrap();
+    assert_eq!(keys, vec!["e2e:rl:a:requests".to_string()]);
+
+    for (policy, password) in [
+        ("closed", None),
+        ("open", None),
+        ("closed", Some("not-the-password")),
+        ("open", Some("not-the-password")),
+    ] {
+        let config = Server::config(&redis, policy, password);
+        let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("WASM_INFER_CACHE_DIR", support::cache_dir())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&config);
+        let _ = std::fs::remove_file(config.with_extension("password"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{policy} {password:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("rate-limit backend refused the server's credentials"),
+            "{policy} {password:?}: {stderr}"
+        );
+        assert!(!stderr.contains("not-the-password"), "{stderr}");
+        assert!(!stderr.contains("listening on"), "{stderr}");
+    }
 }

@@ -85,6 +85,10 @@ pub fn all_allowed(decisions: &[Decision]) -> bool {
 pub enum BackendError {
     #[error("rate-limit backend unreachable: {0}")]
     Unreachable(String),
+    /// The backend refused this server's credentials (or it has none and the backend needs
+    /// some): a configuration error, so the server does not start, whatever the fail policy.
+    #[error("rate-limit backend refused the server's credentials: {0}")]
+    Credentials(String),
 }
 
 /// Where the GCRA state lives (one theoretical arrival time per key).
@@ -127,14 +131,73 @@ pub enum FailPolicy {
 /// The prefix of every key the limiter writes, so that several deployments can share a Redis.
 pub const DEFAULT_KEY_PREFIX: &str = "wasm-infer";
 
+/// Where a secret is read from at start, so that the configuration file never holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SecretSource {
+    /// An environment variable of the server process.
+    Env(String),
+    /// A file (one line; a trailing newline is not part of the secret).
+    File(std::path::PathBuf),
+}
+
+/// The longest secret read from a file or the environment (Redis passwords are far shorter;
+/// this bounds what a misconfigured path, e.g. a log file, makes the server read).
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+impl SecretSource {
+    /// Reads the secret. Errors name where it was looked for, never its content.
+    pub fn read(&self) -> Result<String, String> {
+        let (value, place) = match self {
+            SecretSource::Env(name) => match std::env::var(name) {
+                Ok(value) => (value, format!("environment variable {name}")),
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(format!("environment variable {name} is not set"))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(format!("environment variable {name} is not UTF-8"))
+                }
+            },
+            SecretSource::File(path) => {
+                use std::io::Read;
+                let place = format!("file {}", path.display());
+                let file = std::fs::File::open(path).map_err(|e| format!("{place}: {e}"))?;
+                let mut bytes = Vec::new();
+                file.take(MAX_SECRET_BYTES + 1)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| format!("{place}: {e}"))?;
+                if bytes.len() as u64 > MAX_SECRET_BYTES {
+                    return Err(format!("{place} is longer than {MAX_SECRET_BYTES} bytes"));
+                }
+                let value =
+                    String::from_utf8(bytes).map_err(|_| format!("{place} is not UTF-8"))?;
+                (value, place)
+            }
+        };
+        let value = value.strip_suffix('\n').unwrap_or(&value);
+        let value = value.strip_suffix('\r').unwrap_or(value);
+        if value.is_empty() {
+            return Err(format!("{place} is empty"));
+        }
+        if value.len() as u64 > MAX_SECRET_BYTES {
+            return Err(format!("{place} is longer than {MAX_SECRET_BYTES} bytes"));
+        }
+        Ok(value.to_string())
+    }
+}
+
 /// The `[rate_limit]` table of serve.toml.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// `memory` (default) or `redis`.
     pub backend: Backend,
-    /// `redis://host:port/db` (required with `backend = "redis"`).
+    /// `redis://host:port/db` (required with `backend = "redis"`). It may name a user but
+    /// never holds the password (refused at start): that is `redis_password`.
     pub redis_url: Option<String>,
+    /// Where the Redis password is read from at start: `{ env = "NAME" }` or
+    /// `{ file = "/path" }` (e.g. a mounted Kubernetes Secret). Never the password itself.
+    pub redis_password: Option<SecretSource>,
     /// `closed` (default) or `open`.
     pub on_backend_error: FailPolicy,
     /// Keys are `{key_prefix}:rl:{tenant}:{limit}`; default `wasm-infer`.
@@ -146,6 +209,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             backend: Backend::Memory,
             redis_url: None,
+            redis_password: None,
             on_backend_error: FailPolicy::Closed,
             key_prefix: DEFAULT_KEY_PREFIX.to_string(),
         }
@@ -468,19 +532,53 @@ fn unreachable(error: impl std::fmt::Display) -> BackendError {
     BackendError::Unreachable(error.to_string())
 }
 
+/// A refused password (`WRONGPASS`, a failed `AUTH`) or a missing one (`NOAUTH`) is the
+/// configuration's fault; anything else is the backend being unreachable.
+fn classify(error: redis::RedisError) -> BackendError {
+    let credentials = error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"));
+    if credentials {
+        BackendError::Credentials(error.to_string())
+    } else {
+        unreachable(error)
+    }
+}
+
 impl RedisStore {
     /// A store for `url` (`redis://host:port/db`). Connects now; an unreachable Redis is an
     /// error here, and later, after a failure, is reconnected to on demand.
-    pub async fn connect(url: &str) -> Result<RedisStore, BackendError> {
-        let store = RedisStore::lazy(url)?;
-        store.connection().await?;
+    /// With `password`, every connection authenticates with it; a Redis that refuses it (or that
+    /// needs one when none is given) is [`BackendError::Credentials`].
+    pub async fn connect(url: &str, password: Option<&str>) -> Result<RedisStore, BackendError> {
+        let store = RedisStore::lazy(url, password)?;
+        store.check().await?;
         Ok(store)
     }
 
-    /// A store for `url` that connects on its first use.
-    pub fn lazy(url: &str) -> Result<RedisStore, BackendError> {
-        let client = redis::Client::open(url)
-            .map_err(|error| unreachable(format!("invalid redis_url {url:?}: {error}")))?;
+    /// A store for `url` that connects on its first use. A password inside `url` is refused
+    /// (configuration files are not where secrets live; `password` is).
+    pub fn lazy(url: &str, password: Option<&str>) -> Result<RedisStore, BackendError> {
+        use redis::IntoConnectionInfo;
+        // The URL is not echoed: a malformed one may still hold a password.
+        let info = url
+            .into_connection_info()
+            .map_err(|error| unreachable(format!("invalid redis_url: {error}")))?;
+        if info.redis_settings().password().is_some() {
+            return Err(BackendError::Credentials(
+                "redis_url holds a password; name where to read it with rate_limit.redis_password \
+                 ({ env = \"NAME\" } or { file = \"/path\" }) instead"
+                    .into(),
+            ));
+        }
+        let info = match password {
+            Some(password) => {
+                let settings = info.redis_settings().clone().set_password(password);
+                info.set_redis_settings(settings)
+            }
+            None => info,
+        };
+        let client = redis::Client::open(info)
+            .map_err(|error| unreachable(format!("invalid redis_url: {error}")))?;
         Ok(RedisStore {
             client,
             script: redis::Script::new(GCRA_LUA),
@@ -513,9 +611,17 @@ impl RedisStore {
             }
             Err(error) => {
                 state.retry_at = Some(Instant::now() + REDIS_RECONNECT_BACKOFF);
-                Err(unreachable(error))
+                Err(classify(error))
             }
         }
+    }
+
+    /// Connects and asks Redis for a `PING`: a Redis that needs a password answers `NOAUTH`
+    /// only to the first command, not to the connection.
+    async fn check(&self) -> Result<(), BackendError> {
+        let mut connection = self.connection().await?;
+        let reply: Result<String, _> = redis::cmd("PING").query_async(&mut connection).await;
+        reply.map(drop).map_err(classify)
     }
 
     /// Run the script once; a failure drops the connection so that the next call reconnects.
@@ -620,14 +726,27 @@ impl Limiter {
                 let url = config.redis_url.as_deref().ok_or_else(|| {
                     unreachable("rate_limit.backend = \"redis\" needs rate_limit.redis_url")
                 })?;
+                let password = match &config.redis_password {
+                    Some(source) => Some(source.read().map_err(|why| {
+                        BackendError::Credentials(format!("rate_limit.redis_password: {why}"))
+                    })?),
+                    None => None,
+                };
+                let password = password.as_deref();
                 match config.on_backend_error {
-                    FailPolicy::Closed => Arc::new(RedisStore::connect(url).await?),
+                    FailPolicy::Closed => Arc::new(RedisStore::connect(url, password).await?),
                     // Fail-open serves from the local limiter until Redis is up: starting is
-                    // no different from Redis going down later.
+                    // no different from Redis going down later. Wrong credentials are not an
+                    // outage: they stop the start under either policy.
                     FailPolicy::Open => {
-                        let store = RedisStore::lazy(url)?;
-                        if let Err(error) = store.connection().await {
-                            tracing::warn!(%error, "rate-limit backend down at start; failing open");
+                        let store = RedisStore::lazy(url, password)?;
+                        match store.check().await {
+                            Err(error @ BackendError::Credentials(_)) => return Err(error),
+                            Err(error) => tracing::warn!(
+                                %error,
+                                "rate-limit backend down at start; failing open"
+                            ),
+                            Ok(()) => {}
                         }
                         Arc::new(store)
                     }
