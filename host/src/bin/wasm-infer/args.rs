@@ -2,12 +2,52 @@
 //! runtime (device, cache, pre-initialisation). Every limit has an environment fallback.
 
 use std::path::PathBuf;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use wasm_infer::isolate::DEFAULT_COMPILE_LIMITS;
 use wasm_infer::isolate::{CompileLimits, Isolation};
 use wasm_infer::units::{parse_count, parse_duration, parse_fuel, parse_size};
-use wasm_infer::{AccelMode, Error, Limits, Runtime, RuntimeConfig};
+use wasm_infer::{AccelMode, Error, Limits, Runtime, RuntimeConfig, DEFAULT_CACHE_MAX_BYTES};
+
+/// A size as a flag takes it, exactly (`1GiB`, `512MiB`, `1000B`).
+pub fn size_arg(bytes: u64) -> String {
+    for (unit, scale) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes >= scale && bytes.is_multiple_of(scale) {
+            return format!("{}{unit}", bytes / scale);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// A duration as a flag takes it, exactly (`30s`, `2m`, `250ms`).
+pub fn duration_arg(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+/// Every default in `--help` is the library's own constant, written as the flag takes it
+/// (`tests` below parse each back and compare).
+macro_rules! default_arg {
+    ($name:ident = $value:expr) => {
+        static $name: LazyLock<String> = LazyLock::new(|| $value);
+    };
+}
+default_arg!(MEM = size_arg(Limits::default().memory));
+default_arg!(TIMEOUT = duration_arg(Limits::default().wall_time));
+default_arg!(MAX_INPUT = size_arg(Limits::default().max_input));
+default_arg!(MAX_BATCH = Limits::default().max_batch.to_string());
+default_arg!(MAX_OUTPUT = size_arg(Limits::default().max_output));
+default_arg!(VRAM = size_arg(Limits::default().device_memory));
+default_arg!(COMPILE_CPU = duration_arg(DEFAULT_COMPILE_LIMITS.cpu));
+default_arg!(COMPILE_MEM = size_arg(DEFAULT_COMPILE_LIMITS.memory));
+default_arg!(COMPILE_TIMEOUT = duration_arg(DEFAULT_COMPILE_LIMITS.wall_time));
+default_arg!(CACHE_MAX = size_arg(DEFAULT_CACHE_MAX_BYTES));
 
 /// The limits of one run.
 #[derive(Args)]
@@ -20,28 +60,28 @@ pub struct LimitArgs {
     pub fuel: Option<u64>,
     /// Ceiling on the guest's total linear memory (its embedded weights included); K/M/G =
     /// KiB/MiB/GiB, so `2G` is 2 GiB.
-    #[arg(long, env = "WASM_INFER_MEM", value_parser = parse_size, default_value = "1GiB")]
+    #[arg(long, env = "WASM_INFER_MEM", value_parser = parse_size, default_value = MEM.as_str())]
     pub mem: u64,
     /// Wall-clock limit for the run, with its unit (`5s`, `250ms`, `1m`). Enforced by epoch
     /// interruption, so a run ends within one 10 ms tick of it; unlike fuel it depends on the
     /// machine's speed.
-    #[arg(long, env = "WASM_INFER_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "WASM_INFER_TIMEOUT", value_parser = parse_duration, default_value = TIMEOUT.as_str())]
     pub timeout: Duration,
     /// Largest input accepted: UTF-8 bytes of all texts plus 8 per batch item, checked before
     /// any guest work.
-    #[arg(long, env = "WASM_INFER_MAX_INPUT", value_parser = parse_size, default_value = "1MiB")]
+    #[arg(long, env = "WASM_INFER_MAX_INPUT", value_parser = parse_size, default_value = MAX_INPUT.as_str())]
     pub max_input: u64,
     /// Most items a batch input may have, checked before any guest work.
-    #[arg(long, env = "WASM_INFER_MAX_BATCH", value_parser = parse_count, default_value = "1024")]
+    #[arg(long, env = "WASM_INFER_MAX_BATCH", value_parser = parse_count, default_value = MAX_BATCH.as_str())]
     pub max_batch: u64,
     /// Largest output payload accepted (4 bytes per embedding value); a larger result is
     /// discarded, not printed.
-    #[arg(long, env = "WASM_INFER_MAX_OUTPUT", value_parser = parse_size, default_value = "16MiB")]
+    #[arg(long, env = "WASM_INFER_MAX_OUTPUT", value_parser = parse_size, default_value = MAX_OUTPUT.as_str())]
     pub max_output: u64,
     /// Device-memory budget of the run on the accelerator path (VRAM, or host RAM on the CPU
     /// backend); an allocation past it is refused and the model falls back to in-sandbox
     /// compute (or fails with exit 15).
-    #[arg(long, env = "WASM_INFER_VRAM", value_parser = parse_size, default_value = "512MiB")]
+    #[arg(long, env = "WASM_INFER_VRAM", value_parser = parse_size, default_value = VRAM.as_str())]
     pub vram: u64,
 }
 
@@ -68,10 +108,10 @@ pub struct LoadLimitArgs {
     #[arg(long, env = "WASM_INFER_LOAD_FUEL", value_parser = parse_fuel)]
     pub load_fuel: Option<u64>,
     /// Memory ceiling for loading; raise it for a model whose initial memory is larger.
-    #[arg(long, env = "WASM_INFER_LOAD_MEM", value_parser = parse_size, default_value = "1GiB")]
+    #[arg(long, env = "WASM_INFER_LOAD_MEM", value_parser = parse_size, default_value = MEM.as_str())]
     pub load_mem: u64,
     /// Wall-clock limit for each load-time call, with its unit.
-    #[arg(long, env = "WASM_INFER_LOAD_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "WASM_INFER_LOAD_TIMEOUT", value_parser = parse_duration, default_value = TIMEOUT.as_str())]
     pub load_timeout: Duration,
 }
 
@@ -91,13 +131,13 @@ impl LoadLimitArgs {
 #[command(next_help_heading = "Compilation")]
 pub struct CompileArgs {
     /// CPU time the compiling worker process may use (compile and pre-initialisation).
-    #[arg(long, env = "WASM_INFER_COMPILE_CPU", value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, env = "WASM_INFER_COMPILE_CPU", value_parser = parse_duration, default_value = COMPILE_CPU.as_str())]
     pub compile_cpu: Duration,
     /// Memory the compiling worker process may allocate.
-    #[arg(long, env = "WASM_INFER_COMPILE_MEM", value_parser = parse_size, default_value = "2GiB")]
+    #[arg(long, env = "WASM_INFER_COMPILE_MEM", value_parser = parse_size, default_value = COMPILE_MEM.as_str())]
     pub compile_mem: u64,
     /// Wall-clock time after which the compiling worker process is killed.
-    #[arg(long, env = "WASM_INFER_COMPILE_TIMEOUT", value_parser = parse_duration, default_value = "120s")]
+    #[arg(long, env = "WASM_INFER_COMPILE_TIMEOUT", value_parser = parse_duration, default_value = COMPILE_TIMEOUT.as_str())]
     pub compile_timeout: Duration,
     /// Compile in this process, without OS limits (faster; for models you trust).
     #[arg(long)]
@@ -133,7 +173,7 @@ pub struct RuntimeArgs {
     #[arg(long)]
     pub no_cache: bool,
     /// Most bytes the cache may hold; least recently used entries are removed past it.
-    #[arg(long, env = "WASM_INFER_CACHE_MAX", value_parser = parse_size, default_value = "2GiB")]
+    #[arg(long, env = "WASM_INFER_CACHE_MAX", value_parser = parse_size, default_value = CACHE_MAX.as_str())]
     pub cache_max: u64,
     /// Do not pre-initialise: every run builds the model itself (slower; for comparison).
     #[arg(long)]
@@ -206,5 +246,82 @@ impl RuntimeArgs {
 
     pub fn runtime(&self) -> Result<Runtime, Error> {
         Runtime::with_config(self.config())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct All {
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        load: LoadLimitArgs,
+        #[command(flatten)]
+        compile: CompileArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    }
+
+    #[test]
+    fn every_default_is_the_librarys_constant() {
+        // Parsed with no flags and none of their environment fallbacks (removed in this test
+        // process only).
+        for var in [
+            "WASM_INFER_FUEL",
+            "WASM_INFER_MEM",
+            "WASM_INFER_TIMEOUT",
+            "WASM_INFER_MAX_INPUT",
+            "WASM_INFER_MAX_BATCH",
+            "WASM_INFER_MAX_OUTPUT",
+            "WASM_INFER_VRAM",
+            "WASM_INFER_LOAD_FUEL",
+            "WASM_INFER_LOAD_MEM",
+            "WASM_INFER_LOAD_TIMEOUT",
+            "WASM_INFER_COMPILE_CPU",
+            "WASM_INFER_COMPILE_MEM",
+            "WASM_INFER_COMPILE_TIMEOUT",
+            "WASM_INFER_CACHE_DIR",
+            "WASM_INFER_CACHE_MAX",
+            "WASM_INFER_ACCEL",
+            "WASM_INFER_NAN_CANONICALIZATION",
+        ] {
+            std::env::remove_var(var);
+        }
+        let all = All::parse_from(["wasm-infer"]);
+        assert_eq!(all.limits.limits(), Limits::default());
+        assert_eq!(all.load.limits(), wasm_infer::LoadOptions::default().limits);
+        let isolation = all.compile.isolation().expect("isolated by default");
+        assert_eq!(isolation.limits, DEFAULT_COMPILE_LIMITS);
+        let config = all.runtime.config();
+        let library = RuntimeConfig::default();
+        assert_eq!(config.cache_max_bytes, library.cache_max_bytes);
+        assert_eq!(config.cache_dir, library.cache_dir);
+        assert_eq!(config.accel, library.accel);
+        assert_eq!(config.nan_canonicalization, library.nan_canonicalization);
+    }
+
+    #[test]
+    fn sizes_and_durations_print_as_the_flags_read_them() {
+        for bytes in [1, 1000, 1024, 1536, 1 << 20, 16 << 20, 1 << 30, 3 << 40] {
+            assert_eq!(
+                parse_size(&size_arg(bytes)).unwrap(),
+                bytes,
+                "{}",
+                size_arg(bytes)
+            );
+        }
+        assert_eq!(size_arg(1 << 30), "1GiB");
+        assert_eq!(size_arg(1536), "1536B");
+        for duration in [
+            Duration::from_millis(250),
+            Duration::from_secs(30),
+            Duration::from_secs(120),
+        ] {
+            assert_eq!(parse_duration(&duration_arg(duration)).unwrap(), duration);
+        }
     }
 }
