@@ -182,21 +182,11 @@ impl Admission {
         }
         let span = f64::from(c.max_concurrent.saturating_sub(1));
         let cap = c.max_concurrent - (span * squeeze).round() as u32;
-        let mut current = self.in_flight.load(Ordering::SeqCst);
-        loop {
-            if current >= cap {
-                return Err(overloaded());
-            }
-            match self.in_flight.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => break,
-                Err(actual) => current = actual,
-            }
-        }
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                (current < cap).then_some(current + 1)
+            })
+            .map_err(|_| overloaded())?;
         let mut ticket = Ticket {
             in_flight: self.in_flight.clone(),
             granted_memory: self.granted_memory.clone(),
@@ -207,23 +197,13 @@ impl Admission {
         let lowered = limits.memory - ((limits.memory - floor) as f64 * squeeze) as u64;
         granted.memory = lowered.min(limits.memory);
         let budget = c.memory_budget.unwrap_or(u64::MAX);
-        let mut committed = self.granted_memory.load(Ordering::SeqCst);
-        loop {
-            let total = committed.saturating_add(granted.memory);
-            if total > budget {
-                // Dropping the ticket gives its place back.
-                return Err(overloaded());
-            }
-            match self.granted_memory.compare_exchange_weak(
-                committed,
-                total,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => break,
-                Err(actual) => committed = actual,
-            }
-        }
+        // Past the budget, dropping the ticket gives its place back.
+        self.granted_memory
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |committed| {
+                let total = committed.saturating_add(granted.memory);
+                (total <= budget).then_some(total)
+            })
+            .map_err(|_| overloaded())?;
         ticket.memory = granted.memory;
         Ok((ticket, granted))
     }
