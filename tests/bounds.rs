@@ -196,7 +196,7 @@ fn one_bulk_memory_instruction_overruns_the_deadline_by_at_most_one_pass_over_th
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     hostile();
     // A 384 MiB `memory.fill` in a loop under 512 MiB: the epoch check runs between fills,
-    // so the run ends after the fill in progress at its deadline. The README states the
+    // so the run ends after the fill in progress at its deadline. docs/cli.md states the
     // measured rate (about 1 s per GiB written, first touch included); this bound is generous
     // for a shared machine.
     let limits = Limits::default()

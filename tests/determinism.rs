@@ -1,4 +1,4 @@
-//! The determinism promise (README, "Determinism"): fuel and output bits are the same across
+//! The determinism promise (docs/determinism.md): fuel and output bits are the same across
 //! runs, processes and x86-64 machines with different CPU features. Two machines are stood in
 //! for by two compilations of the same component, one for this CPU's detected features (AVX2,
 //! FMA, ...) and one for the baseline (`CpuFeatures::Baseline`, x86-64-v2), which pick different instructions and
@@ -364,7 +364,7 @@ fn every_nan_results(wat: &str, cpu_features: CpuFeatures, nan: bool) -> (Vec<u8
 #[test]
 fn every_nan_producing_instruction_gives_the_same_bits_on_host_and_baseline_cpu_features() {
     let (wat, ranges) = every_nan_instruction();
-    // The README's count of the instructions covered.
+    // docs/determinism.md counts the instructions covered.
     assert_eq!(ranges.len(), 80);
     for nan_canonicalization in [false, true] {
         let (host, host_fuel) = every_nan_results(&wat, CpuFeatures::Host, nan_canonicalization);

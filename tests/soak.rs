@@ -3,7 +3,7 @@
 //! within a small margin, the same open file descriptors, the precompiled cache intact, and
 //! every good run bit-identical to the reference run.
 //!
-//! Figures are printed for the README (`just soak` shows them).
+//! Figures are printed for docs/benchmarks.md (`just soak` shows them).
 
 mod support;
 

@@ -345,7 +345,7 @@ fn main() {
         Model::load(&runtime, &minilm).unwrap()
     };
     let (off, on) = (sandbox(false), sandbox(true));
-    // Ratios to native depend on the CPU (README, "Benchmark"): say which one ran them.
+    // Ratios to native depend on the CPU (docs/benchmarks.md): say which one ran them.
     println!("{}\n", cpu_line());
     println!("| measurement | input | time | vs native |");
     println!("|---|---|---|---|");

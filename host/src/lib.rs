@@ -12,7 +12,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Modules, one job each (the README's "How it is built" has the map): `runtime` (engine,
+//! Modules, one job each (docs/architecture.md has the map): `runtime` (engine,
 //! settings, ticker, slots), `model` (the load pipeline), `run` (the one run-under-limits
 //! sequence), `store` (a run's state and budgets), `limiter`, `wasi`, `attribution`,
 //! `component` (static checks), `snapshot`, `cache`, `accel`, `data`, `error`, `usage`,

@@ -186,8 +186,7 @@ pub struct RuntimeArgs {
     /// Canonicalise every NaN the model computes (`on`) or leave NaN bits to the CPU (`off`).
     /// Off keeps fuel and every float output bit-identical across runs, processes and x86-64
     /// machines for models that treat a NaN as a number; on extends that to the bits of a NaN
-    /// a model reads as an integer, at about twice the in-sandbox time (README,
-    /// "Determinism").
+    /// a model reads as an integer, at about twice the in-sandbox time (docs/determinism.md).
     #[arg(long, env = "WASM_INFER_NAN_CANONICALIZATION", value_enum, value_name = "on|off",
           default_value_t = OnOff::from(wasm_infer::DEFAULT_NAN_CANONICALIZATION))]
     pub nan_canonicalization: OnOff,

@@ -43,7 +43,7 @@ enum Command {
     /// (and caches the result); use this to ship or inspect the snapshot as a file.
     Snapshot(snapshot::Opts),
     /// Serve models over HTTP: OpenAI-compatible /v1/embeddings, /v1/infer, tenants, rate
-    /// limits, metrics, graceful drain (see the README's "Serving").
+    /// limits, metrics, graceful drain (see docs/serving.md).
     #[cfg(feature = "serve")]
     Serve(serve::Opts),
     /// List or clear the compiled-model cache.

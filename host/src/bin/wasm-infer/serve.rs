@@ -19,8 +19,8 @@ pub struct Opts {
     /// Model components to serve (each named by its model info's name), on top of the config's
     /// `[[models]]`.
     models: Vec<PathBuf>,
-    /// The service's configuration (TOML: listen, limits, models, tenants, rate limits; see the
-    /// README's "Serving"). Without it: one anonymous tenant on loopback with the default
+    /// The service's configuration (TOML: listen, limits, models, tenants, rate limits; see
+    /// docs/serving.md). Without it: one anonymous tenant on loopback with the default
     /// limits.
     #[arg(long, env = "WASM_INFER_SERVE_CONFIG")]
     config: Option<PathBuf>,
