@@ -79,6 +79,11 @@ bench: guest build
 bench-memory: guest build
     cargo run --release -p wasm-infer --example bench -- {{minilm}} --memory
 
+# Host CPU per fuel unit of every host call a guest can make, at its worst shapes, against
+# plain wasm loops (docs/cost-audit.md). Markdown on stdout.
+cost-audit: test-guests build
+    cargo run --release -p wasm-infer --example cost_audit -- target/wasm32-wasip2/release/hostile.wasm
+
 # Loopback load test of `wasm-infer serve` (bounded: 64 requests per level) at 1, 2, 8 and 32
 # clients, accelerator and in-sandbox paths, vs a native candle loop; then a victim tenant's
 # latency alone and under another tenant's spin flood. Markdown tables on stdout.

@@ -499,3 +499,58 @@ fn eight_concurrent_minilm_runs_hold_one_copy_of_the_weights() {
         usage.peak
     );
 }
+
+/// Fuel of one more call of host op `op` at `shape` (`op:NAME,REPS,SHAPE`, two repetitions
+/// less one): the op's charge plus the guest's own loop, which does not depend on the shape.
+fn one_more_call(model: &Model, op: &str, shape: &str) -> u64 {
+    let limits = Limits::default()
+        .fuel(50_000_000_000)
+        .memory(1 << 30)
+        .device_memory(1 << 30);
+    let fuel = |reps: u32| {
+        let outcome = run(model, &format!("op:{op},{reps},{shape}"), &limits).unwrap();
+        assert_eq!(text(&outcome), format!("{op} x{reps}"));
+        outcome.usage.fuel_consumed
+    };
+    fuel(2) - fuel(1)
+}
+
+/// The cost model (README, "Fuel") at adversarial shapes: each op's fuel
+/// differs between two shapes by exactly what its formula says, worked out here by hand (the
+/// guest's own loop around the call cancels out). The shapes are the audit's worst ones: a
+/// product with k = 1 (all output), a dot product (all input), attention with head size 1
+/// (all scores), layer norms of one-element rows and of one long row, GELU (erf per element).
+#[test]
+fn each_ops_fuel_is_its_formula_at_adversarial_shapes() {
+    let (_runtime, model) = cpu();
+    let cases: &[(&str, &str, &str, u64)] = &[
+        // linear: 25,000 + rows·k·n / 4 + (rows·k + n·k + n) + 4·rows·n.
+        // [1,1]·[1,1]: 25,000 + 0 + 3 + 4 = 25,007.
+        // [2048,1]·[2048,1]: 25,000 + 1,048,576 + 6,144 + 16,777,216 = 17,856,936.
+        ("linear", "2048,1,2048", "1,1,1", 17_856_936 - 25_007),
+        // [1,2^20]·[1,2^20]: 25,000 + 262,144 + 2,097,153 + 4 = 2,384,301.
+        ("linear", "1,1048576,1", "1,1,1", 2_384_301 - 25_007),
+        // attention: 80,000 + 2·t²·hidden / 4 + 48·heads·t² + 4·(4·t·hidden).
+        // t = 1, hidden 1, 1 head: 80,000 + 0 + 48 + 16 = 80,064.
+        // t = 64, hidden 64, 64 heads: 80,000 + 131,072 + 12,582,912 + 65,536 = 12,859,520.
+        ("attention", "64,64,64", "1,1,1", 12_859_520 - 80_064),
+        // MiniLM's shape, 128 tokens, 384 wide, 12 heads:
+        // 80,000 + 3,145,728 + 9,437,184 + 786,432 = 13,449,344.
+        ("attention", "128,384,12", "1,1,1", 13_449_344 - 80_064),
+        // layer-norm: 25,000 + 12·rows·n + 24·rows. [1,1]: 25,036.
+        // [4096,1]: 25,000 + 49,152 + 98,304 = 172,456. [1,4096]: 25,000 + 49,152 + 24.
+        ("layer-norm", "4096,1", "1,1", 172_456 - 25_036),
+        ("layer-norm", "1,4096", "1,1", 74_176 - 25_036),
+        // gelu: 1,000 + 48 per element.
+        ("gelu", "4096", "1", 48 * 4095),
+        // upload: 1,000 + 1 per element.
+        ("upload", "4096", "1", 4095),
+    ];
+    for &(op, shape, base, expected) in cases {
+        let (big, small) = (
+            one_more_call(&model, op, shape),
+            one_more_call(&model, op, base),
+        );
+        assert_eq!(big - small, expected, "{op} at {shape} against {base}");
+    }
+}

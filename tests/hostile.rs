@@ -476,6 +476,32 @@ fn one_random_call_is_capped_before_any_byte_is_made() {
 }
 
 #[test]
+fn random_bytes_cost_fuel_by_the_byte_before_they_are_made() {
+    // 100 per call + 16 per byte (README, "Fuel"): 1 MiB made to cost 16,777,316
+    // where it cost the guest's own few hundred instructions, against 356 for 16 bytes.
+    let fuel = |n: u64| {
+        hostile_run(&format!("random:{n}"), &Limits::default())
+            .unwrap()
+            .usage
+            .fuel_consumed
+    };
+    let extra = fuel(1 << 20) - fuel(16);
+    let charged = 16 * ((1 << 20) - 16);
+    // What is left is the guest's own allocator and loop for the bigger buffer.
+    assert!(
+        (charged..charged + 20_000).contains(&extra),
+        "{extra} against {charged}"
+    );
+    // A cap too small for the charge: out of fuel before any byte is made, however the
+    // guest spent what came before.
+    let limits = Limits::default().fuel(fuel(16) + charged / 2);
+    assert!(matches!(
+        limit(hostile_run("random:1048576", &limits)),
+        LimitExceeded::Fuel { .. }
+    ));
+}
+
+#[test]
 fn a_write_over_the_check_write_permit_traps() {
     // WASI: writing more than `check-write` granted is an error. It was accepted (a 512 MiB
     // write went through for 23 fuel).

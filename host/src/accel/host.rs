@@ -26,20 +26,95 @@ pub(crate) trait AccelState: Send + 'static {
     fn deadline_passed(&mut self) -> bool;
 }
 
-/// The fuel cost model of accel calls (all deterministic functions of the shapes):
+/// The fuel cost model of accel calls: each a deterministic function of the call's shapes,
+/// charged before the work runs. The weights come from `just cost-audit` (README, "Fuel"):
+/// per multiply-accumulate, per element read and written, per attention score (each score
+/// passes through two products, a scale, a max, an exp, a sum and a division), per row of a
+/// layer norm, with a floor per call that covers the backend's fixed cost (thread hand-off,
+/// allocations), so that no shape buys much more host CPU per fuel unit than plain wasm.
 pub mod cost {
-    /// Every call.
+    /// Every call's floor (and all a refused call costs).
     pub const CALL: u64 = 1_000;
-    /// Per byte copied between the sandbox and the device (upload, download): one per 16.
-    pub const BYTES_PER_FUEL: u64 = 16;
-    /// Per multiply-accumulate of a matrix product: one per 8.
-    pub const MACS_PER_FUEL: u64 = 8;
-    /// Per element of an element-wise operation (bias add, GELU), per attention score
-    /// (softmax) and per element an attention or layer norm produces: one each.
-    pub const PER_ELEMENT: u64 = 1;
-    /// Per element of a layer norm's input, on top of `PER_ELEMENT` per output: the
-    /// statistics pass (mean, variance) reads each element again.
-    pub const NORM_STATISTICS_PER_ELEMENT: u64 = 1;
+    /// Floor of `linear` (a small product still costs ~20 µs: gemm's thread hand-off).
+    pub const LINEAR_CALL: u64 = 25_000;
+    /// Floor of `attention` (~70 µs for one token: a dozen tensor passes).
+    pub const ATTENTION_CALL: u64 = 80_000;
+    /// Floor of `layer-norm`.
+    pub const LAYER_NORM_CALL: u64 = 25_000;
+    /// Per element copied into the device (`upload`).
+    pub const UPLOAD_PER_ELEMENT: u64 = 1;
+    /// Per element copied out (`download`: converted, flattened, copied into the sandbox).
+    pub const DOWNLOAD_PER_ELEMENT: u64 = 2;
+    /// `resident` is charged by rule whether or not the weight was bound before (so a run's
+    /// figures never depend on what ran before it): one per 16 bytes. A first bind also
+    /// hashes the data (the exception in the audit), once per name for the model's lifetime.
+    pub const RESIDENT_BYTES_PER_FUEL: u64 = 16;
+    /// Multiply-accumulates per fuel unit in a matrix product.
+    pub const MACS_PER_FUEL: u64 = 4;
+    /// Per element a `linear` reads (x, the weight, the bias).
+    pub const LINEAR_PER_INPUT: u64 = 1;
+    /// Per element a `linear` writes (the product, then the bias added).
+    pub const LINEAR_PER_OUTPUT: u64 = 4;
+    /// Per attention score (heads x tokens x tokens).
+    pub const ATTENTION_PER_SCORE: u64 = 48;
+    /// Per element of q, k and v read and of the output written.
+    pub const ATTENTION_PER_ELEMENT: u64 = 4;
+    /// Per element of a layer norm (residual add, two statistics passes, normalise, scale).
+    pub const NORM_PER_ELEMENT: u64 = 12;
+    /// Per row of a layer norm (two reductions and their broadcasts).
+    pub const NORM_PER_ROW: u64 = 24;
+    /// Per element of a GELU (erf: about 10 ns on the CPU backend).
+    pub const GELU_PER_ELEMENT: u64 = 48;
+
+    /// `upload` of `elements` floats.
+    pub fn upload(elements: u64) -> u64 {
+        CALL.saturating_add(elements.saturating_mul(UPLOAD_PER_ELEMENT))
+    }
+    /// `tensor.download` of `elements` floats.
+    pub fn download(elements: u64) -> u64 {
+        CALL.saturating_add(elements.saturating_mul(DOWNLOAD_PER_ELEMENT))
+    }
+    /// `resident` of `bytes` bytes.
+    pub fn resident(bytes: u64) -> u64 {
+        CALL.saturating_add(bytes / RESIDENT_BYTES_PER_FUEL)
+    }
+    /// `linear` of `[rows, k] · [n, k]ᵀ + [n]`.
+    pub fn linear(rows: u64, k: u64, n: u64) -> u64 {
+        let macs = rows.saturating_mul(k).saturating_mul(n);
+        let inputs = rows
+            .saturating_mul(k)
+            .saturating_add(n.saturating_mul(k))
+            .saturating_add(n);
+        LINEAR_CALL
+            .saturating_add(macs / MACS_PER_FUEL)
+            .saturating_add(inputs.saturating_mul(LINEAR_PER_INPUT))
+            .saturating_add(rows.saturating_mul(n).saturating_mul(LINEAR_PER_OUTPUT))
+    }
+    /// `attention` over `[tokens, hidden]` q, k, v in `heads` heads.
+    pub fn attention(tokens: u64, hidden: u64, heads: u64) -> u64 {
+        // q·kᵀ and probs·v: tokens² x head size per head each.
+        let macs = 2u64
+            .saturating_mul(tokens)
+            .saturating_mul(tokens)
+            .saturating_mul(hidden);
+        let scores = heads.saturating_mul(tokens).saturating_mul(tokens);
+        // q, k, v read, the output written.
+        let elements = 4u64.saturating_mul(tokens).saturating_mul(hidden);
+        ATTENTION_CALL
+            .saturating_add(macs / MACS_PER_FUEL)
+            .saturating_add(scores.saturating_mul(ATTENTION_PER_SCORE))
+            .saturating_add(elements.saturating_mul(ATTENTION_PER_ELEMENT))
+    }
+    /// `layer-norm` of `rows` rows of `n`.
+    pub fn layer_norm(rows: u64, n: u64) -> u64 {
+        LAYER_NORM_CALL
+            .saturating_add(rows.saturating_mul(n).saturating_mul(NORM_PER_ELEMENT))
+            .saturating_add(rows.saturating_mul(NORM_PER_ROW))
+    }
+    /// `gelu` of `elements` elements.
+    pub fn gelu(elements: u64) -> u64 {
+        CALL.saturating_add(elements.saturating_mul(GELU_PER_ELEMENT))
+    }
 }
 
 /// Largest matrix product one call may ask for, in multiply-accumulates (2^33, a few seconds of
@@ -66,7 +141,7 @@ fn begin<T: AccelState>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result
 
 /// Takes `cost` fuel from the store (a trap when there is not that much left; nothing to do
 /// without fuel metering).
-fn charge<T>(store: &mut Store<'_, T>, cost: u64) -> wasmtime::Result<()> {
+pub(crate) fn charge<T>(store: &mut Store<'_, T>, cost: u64) -> wasmtime::Result<()> {
     if let Ok(left) = store.get_fuel() {
         if cost >= left {
             store.set_fuel(0)?;
@@ -227,7 +302,8 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             }
             let bytes = elements * 4;
             let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            let created = create(&mut store, elements, bytes / cost::BYTES_PER_FUEL, || {
+            let work = cost::upload(elements) - cost::CALL;
+            let created = create(&mut store, elements, work, || {
                 Tensor::from_vec(data, dims, &device).map_err(failure)
             })?;
             if created.is_ok() {
@@ -269,7 +345,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             if let Err(e) = store.data_mut().device().alloc_by_rule(bytes) {
                 return Ok((Err(e),));
             }
-            charge(&mut store, bytes / cost::BYTES_PER_FUEL)?;
+            charge(&mut store, cost::resident(bytes) - cost::CALL)?;
             let run = store.data_mut().device();
             let (weights, accel) = (run.weights.clone(), run.accel.clone());
             let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
@@ -323,7 +399,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 ))),));
             }
             let elements = rows * n;
-            let work = macs / cost::MACS_PER_FUEL + elements * cost::PER_ELEMENT;
+            let work = cost::linear(rows, k, n) - cost::CALL;
             let mut out_dims = x.dims().to_vec();
             *out_dims.last_mut().unwrap() = n as usize;
             let created = create(&mut store, elements, work, || {
@@ -346,7 +422,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             begin(&mut store, 0)?;
             let x = tensor(&mut store, &x)?;
             let elements = x.elem_count() as u64;
-            let work = elements * cost::PER_ELEMENT;
+            let work = cost::gelu(elements) - cost::CALL;
             let created = create(&mut store, elements, work, || x.gelu_erf().map_err(failure))?;
             Ok((created,))
         },
@@ -393,7 +469,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             if let Err(e) = store.data_mut().device().alloc(scores * 4) {
                 return Ok((Err(e),));
             }
-            let work = macs / cost::MACS_PER_FUEL + (scores + elements) * cost::PER_ELEMENT;
+            let work = cost::attention(tokens, hidden, u64::from(heads)) - cost::CALL;
             let created = create(&mut store, elements, work, || {
                 multi_head_attention(&q, &k, &v, heads as usize).map_err(failure)
             });
@@ -418,7 +494,8 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 return Ok((Err(e),));
             }
             let elements = x.elem_count() as u64;
-            let work = elements * (cost::PER_ELEMENT + cost::NORM_STATISTICS_PER_ELEMENT);
+            let n = x.dims().last().map_or(1, |&n| n as u64);
+            let work = cost::layer_norm(elements / n, n) - cost::CALL;
             let created = create(&mut store, elements, work, || {
                 let y = match &residual {
                     Some(r) => x.add(r).map_err(failure)?,
@@ -453,8 +530,9 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 )),));
             }
             let t = tensor(&mut store, &this)?;
-            let bytes = t.elem_count() as u64 * 4;
-            begin(&mut store, bytes / cost::BYTES_PER_FUEL)?;
+            let elements = t.elem_count() as u64;
+            let bytes = elements * 4;
+            begin(&mut store, cost::download(elements) - cost::CALL)?;
             store.data_mut().device().downloaded += bytes;
             let values = t
                 .to_dtype(DType::F32)

@@ -36,7 +36,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
 
 pub(crate) use account::RunDevice;
-pub(crate) use host::{add_to_linker, AccelState};
+pub(crate) use host::{add_to_linker, charge, AccelState};
 pub use host::{cost, DeviceTensor, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
 pub(crate) use resident::ModelWeights;
 use resident::Resident;

@@ -40,6 +40,8 @@
 //! | `accel-dropped`  | calls a method on a handle it already dropped                |
 //! | `nans`           | makes NaNs (0/0, sqrt(-1), inf-inf, f32x4 ops on NaN payloads) and returns their raw bits |
 //! | `accel-or-sandbox:N` | with a device: uploads N floats and panics if refused; with none (`--accel off`, or hidden from the run): sums N halves in the sandbox; reports which |
+//! | `op:NAME,REPS,D1,..` | makes the operands once, then calls host op NAME REPS times at shape D1,..; for the cost audit and the cost-model tests (see `op`) |
+//! | `chase:MIB,N`    | N steps of a pointer chase over a MIB-MiB random cycle (wasm's own worst case: a cache miss per step) |
 //! | `accel-resident:NAME,SEED` | binds a 4x4 resident weight NAME to `ramp(SEED)`, reports the data it got, then tries to download it and to rebind NAME to another shape |
 
 wit_bindgen::generate!({
@@ -235,6 +237,117 @@ fn poll_timer(arg: &str) -> String {
         done += 1;
     }
     format!("units={done} ready={}", timer.ready())
+}
+
+/// `op:NAME,REPS,DIMS`: the operands of host call NAME at shape DIMS are made once, then the
+/// call is made REPS times (results dropped), so that the difference between two REPS counts
+/// is REPS times one call's host work and fuel. Shapes per NAME:
+/// `upload,R,N` (N floats), `download,R,N`, `shape,R`, `linear,R,ROWS,K,N` (with a bias),
+/// `gelu,R,N`, `attention,R,TOKENS,HIDDEN,HEADS`, `layer-norm,R,ROWS,N` (with a residual),
+/// `resident,R,N,P` (binds N floats under a new name `P.i` each time: a model's names outlive
+/// its runs, so P keeps them new; the content is hashed each time, copied once),
+/// `random,R,BYTES`, `insecure-random,R,BYTES`, `write,R,BYTES` (one stdout `write`).
+fn op(arg: &str) -> Result<String, AccelError> {
+    let mut parts = arg.split(',');
+    let name = parts.next().expect("NAME");
+    let reps = number(parts.next().expect("REPS"));
+    let d: Vec<u32> = parts.map(|p| number(p) as u32).collect();
+    let up = |dims: &[u32]| {
+        let n: u32 = dims.iter().product();
+        accel::upload(dims, &ramp(n as usize, 1))
+    };
+    match name {
+        "upload" => {
+            let data = ramp(d[0] as usize, 1);
+            for _ in 0..reps {
+                drop(accel::upload(&[d[0]], &data)?);
+            }
+        }
+        "download" => {
+            let t = up(&[d[0]])?;
+            for _ in 0..reps {
+                black_box(t.download()?);
+            }
+        }
+        "shape" => {
+            let t = up(&[1])?;
+            for _ in 0..reps {
+                black_box(t.shape());
+            }
+        }
+        "linear" => {
+            let (x, w, b) = (up(&[d[0], d[1]])?, up(&[d[2], d[1]])?, up(&[d[2]])?);
+            for _ in 0..reps {
+                drop(accel::linear(&x, &w, Some(&b))?);
+            }
+        }
+        "gelu" => {
+            let x = up(&[d[0]])?;
+            for _ in 0..reps {
+                drop(accel::gelu(&x)?);
+            }
+        }
+        "attention" => {
+            let q = up(&[d[0], d[1]])?;
+            for _ in 0..reps {
+                drop(accel::attention(&q, &q, &q, d[2])?);
+            }
+        }
+        "layer-norm" => {
+            let (x, s) = (up(&[d[0], d[1]])?, up(&[d[1]])?);
+            for _ in 0..reps {
+                drop(accel::layer_norm(&x, Some(&x), &s, &s, 1e-12)?);
+            }
+        }
+        "resident" => {
+            let data = le_bytes(&ramp(d[0] as usize, 1));
+            for i in 0..reps {
+                drop(accel::resident(&format!("{}.{i}", d[1]), &[d[0]], &data)?);
+            }
+        }
+        "random" => {
+            for _ in 0..reps {
+                black_box(wasip2::random::random::get_random_bytes(u64::from(d[0])));
+            }
+        }
+        "insecure-random" => {
+            for _ in 0..reps {
+                black_box(wasip2::random::insecure::get_insecure_random_bytes(
+                    u64::from(d[0]),
+                ));
+            }
+        }
+        "write" => {
+            let stdout = wasip2::cli::stdout::get_stdout();
+            let bytes = vec![b'x'; d[0] as usize];
+            for _ in 0..reps {
+                stdout.write(&bytes).expect("write");
+            }
+        }
+        other => panic!("unknown op {other:?}"),
+    }
+    Ok(format!("{name} x{reps}"))
+}
+
+/// `chase:MIB,N`: N dependent loads over a random single cycle through MIB MiB of u32s.
+fn chase(arg: &str) -> String {
+    let (mib, steps) = arg.split_once(',').expect("MIB,N");
+    let n = (number(mib) as usize) << 18;
+    // Sattolo's shuffle (a single cycle) with a fixed xorshift: deterministic.
+    let mut next: Vec<u32> = (0..n as u32).collect();
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..n).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let j = (s % i as u64) as usize;
+        next.swap(i, j);
+    }
+    let mut at = 0u32;
+    for _ in 0..number(steps) {
+        at = next[at as usize];
+    }
+    format!("at={}", black_box(at))
 }
 
 fn number(arg: &str) -> u64 {
@@ -488,6 +601,10 @@ impl Guest for Hostile {
                 Ok(Output::Text(format!("{:?}", stale.shape())))
             }
             "nans" => Ok(Output::Text(nan_report())),
+            "op" => Ok(Output::Text(
+                op(arg).unwrap_or_else(|e| format!("error: {}", refusal(&e))),
+            )),
+            "chase" => Ok(Output::Text(chase(arg))),
             "timer" => Ok(Output::Text(poll_timer(arg))),
             "random" => {
                 let bytes = wasip2::random::random::get_random_bytes(number(arg));
