@@ -426,6 +426,7 @@ struct Server {
     child: Child,
     base: String,
     config: std::path::PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -465,12 +466,13 @@ requests_burst = {burst}
             ),
         )
         .unwrap();
-        let support::ServeProcess { child, base, .. } =
+        let support::ServeProcess { child, base, log } =
             support::spawn_serve(&config, &[], Duration::from_secs(120));
         Server {
             child,
             base,
             config,
+            log,
         }
     }
 
@@ -726,4 +728,35 @@ fuel_burst = {FUEL_CAP}
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&config);
+}
+
+#[test]
+fn with_redis_down_clients_get_a_fixed_message_and_the_log_one_line_per_outage() {
+    let mut redis = Redis::start();
+    let server = Server::start(&redis, "closed");
+    assert_served(server.request(), 3);
+    redis.kill();
+    let before = server.log.lock().unwrap().len();
+    for _ in 0..20 {
+        let (status, _, body) = server.request();
+        assert_eq!(status, 503, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // Nothing of the backend's own error (address, script, server message) reaches clients.
+        assert_eq!(
+            body["error"]["message"],
+            "Rate limits cannot be checked now; retry later."
+        );
+        assert_eq!(body["error"]["code"], "rate_limit_unavailable");
+    }
+    // The log is read from the server's stderr by another thread: let it catch up.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = server.log.lock().unwrap()[before..].to_vec();
+    assert_eq!(
+        log.iter()
+            .filter(|line| line.contains("rate-limit backend failed"))
+            .count(),
+        1,
+        "{log:#?}"
+    );
+    assert_eq!(log.len(), 1, "twenty refusals, one line: {log:#?}");
 }
