@@ -659,7 +659,6 @@ fn an_answer_whose_json_passes_max_answer_is_refused_and_one_under_it_is_served_
     );
     let body = served.json();
     assert_eq!(body["output"]["bytes"].as_array().unwrap().len(), 400_000);
-    assert_eq!(body["usage"]["fuel_consumed"], hostile_fuel("bytes:400000"));
 }
 
 #[test]
