@@ -570,6 +570,98 @@ fn sigterm_lets_eight_in_flight_requests_finish_refuses_new_ones_and_exits_zero(
 }
 
 #[test]
+fn sigterm_waits_until_a_slow_readers_answer_is_written_whole() {
+    use std::io::Read;
+    // 8,000,000 bytes of 7 are "[7,7,...]": 16,000,001 bytes of output in the JSON answer, far
+    // more than loopback's socket buffers hold, so the server is still writing when signalled.
+    let config = format!(
+        "drain_deadline = \"60s\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let mut server = Server::start(&config, &[]);
+    let mut stream = raw(&server);
+    let body = json!({"model": "hostile", "input": {"text": "bytes:8000000"}}).to_string();
+    write!(
+        stream,
+        "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let head = read_head(&mut stream).expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    assert!(length > 16_000_000, "{length}");
+    server.signal(libc::SIGTERM);
+    wait_for(|| server.log().contains("draining"));
+    // Read slowly: 256 KiB every 20 ms, about 13 MB/s.
+    let mut answer = Vec::with_capacity(length);
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        let n = stream.read(&mut chunk).expect("the answer, not a reset");
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        answer.len(),
+        length,
+        "the whole answer arrived before the close"
+    );
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        answer["output"]["bytes"].as_array().unwrap().len(),
+        8_000_000
+    );
+    let status = server
+        .wait(Duration::from_secs(30))
+        .expect("the server exits");
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+}
+
+#[test]
+fn an_answer_whose_json_passes_max_answer_is_refused_and_one_under_it_is_served_whole() {
+    // bytes:N is N sevens: "[7,7,...]" is 2N + 1 bytes of the answer's JSON.
+    let config = format!(
+        "max_answer = \"1MiB\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let refused = server.infer(None, "hostile", "bytes:600000");
+    let error = refused.assert_error(422, "answer_too_large");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than max_answer (1048576 bytes)"),
+        "{error}"
+    );
+    let served = server.infer(None, "hostile", "bytes:400000");
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        served
+            .header("content-length")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap(),
+        served.text.len()
+    );
+    let body = served.json();
+    assert_eq!(body["output"]["bytes"].as_array().unwrap().len(), 400_000);
+}
+
+#[test]
 fn metrics_after_a_scripted_mix_equal_what_was_sent() {
     let config = hostile_for_tenant_a(
         "metrics_listen = \"127.0.0.1:0\"\n",
@@ -774,7 +866,22 @@ fn a_fuel_trip_is_retried_once_with_the_fallback_and_the_answer_says_so() {
     assert_eq!(reply.header("x-wasm-infer-answered-by"), Some("hostile"));
     let body = reply.json();
     assert_eq!(body["fallback"], "truncated to 8 bytes");
-    assert_eq!(body["usage"]["fuel_consumed"], hostile_fuel("work:200"));
+    // Both runs' fuel: the first ran to its 5,000,000 cap, the fallback ran "work:200".
+    let tripped = hostile()
+        .run(
+            text("work:200000000"),
+            &Limits {
+                fuel: Some(5_000_000),
+                ..Limits::default()
+            },
+        )
+        .expect_err("a fuel trip")
+        .usage
+        .fuel_consumed;
+    assert_eq!(
+        body["usage"]["fuel_consumed"],
+        tripped + hostile_fuel("work:200")
+    );
     assert!(body["output"]["text"].as_str().unwrap().starts_with("200 "));
     // A run that fits is answered by the model itself.
     let direct = server.infer(None, "hostile", "work:300").json();
@@ -787,6 +894,60 @@ fn a_fuel_trip_is_retried_once_with_the_fallback_and_the_answer_says_so() {
         server.metric("wasm_infer_limit_trips_total", &[("kind", "fuel")]),
         1.0
     );
+}
+
+#[test]
+fn a_fallback_charges_and_reports_the_fuel_of_both_runs() {
+    // The first run trips at the cap; the fallback ("work:200") runs after it. The quota holds
+    // two caps (the first run's reservation and the fallback's) and half a fallback more.
+    let cap: u64 = 5_000_000;
+    let tripped = hostile()
+        .run(
+            text("work:200000000"),
+            &Limits {
+                fuel: Some(cap),
+                ..Limits::default()
+            },
+        )
+        .expect_err("a fuel trip")
+        .usage
+        .fuel_consumed;
+    let fallback = hostile_fuel("work:200");
+    let burst = 2 * cap + fallback / 2;
+    let config = hostile_for_tenant_a(
+        "",
+        &format!(
+            "[tenants.limits]\nfuel = {cap}\n[tenants.rates]\nfuel_per_second = 1\n\
+             fuel_burst = {burst}\n"
+        ),
+    )
+    .replace(
+        "[[tenants]]",
+        "[models.fallback]\ntruncate = 8\n[[tenants]]",
+    );
+    let server = Server::start(&config, &[]);
+    let reply = server.infer(Some(KEY_A), "hostile", "work:200000000");
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let body = reply.json();
+    assert_eq!(body["fallback"], "truncated to 8 bytes");
+    assert_eq!(body["usage"]["fuel_consumed"], tripped + fallback);
+    // Both runs were charged: what is left is less than one cap, so the next request is 429.
+    let limited = server.infer(Some(KEY_A), "hostile", "work:1");
+    assert_eq!(
+        limited.assert_error(429, "rate_limit_exceeded")["type"],
+        "fuel"
+    );
+    // What is left: the burst less both runs, plus the 1 fuel a second the quota regains over
+    // the test's few seconds (before the fix it was the burst less the fallback alone, about
+    // two caps).
+    let left = limited.header("ratelimit").unwrap();
+    let r: u64 = left
+        .strip_prefix("\"fuel\";r=")
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{left}"));
+    let expected = burst - tripped - fallback;
+    assert!((expected..expected + 60).contains(&r), "{r} vs {expected}");
 }
 
 #[test]

@@ -448,6 +448,7 @@ struct Server {
     child: Child,
     base: String,
     config: std::path::PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -455,12 +456,13 @@ impl Server {
     /// in `redis` under `policy` (with `redis`'s password, read from a file, if it has one).
     fn start(redis: &Redis, policy: &str) -> Server {
         let config = Server::config(redis, policy, redis.password.as_deref());
-        let support::ServeProcess { child, base, .. } =
+        let support::ServeProcess { child, base, log } =
             support::spawn_serve(&config, &[], Duration::from_secs(120));
         Server {
             child,
             base,
             config,
+            log,
         }
     }
 
@@ -906,4 +908,35 @@ fn two_servers_share_a_quota_in_a_redis_with_a_password_and_a_wrong_one_stops_th
         assert!(!stderr.contains("not-the-password"), "{stderr}");
         assert!(!stderr.contains("listening on"), "{stderr}");
     }
+}
+
+#[test]
+fn with_redis_down_clients_get_a_fixed_message_and_the_log_one_line_per_outage() {
+    let mut redis = Redis::start();
+    let server = Server::start(&redis, "closed");
+    assert_served(server.request(), 3);
+    redis.kill();
+    let before = server.log.lock().unwrap().len();
+    for _ in 0..20 {
+        let (status, _, body) = server.request();
+        assert_eq!(status, 503, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // Nothing of the backend's own error (address, script, server message) reaches clients.
+        assert_eq!(
+            body["error"]["message"],
+            "Rate limits cannot be checked now; retry later."
+        );
+        assert_eq!(body["error"]["code"], "rate_limit_unavailable");
+    }
+    // The log is read from the server's stderr by another thread: let it catch up.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = server.log.lock().unwrap()[before..].to_vec();
+    assert_eq!(
+        log.iter()
+            .filter(|line| line.contains("rate-limit backend failed"))
+            .count(),
+        1,
+        "{log:#?}"
+    );
+    assert_eq!(log.len(), 1, "twenty refusals, one line: {log:#?}");
 }

@@ -43,6 +43,9 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// 64 KiB is 8x nginx's default header buffer (8 KiB) and 1/6 of hyper's own default (~400
 /// KiB), which is what `max_connections` idle-but-unfinished heads could otherwise pin.
 pub const DEFAULT_MAX_READ_BUFFER: u64 = 64 << 10;
+/// Default cap on an answer's encoded JSON: 4x the default `max_output` (16 MiB), which is what
+/// floats (up to ~16 characters for 4 bytes) or bytes (up to 4 characters each) take as JSON.
+pub const DEFAULT_MAX_ANSWER: u64 = 64 << 20;
 /// The smallest read buffer hyper accepts.
 pub const MIN_READ_BUFFER: u64 = 8 << 10;
 /// Default readiness interval: `/readyz` runs each model's probe at most once per interval
@@ -90,6 +93,10 @@ pub struct ServeConfig {
     /// what `max_connections` unfinished heads hold.
     #[serde(with = "crate::units::serde::size")]
     pub max_read_buffer: u64,
+    /// Largest answer body: a run's output whose JSON would be longer is refused (422
+    /// `answer_too_large`) before the answer is built (default [`DEFAULT_MAX_ANSWER`]).
+    #[serde(with = "crate::units::serde::size")]
+    pub max_answer: u64,
     /// `/readyz` probes the models at most once per interval (one probe at a time; callers
     /// meanwhile get the last result), so probes cannot be used to run models for free
     /// (default [`DEFAULT_READINESS_INTERVAL`]).
@@ -123,6 +130,7 @@ impl Default for ServeConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_read_buffer: DEFAULT_MAX_READ_BUFFER,
+            max_answer: DEFAULT_MAX_ANSWER,
             readiness_interval: DEFAULT_READINESS_INTERVAL,
             queue_wait: None,
             pool_slots: DEFAULT_POOL_SLOTS,

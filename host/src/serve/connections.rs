@@ -265,13 +265,36 @@ impl Drop for RequestOpen {
     }
 }
 
-/// Serves `app` on `listener`'s connections until the returned future is dropped (which drops
-/// every connection with it). HTTP/1 only: a client speaking HTTP/2 gets a parse error.
+/// A connection that can be asked to finish what it started and close.
+trait Graceful: std::future::Future {
+    /// Finish the request in progress (its answer written out), then close; close at once
+    /// when idle.
+    fn shut_down(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves `app` on `listener`'s connections until `shutdown` turns true, then stops accepting,
+/// lets each connection finish the answer it is writing (and close), and returns when all have
+/// closed. Dropping the returned future drops every connection at once. HTTP/1 only: a client
+/// speaking HTTP/2 gets a parse error.
 pub async fn serve(
     mut listener: Limited,
     app: Router,
     edge: Edge,
     closed: Family<CloseLabels, Counter>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -281,6 +304,7 @@ pub async fn serve(
         .header_read_timeout(None)
         .max_buf_size(edge.max_read_buffer);
     let mut connections = tokio::task::JoinSet::new();
+    let mut stop = shutdown.clone();
     loop {
         tokio::select! {
             (io, _peer) = listener.accept() => {
@@ -300,8 +324,9 @@ pub async fn serve(
                 };
                 let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
                 let closed = closed.clone();
+                let shutdown = shutdown.clone();
                 connections.spawn(async move {
-                    if let Some(reason) = watch(connection, &activity, &edge).await {
+                    if let Some(reason) = watch(connection, &activity, &edge, shutdown).await {
                         tracing::debug!(reason = reason.as_str(), "connection closed");
                         closed
                             .get_or_create(&CloseLabels {
@@ -312,18 +337,31 @@ pub async fn serve(
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = stopped(&mut stop) => break,
         }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// Returns once `shutdown` is true (never, if its sender is gone without saying so).
+async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
 /// Drives `connection` until it ends on its own (`None`) or its head or idle deadline passes
-/// (the connection is dropped, which closes it, and the reason returned).
-async fn watch<F: std::future::Future>(
+/// (the connection is dropped, which closes it, and the reason returned). Once `shutdown` turns
+/// true the connection is asked to finish its answer and close.
+async fn watch<F: Graceful>(
     connection: F,
     activity: &Activity,
     edge: &Edge,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Option<Close> {
     tokio::pin!(connection);
+    let mut shutting_down = false;
     loop {
         let changed = activity.changed.notified();
         let deadline = activity.lock().deadline(edge);
@@ -337,6 +375,10 @@ async fn watch<F: std::future::Future>(
             _ = &mut connection => return None,
             () = tokio::time::sleep_until(wake) => {}
             () = changed => {}
+            () = stopped(&mut shutdown), if !shutting_down => {
+                shutting_down = true;
+                connection.as_mut().shut_down();
+            }
         }
     }
 }

@@ -219,11 +219,15 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
         max_read_buffer: state.config.max_read_buffer as usize,
     };
     let closed = state.metrics.connections_closed.clone();
+    let (shutdown, shutdown_seen) = tokio::sync::watch::channel(false);
+    let mut api = tokio::spawn(connections::serve(
+        listener,
+        app,
+        edge,
+        closed,
+        shutdown_seen,
+    ));
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(async move {
-        connections::serve(listener, app, edge, closed).await;
-        Ok(())
-    });
     if let Some(metrics_addr) = state.config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
         let metrics_local: SocketAddr = listener.local_addr()?;
@@ -236,8 +240,9 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
     // The line tests and scripts wait for.
     eprintln!("listening on http://{local}");
     tokio::select! {
-        finished = servers.join_next() => {
-            if let Some(Ok(Err(error))) = finished {
+        _ = &mut api => {}
+        Some(finished) = servers.join_next() => {
+            if let Ok(Err(error)) = finished {
                 return Err(error.into());
             }
         }
@@ -245,6 +250,7 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
     }
     state.draining.store(true, Ordering::SeqCst);
     let deadline = state.config.drain_deadline;
+    let drain_started = tokio::time::Instant::now();
     tracing::info!(
         in_flight = state.in_flight.load(Ordering::SeqCst),
         ?deadline,
@@ -270,15 +276,25 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
             "drain deadline passed: cancelling what still runs"
         );
     }
-    // Answers already produced are written out before the connections are dropped.
-    tokio::time::sleep(DRAIN_FLUSH).await;
+    // Answers already produced are written out before the connections are dropped: each
+    // connection finishes the answer it is writing and closes, within what is left of the
+    // deadline (a client that does not read is the one cut off).
+    let _ = shutdown.send(true);
+    let left = deadline.saturating_sub(drain_started.elapsed());
+    if tokio::time::timeout(left.max(DRAIN_FLUSH), &mut api)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed: closing connections still writing");
+    }
+    api.abort();
     servers.abort_all();
     tracing::info!(cancelled, "stopped");
     Ok(cancelled)
 }
 
-/// After the last in-flight request has its answer, how long its bytes get to reach the wire
-/// before the connections are closed.
+/// The least time connections get to write out answers already produced, even when the
+/// runs took the whole drain deadline.
 const DRAIN_FLUSH: Duration = Duration::from_millis(100);
 
 async fn shutdown_signal() {

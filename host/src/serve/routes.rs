@@ -31,7 +31,7 @@ use super::admission::Refused;
 use super::config::{Tenant, TenantRates};
 use super::metrics::{ModelLabels, RateLabels, RequestLabels, RunLabels, TripLabels};
 use super::ratelimit::{Charge, Decision, Quota};
-use super::status::{retry_after_seconds, usage_json, ApiError};
+use super::status::{retry_after_seconds, ApiError};
 use super::{Served, State};
 use crate::data::{DataKind, Input};
 use crate::error::{ErrorKind, RunError};
@@ -52,6 +52,8 @@ const QUEUE_RETRY_AFTER: Duration = Duration::from_secs(1);
 const DRAINING_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Retry-After when the rate-limit backend is down.
 const BACKEND_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// What a client is told when the rate-limit backend cannot answer (fail-closed): a fixed text.
+pub const BACKEND_UNAVAILABLE: &str = "Rate limits cannot be checked now; retry later.";
 /// Limits of the readiness probe's run (a few words through the real model).
 const READY_WALL_TIME: Duration = Duration::from_secs(10);
 /// OpenAI's cap on the items of one embeddings request.
@@ -375,32 +377,124 @@ async fn embeddings_inner(
             "The model returned no embeddings.",
         ));
     };
-    let data: Vec<_> = vectors
-        .iter()
-        .enumerate()
-        .map(|(index, vector)| {
-            let embedding = if base64 {
-                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": done.answered_by,
-        "usage": {
-            "prompt_tokens": tokens,
-            "total_tokens": tokens,
-            "fuel": done.outcome.usage.fuel_consumed,
-            "answered_by": done.answered_by,
-            "fallback": done.fallback,
+    let body = EmbeddingsAnswer {
+        object: "list",
+        data: EmbeddingItems { vectors, base64 },
+        model: &done.answered_by,
+        usage: EmbeddingsUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+            fuel: done.outcome.usage.fuel_consumed,
+            answered_by: &done.answered_by,
+            fallback: done.fallback.as_deref(),
         },
-    });
+    };
+    let body = encode_answer(state, &body)?;
     Ok(done.respond(body))
+}
+
+/// An embeddings answer in OpenAI's shape, serialised from the run's vectors as they are (no
+/// intermediate JSON value per float).
+#[derive(serde::Serialize)]
+struct EmbeddingsAnswer<'a> {
+    object: &'static str,
+    data: EmbeddingItems<'a>,
+    model: &'a str,
+    usage: EmbeddingsUsage<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingsUsage<'a> {
+    prompt_tokens: u64,
+    total_tokens: u64,
+    fuel: u64,
+    answered_by: &'a str,
+    fallback: Option<&'a str>,
+}
+
+struct EmbeddingItems<'a> {
+    vectors: &'a [Vec<f32>],
+    base64: bool,
+}
+
+impl serde::Serialize for EmbeddingItems<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct Item<'a> {
+            index: usize,
+            vector: &'a [f32],
+            base64: bool,
+        }
+        impl serde::Serialize for Item<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut item = serializer.serialize_struct("Embedding", 3)?;
+                item.serialize_field("object", "embedding")?;
+                item.serialize_field("index", &self.index)?;
+                if self.base64 {
+                    // One vector's bytes at a time (1.5 KiB for 384 floats).
+                    let bytes: Vec<u8> = self.vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    item.serialize_field("embedding", &text)?;
+                } else {
+                    item.serialize_field("embedding", self.vector)?;
+                }
+                item.end()
+            }
+        }
+        let mut seq = serializer.serialize_seq(Some(self.vectors.len()))?;
+        for (index, vector) in self.vectors.iter().enumerate() {
+            seq.serialize_element(&Item {
+                index,
+                vector,
+                base64: self.base64,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+/// Counts the bytes written to it.
+#[derive(Default)]
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `answer` as JSON in one buffer of exactly its size (measured by a first, counting pass, so
+/// the host never holds more than the answer itself), refused (422 `answer_too_large`) past
+/// `max_answer` before any of it is allocated.
+fn encode_answer(state: &Shared, answer: &impl serde::Serialize) -> Result<Vec<u8>, ApiError> {
+    let failed = |e: serde_json::Error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("The answer could not be encoded: {e}"),
+        )
+    };
+    let mut counter = ByteCount::default();
+    serde_json::to_writer(&mut counter, answer).map_err(failed)?;
+    let max = state.config.max_answer;
+    if counter.0 as u64 > max {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            format!(
+                "The answer's JSON would be {} bytes, more than max_answer ({max} bytes).",
+                counter.0
+            ),
+        )
+        .code("answer_too_large"));
+    }
+    let mut buffer = Vec::with_capacity(counter.0);
+    serde_json::to_writer(&mut buffer, answer).map_err(failed)?;
+    Ok(buffer)
 }
 
 /// The body of an admitted embeddings request, read, parsed and checked against the model.
@@ -546,13 +640,24 @@ async fn infer_inner(
         _ => 0,
     };
     let done = execute(state, tenant, &served, input, tokens, admitted, ctx).await?;
-    let body = json!({
-        "model": done.answered_by,
-        "output": done.outcome.output,
-        "usage": usage_json(&done.outcome.usage),
-        "limits": done.limits,
-        "fallback": done.fallback,
-    });
+    #[derive(serde::Serialize)]
+    struct InferAnswer<'a> {
+        model: &'a str,
+        output: &'a crate::data::Output,
+        usage: &'a crate::Usage,
+        limits: &'a Limits,
+        fallback: Option<&'a str>,
+    }
+    let body = encode_answer(
+        state,
+        &InferAnswer {
+            model: &done.answered_by,
+            output: &done.outcome.output,
+            usage: &done.outcome.usage,
+            limits: &done.limits,
+            fallback: done.fallback.as_deref(),
+        },
+    )?;
     Ok(done.respond(body))
 }
 
@@ -562,8 +667,47 @@ struct Context {
     tenant: String,
     model: String,
     state: Shared,
-    /// Whether this request counts as in flight (a drain waits for it).
-    counted: bool,
+    /// This request's place in `in_flight` (a drain waits for it): handed to its answer's body
+    /// by [`Context::finish`], so it counts until the body is written.
+    in_flight: Option<InFlight>,
+}
+
+/// An answer's body that keeps its request in flight until hyper drops it (its last byte taken,
+/// or the connection gone). Its length is the body's, so `Content-Length` is kept.
+struct Guarded {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// One request counted in `State::in_flight` until dropped.
+struct InFlight(Shared);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
 }
 
 impl Context {
@@ -573,7 +717,7 @@ impl Context {
             tenant: "-".into(),
             model: "-".into(),
             state: state.clone(),
-            counted: false,
+            in_flight: None,
         }
     }
 
@@ -625,7 +769,7 @@ impl Context {
             ));
         }
         state.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.counted = true;
+        self.in_flight = Some(InFlight(state.clone()));
         let tenant = super::auth::tenant(&state.tenants, headers)?;
         self.tenant = tenant.name.clone();
         Ok(tenant)
@@ -682,14 +826,20 @@ impl Context {
                 model: std::mem::take(&mut self.model),
             })
             .inc();
-        response
-    }
-}
-
-impl Drop for Context {
-    fn drop(&mut self) {
-        if self.counted && self.state.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.state.drained.notify_waiters();
+        // Still in flight while hyper writes the body: its guard is dropped with the body, once
+        // hyper has taken its last byte (or the connection is gone).
+        match self.in_flight.take() {
+            Some(guard) => {
+                let (parts, body) = response.into_parts();
+                Response::from_parts(
+                    parts,
+                    Body::new(Guarded {
+                        body,
+                        _in_flight: guard,
+                    }),
+                )
+            }
+            None => response,
         }
     }
 }
@@ -704,8 +854,16 @@ struct Done {
 }
 
 impl Done {
-    fn respond(self, body: serde_json::Value) -> Response {
-        let mut response = Json(body).into_response();
+    /// The answer: `body` (JSON, already encoded) with the run's headers.
+    fn respond(self, body: Vec<u8>) -> Response {
+        let mut response = (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
         let headers = response.headers_mut();
         headers.extend(self.rate_headers);
         if let Ok(v) = HeaderValue::from_str(&self.answered_by) {
@@ -780,14 +938,36 @@ async fn execute(
     // Kept for the fallback's retry only when there is one.
     let retry_input = served.fallback.as_ref().map(|_| input.clone());
     let result = run_queued(state, served, input, &limits, ctx).await;
+    // Fuel reserved for this request's runs: the admission's cap, and as much again for a
+    // fallback's run.
+    let mut reserved_fuel = reserved.fuel.as_ref().map_or(0, |fuel| fuel.cost);
     let result = match (result, retry_input) {
         (Err(Failure::Run(failure)), Some(input)) if is_fallback_trip(failure.kind()) => {
-            run_fallback(state, served, input, &limits, ctx, &failure).await
+            // The fallback is a second run: it needs its own fuel reservation, and both runs'
+            // fuel is charged and reported.
+            if reserve_fallback_fuel(state, reserved.fuel.as_ref()).await {
+                reserved_fuel += reserved.fuel.as_ref().map_or(0, |fuel| fuel.cost);
+                let first = failure.usage.fuel_consumed;
+                match run_fallback(state, served, input, &limits, ctx, &failure).await {
+                    Ok((mut outcome, by, how)) => {
+                        outcome.usage.fuel_consumed += first;
+                        Ok((outcome, by, how))
+                    }
+                    Err(Failure::Run(mut second)) => {
+                        second.usage.fuel_consumed += first;
+                        Err(Failure::Run(second))
+                    }
+                    // No slot for the fallback: the first run's trip is the answer.
+                    Err(Failure::Refused(_)) => Err(Failure::Run(failure)),
+                }
+            } else {
+                Err(Failure::Run(failure))
+            }
         }
         (other, _) => other.map(|outcome| (outcome, served.name.clone(), None)),
     };
-    // Refund what the run did not use, in one step of the limiter: the fuel it did not burn (a
-    // failed run burnt what its usage says). Requests and tokens are spent once admitted.
+    // Refund what the runs did not use, in one step of the limiter: the fuel they did not burn
+    // (a failed run burnt what its usage says). Requests and tokens are spent once admitted.
     if let Some(fuel) = reserved.fuel {
         let consumed = match &result {
             Ok((outcome, _, _)) => outcome.usage.fuel_consumed,
@@ -795,7 +975,7 @@ async fn execute(
             Err(Failure::Refused(_)) => 0,
         };
         let unused = Charge {
-            cost: fuel.cost.saturating_sub(consumed),
+            cost: reserved_fuel.saturating_sub(consumed),
             ..fuel
         };
         state.limiter.refund_all(&[unused]).await;
@@ -814,6 +994,19 @@ async fn execute(
             Err(e)
         }
         Err(Failure::Refused(e)) => Err(e),
+    }
+}
+
+/// Reserves a fallback run's fuel (the same cap as the first run's), when the tenant has a fuel
+/// quota: whether the fallback may run. A quota with no room for it (or a backend that cannot
+/// answer) leaves the first run's trip as the answer.
+async fn reserve_fallback_fuel(state: &Shared, fuel: Option<&Charge>) -> bool {
+    let Some(fuel) = fuel else {
+        return true;
+    };
+    match state.limiter.reserve_all(std::slice::from_ref(fuel)).await {
+        Ok(decisions) => super::ratelimit::all_allowed(&decisions),
+        Err(_) => false,
     }
 }
 
@@ -850,7 +1043,7 @@ async fn run_queued(
         .queue_depth
         .get_or_create(&model_labels)
         .set(served.queue.waiting() as i64 + 1);
-    let slot = served.queue.acquire(deadline).await;
+    let slot = served.queue.acquire(&ctx.tenant, deadline).await;
     state
         .metrics
         .queue_depth
@@ -1013,9 +1206,11 @@ async fn reserve(
         .iter()
         .map(|(name, quota, cost)| Charge::new(format!("{}:{name}", tenant.name), *quota, *cost))
         .collect();
-    let decisions = state.limiter.reserve_all(&charges).await.map_err(|error| {
+    // The backend's error text (its address, script digest, server message) stays in the
+    // server's log, which the limiter writes once per outage, not once per request.
+    let decisions = state.limiter.reserve_all(&charges).await.map_err(|_| {
         ApiError::unavailable(
-            format!("Rate limits cannot be checked now: {error}"),
+            BACKEND_UNAVAILABLE,
             "rate_limit_unavailable",
             BACKEND_RETRY_AFTER,
         )
