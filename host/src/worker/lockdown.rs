@@ -299,7 +299,7 @@ pub fn lock_down() -> Result<(), String> {
 }
 
 /// The system calls the compile child may make with any arguments: [`ALLOWED`] less what only
-/// running code needs (signals to itself, sleeping, the channel's `poll`) and less
+/// running code needs (sleeping, the channel's `poll`) and less
 /// `mmap`/`mprotect`, which it may make only without `PROT_EXEC` (see [`lock_down_compiler`]).
 const ALLOWED_COMPILER: &[i64] = &[
     libc::SYS_read,
@@ -333,8 +333,8 @@ const ALLOWED_COMPILER: &[i64] = &[
 ];
 
 /// Locks the compile child down before it compiles (it runs no guest code, only the compiler
-/// on untrusted input): the same limits as [`lock_down`], and a tighter filter: no signal to
-/// anyone (`tgkill` kills), no sleeping, and no executable memory at all (`mmap` and
+/// on untrusted input): the same limits as [`lock_down`], and a tighter filter: no sleeping,
+/// no polling, signals to itself only (`abort`), and no executable memory at all (`mmap` and
 /// `mprotect` with `PROT_EXEC` kill): precompiling writes code as data, never maps it to run.
 pub fn lock_down_compiler() -> Result<(), String> {
     limit_process()?;
@@ -352,6 +352,10 @@ pub fn lock_down_compiler() -> Result<(), String> {
             0,
         )?])?])
     };
+    // `abort` (what a failed allocation under RLIMIT_DATA ends in) signals itself.
+    // SAFETY: getpid has no failure mode.
+    let pid = unsafe { libc::getpid() } as u32;
+    allowed.insert(libc::SYS_tgkill, one_of(0, [u64::from(pid)])?);
     allowed.insert(libc::SYS_mmap, no_exec()?);
     allowed.insert(libc::SYS_mprotect, no_exec()?);
     install(allowed)
