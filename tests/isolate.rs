@@ -230,15 +230,25 @@ fn a_tampered_cache_entry_is_refused_naming_the_cache_and_discarded_then_compile
     assert!(!entries[0].exists(), "the tampered entry was kept");
     let again = Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
     assert_eq!(again.load_report().code, CodeSource::Compiled);
-    let outcome = again.run(text("echo:recompiled"), &Limits::default()).unwrap();
-    assert_eq!(outcome.output, wasm_infer::Output::Text("recompiled".into()));
+    let outcome = again
+        .run(text("echo:recompiled"), &Limits::default())
+        .unwrap();
+    assert_eq!(
+        outcome.output,
+        wasm_infer::Output::Text("recompiled".into())
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn cache_files_are_private_and_the_key_lives_beside_the_cache() {
     let (runtime, dir) = fresh_runtime("modes");
-    Model::load_with(&runtime, hostile_wasm(), &isolated(CompileLimits::default())).unwrap();
+    Model::load_with(
+        &runtime,
+        hostile_wasm(),
+        &isolated(CompileLimits::default()),
+    )
+    .unwrap();
     assert_eq!(mode(&dir), 0o700);
     let entries = support::cache_entries(&dir);
     assert_eq!(entries.len(), 1);
@@ -268,7 +278,10 @@ fn a_cache_directory_open_to_other_users_is_refused() {
     match refused {
         Err(Error::Config(message)) => {
             assert!(message.contains("mode 755"), "{message}");
-            assert!(message.contains(&format!("chmod 700 {}", dir.display())), "{message}");
+            assert!(
+                message.contains(&format!("chmod 700 {}", dir.display())),
+                "{message}"
+            );
         }
         Err(other) => panic!("expected a configuration error, got {other}"),
         Ok(_) => panic!("a cache open to other users was accepted"),
@@ -304,7 +317,11 @@ fn the_compile_child_is_locked_down_before_it_compiles() {
     // The control: locked down, making no forbidden call, the child compiles.
     let output = run_with_drill("none", &hostile_wasm(), "compile:none");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("drilled"), "{stdout}");
 }
 

@@ -309,7 +309,10 @@ impl Cache {
                 .verify_slice(&bytes[ENTRY_MAGIC.len()..HEADER_BYTES])
                 .is_ok();
         if !authentic {
-            return Err(self.refuse(path, "failed authentication (altered, or not written under this host's cache key)"));
+            return Err(self.refuse(
+                path,
+                "failed authentication (altered, or not written under this host's cache key)",
+            ));
         }
         bytes.drain(..HEADER_BYTES);
         Ok(Some(bytes))

@@ -113,7 +113,9 @@ pub enum LoadAnswer {
 /// Bytes of native code a compile worker may answer: generous (code is a few times the size of
 /// the wasm that it compiles, data segments are copied once), and bounded all the same.
 fn max_compiled_bytes(wasm: &[u8]) -> u64 {
-    (wasm.len() as u64).saturating_mul(16).saturating_add(256 << 20)
+    (wasm.len() as u64)
+        .saturating_mul(16)
+        .saturating_add(256 << 20)
 }
 
 /// Bytes of snapshot a pre-initialisation worker may answer: the component and the contents

@@ -468,8 +468,9 @@ async fn obtain(runtime: &Runtime, wasm: &[u8], options: &LoadOptions) -> Result
     }
     inspection.check_counts()?;
     inspection.check_world()?;
-    let make_snapshot =
-        snapshot_file.is_none() && options.preinit && inspection.exports_func(snapshot::INIT_EXPORT);
+    let make_snapshot = snapshot_file.is_none()
+        && options.preinit
+        && inspection.exports_func(snapshot::INIT_EXPORT);
     let given = snapshot_file.map(|info| Preinit {
         source: PreinitSource::File,
         init: info.init,
@@ -594,7 +595,9 @@ fn check_snapshot(runtime: &Runtime, snapshot: &[u8], source_sha256: &str) -> Re
     inspection.check_counts()?;
     inspection.check_world()?;
     let info = snapshot::read_info(&inspection, snapshot)?.ok_or_else(|| {
-        Error::Internal("the pre-initialisation worker answered a component that is not a snapshot".into())
+        Error::Internal(
+            "the pre-initialisation worker answered a component that is not a snapshot".into(),
+        )
     })?;
     info.check(runtime)?;
     if info.source_sha256 != source_sha256 || info.init.snapshot_bytes != snapshot.len() as u64 {

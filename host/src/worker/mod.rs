@@ -33,9 +33,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
+use crate::isolate::{CompileLimits, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::model::{LoadOptions, Model, Outcome};
-use crate::isolate::{CompileLimits, Isolation};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::usage::Usage;
 use crate::AccelMode;
@@ -505,7 +505,8 @@ fn start(hello: &Hello, code: Vec<Vec<u8>>) -> Result<Vec<Model>, String> {
         .iter()
         .zip(linked)
         .map(|(path, pre)| {
-            Model::from_linked(&runtime, pre, &limits).map_err(|e| format!("{}: {e}", path.display()))
+            Model::from_linked(&runtime, pre, &limits)
+                .map_err(|e| format!("{}: {e}", path.display()))
         })
         .collect()
 }
@@ -681,11 +682,11 @@ impl PoolInner {
             .stderr(Stdio::null());
         pass_escape_drill(&mut command);
         let mut child = command.spawn().map_err(|e| {
-                Error::Config(format!(
-                    "cannot start worker {}: {e}",
-                    config.binary.display()
-                ))
-            })?;
+            Error::Config(format!(
+                "cannot start worker {}: {e}",
+                config.binary.display()
+            ))
+        })?;
         if let Ok(group) = &self.cgroup {
             if let Err(e) = group.add(child.id()) {
                 tracing::warn!(error = %e, "could not put a worker in its cgroup");
