@@ -3,12 +3,14 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{assert_golden, hostile_wasm, invalid, text, WatModel};
 use wasm_infer::isolate::{CompileLimit, CompileLimits, Isolation};
-use wasm_infer::{CodeSource, Limits, LoadOptions, Model, Runtime, RuntimeConfig};
+use wasm_infer::{CodeSource, Error, Limits, LoadOptions, Model, Runtime, RuntimeConfig};
 
 fn isolated(limits: CompileLimits) -> LoadOptions {
     LoadOptions {
@@ -64,7 +66,7 @@ fn a_model_compiled_in_a_worker_runs_like_one_compiled_here() {
 }
 
 #[test]
-fn a_runtime_without_a_cache_gets_the_code_through_a_private_handoff() {
+fn a_runtime_without_a_cache_gets_the_code_over_the_pipe() {
     let runtime = Runtime::with_config(RuntimeConfig {
         cache_dir: None,
         ..RuntimeConfig::default()
@@ -209,4 +211,128 @@ fn a_directory_planted_under_the_old_handoff_name_does_not_capture_the_code() {
         .run(text("echo:private"), &Limits::default())
         .unwrap();
     assert_eq!(outcome.output, wasm_infer::Output::Text("private".into()));
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn a_tampered_cache_entry_is_refused_naming_the_cache_and_discarded_then_compiled_again() {
+    let (runtime, dir) = fresh_runtime("tamper");
+    let options = isolated(CompileLimits::default());
+    Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
+    let entries = support::cache_entries(&dir);
+    assert_eq!(entries.len(), 1);
+    support::flip_middle_byte(&entries[0]);
+    let error = Model::load_with(&runtime, hostile_wasm(), &options).unwrap_err();
+    support::assert_cache_refusal(&error, &dir, &entries[0]);
+    assert!(!entries[0].exists(), "the tampered entry was kept");
+    let again = Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
+    assert_eq!(again.load_report().code, CodeSource::Compiled);
+    let outcome = again
+        .run(text("echo:recompiled"), &Limits::default())
+        .unwrap();
+    assert_eq!(
+        outcome.output,
+        wasm_infer::Output::Text("recompiled".into())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cache_files_are_private_and_the_key_lives_beside_the_cache() {
+    let (runtime, dir) = fresh_runtime("modes");
+    Model::load_with(
+        &runtime,
+        hostile_wasm(),
+        &isolated(CompileLimits::default()),
+    )
+    .unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    let entries = support::cache_entries(&dir);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(mode(&entries[0]), 0o600);
+    let key = wasm_infer::cache::key_path(&dir);
+    assert_eq!(key.parent(), dir.parent());
+    assert_eq!(
+        key.file_name().unwrap().to_string_lossy(),
+        format!("{}.key", dir.file_name().unwrap().to_string_lossy())
+    );
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(std::fs::metadata(&key).unwrap().len(), 32);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&key);
+}
+
+#[test]
+fn a_cache_directory_open_to_other_users_is_refused() {
+    let dir = support::target_dir().join(format!("isolate-open-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let refused = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(dir.clone()),
+        ..RuntimeConfig::default()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    match refused {
+        Err(Error::Config(message)) => {
+            assert!(message.contains("mode 755"), "{message}");
+            assert!(
+                message.contains(&format!("chmod 700 {}", dir.display())),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a cache open to other users was accepted"),
+    }
+}
+
+/// `wasm-infer run` of `model` with a fresh cache and the escape drill armed at `drill`.
+fn run_with_drill(name: &str, model: &Path, drill: &str) -> std::process::Output {
+    let dir = support::target_dir().join(format!("isolate-drill-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .args(["run", &model.to_string_lossy(), "echo:drilled"])
+        .env("WASM_INFER_CACHE_DIR", &dir)
+        .env(wasm_infer::worker::ESCAPE_VAR, drill)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(wasm_infer::cache::key_path(&dir));
+    output
+}
+
+const KILLED: &str = "the compile worker ended without an answer (signal: 31 (SIGSYS))";
+
+#[test]
+fn the_compile_child_is_locked_down_before_it_compiles() {
+    // `mmap_exec`: the compile child may not even map executable memory.
+    for call in ["open", "socket", "execve", "fork", "dumpable", "mmap_exec"] {
+        let output = run_with_drill(call, &hostile_wasm(), &format!("compile:{call}"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{call}: {stderr}");
+        assert!(stderr.contains(KILLED), "{call}: {stderr}");
+    }
+    // The control: locked down, making no forbidden call, the child compiles.
+    let output = run_with_drill("none", &hostile_wasm(), "compile:none");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("drilled"), "{stdout}");
+}
+
+#[test]
+fn the_preinit_child_is_locked_down_before_the_first_guest_instruction() {
+    // MiniLM exports `wizer-initialize`: its initialisation is guest code, run in the child.
+    // The drill stands for that code, escaped, trying to open a file where it would begin.
+    for call in ["open", "socket"] {
+        let output = run_with_drill(call, &support::minilm_wasm(), &format!("preinit:{call}"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{call}: {stderr}");
+        assert!(stderr.contains(KILLED), "{call}: {stderr}");
+    }
 }

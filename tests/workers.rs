@@ -412,3 +412,73 @@ fn a_worker_whose_guest_trapped_is_replaced() {
     assert_eq!(pool.idle_pids(), vec![second]);
     assert_eq!(pool.stats().recycled, 1);
 }
+
+#[test]
+fn a_run_worker_is_locked_down_before_its_first_guest_instruction() {
+    // Each drill runs `drill_pool_start` in a child test process with the drill armed (the
+    // variable reaches that process's workers, never this one's other tests' workers). In
+    // the worker it fires right after the lock-down, where the models' first guest code (their
+    // `info`) would run, standing in for that code escaped: an `openat` and the rest must kill.
+    for call in ["open", "socket", "execve", "fork", "dumpable", "setown"] {
+        let output = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "drill_pool_start", "--ignored", "--nocapture"])
+            .env(wasm_infer::worker::ESCAPE_VAR, format!("run:{call}"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{call}: {stdout}");
+        assert!(stdout.contains("1 passed"), "{call}: {stdout}");
+    }
+}
+
+#[test]
+#[ignore = "run by a_run_worker_is_locked_down_before_its_first_guest_instruction, drill armed"]
+fn drill_pool_start() {
+    let Ok(drill) = std::env::var(wasm_infer::worker::ESCAPE_VAR) else {
+        return;
+    };
+    let error = WorkerPool::start(config(1)).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.starts_with("internal error: a worker could not start: worker ")
+            && message.ends_with(" killed by signal 31"),
+        "{drill}: {message}"
+    );
+}
+
+#[test]
+fn a_tampered_cache_entry_reaches_no_worker_and_is_refused_at_the_next_start() {
+    let dir = support::target_dir().join(format!("workers-tamper-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = WorkerPoolConfig::new(1, binary(), vec![hostile_wasm()]);
+    config.cache_dir = Some(dir.clone());
+    config.accel = wasm_infer::AccelMode::Cpu;
+    // Every run in a fresh worker: the second run below is a replacement's first.
+    config.recycle_after_runs = Some(1);
+    let pool = WorkerPool::start(config.clone()).unwrap();
+    let entries = support::cache_entries(&dir);
+    assert_eq!(entries.len(), 1);
+    support::flip_middle_byte(&entries[0]);
+    let echo = |pool: &WorkerPool, said: &str| {
+        let outcome = pool
+            .run_blocking(0, text(&format!("echo:{said}")), &Limits::default())
+            .unwrap();
+        assert_eq!(outcome.output, wasm_infer::Output::Text(said.into()));
+    };
+    // The running worker holds its own copy of the code, not the file.
+    echo(&pool, "running");
+    // Its replacement gets the code the parent verified at start.
+    echo(&pool, "replacement");
+    assert_eq!(pool.stats().recycled, 2);
+    // A new pool's parent reads the entry again: refused, naming the cache, removed.
+    let error = WorkerPool::start(config.clone()).unwrap_err();
+    support::assert_cache_refusal(&error, &dir, &entries[0]);
+    assert!(!entries[0].exists(), "the tampered entry was kept");
+    // The next start compiles it again.
+    let pool = WorkerPool::start(config).unwrap();
+    echo(&pool, "recompiled");
+    assert!(entries[0].exists());
+    drop(pool);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(wasm_infer::cache::key_path(&dir));
+}

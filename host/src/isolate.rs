@@ -1,23 +1,33 @@
-//! Bounded compilation: compiling and pre-initialising an untrusted component in a
-//! short-lived child process under OS limits, so that a component crafted to compile slowly
-//! or hugely costs a child its CPU-time, memory or wall-clock allowance, never the parent.
+//! Bounded compilation: compiling and pre-initialising an untrusted component in short-lived
+//! child processes under OS limits, so that a component crafted to compile slowly or hugely
+//! costs a child its CPU-time, memory or wall-clock allowance, never the parent.
 //!
-//! The child is the `wasm-infer` binary in a hidden worker mode (`wasm-infer __load-worker`,
-//! [`crate::worker::load_worker_main`]): it reads a [`LoadRequest`] and the component on stdin, builds a
-//! runtime with the parent's engine settings and cache directory, loads the model there (which
-//! compiles, pre-initialises, asks for its info and writes the cache entry), and answers one
-//! JSON line. The parent then loads the model from the cache, where wasmtime checks that the
-//! compiled code matches its own engine. Limits: `RLIMIT_CPU` (CPU seconds), `RLIMIT_DATA`
-//! (writable private memory: the compiler's heap; wasmtime's address-space reservations for
-//! linear memories are not writable until used, so they do not count), no core dumps, and a
-//! wall-clock deadline after which the parent kills it.
+//! The children are the `wasm-infer` binary in a hidden worker mode (`wasm-infer
+//! __load-worker`, [`crate::worker::load_worker_main`]), one per step, each reading a
+//! [`LoadRequest`] and a component on stdin and answering one JSON line followed by bytes:
+//!
+//! - **pre-initialisation** ([`Step::Preinit`], components that export `wizer-initialize`)
+//!   runs guest code. The child compiles the instrumented component, locks itself down as a run
+//!   worker does ([`crate::worker::lockdown::lock_down`]), and only then instantiates and
+//!   initialises it. It hands back data only: the snapshot component, which the parent
+//!   inspects like any component and compiles in the next step. Nothing it returns is ever
+//!   executed as native code.
+//! - **compilation** ([`Step::Compile`]) runs no guest code: the child locks itself down under a
+//!   tighter filter ([`crate::worker::lockdown::lock_down_compiler`]: no executable mappings,
+//!   no signals) and precompiles; the native code comes back over the pipe. The parent writes
+//!   it to the cache (authenticated, [`crate::cache`]) and loads it from memory.
+//!
+//! Limits: `RLIMIT_CPU` (CPU seconds), `RLIMIT_DATA` (writable private memory: the compiler's
+//! heap; wasmtime's address-space reservations for linear memories are not writable until
+//! used, so they do not count), no core dumps, a bound on the bytes read back, and a wall-clock
+//! deadline after which the parent kills the child. The model's `info` is asked by whoever
+//! runs it (the parent for an in-process model, a locked-down run worker for a pool).
 //!
 //! Compiling in-process (the default of [`LoadOptions`](crate::LoadOptions)) stays available
-//! for embedders who load only models they trust: it is faster (no process start, no second
-//! load from the cache) and needs no worker binary.
+//! for embedders who load only models they trust: it is faster (no process start) and needs
+//! no worker binary.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,11 +48,21 @@ pub struct Isolation {
     pub limits: CompileLimits,
 }
 
+/// Which step a load worker takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Precompile the component (no guest code runs); answers the native code.
+    Compile,
+    /// Pre-initialise the component (runs guest code, after lock-down); answers the snapshot.
+    Preinit,
+}
+
 /// What the parent asks a load worker to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadRequest {
-    /// The cache directory to compile into (the parent's).
-    pub cache_dir: PathBuf,
+    /// The step.
+    pub step: Step,
     /// The engine settings and device that decide the compiled code.
     pub meter_fuel: bool,
     /// Pooled slots, as the parent's runtime has them.
@@ -51,20 +71,37 @@ pub struct LoadRequest {
     pub nan_canonicalization: bool,
     /// The CPU features compiled code may use, as the parent's runtime has them.
     pub cpu_features: crate::CpuFeatures,
-    /// The parent's device choice (the `info` call links the accelerator imports).
+    /// The parent's device choice.
     pub accel: crate::AccelMode,
-    /// Pre-initialise (as `LoadOptions::preinit`).
-    pub preinit: bool,
-    /// Load-time limits (as `LoadOptions::limits`).
+    /// Limits of the initialisation (as `LoadOptions::limits`).
     pub limits: Limits,
 }
 
-/// What a load worker answers.
+impl LoadRequest {
+    /// A request for `step` under `runtime`'s engine settings.
+    pub(crate) fn new(step: Step, runtime: &Runtime, limits: &Limits) -> Self {
+        let config = runtime.config();
+        Self {
+            step,
+            meter_fuel: config.meter_fuel,
+            pool: config.pool,
+            nan_canonicalization: config.nan_canonicalization,
+            cpu_features: config.cpu_features,
+            accel: config.accel,
+            limits: limits.clone(),
+        }
+    }
+}
+
+/// What a load worker answers (on one line; `Compiled` and `Snapshot` are followed by their
+/// bytes).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadAnswer {
-    /// Compiled and cached.
-    Loaded,
+    /// Precompiled: the native code follows.
+    Compiled,
+    /// Pre-initialised: the snapshot component follows.
+    Snapshot,
     /// Refused as a model.
     Invalid(InvalidModel),
     /// A load-time call hit a limit (`init`: while pre-initialising).
@@ -73,25 +110,87 @@ pub enum LoadAnswer {
     Failed { kind: String, message: String },
 }
 
-/// The parent side: runs the worker on `wasm` under `isolation`'s limits and turns its end
-/// into `Ok` (the model is in the cache) or the error it stands for. Blocks the calling
-/// thread for the compile, as compiling in-process would.
+/// Bytes of native code a compile worker may answer: generous (code is a few times the size of
+/// the wasm that it compiles, data segments are copied once), and bounded all the same.
+fn max_compiled_bytes(wasm: &[u8]) -> u64 {
+    (wasm.len() as u64)
+        .saturating_mul(16)
+        .saturating_add(256 << 20)
+}
+
+/// Bytes of snapshot a pre-initialisation worker may answer: the component and the contents
+/// of its memories, each bounded by the initialisation's memory limit.
+fn max_snapshot_bytes(wasm: &[u8], limits: &Limits) -> u64 {
+    (wasm.len() as u64)
+        .saturating_add(
+            limits
+                .memory
+                .saturating_mul(u64::from(crate::limits::MAX_MEMORIES)),
+        )
+        .saturating_add(16 << 20)
+}
+
+/// Precompiles `wasm` in a compile worker: the native code for `runtime`'s engine. Blocks the
+/// calling thread for the compile, as compiling in-process would.
 pub(crate) fn compile_in_worker(
+    isolation: &Isolation,
+    runtime: &Runtime,
+    wasm: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let request = LoadRequest::new(Step::Compile, runtime, &Limits::default());
+    match run_worker(isolation, &request, wasm, max_compiled_bytes(wasm))? {
+        (LoadAnswer::Compiled, code) => Ok(code),
+        (other, _) => Err(out_of_protocol(&other)),
+    }
+}
+
+/// Pre-initialises `wasm` in a locked-down worker under `limits`: the snapshot component
+/// (data: the caller inspects and compiles it).
+pub(crate) fn preinit_in_worker(
+    isolation: &Isolation,
+    runtime: &Runtime,
+    wasm: &[u8],
+    limits: &Limits,
+) -> Result<Vec<u8>, Error> {
+    let request = LoadRequest::new(Step::Preinit, runtime, limits);
+    match run_worker(isolation, &request, wasm, max_snapshot_bytes(wasm, limits))? {
+        (LoadAnswer::Snapshot, snapshot) => Ok(snapshot),
+        (other, _) => Err(out_of_protocol(&other)),
+    }
+}
+
+fn out_of_protocol(answer: &LoadAnswer) -> Error {
+    Error::Internal(format!(
+        "the load worker answered out of protocol ({answer:?})"
+    ))
+}
+
+/// The parent side: runs the worker on `wasm` under `isolation`'s limits, reads at most
+/// `max_out` bytes of answer, and turns its end into the answer and the bytes after its line,
+/// or the error it stands for.
+fn run_worker(
     isolation: &Isolation,
     request: &LoadRequest,
     wasm: &[u8],
-) -> Result<(), Error> {
+    max_out: u64,
+) -> Result<(LoadAnswer, Vec<u8>), Error> {
     let limits = &isolation.limits;
     let mut command = Command::new(&isolation.worker);
     command
         .arg("__load-worker")
-        // Nothing of this process's environment reaches a process that runs guest code: the
-        // child reads no variable (its cache directory and settings come in the request, its
-        // stderr goes nowhere).
+        // Nothing of this process's environment reaches a load worker: it reads no variable
+        // but the one below (its settings come in the request, its stderr goes nowhere).
         .env_clear()
+        // Threads (the compiler's, candle's) are sized from this, not from /proc or /sys,
+        // which a locked-down worker may not open.
+        .env(
+            "RAYON_NUM_THREADS",
+            candle_core::utils::get_num_threads().to_string(),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
+    crate::worker::pass_escape_drill(&mut command);
     apply_rlimits(&mut command, limits);
     let mut child = command.spawn().map_err(|e| {
         let message = format!(
@@ -115,10 +214,14 @@ pub(crate) fn compile_in_worker(
     let writer = std::thread::spawn(move || {
         let _ = stdin.write_all(&input);
     });
-    let mut stdout = child.stdout.take().expect("piped stdout");
+    let stdout = child.stdout.take().expect("piped stdout");
+    // Reads one byte past the bound (to tell an answer at the bound from one above it), then
+    // closes the pipe, which ends a worker that would write on.
     let reader = std::thread::spawn(move || {
-        let mut answer = String::new();
-        let _ = stdout.read_to_string(&mut answer);
+        let mut answer = Vec::new();
+        let _ = stdout
+            .take(max_out.saturating_add(1))
+            .read_to_end(&mut answer);
         answer
     });
     let deadline = Instant::now() + limits.wall_time;
@@ -140,6 +243,11 @@ pub(crate) fn compile_in_worker(
     };
     let _ = writer.join();
     let answer = reader.join().unwrap_or_default();
+    if answer.len() as u64 > max_out {
+        return Err(Error::Internal(format!(
+            "the load worker answered more than {max_out} bytes"
+        )));
+    }
     let exceeded = |limit: CompileLimit| {
         Err(InvalidModel::CompileLimit {
             limit,
@@ -150,9 +258,19 @@ pub(crate) fn compile_in_worker(
     let Some(status) = status else {
         return exceeded(CompileLimit::WallTime);
     };
-    if let Ok(answer) = serde_json::from_str::<LoadAnswer>(answer.trim()) {
-        return match answer {
-            LoadAnswer::Loaded => Ok(()),
+    let line_end = answer
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(answer.len());
+    if let Ok(parsed) = serde_json::from_slice::<LoadAnswer>(&answer[..line_end]) {
+        return match parsed {
+            LoadAnswer::Compiled | LoadAnswer::Snapshot if status.success() => {
+                let bytes = answer.get(line_end + 1..).unwrap_or_default().to_vec();
+                Ok((parsed, bytes))
+            }
+            LoadAnswer::Compiled | LoadAnswer::Snapshot => Err(Error::Internal(format!(
+                "the load worker answered, then ended abnormally ({status})"
+            ))),
             LoadAnswer::Invalid(reason) => Err(reason.into()),
             LoadAnswer::Limit { init: false, limit } => Err(limit.into()),
             LoadAnswer::Limit { init: true, limit } => Err(Error::Init(Box::new(limit.into()))),
@@ -179,63 +297,6 @@ pub(crate) fn compile_in_worker(
 /// How often the parent looks whether the worker has ended: fine enough to notice the
 /// deadline within a few milliseconds, coarse enough to cost nothing.
 const WORKER_POLL: Duration = Duration::from_millis(5);
-
-/// A private temporary cache through which a worker hands its compiled code to a parent
-/// whose runtime has no cache; removed when dropped (a loaded model keeps its mapping).
-///
-/// The directory is made by `mkdir` under a random name (never an existing directory, which
-/// another local user could have planted under a predictable one to swap the code between
-/// the worker's write and the parent's load), mode 0700, and its owner and mode are checked
-/// before anything is written there.
-pub(crate) struct Handoff {
-    pub(crate) cache: crate::cache::Cache,
-    pub(crate) entry: PathBuf,
-    /// Removes the directory when the hand-off ends.
-    _dir: tempfile::TempDir,
-}
-
-impl Handoff {
-    pub(crate) fn new(runtime: &Runtime, material: &str) -> Result<Self, Error> {
-        let parent = std::env::temp_dir();
-        let dir = tempfile::Builder::new()
-            .prefix("wasm-infer-handoff-")
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(&parent)
-            .map_err(|error| Error::Io {
-                path: parent.clone(),
-                error,
-            })?;
-        check_private(dir.path())?;
-        let cache = crate::cache::Cache::new(dir.path().to_path_buf(), None);
-        let entry = cache.entry(runtime.engine(), material);
-        Ok(Self {
-            cache,
-            entry,
-            _dir: dir,
-        })
-    }
-}
-
-/// Refuses a directory that is not ours alone: owned by another user, or open to the group
-/// or others (what a directory made by someone else, or a umask we did not expect, gives).
-fn check_private(dir: &std::path::Path) -> Result<(), Error> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(dir).map_err(|error| Error::Io {
-        path: dir.to_path_buf(),
-        error,
-    })?;
-    // SAFETY: geteuid has no failure mode and touches no memory.
-    let euid = unsafe { libc::geteuid() };
-    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o077 != 0 {
-        return Err(Error::Internal(format!(
-            "the hand-off directory {} is not private (owner {}, mode {:o}; expected {euid}, 0700)",
-            dir.display(),
-            meta.uid(),
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(())
-}
 
 /// Sets the child's resource limits between fork and exec.
 fn apply_rlimits(command: &mut Command, limits: &CompileLimits) {

@@ -14,7 +14,7 @@ use crate::cache::{self, Cache};
 use crate::component;
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
-use crate::isolate::{self, Isolation, LoadRequest};
+use crate::isolate::{self, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::run::call_limited;
 use crate::runtime::{block_on, Runtime};
@@ -264,129 +264,69 @@ impl Model {
         wasm: &[u8],
         options: &LoadOptions,
     ) -> Result<Self> {
-        options.phase(LoadPhase::Inspecting);
-        component::check_header(wasm)?;
-        let inspection = component::inspect(wasm)?;
-        let snapshot_file = snapshot::read_info(&inspection, wasm)?;
-        if let Some(info) = &snapshot_file {
-            info.check(runtime)?;
-        }
-        inspection.check_counts()?;
-        inspection.check_world()?;
-        let make_snapshot = snapshot_file.is_none()
-            && options.preinit
-            && inspection.exports_func(snapshot::INIT_EXPORT);
-
-        let component_sha256 = cache::component_digest(wasm);
-        let material = if make_snapshot {
-            format!("{component_sha256}+preinit-v{}", snapshot::SNAPSHOT_FORMAT)
-        } else {
-            component_sha256.clone()
+        let mut obtained = obtain(runtime, wasm, options).await?;
+        let component = match obtained.component.take() {
+            Some(component) => component,
+            None => deserialize(runtime, obtained.bytes.as_deref().unwrap_or_default())?,
         };
-        let cache = runtime.cache();
-        let entry = cache
-            .as_ref()
-            .map(|cache| cache.entry(runtime.engine(), &material));
-        let started = Instant::now();
-        options.phase(LoadPhase::Cache);
-        let mut cached = match (&cache, &entry) {
-            (Some(cache), Some(entry)) => from_cache(runtime, cache, entry, make_snapshot),
-            _ => None,
-        };
-        let mut code = CodeSource::Cached;
-        // Without a cache, the worker hands its code over through a private temporary one.
-        let handoff = match (&cached, &options.isolate, &cache) {
-            (None, Some(_), None) => Some(isolate::Handoff::new(runtime, &material)?),
-            _ => None,
-        };
-        if let (None, Some(isolation)) = (&cached, &options.isolate) {
-            let (cache, entry) = match &handoff {
-                Some(handoff) => (&handoff.cache, &handoff.entry),
-                None => (
-                    cache.as_ref().expect("a cache, or a handoff"),
-                    entry.as_ref().expect("an entry with the cache"),
-                ),
-            };
-            options.phase(LoadPhase::Compiling);
-            let request = LoadRequest {
-                cache_dir: cache.dir().to_path_buf(),
-                meter_fuel: runtime.config().meter_fuel,
-                pool: runtime.config().pool,
-                nan_canonicalization: runtime.config().nan_canonicalization,
-                cpu_features: runtime.config().cpu_features,
-                accel: runtime.config().accel,
-                preinit: options.preinit,
-                limits: options.limits.clone(),
-            };
-            isolate::compile_in_worker(isolation, &request, wasm)?;
-            cached = from_cache(runtime, cache, entry, make_snapshot);
-            if cached.is_none() {
-                return Err(Error::Internal(
-                    "the compile worker succeeded but its code is not in the cache".into(),
-                ));
-            }
-            code = CodeSource::Compiled;
-        }
-        // Compiled in this process (not cached, not by a worker): to be written to the cache.
-        let compiled_here = cached.is_none();
-        let (component, code, preinit, description) = match cached {
-            Some((component, init)) => {
-                let source = match code {
-                    CodeSource::Cached => PreinitSource::Cached,
-                    CodeSource::Compiled => PreinitSource::Made,
-                };
-                let cached = init.map(|init| Preinit { source, init });
-                let given = snapshot_file.map(|info| Preinit {
-                    source: PreinitSource::File,
-                    init: info.init,
-                });
-                (component, code, cached.or(given), None)
-            }
-            None if make_snapshot => {
-                options.phase(LoadPhase::PreInitialising);
-                let snap = snapshot::make(runtime, wasm, &options.limits).await?;
-                options.phase(LoadPhase::Compiling);
-                let component = Component::new(runtime.engine(), &snap.wasm)
-                    .map_err(|e| Error::Internal(format!("compiling the snapshot: {e:#}")))?;
-                let json = serde_json::to_vec_pretty(&snap.info).expect("snapshot info serialises");
-                let preinit = Preinit {
-                    source: PreinitSource::Made,
-                    init: snap.info.init,
-                };
-                (component, CodeSource::Compiled, Some(preinit), Some(json))
-            }
-            None => {
-                options.phase(LoadPhase::Compiling);
-                let component = Component::new(runtime.engine(), wasm)
-                    .map_err(|e| component::diagnose(wasm, &e))?;
-                let preinit = snapshot_file.map(|info| Preinit {
-                    source: PreinitSource::File,
-                    init: info.init,
-                });
-                (component, CodeSource::Compiled, preinit, None)
-            }
-        };
-        let code_time = started.elapsed();
-
         options.phase(LoadPhase::Checking);
-        let instance_pre = runtime
-            .inner
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| InvalidModel::UnsupportedImport(format!("{e:#}")))?;
-        let pre =
-            ModelPre::new(instance_pre).map_err(|e| InvalidModel::WrongWorld(format!("{e:#}")))?;
+        let pre = link(runtime, &component)?;
         let info = fetch_info(runtime, &pre, &options.limits).await?;
-        if let (true, Some(cache), Some(entry)) = (compiled_here, &cache, &entry) {
-            cache.store(&component, entry, description.as_deref());
+        // Only a model that answered its info is written to the cache.
+        if obtained.store && obtained.entry.is_some() {
+            let bytes = match obtained.bytes.take() {
+                Some(bytes) => bytes,
+                None => component
+                    .serialize()
+                    .map_err(|e| Error::Internal(format!("serialising the code: {e:#}")))?,
+            };
+            obtained.store(&bytes);
         }
         let load = LoadReport {
-            code,
-            code_time,
-            component_sha256,
+            code: obtained.code,
+            code_time: obtained.code_time,
+            component_sha256: obtained.component_sha256,
             component_bytes: wasm.len() as u64,
-            preinit,
+            preinit: obtained.preinit,
             limits: options.limits.clone(),
+        };
+        Ok(Self {
+            inner: Arc::new(ModelInner {
+                runtime: runtime.clone(),
+                pre,
+                info,
+                load,
+                weights: Arc::default(),
+            }),
+        })
+    }
+
+    /// Links code a worker pool's parent handed over (verified there) into this process's
+    /// own mapping; no guest instruction runs until [`Model::from_linked`].
+    pub(crate) fn link_handed_code(runtime: &Runtime, code: &[u8]) -> Result<ModelPre<RunState>> {
+        let component = deserialize(runtime, code)?;
+        // The copy-on-write images of its memories are made now: else at the first
+        // instantiation, through `memfd_create`, which the locked worker may not call.
+        component
+            .initialize_copy_on_write_image()
+            .map_err(|e| Error::Internal(format!("preparing the memory image: {e:#}")))?;
+        link(runtime, &component)
+    }
+
+    /// Finishes [`Model::link_handed_code`] once the worker is locked: asks for the info.
+    pub(crate) fn from_linked(
+        runtime: &Runtime,
+        pre: ModelPre<RunState>,
+        limits: &Limits,
+    ) -> Result<Self> {
+        let info = block_on(fetch_info(runtime, &pre, limits))??;
+        let load = LoadReport {
+            code: CodeSource::Cached,
+            code_time: Duration::ZERO,
+            component_sha256: String::new(),
+            component_bytes: 0,
+            preinit: None,
+            limits: limits.clone(),
         };
         Ok(Self {
             inner: Arc::new(ModelInner {
@@ -488,23 +428,235 @@ impl Model {
     }
 }
 
-/// The compiled code for an entry, and the snapshot's recorded initialisation if the entry is
-/// a snapshot; `None` if the cache has no usable entry.
+/// Compiled code, where it came from, and whether it is to be cached.
+struct Obtained {
+    /// The serialised code, when it came as bytes (the cache, a compile worker).
+    bytes: Option<Vec<u8>>,
+    /// The component, when compiled in this process.
+    component: Option<Component>,
+    code: CodeSource,
+    code_time: Duration,
+    preinit: Option<Preinit>,
+    component_sha256: String,
+    /// The snapshot's description, written beside its code.
+    description: Option<Vec<u8>>,
+    /// Compiled now: to be written to the cache.
+    store: bool,
+    cache: Option<Cache>,
+    entry: Option<std::path::PathBuf>,
+}
+
+impl Obtained {
+    fn store(&self, bytes: &[u8]) {
+        if let (Some(cache), Some(entry)) = (&self.cache, &self.entry) {
+            cache.store(bytes, entry, self.description.as_deref());
+        }
+    }
+}
+
+/// Inspects `wasm` and obtains its compiled code: from the cache (authenticated), from load
+/// workers (`options.isolate`: a pre-initialisation child that hands back a snapshot as data,
+/// then a compile child that hands back native code), or compiled here. Runs no guest code in
+/// this process except when pre-initialising in-process (`options.isolate` is `None`).
+async fn obtain(runtime: &Runtime, wasm: &[u8], options: &LoadOptions) -> Result<Obtained> {
+    options.phase(LoadPhase::Inspecting);
+    component::check_header(wasm)?;
+    let inspection = component::inspect(wasm)?;
+    let snapshot_file = snapshot::read_info(&inspection, wasm)?;
+    if let Some(info) = &snapshot_file {
+        info.check(runtime)?;
+    }
+    inspection.check_counts()?;
+    inspection.check_world()?;
+    let make_snapshot = snapshot_file.is_none()
+        && options.preinit
+        && inspection.exports_func(snapshot::INIT_EXPORT);
+    let given = snapshot_file.map(|info| Preinit {
+        source: PreinitSource::File,
+        init: info.init,
+    });
+
+    let component_sha256 = cache::component_digest(wasm);
+    let material = if make_snapshot {
+        format!("{component_sha256}+preinit-v{}", snapshot::SNAPSHOT_FORMAT)
+    } else {
+        component_sha256.clone()
+    };
+    let cache = runtime.cache();
+    let entry = cache
+        .as_ref()
+        .map(|cache| cache.entry(runtime.engine(), &material));
+    let started = Instant::now();
+    let mut obtained = Obtained {
+        bytes: None,
+        component: None,
+        code: CodeSource::Compiled,
+        code_time: Duration::ZERO,
+        preinit: given.clone(),
+        component_sha256,
+        description: None,
+        store: true,
+        cache,
+        entry,
+    };
+    options.phase(LoadPhase::Cache);
+    if let (Some(cache), Some(entry)) = (&obtained.cache, &obtained.entry) {
+        if let Some((bytes, init)) = from_cache(runtime, cache, entry, make_snapshot)? {
+            obtained.bytes = Some(bytes);
+            obtained.code = CodeSource::Cached;
+            obtained.store = false;
+            obtained.preinit = init
+                .map(|init| Preinit {
+                    source: PreinitSource::Cached,
+                    init,
+                })
+                .or(given);
+            obtained.code_time = started.elapsed();
+            return Ok(obtained);
+        }
+    }
+    let snapshot_info = match &options.isolate {
+        Some(isolation) => {
+            let snapshot = if make_snapshot {
+                options.phase(LoadPhase::PreInitialising);
+                let snapshot =
+                    isolate::preinit_in_worker(isolation, runtime, wasm, &options.limits)?;
+                let info = check_snapshot(runtime, &snapshot, &obtained.component_sha256)?;
+                Some((snapshot, info))
+            } else {
+                None
+            };
+            options.phase(LoadPhase::Compiling);
+            let source = snapshot.as_ref().map_or(wasm, |(snapshot, _)| snapshot);
+            obtained.bytes = Some(isolate::compile_in_worker(isolation, runtime, source)?);
+            snapshot.map(|(_, info)| info)
+        }
+        None if make_snapshot => {
+            options.phase(LoadPhase::PreInitialising);
+            let snap = snapshot::make(runtime, wasm, &options.limits).await?;
+            options.phase(LoadPhase::Compiling);
+            obtained.component = Some(
+                Component::new(runtime.engine(), &snap.wasm)
+                    .map_err(|e| Error::Internal(format!("compiling the snapshot: {e:#}")))?,
+            );
+            Some(snap.info)
+        }
+        None => {
+            options.phase(LoadPhase::Compiling);
+            obtained.component = Some(
+                Component::new(runtime.engine(), wasm)
+                    .map_err(|e| component::diagnose(wasm, &e))?,
+            );
+            None
+        }
+    };
+    if let Some(info) = snapshot_info {
+        obtained.description =
+            Some(serde_json::to_vec_pretty(&info).expect("snapshot info serialises"));
+        obtained.preinit = Some(Preinit {
+            source: PreinitSource::Made,
+            init: info.init,
+        });
+    }
+    obtained.code_time = started.elapsed();
+    Ok(obtained)
+}
+
+/// The serialised code of `wasm` for a worker pool's parent to hand its workers, obtained as
+/// [`Model::from_bytes_with`] does (and cached), without running any of the model here (the
+/// workers ask for its info once locked down). `options.isolate` should be set: else
+/// pre-initialisation runs guest code in this process.
+pub(crate) fn code_for_workers(
+    runtime: &Runtime,
+    wasm: &[u8],
+    options: &LoadOptions,
+) -> Result<Vec<u8>> {
+    let mut obtained = block_on(obtain(runtime, wasm, options))??;
+    let bytes = match (obtained.bytes.take(), &obtained.component) {
+        (Some(bytes), _) => bytes,
+        (None, Some(component)) => component
+            .serialize()
+            .map_err(|e| Error::Internal(format!("serialising the code: {e:#}")))?,
+        (None, None) => return Err(Error::Internal("no code was obtained".into())),
+    };
+    if obtained.store {
+        obtained.store(&bytes);
+    }
+    Ok(bytes)
+}
+
+/// Checks a snapshot a pre-initialisation worker handed back as any component is checked
+/// (it is data from a process that ran guest code): the world, the counts, its description,
+/// made for this engine from this component. What a poisoned one can still do is in
+/// SECURITY.md.
+fn check_snapshot(runtime: &Runtime, snapshot: &[u8], source_sha256: &str) -> Result<SnapshotInfo> {
+    component::check_header(snapshot)?;
+    let inspection = component::inspect(snapshot)?;
+    inspection.check_counts()?;
+    inspection.check_world()?;
+    let info = snapshot::read_info(&inspection, snapshot)?.ok_or_else(|| {
+        Error::Internal(
+            "the pre-initialisation worker answered a component that is not a snapshot".into(),
+        )
+    })?;
+    info.check(runtime)?;
+    if info.source_sha256 != source_sha256 || info.init.snapshot_bytes != snapshot.len() as u64 {
+        return Err(Error::Internal(
+            "the pre-initialisation worker answered a snapshot of another component".into(),
+        ));
+    }
+    Ok(info)
+}
+
+/// Compiled code from the cache or a compile worker, into this process's own executable
+/// mapping (wasmtime copies the bytes; no file is mapped).
+fn deserialize(runtime: &Runtime, code: &[u8]) -> Result<Component> {
+    // SAFETY: the bytes are native code for this engine from a source this process trusts:
+    // a cache entry whose HMAC under this host's key was just verified, a compile worker that
+    // ran no guest code and was locked down before reading its input, or (in a run worker)
+    // the supervisor that verified them. wasmtime still checks the header and configuration.
+    unsafe { Component::deserialize(runtime.engine(), code) }
+        .map_err(|e| Error::Internal(format!("loading compiled code: {e:#}")))
+}
+
+/// Links a component against the model world.
+fn link(runtime: &Runtime, component: &Component) -> Result<ModelPre<RunState>> {
+    let instance_pre = runtime
+        .inner
+        .linker
+        .instantiate_pre(component)
+        .map_err(|e| InvalidModel::UnsupportedImport(format!("{e:#}")))?;
+    Ok(ModelPre::new(instance_pre).map_err(|e| InvalidModel::WrongWorld(format!("{e:#}")))?)
+}
+
+/// The authenticated code for an entry, and the snapshot's recorded initialisation if the
+/// entry is a snapshot; `None` if the cache has no usable entry; an error (the entry removed)
+/// if it holds one that fails authentication.
 fn from_cache(
     runtime: &Runtime,
     cache: &Cache,
     entry: &Path,
     snapshot: bool,
-) -> Option<(Component, Option<InitReport>)> {
+) -> Result<Option<(Vec<u8>, Option<InitReport>)>> {
     let init = if snapshot {
-        let bytes = std::fs::read(entry.with_extension("json")).ok()?;
-        let info: SnapshotInfo = serde_json::from_slice(&bytes).ok()?;
-        info.check(runtime).ok()?;
+        let Some(bytes) = cache.read_verified(&entry.with_extension("json"))? else {
+            return Ok(None);
+        };
+        let Some(info) = serde_json::from_slice::<SnapshotInfo>(&bytes)
+            .ok()
+            .filter(|info| info.check(runtime).is_ok())
+        else {
+            return Ok(None);
+        };
         Some(info.init)
     } else {
         None
     };
-    Some((cache.load(runtime.engine(), entry)?, init))
+    let Some(code) = cache.read_verified(entry)? else {
+        return Ok(None);
+    };
+    cache.touch(entry);
+    Ok(Some((code, init)))
 }
 
 /// Instantiates once under `limits` to ask the model for its `info`, copying at most

@@ -30,7 +30,9 @@ pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(10);
 pub struct RuntimeConfig {
     /// Where compiled models are cached (`None`: no cache, compile on every load). Default:
     /// `$WASM_INFER_CACHE_DIR`, else `$XDG_CACHE_HOME/wasm-infer/precompiled`, else
-    /// `~/.cache/wasm-infer/precompiled`.
+    /// `~/.cache/wasm-infer/precompiled`. Created 0700 if missing; a directory open to other
+    /// users is refused ([`Error::Config`]); entries are authenticated under the key in
+    /// `<dir>.key` (created 0600 on first use), see [`crate::cache`].
     pub cache_dir: Option<PathBuf>,
     /// Epoch tick, the granularity of wall-time enforcement. Default: [`DEFAULT_EPOCH_TICK`].
     pub epoch_tick: Duration,
@@ -154,6 +156,8 @@ pub(crate) struct RuntimeInner {
     slots: Option<Arc<tokio::sync::Semaphore>>,
     admission: Option<Admission>,
     ticker: Ticker,
+    /// The key of the compiled-model cache (read when the runtime is made).
+    cache_key: Option<crate::cache::CacheKey>,
 }
 
 impl Runtime {
@@ -167,6 +171,12 @@ impl Runtime {
         if config.pool == Some(0) {
             return Err(Error::Config("a pool needs at least one slot".into()));
         }
+        // The cache is checked (private to this user) and its key read before anything else.
+        let cache_key = config
+            .cache_dir
+            .as_deref()
+            .map(crate::cache::open)
+            .transpose()?;
         let engine = Engine::new(&config.engine_settings().config()?).map_err(internal)?;
         if crate::cache::CODEGEN_PATCH == "absent" {
             static SAID: std::sync::Once = std::sync::Once::new();
@@ -198,6 +208,7 @@ impl Runtime {
                 slots,
                 admission,
                 ticker,
+                cache_key,
             }),
         })
     }
@@ -262,9 +273,11 @@ impl Runtime {
     /// The compiled-model cache, if this runtime has one.
     pub fn cache(&self) -> Option<crate::cache::Cache> {
         let dir = self.inner.config.cache_dir.clone()?;
-        Some(crate::cache::Cache::new(
+        let key = self.inner.cache_key.clone()?;
+        Some(crate::cache::Cache::with_key(
             dir,
             self.inner.config.cache_max_bytes,
+            key,
         ))
     }
 }

@@ -131,6 +131,17 @@ pub async fn snapshot_async(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> 
 
 /// Instruments, initialises and snapshots `wasm`, which the caller has inspected.
 pub(crate) async fn make(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Result<Snapshot> {
+    make_locked(runtime, wasm, limits, None).await
+}
+
+/// [`make`], calling `lock` (the pre-initialisation child's lock-down) once the component is
+/// compiled and linked and before its first instruction runs.
+pub(crate) async fn make_locked(
+    runtime: &Runtime,
+    wasm: &[u8],
+    limits: &Limits,
+    lock: Option<fn() -> std::result::Result<(), String>>,
+) -> Result<Snapshot> {
     let mut wizer = Wizer::new();
     // The component-level export lifts the core module's `wizer-initialize`; wizer 48 drops
     // the core export but not the lift, which leaves an invalid component. Keeping it is
@@ -159,6 +170,14 @@ pub(crate) async fn make(runtime: &Runtime, wasm: &[u8], limits: &Limits) -> Res
     let instance_pre = linker
         .instantiate_pre(&component)
         .map_err(|e| Error::Internal(format!("{e:#}")))?;
+    if let Some(lock) = lock {
+        // Made lazily at the first instantiation otherwise, through `memfd_create`, which the
+        // locked process may not call.
+        component
+            .initialize_copy_on_write_image()
+            .map_err(|e| Error::Internal(format!("preparing the memory image: {e:#}")))?;
+        lock().map_err(|e| Error::Internal(format!("locking down: {e}")))?;
+    }
 
     let limited = call_limited(runtime, limits, move |store| {
         Box::pin(async move {

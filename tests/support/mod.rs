@@ -82,8 +82,14 @@ pub fn runtime() -> &'static Runtime {
     })
 }
 
+/// The tests' compiled-model cache, private to this user as a runtime requires (a directory
+/// made by an older build may be 0755).
 pub fn cache_dir() -> PathBuf {
-    target_dir().join("test-cache")
+    use std::os::unix::fs::PermissionsExt;
+    let dir = target_dir().join("test-cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
 }
 
 pub fn minilm() -> &'static Model {
@@ -439,5 +445,50 @@ pub fn spawn_serve(
                 log.lock().unwrap().join("\n")
             );
         }
+    }
+}
+
+/// Inverts one byte in the middle of `path`, in place (the same inode, as an attacker who can
+/// write the file would), and returns the byte's offset.
+pub fn flip_middle_byte(path: &std::path::Path) -> u64 {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let at = file.metadata().unwrap().len() / 2;
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&[!byte[0]]).unwrap();
+    at
+}
+
+/// The compiled-code files (`*.cwasm`) in a cache directory.
+pub fn cache_entries(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|read| {
+            read.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort();
+    entries
+}
+
+/// Asserts that `error` is the refusal of cache entry `entry` in cache `dir`.
+pub fn assert_cache_refusal(error: &Error, dir: &std::path::Path, entry: &std::path::Path) {
+    let expected = format!(
+        "the compiled-model cache {}: entry {} failed authentication (altered, or not written \
+         under this host's cache key); it was discarded and will be compiled again",
+        dir.display(),
+        entry.file_name().unwrap().to_string_lossy()
+    );
+    match error {
+        Error::Internal(message) => assert_eq!(message, &expected),
+        other => panic!("expected the cache refusal, got {other}"),
     }
 }

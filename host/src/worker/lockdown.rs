@@ -198,17 +198,18 @@ fn one_of(index: u8, values: impl IntoIterator<Item = u64>) -> Result<Vec<Seccom
     values
         .into_iter()
         .map(|value| {
-            let condition =
-                SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-                    .map_err(|e| format!("seccomp condition: {e}"))?;
-            SeccompRule::new(vec![condition]).map_err(|e| format!("seccomp rule: {e}"))
+            rule(vec![condition(
+                index,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                value,
+            )?])
         })
         .collect()
 }
 
-/// Locks the calling process down (all its threads: the filter is synchronised to every
-/// thread). Irreversible.
-pub fn lock_down() -> Result<(), String> {
+/// The limits and process attributes both lock-downs set before their filter.
+fn limit_process() -> Result<(), String> {
     set_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| format!("RLIMIT_CORE: {e}"))?;
     set_rlimit(libc::RLIMIT_NOFILE, MAX_WORKER_FILES).map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
     set_rlimit(libc::RLIMIT_NPROC, MAX_WORKER_NEW_PROCESSES)
@@ -216,6 +217,47 @@ pub fn lock_down() -> Result<(), String> {
     drop_capabilities()?;
     prctl(libc::PR_SET_DUMPABLE, 0).map_err(|e| format!("PR_SET_DUMPABLE: {e}"))?;
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
+    Ok(())
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
+    SeccompRule::new(conditions).map_err(|e| format!("seccomp rule: {e}"))
+}
+
+fn condition(
+    index: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(index, len, op, value).map_err(|e| format!("seccomp condition: {e}"))
+}
+
+/// The rules common to both filters: `clone` for threads only, `prctl` and `fcntl` with the
+/// listed options only.
+fn common_rules(allowed: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), String> {
+    let thread = libc::CLONE_THREAD as u64;
+    let only_threads = rule(vec![condition(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(thread),
+        thread,
+    )?])?;
+    allowed.insert(libc::SYS_clone, vec![only_threads]);
+    allowed.insert(libc::SYS_clone3, Vec::new());
+    allowed.insert(
+        libc::SYS_prctl,
+        one_of(0, PRCTL_OPTIONS.iter().map(|&o| o as u64))?,
+    );
+    allowed.insert(
+        libc::SYS_fcntl,
+        one_of(1, FCNTL_COMMANDS.iter().map(|&c| c as u64))?,
+    );
+    Ok(())
+}
+
+/// Installs `allowed` (anything else kills the process), with `clone3` answered `ENOSYS`.
+fn install(allowed: BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), String> {
     let arch: seccompiler::TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|e| format!("seccomp: unsupported architecture: {e:?}"))?;
@@ -225,34 +267,6 @@ pub fn lock_down() -> Result<(), String> {
             .try_into()
             .map_err(|e| format!("seccomp program: {e:?}"))
     };
-    let thread = libc::CLONE_THREAD as u64;
-    let only_threads = SeccompRule::new(vec![SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(thread),
-        thread,
-    )
-    .map_err(|e| format!("seccomp condition: {e}"))?])
-    .map_err(|e| format!("seccomp rule: {e}"))?;
-    let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
-        .iter()
-        .map(|&syscall| (syscall, Vec::new()))
-        .collect();
-    allowed.insert(libc::SYS_clone, vec![only_threads]);
-    allowed.insert(libc::SYS_clone3, Vec::new());
-    // Signals to its own threads only (wasmtime and the standard library use tgkill for
-    // that): the process id is fixed into the filter, so any other target kills the worker.
-    // SAFETY: getpid has no failure mode.
-    let pid = unsafe { libc::getpid() } as u32;
-    allowed.insert(libc::SYS_tgkill, one_of(0, [u64::from(pid)])?);
-    allowed.insert(
-        libc::SYS_prctl,
-        one_of(0, PRCTL_OPTIONS.iter().map(|&o| o as u64))?,
-    );
-    allowed.insert(
-        libc::SYS_fcntl,
-        one_of(1, FCNTL_COMMANDS.iter().map(|&c| c as u64))?,
-    );
     let main = compile(allowed, SeccompAction::KillProcess, SeccompAction::Allow)?;
     // Stacked filters: the strictest answer wins, so clone3 gets ENOSYS.
     let no_clone3 = compile(
@@ -266,13 +280,95 @@ pub fn lock_down() -> Result<(), String> {
     Ok(())
 }
 
+/// Locks the calling process down (all its threads: the filter is synchronised to every
+/// thread) before it runs guest code: run workers and the pre-initialisation child.
+/// Irreversible.
+pub fn lock_down() -> Result<(), String> {
+    limit_process()?;
+    let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+        .iter()
+        .map(|&syscall| (syscall, Vec::new()))
+        .collect();
+    common_rules(&mut allowed)?;
+    // Signals to its own threads only (wasmtime and the standard library use tgkill for
+    // that): the process id is fixed into the filter, so any other target kills the worker.
+    // SAFETY: getpid has no failure mode.
+    let pid = unsafe { libc::getpid() } as u32;
+    allowed.insert(libc::SYS_tgkill, one_of(0, [u64::from(pid)])?);
+    install(allowed)
+}
+
+/// The system calls the compile child may make with any arguments: [`ALLOWED`] less what only
+/// running code needs (sleeping, the channel's `poll`) and less
+/// `mmap`/`mprotect`, which it may make only without `PROT_EXEC` (see [`lock_down_compiler`]).
+const ALLOWED_COMPILER: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_munmap,
+    libc::SYS_madvise,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_clock_gettime,
+    libc::SYS_restart_syscall,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Locks the compile child down before it compiles (it runs no guest code, only the compiler
+/// on untrusted input): the same limits as [`lock_down`], and a tighter filter: no sleeping,
+/// no polling, signals to itself only (`abort`), and no executable memory at all (`mmap` and
+/// `mprotect` with `PROT_EXEC` kill): precompiling writes code as data, never maps it to run.
+pub fn lock_down_compiler() -> Result<(), String> {
+    limit_process()?;
+    let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED_COMPILER
+        .iter()
+        .map(|&syscall| (syscall, Vec::new()))
+        .collect();
+    common_rules(&mut allowed)?;
+    let exec = libc::PROT_EXEC as u64;
+    let no_exec = || {
+        Ok::<_, String>(vec![rule(vec![condition(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(exec),
+            0,
+        )?])?])
+    };
+    // `abort` (what a failed allocation under RLIMIT_DATA ends in) signals itself.
+    // SAFETY: getpid has no failure mode.
+    let pid = unsafe { libc::getpid() } as u32;
+    allowed.insert(libc::SYS_tgkill, one_of(0, [u64::from(pid)])?);
+    allowed.insert(libc::SYS_mmap, no_exec()?);
+    allowed.insert(libc::SYS_mprotect, no_exec()?);
+    install(allowed)
+}
+
 /// What a lock-down self-test tries after locking down (`wasm-infer __lockdown-selftest`),
 /// standing in for native code that escaped wasmtime: each must kill the process with
 /// `SIGSYS`. `none` tries nothing (the control: a locked process that stays within the
 /// allow-list lives on); `pause` writes `locked` on stdout and sleeps for a while, to be
 /// stopped and continued (the interrupted sleep resumes through `restart_syscall`).
 /// `tgkill:PID` signals another process, `dumpable` undoes `PR_SET_DUMPABLE 0`, `setown`
-/// asks for I/O signals to be sent to a process of its choosing.
+/// asks for I/O signals to be sent to a process of its choosing, `mmap_exec` maps executable
+/// memory (refused to the compile child only: a run worker's wasmtime may still need it).
 pub fn forbidden(what: &str) -> Result<(), String> {
     match what {
         "none" => return Ok(()),
@@ -299,6 +395,22 @@ pub fn forbidden(what: &str) -> Result<(), String> {
                 .map_err(|e| format!("{other:?}: {e}"))?;
             // SAFETY: a plain system call; SIGKILL is what an attacker would send.
             let _ = unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGKILL) };
+        }
+        "mmap_exec" => {
+            // SAFETY: an anonymous mapping nobody uses; unmapped if it was made.
+            unsafe {
+                let at = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if at != libc::MAP_FAILED {
+                    libc::munmap(at, 4096);
+                }
+            }
         }
         "open" => {
             let _ = std::fs::File::open("/etc/hostname");

@@ -1,9 +1,12 @@
 //! Runs in supervised worker processes: the second wall behind wasmtime for serving.
 //!
-//! A [`WorkerPool`] starts `workers` copies of the `wasm-infer` binary in its hidden worker
-//! mode (`wasm-infer __run-worker`, [`worker_main`]); each loads the models (from the compiled
-//! cache), locks itself down ([`lockdown`]: rlimits, no new privileges, not dumpable, a
-//! seccomp allow-list), optionally inside a cgroup ([`cgroup`]), and then serves one run at a
+//! A [`WorkerPool`] obtains each model's compiled code once, without running any of it (from
+//! the authenticated cache, or from load workers: [`crate::isolate`]), then starts `workers`
+//! copies of the `wasm-infer` binary in its hidden worker mode (`wasm-infer __run-worker`,
+//! [`worker_main`]). Each receives the code over its channel (never a file it maps), links it,
+//! locks itself down ([`lockdown`]: rlimits, no new privileges, not dumpable, a seccomp
+//! allow-list) and only then runs guest code (each model's `info`), optionally inside a
+//! cgroup ([`cgroup`]), and then serves one run at a
 //! time over its stdin and stdout: length-prefixed JSON frames (a little-endian `u32` length,
 //! then the message). The pool gives each request to an idle worker; a worker that dies
 //! (a signal, an abort, the OOM killer, a forbidden system call) costs the request it was
@@ -30,6 +33,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
+use crate::isolate::{CompileLimits, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::model::{LoadOptions, Model, Outcome};
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -84,7 +88,9 @@ impl WorkerPoolConfig {
     }
 }
 
-/// What a worker is told at start.
+/// What a worker is told at start. One binary frame per model follows it: the model's
+/// compiled code (as [`Component::serialize`](wasmtime::component::Component::serialize)
+/// writes it), which the parent verified or compiled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Hello {
     models: Vec<PathBuf>,
@@ -254,6 +260,15 @@ fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
     Ok(frame)
 }
 
+/// Reads a binary frame: a little-endian `u32` length, then that many bytes.
+fn read_raw_frame(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
+    input.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn read_frame<T: DeserializeOwned>(input: &mut impl Read, max: u64) -> std::io::Result<T> {
     let mut len = [0u8; 4];
     input.read_exact(&mut len)?;
@@ -291,7 +306,17 @@ impl Channel {
     }
 
     fn send<T: Serialize>(&mut self, message: &T, deadline: Instant) -> std::io::Result<()> {
-        let frame = encode_frame(message)?;
+        self.send_frame(&encode_frame(message)?, deadline)
+    }
+
+    /// Sends `bytes` as a binary frame (see [`read_raw_frame`]).
+    fn send_raw(&mut self, bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+        let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+        self.send_frame(&len.to_le_bytes(), deadline)?;
+        self.send_frame(bytes, deadline)
+    }
+
+    fn send_frame(&mut self, frame: &[u8], deadline: Instant) -> std::io::Result<()> {
         let mut sent = 0;
         while sent < frame.len() {
             match self.stdin.write(&frame[sent..]) {
@@ -408,7 +433,14 @@ pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
     let Ok(hello) = read_frame::<Hello>(&mut input, MAX_REQUEST_FRAME) else {
         return 1;
     };
-    let models = match start(&hello) {
+    let mut code = Vec::with_capacity(hello.models.len());
+    for _ in &hello.models {
+        match read_raw_frame(&mut input) {
+            Ok(bytes) => code.push(bytes),
+            Err(_) => return 1,
+        }
+    }
+    let models = match start(&hello, code) {
         Ok(models) => models,
         Err(message) => {
             let _ = write_frame(&mut output, &FromWorker::Failed { message });
@@ -442,32 +474,78 @@ pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
     0
 }
 
-/// Loads the models, warms what would otherwise start lazily after lock-down, locks down.
-fn start(hello: &Hello) -> Result<Vec<Model>, String> {
+/// Links the models' code, warms what would otherwise start lazily after lock-down, locks
+/// down, and only then runs guest code (each model's `info`).
+fn start(hello: &Hello, code: Vec<Vec<u8>>) -> Result<Vec<Model>, String> {
     let runtime = Runtime::with_config(RuntimeConfig {
-        cache_dir: hello.cache_dir.clone(),
+        cache_dir: None,
         accel: hello.accel,
         nan_canonicalization: hello.nan_canonicalization,
         ..RuntimeConfig::default()
     })
     .map_err(|e| e.to_string())?;
-    let options = LoadOptions {
-        preinit: hello.preinit,
-        ..LoadOptions::default()
-    };
-    let models = hello
+    let linked = hello
         .models
         .iter()
-        .map(|path| {
-            Model::load_with(&runtime, path, &options)
-                .map_err(|e| format!("{}: {e}", path.display()))
+        .zip(&code)
+        .map(|(path, code)| {
+            Model::link_handed_code(&runtime, code).map_err(|e| format!("{}: {e}", path.display()))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // wasmtime copied the code into its own mappings.
+    drop(code);
     if hello.lockdown {
         crate::accel::warm_up();
         lockdown::lock_down()?;
+        escape_drill("run");
     }
-    Ok(models)
+    let limits = LoadOptions::default().limits;
+    hello
+        .models
+        .iter()
+        .zip(linked)
+        .map(|(path, pre)| {
+            Model::from_linked(&runtime, pre, &limits)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// The variable that arms the escape drill: `<stage>:<call>`, where stage is `run` (a run
+/// worker), `preinit` (a pre-initialisation child) or `compile` (a compile child) and call one
+/// of [`lockdown::forbidden`]'s. It exists for the tests: right after its lock-down, where
+/// the first guest instruction (or, for the compile child, the compiler) would run, the
+/// process makes that call itself, standing in for native code that escaped wasmtime there;
+/// the filter must kill it (`SIGSYS`). A call the filter let through ends the process with
+/// [`ESCAPE_SURVIVED`]. Parents pass the variable on to their children by name; it can only
+/// make a worker end itself.
+pub const ESCAPE_VAR: &str = "WASM_INFER_TEST_ESCAPE";
+
+/// The exit status of a process whose drill call was allowed (a hole in the filter).
+pub const ESCAPE_SURVIVED: i32 = 75;
+
+/// Runs the drill named in [`ESCAPE_VAR`] if it is for `stage` (see there).
+pub(crate) fn escape_drill(stage: &str) {
+    let Some(drill) = std::env::var_os(ESCAPE_VAR) else {
+        return;
+    };
+    let drill = drill.to_string_lossy();
+    let Some(call) = drill
+        .strip_prefix(stage)
+        .and_then(|rest| rest.strip_prefix(':'))
+    else {
+        return;
+    };
+    if lockdown::forbidden(call).is_err() {
+        std::process::exit(ESCAPE_SURVIVED);
+    }
+}
+
+/// Passes the escape drill's variable, if this process has it, on to a child.
+pub(crate) fn pass_escape_drill(command: &mut Command) {
+    if let Some(drill) = std::env::var_os(ESCAPE_VAR) {
+        command.env(ESCAPE_VAR, drill);
+    }
 }
 
 /// One worker process and its channel.
@@ -560,6 +638,9 @@ struct PoolInner {
     busy: Mutex<Vec<u32>>,
     permits: tokio::sync::Semaphore,
     cgroup: Result<cgroup::Cgroup, String>,
+    /// Each model's compiled code, verified once: every worker, replacements included, gets
+    /// it from here (a cache entry altered later reaches no worker).
+    code: Vec<Vec<u8>>,
     models: Vec<ModelInfo>,
     started: AtomicU64,
     lost: AtomicU64,
@@ -583,7 +664,8 @@ impl std::fmt::Debug for WorkerPool {
 impl PoolInner {
     fn spawn(&self) -> Result<(Worker, Vec<ModelInfo>), Error> {
         let config = &self.config;
-        let mut child = Command::new(&config.binary)
+        let mut command = Command::new(&config.binary);
+        command
             .arg("__run-worker")
             // Nothing of this process's environment (secrets, proxies, `LD_*`) reaches the
             // worker: it reads no variable but the one below (its cache and settings come in
@@ -597,14 +679,14 @@ impl PoolInner {
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                Error::Config(format!(
-                    "cannot start worker {}: {e}",
-                    config.binary.display()
-                ))
-            })?;
+            .stderr(Stdio::null());
+        pass_escape_drill(&mut command);
+        let mut child = command.spawn().map_err(|e| {
+            Error::Config(format!(
+                "cannot start worker {}: {e}",
+                config.binary.display()
+            ))
+        })?;
         if let Ok(group) = &self.cgroup {
             if let Err(e) = group.add(child.id()) {
                 tracing::warn!(error = %e, "could not put a worker in its cgroup");
@@ -636,11 +718,19 @@ impl PoolInner {
             lockdown: config.lockdown,
         };
         let deadline = deadline_after(START_DEADLINE);
-        let ready = worker.channel.send(&hello, deadline).and_then(|()| {
-            worker
-                .channel
-                .receive::<FromWorker>(max_ready_frame(config.models.len()), deadline)
-        });
+        let ready = worker
+            .channel
+            .send(&hello, deadline)
+            .and_then(|()| {
+                self.code
+                    .iter()
+                    .try_for_each(|code| worker.channel.send_raw(code, deadline))
+            })
+            .and_then(|()| {
+                worker
+                    .channel
+                    .receive::<FromWorker>(max_ready_frame(config.models.len()), deadline)
+            });
         self.started.fetch_add(1, Ordering::Relaxed);
         match ready {
             Ok(FromWorker::Ready { models }) => Ok((worker, models)),
@@ -695,6 +785,37 @@ impl PoolInner {
     }
 }
 
+/// Each model's compiled code, obtained in this process without running any of it: from the
+/// cache (authenticated), else from load workers (pre-initialised in a locked-down child,
+/// compiled in another), and cached.
+fn code_for_workers(config: &WorkerPoolConfig) -> Result<Vec<Vec<u8>>, Error> {
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: config.cache_dir.clone(),
+        accel: config.accel,
+        nan_canonicalization: config.nan_canonicalization,
+        ..RuntimeConfig::default()
+    })?;
+    let options = LoadOptions {
+        preinit: config.preinit,
+        isolate: Some(Isolation {
+            worker: config.binary.clone(),
+            limits: CompileLimits::default(),
+        }),
+        ..LoadOptions::default()
+    };
+    config
+        .models
+        .iter()
+        .map(|path| {
+            let wasm = std::fs::read(path).map_err(|error| Error::Io {
+                path: path.clone(),
+                error,
+            })?;
+            crate::model::code_for_workers(&runtime, &wasm, &options)
+        })
+        .collect()
+}
+
 impl WorkerPool {
     /// Starts the workers (each loads the models and reports ready) and, where configured
     /// and possible, their cgroup. Blocking: a worker starts in milliseconds from a warm cache.
@@ -715,7 +836,9 @@ impl WorkerPool {
             }
             None => Err("no cgroup configured".to_string()),
         };
+        let code = code_for_workers(&config)?;
         let mut inner = PoolInner {
+            code,
             permits: tokio::sync::Semaphore::new(config.workers as usize),
             config,
             idle: Mutex::new(Vec::new()),
