@@ -91,6 +91,29 @@ fn euid() -> u32 {
 /// Creates the cache directory (0700) if it is missing, refuses one that is not private to
 /// this user, and reads (or creates) its key.
 pub(crate) fn open(dir: &Path) -> Result<CacheKey, Error> {
+    open_private(dir).map_err(host_resource)
+}
+
+/// The host's own resources running out (file descriptors, memory) while the cache is read is
+/// the host's failure (`internal`), not something wrong with the cache or the model.
+pub(crate) fn host_resource(error: Error) -> Error {
+    match error {
+        Error::Io { path, error }
+            if matches!(
+                error.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+            ) =>
+        {
+            Error::Internal(format!(
+                "the host ran out of a resource: {}: {error}",
+                path.display()
+            ))
+        }
+        other => other,
+    }
+}
+
+fn open_private(dir: &Path) -> Result<CacheKey, Error> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |error| Error::Io { path, error }
@@ -280,6 +303,18 @@ impl Cache {
         {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // Out of descriptors or memory: the host's failure, and the entry stays.
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                ) =>
+            {
+                return Err(host_resource(Error::Io {
+                    path: path.to_path_buf(),
+                    error,
+                }))
+            }
             Err(e) => return Err(self.refuse(path, &format!("cannot be opened ({e})"))),
         };
         let meta = file.metadata().map_err(|error| Error::Io {
