@@ -108,8 +108,14 @@ fn answer_for(error: Error) -> LoadAnswer {
 }
 
 fn answer_for_other(error: &Error) -> LoadAnswer {
+    // An internal error's own text: the parent makes it an internal error again, whose
+    // display adds the "internal error: " this one's would have carried.
+    let message = match error {
+        Error::Internal(message) => message.clone(),
+        other => other.to_string(),
+    };
     LoadAnswer::Failed {
         kind: error.kind().as_str().to_string(),
-        message: error.to_string(),
+        message,
     }
 }
