@@ -412,3 +412,90 @@ fn a_worker_whose_guest_trapped_is_replaced() {
     assert_eq!(pool.idle_pids(), vec![second]);
     assert_eq!(pool.stats().recycled, 1);
 }
+
+/// The compiled-cache entries in `dir`, by name.
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn fuel_metering_off_reaches_the_workers() {
+    let runtime = wasm_infer::Runtime::with_config(wasm_infer::RuntimeConfig {
+        meter_fuel: false,
+        cache_dir: Some(support::cache_dir()),
+        ..wasm_infer::RuntimeConfig::default()
+    })
+    .unwrap();
+    Model::load(&runtime, hostile_wasm()).unwrap();
+    let mut unmetered = WorkerPoolConfig::new(1, binary(), vec![hostile_wasm()]);
+    unmetered.cache_dir = Some(support::cache_dir());
+    unmetered.engine = runtime.config().engine_settings();
+    let pool = WorkerPool::start(unmetered).unwrap();
+    let limits = Limits {
+        fuel: None,
+        ..Limits::default()
+    };
+    // Metered, this run consumes the golden 21723 units (see
+    // `runs_in_locked_down_workers_give_the_in_process_outputs_and_fuel`).
+    let outcome = pool.run_blocking(0, text("work:1000"), &limits).unwrap();
+    assert_eq!(outcome.usage.fuel_consumed, 0);
+    // A fuel cap needs metering: the worker refuses it as this process's runtime would.
+    let capped = pool
+        .run_blocking(0, text("work:1000"), &Limits::default().fuel(1_000_000))
+        .unwrap_err();
+    let here = Model::load(&runtime, hostile_wasm())
+        .unwrap()
+        .run(text("work:1000"), &Limits::default().fuel(1_000_000))
+        .unwrap_err();
+    assert_eq!(
+        capped.kind(),
+        here.kind(),
+        "{} / {}",
+        capped.error,
+        here.error
+    );
+}
+
+#[test]
+fn baseline_cpu_features_reach_the_workers() {
+    // A cache of its own: the parent compiles the hostile guest for the baseline into it;
+    // workers whose engine asked for the host's features would miss that entry, compile
+    // their own and store it beside.
+    let dir =
+        std::env::temp_dir().join(format!("wasm-infer-baseline-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let runtime = wasm_infer::Runtime::with_config(wasm_infer::RuntimeConfig {
+        cpu_features: wasm_infer::CpuFeatures::Baseline,
+        cache_dir: Some(dir.clone()),
+        ..wasm_infer::RuntimeConfig::default()
+    })
+    .unwrap();
+    Model::load(&runtime, hostile_wasm()).unwrap();
+    let compiled = entries(&dir);
+    assert!(!compiled.is_empty());
+    let mut baseline = WorkerPoolConfig::new(1, binary(), vec![hostile_wasm()]);
+    baseline.cache_dir = Some(dir.clone());
+    baseline.engine = runtime.config().engine_settings();
+    let pool = WorkerPool::start(baseline).unwrap();
+    let outcome = pool
+        .run_blocking(0, text("work:1000"), &Limits::default())
+        .unwrap();
+    assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
+    assert_eq!(
+        entries(&dir),
+        compiled,
+        "the worker loaded the parent's entry"
+    );
+    drop(pool);
+    // The control: a worker with the host's features does add its own entry.
+    let mut host = WorkerPoolConfig::new(1, binary(), vec![hostile_wasm()]);
+    host.cache_dir = Some(dir.clone());
+    drop(WorkerPool::start(host).unwrap());
+    assert!(entries(&dir).len() > compiled.len(), "{:?}", entries(&dir));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,7 +32,7 @@ use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::model::{LoadOptions, Model, Outcome};
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{EngineSettings, Runtime, RuntimeConfig};
 use crate::usage::Usage;
 use crate::AccelMode;
 
@@ -50,9 +50,12 @@ pub struct WorkerPoolConfig {
     pub cache_dir: Option<PathBuf>,
     /// The device the workers offer their models.
     pub accel: AccelMode,
-    /// NaN canonicalisation in the workers' engine (as
-    /// [`RuntimeConfig::nan_canonicalization`]).
-    pub nan_canonicalization: bool,
+    /// Each worker's device-memory budget (as [`RuntimeConfig::device_memory`]): enforced in
+    /// each worker on its own, so `workers` workers may hold up to `workers` times this.
+    pub device_memory: u64,
+    /// The workers' engine settings (NaN canonicalisation, CPU features, fuel metering,
+    /// pooled slots), sent to each worker whole.
+    pub engine: EngineSettings,
     /// Pre-initialise (as [`LoadOptions::preinit`]).
     pub preinit: bool,
     /// Lock each worker down once its models are loaded (default `true`).
@@ -74,7 +77,8 @@ impl WorkerPoolConfig {
             models,
             cache_dir: RuntimeConfig::default().cache_dir,
             accel: AccelMode::Auto,
-            nan_canonicalization: RuntimeConfig::default().nan_canonicalization,
+            device_memory: RuntimeConfig::default().device_memory,
+            engine: RuntimeConfig::default().engine_settings(),
             preinit: true,
             lockdown: true,
             recycle_after_runs: None,
@@ -84,13 +88,15 @@ impl WorkerPoolConfig {
     }
 }
 
-/// What a worker is told at start.
+/// What a worker is told at start: its runtime's settings travel whole (the engine's as one
+/// [`EngineSettings`]), never rebuilt from defaults on the worker's side.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Hello {
     models: Vec<PathBuf>,
     cache_dir: Option<PathBuf>,
     accel: AccelMode,
-    nan_canonicalization: bool,
+    device_memory: u64,
+    engine: EngineSettings,
     preinit: bool,
     lockdown: bool,
 }
@@ -444,12 +450,15 @@ pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
 
 /// Loads the models, warms what would otherwise start lazily after lock-down, locks down.
 fn start(hello: &Hello) -> Result<Vec<Model>, String> {
-    let runtime = Runtime::with_config(RuntimeConfig {
-        cache_dir: hello.cache_dir.clone(),
-        accel: hello.accel,
-        nan_canonicalization: hello.nan_canonicalization,
-        ..RuntimeConfig::default()
-    })
+    let runtime = Runtime::with_config(
+        RuntimeConfig {
+            cache_dir: hello.cache_dir.clone(),
+            accel: hello.accel,
+            device_memory: hello.device_memory,
+            ..RuntimeConfig::default()
+        }
+        .with_engine_settings(hello.engine.clone()),
+    )
     .map_err(|e| e.to_string())?;
     let options = LoadOptions {
         preinit: hello.preinit,
@@ -558,7 +567,11 @@ struct PoolInner {
     config: WorkerPoolConfig,
     idle: Mutex<Vec<Worker>>,
     busy: Mutex<Vec<u32>>,
-    permits: tokio::sync::Semaphore,
+    /// One permit per live worker place, held by a request from the moment it takes a worker
+    /// until that worker (or its replacement) is idle again.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Worker places left (a place whose replacement cannot start is given up).
+    places: AtomicU64,
     cgroup: Result<cgroup::Cgroup, String>,
     models: Vec<ModelInfo>,
     started: AtomicU64,
@@ -631,7 +644,8 @@ impl PoolInner {
             models: config.models.clone(),
             cache_dir: config.cache_dir.clone(),
             accel: config.accel,
-            nan_canonicalization: config.nan_canonicalization,
+            device_memory: config.device_memory,
+            engine: config.engine.clone(),
             preinit: config.preinit,
             lockdown: config.lockdown,
         };
@@ -671,29 +685,67 @@ impl PoolInner {
         runs || rss
     }
 
-    /// Puts a worker back, or a fresh one in its place. A place whose replacement cannot
-    /// start is given up (the pool shrinks rather than hand out a dead worker).
-    fn give_back(&self, replacement: Option<Worker>) {
-        match replacement {
-            Some(worker) => self
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(worker),
-            None => match self.spawn() {
-                Ok((worker, _)) => self
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(worker),
-                Err(e) => {
-                    tracing::error!(error = %e, "a worker place is lost");
-                    self.permits.forget_permits(1);
+    /// Puts a worker back and frees its place.
+    fn give_back(&self, worker: Worker, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(worker);
+        drop(permit);
+    }
+
+    /// Starts a worker in a lost one's place, on a thread of its own (the request that lost the
+    /// worker is answered meanwhile), and frees the place once it is idle. A start that fails
+    /// is tried again, up to [`REPLACE_ATTEMPTS`] tries (a worker killed while it starts is no
+    /// reason to shrink); after that the place is given up, and a pool with no place left is closed,
+    /// so that requests fail instead of waiting for a worker that will never come.
+    fn replace(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit) {
+        let inner = self.clone();
+        let replacing = std::thread::Builder::new()
+            .name("wasm-infer-replace".into())
+            .spawn(move || {
+                for attempt in 1..=REPLACE_ATTEMPTS {
+                    match inner.spawn() {
+                        Ok((worker, _)) => return inner.give_back(worker, permit),
+                        Err(e) if attempt < REPLACE_ATTEMPTS => {
+                            tracing::warn!(error = %e, attempt, "a replacement worker failed to start");
+                            std::thread::sleep((REPLACE_BACKOFF * attempt).min(REPLACE_BACKOFF_MAX));
+                        }
+                        Err(e) => tracing::error!(error = %e, "a worker place is lost"),
+                    }
                 }
-            },
+                inner.lose_place(permit);
+            });
+        if let Err(e) = replacing {
+            tracing::error!(error = %e, "cannot start a thread to replace a worker");
+            // The closure (and the permit in it) was dropped with the failed spawn: the place
+            // is counted as free, but no worker stands for it.
+            self.permits.forget_permits(1);
+            self.lost_place();
+        }
+    }
+
+    fn lose_place(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        permit.forget();
+        self.lost_place();
+    }
+
+    fn lost_place(&self) {
+        if self.places.fetch_sub(1, Ordering::SeqCst) == 1 {
+            tracing::error!("no worker is left: the pool is closed");
+            self.permits.close();
         }
     }
 }
+
+/// Tries at starting a replacement worker before its place is given up: about 25 s of tries
+/// with [`REPLACE_BACKOFF`], enough to outlast a storm of kills that also hits the starting
+/// workers, short enough that a worker that can never start (a broken binary or model) does
+/// not loop for ever.
+const REPLACE_ATTEMPTS: u32 = 30;
+/// Wait before the next try: 100 ms times the tries so far, at most [`REPLACE_BACKOFF_MAX`].
+const REPLACE_BACKOFF: Duration = Duration::from_millis(100);
+const REPLACE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl WorkerPool {
     /// Starts the workers (each loads the models and reports ready) and, where configured
@@ -716,7 +768,8 @@ impl WorkerPool {
             None => Err("no cgroup configured".to_string()),
         };
         let mut inner = PoolInner {
-            permits: tokio::sync::Semaphore::new(config.workers as usize),
+            permits: Arc::new(tokio::sync::Semaphore::new(config.workers as usize)),
+            places: AtomicU64::new(u64::from(config.workers)),
             config,
             idle: Mutex::new(Vec::new()),
             busy: Mutex::new(Vec::new()),
@@ -766,6 +819,12 @@ impl WorkerPool {
         idle.iter().map(Worker::pid).collect()
     }
 
+    /// Worker places left: the configured count, less the places whose replacement could not
+    /// be started.
+    pub fn places(&self) -> u64 {
+        self.inner.places.load(Ordering::SeqCst)
+    }
+
     /// The pool's counters.
     pub fn stats(&self) -> PoolStats {
         PoolStats {
@@ -782,12 +841,18 @@ impl WorkerPool {
         input: Input,
         limits: &Limits,
     ) -> Result<Outcome, RunError> {
-        let permit = self.inner.permits.acquire().await.map_err(|_| {
-            RunError::new(
-                Error::Internal("the pool is closed".into()),
-                Usage::default(),
-            )
-        })?;
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| {
+                RunError::new(
+                    Error::Internal("no worker is left (none could be started)".into()),
+                    Usage::default(),
+                )
+            })?;
         let inner = self.inner.clone();
         let request = RunRequest {
             model,
@@ -821,13 +886,13 @@ impl WorkerPool {
                         // program it was.
                         inner.recycled.fetch_add(1, Ordering::Relaxed);
                         let _ = worker.reap();
-                        inner.give_back(None);
+                        inner.replace(permit);
                     } else if inner.should_recycle(&worker) {
                         inner.recycled.fetch_add(1, Ordering::Relaxed);
                         worker.retire();
-                        inner.give_back(None);
+                        inner.replace(permit);
                     } else {
-                        inner.give_back(Some(worker));
+                        inner.give_back(worker, permit);
                     }
                     match result {
                         Ok(output) => Ok(Outcome { output, usage }),
@@ -835,7 +900,7 @@ impl WorkerPool {
                     }
                 }
                 Ok(FromWorker::Failed { message }) => {
-                    inner.give_back(Some(worker));
+                    inner.give_back(worker, permit);
                     Err(RunError::new(Error::Config(message), Usage::default()))
                 }
                 out_of_protocol => {
@@ -846,7 +911,7 @@ impl WorkerPool {
                     let reason = format!("{why}; {}", worker.reap());
                     inner.lost.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%reason, "a worker was lost during a request; replacing it");
-                    inner.give_back(None);
+                    inner.replace(permit);
                     Err(RunError::new(
                         Error::WorkerLost { reason },
                         Usage::default(),
@@ -855,7 +920,6 @@ impl WorkerPool {
             }
         })
         .await;
-        drop(permit);
         joined.unwrap_or_else(|e| {
             Err(RunError::new(
                 Error::Internal(format!("the pool's task failed: {e}")),
