@@ -725,12 +725,13 @@ fn metrics_after_a_scripted_mix_equal_what_was_sent() {
 
 #[test]
 fn pool_slots_free_is_read_from_the_runtime_while_runs_hold_slots() {
-    // Four pooled slots; two sleepers hold one each until their 3 s wall time trips.
+    // Four pooled slots; two sleepers hold one each until their 3 s wall time trips. The
+    // server's own slots are what runs hold in process (workers hold their own).
     const SLOTS: f64 = 4.0;
     const HELD: usize = 2;
     let config = format!(
-        "pool_slots = 4\n[limits]\nwall_time = \"3s\"\n[[models]]\nname = \"hostile\"\n\
-         path = \"{}\"\n",
+        "pool_slots = 4\nisolation = \"in_process\"\n[limits]\nwall_time = \"3s\"\n\
+         [[models]]\nname = \"hostile\"\npath = \"{}\"\n",
         hostile_wasm().display(),
     );
     let server = Arc::new(Server::start(&config, &[]));

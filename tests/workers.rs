@@ -143,6 +143,15 @@ async fn a_killed_worker_costs_only_its_request_and_is_replaced() {
         .unwrap();
     assert_golden("hostile_work_1000", next.usage.fuel_consumed);
     assert!(!pool.idle_pids().contains(&victim));
+    // The replacement starts in the background, after the lost request was answered.
+    let started = Instant::now();
+    while pool.idle_pids().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no replacement"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(pool.stats().started, 4);
 }
 
@@ -479,6 +488,94 @@ fn a_tampered_cache_entry_reaches_no_worker_and_is_refused_at_the_next_start() {
     echo(&pool, "recompiled");
     assert!(entries[0].exists());
     drop(pool);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(wasm_infer::cache::key_path(&dir));
+}
+
+/// The compiled-cache entries in `dir`, by name.
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn fuel_metering_off_reaches_the_workers() {
+    let runtime = wasm_infer::Runtime::with_config(wasm_infer::RuntimeConfig {
+        meter_fuel: false,
+        cache_dir: Some(support::cache_dir()),
+        ..wasm_infer::RuntimeConfig::default()
+    })
+    .unwrap();
+    Model::load(&runtime, hostile_wasm()).unwrap();
+    let mut unmetered = WorkerPoolConfig::new(1, binary(), vec![hostile_wasm()]);
+    unmetered.cache_dir = Some(support::cache_dir());
+    unmetered.engine = runtime.config().engine_settings();
+    let pool = WorkerPool::start(unmetered).unwrap();
+    let limits = Limits {
+        fuel: None,
+        ..Limits::default()
+    };
+    // Metered, this run consumes the golden 21723 units (see
+    // `runs_in_locked_down_workers_give_the_in_process_outputs_and_fuel`).
+    let outcome = pool.run_blocking(0, text("work:1000"), &limits).unwrap();
+    assert_eq!(outcome.usage.fuel_consumed, 0);
+    // A fuel cap needs metering: the worker refuses it as this process's runtime would.
+    let capped = pool
+        .run_blocking(0, text("work:1000"), &Limits::default().fuel(1_000_000))
+        .unwrap_err();
+    let here = Model::load(&runtime, hostile_wasm())
+        .unwrap()
+        .run(text("work:1000"), &Limits::default().fuel(1_000_000))
+        .unwrap_err();
+    // (The worker's usage error crosses as an internal one carrying its message.)
+    assert!(
+        capped.error.to_string().contains(&here.error.to_string()),
+        "{} / {}",
+        capped.error,
+        here.error
+    );
+}
+
+#[test]
+fn baseline_cpu_features_reach_the_workers() {
+    // A cache of its own: the parent compiles the hostile guest for the baseline into it;
+    // workers whose engine asked for the host's features would miss that entry, compile
+    // their own and store it beside.
+    let dir =
+        std::env::temp_dir().join(format!("wasm-infer-baseline-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let runtime = wasm_infer::Runtime::with_config(wasm_infer::RuntimeConfig {
+        cpu_features: wasm_infer::CpuFeatures::Baseline,
+        cache_dir: Some(dir.clone()),
+        ..wasm_infer::RuntimeConfig::default()
+    })
+    .unwrap();
+    Model::load(&runtime, hostile_wasm()).unwrap();
+    let compiled = entries(&dir);
+    assert!(!compiled.is_empty());
+    let mut baseline = WorkerPoolConfig::new(1, binary(), vec![hostile_wasm()]);
+    baseline.cache_dir = Some(dir.clone());
+    baseline.engine = runtime.config().engine_settings();
+    let pool = WorkerPool::start(baseline).unwrap();
+    let outcome = pool
+        .run_blocking(0, text("work:1000"), &Limits::default())
+        .unwrap();
+    assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
+    assert_eq!(
+        entries(&dir),
+        compiled,
+        "the worker loaded the parent's entry"
+    );
+    drop(pool);
+    // The control: a worker with the host's features does add its own entry.
+    let mut host = WorkerPoolConfig::new(1, binary(), vec![hostile_wasm()]);
+    host.cache_dir = Some(dir.clone());
+    drop(WorkerPool::start(host).unwrap());
+    assert!(entries(&dir).len() > compiled.len(), "{:?}", entries(&dir));
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(wasm_infer::cache::key_path(&dir));
 }

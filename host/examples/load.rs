@@ -4,6 +4,10 @@
 //! clients, and compares the throughput with a native candle loop on the same cores. Markdown
 //! table on stdout.
 //!
+//! Then the process hop: the same server with `isolation = "process"` (the default) and
+//! `"in_process"`: the median of `HOP_REQUESTS` tiny requests (the hostile guest's `echo`) from
+//! one client, and MiniLM's throughput at 1, 2 and 8 clients.
+//!
 //! Then fairness: a victim tenant's p99 alone, and again while a flooder tenant sends
 //! spin-to-its-fuel-cap requests to the hostile test guest from 16 connections (its fuel quota
 //! answers most of them with 429).
@@ -19,6 +23,8 @@ use std::time::{Duration, Instant};
 /// Requests per concurrency level (bounded: the whole run stays within minutes).
 const REQUESTS: usize = 64;
 const CLIENTS: [usize; 4] = [1, 2, 8, 32];
+/// Tiny requests per isolation for the hop's median.
+const HOP_REQUESTS: usize = 1000;
 const TEXT: &str = "WebAssembly sandboxes keep untrusted models in check.";
 
 struct Server(Child, String);
@@ -145,7 +151,61 @@ fn main() {
             );
         }
     }
+    hop(binary, model, hostile);
     fairness(binary, model, hostile);
+}
+
+/// The median latency of `HOP_REQUESTS` `echo` requests to the hostile guest from one client.
+fn echo_p50(base: &str) -> Duration {
+    let agent = ureq::agent();
+    let url = format!("{base}/v1/infer");
+    let body = r#"{"model":"hostile","input":{"text":"echo:x"}}"#;
+    let mut latencies: Vec<Duration> = (0..HOP_REQUESTS)
+        .map(|_| {
+            let t = Instant::now();
+            let reply = agent.post(&url).send_string(body).expect("a 200");
+            let _ = reply.into_string();
+            t.elapsed()
+        })
+        .collect();
+    latencies.sort();
+    latencies[latencies.len() / 2]
+}
+
+/// Workers vs in-process: the hop's cost per request and the throughput.
+fn hop(binary: &Path, model: &Path, hostile: &Path) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut rows = Vec::new();
+    for isolation in ["in_process", "process"] {
+        let config =
+            std::env::temp_dir().join(format!("wasm-infer-hop-{}.toml", std::process::id()));
+        std::fs::write(&config, format!("isolation = \"{isolation}\"\n")).unwrap();
+        let server = start_with(binary, &[model, hostile], "cpu", Some(&config));
+        let _ = std::fs::remove_file(&config);
+        echo_p50(&server.1); // warm up
+        let echo = echo_p50(&server.1);
+        drive(&server.1, 1); // warm up
+        let rps: Vec<f64> = [1, 2, 8].map(|c| drive(&server.1, c).0).to_vec();
+        rows.push((isolation, echo, rps));
+    }
+    println!();
+    println!(
+        "| isolation | `echo` p50, 1 client | MiniLM req/s, 1 client | 2 clients | 8 clients |"
+    );
+    println!("|---|---|---|---|---|");
+    for (isolation, echo, rps) in &rows {
+        println!(
+            "| {isolation} | {:.3} ms | {:.1} | {:.1} | {:.1} |",
+            ms(*echo),
+            rps[0],
+            rps[1],
+            rps[2]
+        );
+    }
+    println!(
+        "| process hop | +{:.3} ms a request | | | |",
+        ms(rows[1].1) - ms(rows[0].1)
+    );
 }
 
 /// The victim's p50/p99 alone and under a spin flood from another tenant.

@@ -291,7 +291,10 @@ impl Runtime {
 ///   threads fairly (cheaper than fuel-based yielding, which adds a check per yield interval);
 /// - SIMD, with relaxed SIMD made deterministic: the same bits on every machine, up to NaN
 ///   payloads, which NaN canonicalisation fixes too when it is on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Worker processes receive these whole, serialised ([`crate::worker`]), so a worker's engine
+/// is the parent's by construction, field for field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineSettings {
     /// Fuel metering on.
     pub meter_fuel: bool,
@@ -459,6 +462,25 @@ impl RuntimeConfig {
             pool: self.pool,
             nan_canonicalization: self.nan_canonicalization,
             cpu_features: self.cpu_features,
+        }
+    }
+
+    /// This configuration with every engine setting taken from `settings` (the inverse of
+    /// [`RuntimeConfig::engine_settings`]; destructured, so that a new setting cannot be
+    /// forgotten here).
+    pub fn with_engine_settings(self, settings: EngineSettings) -> Self {
+        let EngineSettings {
+            meter_fuel,
+            pool,
+            nan_canonicalization,
+            cpu_features,
+        } = settings;
+        Self {
+            meter_fuel,
+            pool,
+            nan_canonicalization,
+            cpu_features,
+            ..self
         }
     }
 }

@@ -108,6 +108,11 @@ pub struct ServeConfig {
     pub queue_wait: Option<Duration>,
     /// Pooled sandbox slots shared by all models.
     pub pool_slots: u32,
+    /// Where guests run (default [`Isolation::Process`]).
+    pub isolation: Isolation,
+    /// Worker processes with `isolation = "process"` (default: the number of CPUs, at most
+    /// `pool_slots`); each runs one request at a time.
+    pub workers: Option<u32>,
     /// The server's run limits: every tenant's limits are capped by these.
     pub limits: Limits,
     /// The models served (the command line's model paths are added to these).
@@ -134,11 +139,40 @@ impl Default for ServeConfig {
             readiness_interval: DEFAULT_READINESS_INTERVAL,
             queue_wait: None,
             pool_slots: DEFAULT_POOL_SLOTS,
+            isolation: Isolation::default(),
+            workers: None,
             limits: Limits::default(),
             models: Vec::new(),
             rate_limit: RateLimitConfig::default(),
             tenants: Vec::new(),
         }
+    }
+}
+
+/// Where the server runs its guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// In locked-down worker processes ([`crate::worker`]): a guest that escaped wasmtime
+    /// finds itself in a process with no files, sockets or new processes, and a worker that
+    /// dies costs only its request (503 `worker_lost`).
+    #[default]
+    Process,
+    /// In the server process itself (wasmtime is the only wall).
+    InProcess,
+}
+
+impl ServeConfig {
+    /// The worker processes `isolation = "process"` starts: `workers`, else the number of
+    /// CPUs at most `pool_slots`.
+    pub fn worker_count(&self) -> u32 {
+        self.workers.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            u32::try_from(cpus)
+                .unwrap_or(u32::MAX)
+                .min(self.pool_slots)
+                .max(1)
+        })
     }
 }
 

@@ -80,6 +80,14 @@ pub struct Metrics {
     pub connections_closed: Family<CloseLabels, Counter>,
     /// `/readyz` probes that ran the models (the rest answered from the cached result).
     pub readiness_probes: Counter,
+    /// Worker places (`isolation = "process"`; a place whose replacement failed is gone).
+    pub workers: Gauge,
+    /// Workers started: the first ones, replacements and recycled ones.
+    pub workers_started: Counter,
+    /// Requests lost with their worker (answered 503 `worker_lost`).
+    pub workers_lost: Counter,
+    /// Workers replaced after a trap, their run count or their memory bound.
+    pub workers_recycled: Counter,
 }
 
 impl Metrics {
@@ -185,8 +193,36 @@ impl Metrics {
             "Readiness checks that ran the models (at most one per readiness_interval)",
             readiness_probes.clone(),
         );
+        let workers = Gauge::default();
+        registry.register(
+            "workers",
+            "Worker processes the server runs guests in",
+            workers.clone(),
+        );
+        let workers_started = Counter::default();
+        registry.register(
+            "workers_started",
+            "Worker processes started (first ones, replacements, recycled ones)",
+            workers_started.clone(),
+        );
+        let workers_lost = Counter::default();
+        registry.register(
+            "workers_lost",
+            "Requests lost with their worker process",
+            workers_lost.clone(),
+        );
+        let workers_recycled = Counter::default();
+        registry.register(
+            "workers_recycled",
+            "Worker processes replaced after a trap, a run count or a memory bound",
+            workers_recycled.clone(),
+        );
         Self {
             registry,
+            workers,
+            workers_started,
+            workers_lost,
+            workers_recycled,
             requests,
             limit_trips,
             fuel_consumed,

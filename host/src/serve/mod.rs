@@ -1,7 +1,10 @@
 //! `wasm-infer serve`: the HTTP service. It only translates: every decision about a run is the
 //! library's (`Error::kind()` maps to a status, see [`status`]).
 //!
-//! One pooled [`Runtime`], each model loaded (and pre-initialised) once at start. Each
+//! One pooled [`Runtime`], each model loaded (and pre-initialised) once at start; with
+//! `isolation = "process"` (the default) every run, readiness probes included, goes to a
+//! [`WorkerPool`] of locked-down worker processes started from the same compiled cache and the
+//! same engine settings, and a worker lost mid-request answers 503 `worker_lost`. Each
 //! connection is watched for slow heads and idleness ([`connections`]); per request, from its
 //! head alone: the tenant from its API key ([`auth`]), its declared length, its request and fuel
 //! quotas reserved ([`ratelimit`]); then its body read and parsed, its tokens reserved, a place
@@ -30,12 +33,22 @@ use crate::error::Error;
 use crate::model::{LoadOptions, Model};
 use crate::runtime::{Runtime, RuntimeConfig};
 
-pub use config::{ServeConfig, Tenant};
+pub use config::{Isolation, ServeConfig, Tenant};
+
+use crate::data::Input;
+use crate::error::RunError;
+use crate::limits::Limits;
+use crate::model::Outcome;
+use crate::worker::{WorkerPool, WorkerPoolConfig};
 
 /// One served model and its queue.
 pub struct Served {
     pub name: String,
+    /// The model as loaded in this process: its info, and its runs with
+    /// `isolation = "in_process"`.
     pub model: Model,
+    /// Its index in the worker pool's models.
+    pub index: usize,
     pub queue: admission::Queue,
     pub fallback: Option<config::FallbackConfig>,
 }
@@ -44,6 +57,8 @@ pub struct Served {
 pub struct State {
     pub config: ServeConfig,
     pub runtime: Runtime,
+    /// The workers every run goes to (`isolation = "process"`).
+    pub workers: Option<WorkerPool>,
     pub models: BTreeMap<String, Arc<Served>>,
     pub tenants: Vec<Tenant>,
     pub limiter: ratelimit::Limiter,
@@ -67,6 +82,20 @@ pub struct Readiness {
 }
 
 impl State {
+    /// Runs `input` on `served` under `limits`: in a worker with `isolation = "process"`,
+    /// else in this process.
+    pub async fn run(
+        &self,
+        served: &Served,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Outcome, RunError> {
+        match &self.workers {
+            Some(pool) => pool.run(served.index, input, limits).await,
+            None => served.model.run_async(input, limits).await,
+        }
+    }
+
     /// Refreshes the gauges that are read from elsewhere (device memory, free slots).
     fn refresh_gauges(&self) {
         let device = self.runtime.device_usage();
@@ -78,6 +107,22 @@ impl State {
             .slots_free()
             .unwrap_or(self.config.pool_slots as usize);
         self.metrics.pool_slots_free.set(free as i64);
+        if let Some(pool) = &self.workers {
+            let stats = pool.stats();
+            self.metrics.workers.set(pool.places() as i64);
+            self.metrics
+                .workers_started
+                .inner()
+                .store(stats.started, Ordering::Relaxed);
+            self.metrics
+                .workers_lost
+                .inner()
+                .store(stats.lost, Ordering::Relaxed);
+            self.metrics
+                .workers_recycled
+                .inner()
+                .store(stats.recycled, Ordering::Relaxed);
+        }
     }
 }
 
@@ -120,6 +165,12 @@ pub async fn prepare(
         }
     }
     let mut loaded = BTreeMap::new();
+    let mut paths = Vec::new();
+    let process = config.isolation == Isolation::Process;
+    let workers = config.worker_count();
+    if process && workers == 0 {
+        return Err(ServeError::Config("workers must be at least 1".into()));
+    }
     let mut entries: Vec<(Option<String>, PathBuf, Option<u32>, u32, _)> = config
         .models
         .iter()
@@ -156,17 +207,21 @@ pub async fn prepare(
                 error,
             })?;
         let name = name.unwrap_or_else(|| model.info().name.clone());
-        let concurrency = max_concurrent.unwrap_or(config.pool_slots).max(1);
+        // With workers, a run holds one of them: more at once would only wait for one.
+        let default_concurrency = if process { workers } else { config.pool_slots };
+        let concurrency = max_concurrent.unwrap_or(default_concurrency).max(1);
         tracing::info!(model = %name, path = %path.display(), concurrency, queue, "model loaded");
         let served = Served {
             name: name.clone(),
             model,
+            index: paths.len(),
             queue: admission::Queue::new(concurrency, queue),
             fallback,
         };
         if loaded.insert(name.clone(), Arc::new(served)).is_some() {
             return Err(ServeError::Config(format!("model {name} is served twice")));
         }
+        paths.push(path);
     }
     for served in loaded.values() {
         if let Some(fallback) = &served.fallback {
@@ -186,10 +241,16 @@ pub async fn prepare(
     let limiter = ratelimit::Limiter::new(&config.rate_limit)
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
+    let workers = if process {
+        Some(start_workers(&runtime, paths, workers, load).await?)
+    } else {
+        None
+    };
     config.models.clear();
     Ok(Arc::new(State {
         config,
         runtime,
+        workers,
         models: loaded,
         tenants,
         limiter,
@@ -199,6 +260,35 @@ pub async fn prepare(
         drained: tokio::sync::Notify::new(),
         readiness: tokio::sync::Mutex::new(None),
     }))
+}
+
+/// Starts `count` workers over the models at `paths` (already compiled into the runtime's
+/// cache by loading them here), with this runtime's settings: its engine settings whole, but
+/// one pooled slot per worker (a worker runs one request at a time).
+async fn start_workers(
+    runtime: &Runtime,
+    paths: Vec<PathBuf>,
+    count: u32,
+    load: &LoadOptions,
+) -> Result<WorkerPool, ServeError> {
+    let parent = runtime.config();
+    let binary = std::env::current_exe()
+        .map_err(|e| ServeError::Config(format!("cannot find this binary for the workers: {e}")))?;
+    let mut pool = WorkerPoolConfig::new(count, binary, paths);
+    pool.cache_dir = parent.cache_dir.clone();
+    pool.accel = parent.accel;
+    pool.device_memory = parent.device_memory;
+    pool.engine = crate::runtime::EngineSettings {
+        pool: Some(1),
+        ..parent.engine_settings()
+    };
+    pool.preinit = load.preinit;
+    let pool = tokio::task::spawn_blocking(move || WorkerPool::start(pool))
+        .await
+        .map_err(|e| ServeError::Config(format!("starting the workers: {e}")))?
+        .map_err(|e| ServeError::Config(format!("starting the workers: {e}")))?;
+    tracing::info!(workers = count, cgroup = ?pool.cgroup().err(), "workers started");
+    Ok(pool)
 }
 
 /// Serves until SIGTERM/SIGINT, then drains: `/readyz` false and new requests 503 while the

@@ -214,7 +214,7 @@ async fn probe_models(state: &Shared) -> (bool, serde_json::Value) {
         } else {
             Input::Texts(vec!["ready".into()])
         };
-        let answer = match served.model.run_async(probe, &limits).await {
+        let answer = match state.run(served, probe, &limits).await {
             Ok(outcome) => json!({"ok": true, "fuel": outcome.usage.fuel_consumed}),
             Err(failure) if failure.kind() == ErrorKind::Model => {
                 json!({"ok": true, "fuel": failure.usage.fuel_consumed})
@@ -1080,7 +1080,7 @@ async fn run_queued(
     };
     let in_flight = state.metrics.in_flight.get_or_create(&model_labels).clone();
     in_flight.inc();
-    let result = served.model.run_async(input, &limits).await;
+    let result = state.run(served, input, &limits).await;
     in_flight.dec();
     drop(slot);
     let usage = match &result {

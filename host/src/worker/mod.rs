@@ -36,7 +36,7 @@ use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError}
 use crate::isolate::{CompileLimits, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::model::{LoadOptions, Model, Outcome};
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{EngineSettings, Runtime, RuntimeConfig};
 use crate::usage::Usage;
 use crate::AccelMode;
 
@@ -54,9 +54,12 @@ pub struct WorkerPoolConfig {
     pub cache_dir: Option<PathBuf>,
     /// The device the workers offer their models.
     pub accel: AccelMode,
-    /// NaN canonicalisation in the workers' engine (as
-    /// [`RuntimeConfig::nan_canonicalization`]).
-    pub nan_canonicalization: bool,
+    /// Each worker's device-memory budget (as [`RuntimeConfig::device_memory`]): enforced in
+    /// each worker on its own, so `workers` workers may hold up to `workers` times this.
+    pub device_memory: u64,
+    /// The workers' engine settings (NaN canonicalisation, CPU features, fuel metering,
+    /// pooled slots), sent to each worker whole.
+    pub engine: EngineSettings,
     /// Pre-initialise (as [`LoadOptions::preinit`]).
     pub preinit: bool,
     /// Lock each worker down once its models are loaded (default `true`).
@@ -78,7 +81,8 @@ impl WorkerPoolConfig {
             models,
             cache_dir: RuntimeConfig::default().cache_dir,
             accel: AccelMode::Auto,
-            nan_canonicalization: RuntimeConfig::default().nan_canonicalization,
+            device_memory: RuntimeConfig::default().device_memory,
+            engine: RuntimeConfig::default().engine_settings(),
             preinit: true,
             lockdown: true,
             recycle_after_runs: None,
@@ -88,15 +92,18 @@ impl WorkerPoolConfig {
     }
 }
 
-/// What a worker is told at start. One binary frame per model follows it: the model's
-/// compiled code (as [`Component::serialize`](wasmtime::component::Component::serialize)
-/// writes it), which the parent verified or compiled.
+/// What a worker is told at start: its runtime's settings travel whole (the engine's as one
+/// [`EngineSettings`]), never rebuilt from defaults on the worker's side. One binary frame per
+/// model follows it: the model's compiled code (as
+/// [`Component::serialize`](wasmtime::component::Component::serialize) writes it), which the
+/// parent verified or compiled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Hello {
     models: Vec<PathBuf>,
     cache_dir: Option<PathBuf>,
     accel: AccelMode,
-    nan_canonicalization: bool,
+    device_memory: u64,
+    engine: EngineSettings,
     preinit: bool,
     lockdown: bool,
 }
@@ -477,12 +484,15 @@ pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
 /// Links the models' code, warms what would otherwise start lazily after lock-down, locks
 /// down, and only then runs guest code (each model's `info`).
 fn start(hello: &Hello, code: Vec<Vec<u8>>) -> Result<Vec<Model>, String> {
-    let runtime = Runtime::with_config(RuntimeConfig {
-        cache_dir: None,
-        accel: hello.accel,
-        nan_canonicalization: hello.nan_canonicalization,
-        ..RuntimeConfig::default()
-    })
+    let runtime = Runtime::with_config(
+        RuntimeConfig {
+            cache_dir: None,
+            accel: hello.accel,
+            device_memory: hello.device_memory,
+            ..RuntimeConfig::default()
+        }
+        .with_engine_settings(hello.engine.clone()),
+    )
     .map_err(|e| e.to_string())?;
     let linked = hello
         .models
@@ -636,7 +646,11 @@ struct PoolInner {
     config: WorkerPoolConfig,
     idle: Mutex<Vec<Worker>>,
     busy: Mutex<Vec<u32>>,
-    permits: tokio::sync::Semaphore,
+    /// One permit per live worker place, held by a request from the moment it takes a worker
+    /// until that worker (or its replacement) is idle again.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Worker places left (a place whose replacement cannot start is given up).
+    places: AtomicU64,
     cgroup: Result<cgroup::Cgroup, String>,
     /// Each model's compiled code, verified once: every worker, replacements included, gets
     /// it from here (a cache entry altered later reaches no worker).
@@ -713,7 +727,8 @@ impl PoolInner {
             models: config.models.clone(),
             cache_dir: config.cache_dir.clone(),
             accel: config.accel,
-            nan_canonicalization: config.nan_canonicalization,
+            device_memory: config.device_memory,
+            engine: config.engine.clone(),
             preinit: config.preinit,
             lockdown: config.lockdown,
         };
@@ -761,26 +776,55 @@ impl PoolInner {
         runs || rss
     }
 
-    /// Puts a worker back, or a fresh one in its place. A place whose replacement cannot
-    /// start is given up (the pool shrinks rather than hand out a dead worker).
-    fn give_back(&self, replacement: Option<Worker>) {
-        match replacement {
-            Some(worker) => self
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(worker),
-            None => match self.spawn() {
-                Ok((worker, _)) => self
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(worker),
-                Err(e) => {
-                    tracing::error!(error = %e, "a worker place is lost");
-                    self.permits.forget_permits(1);
+    /// Puts a worker back and frees its place.
+    fn give_back(&self, worker: Worker, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(worker);
+        drop(permit);
+    }
+
+    /// Starts a worker in a lost one's place, on a thread of its own (the request that lost the
+    /// worker is answered meanwhile), and frees the place once it is idle. A start that fails
+    /// is tried again, up to [`REPLACE_ATTEMPTS`] tries (a worker killed while it starts is no
+    /// reason to shrink); after that the place is given up, and a pool with no place left is closed,
+    /// so that requests fail instead of waiting for a worker that will never come.
+    fn replace(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit) {
+        let inner = self.clone();
+        let replacing = std::thread::Builder::new()
+            .name("wasm-infer-replace".into())
+            .spawn(move || {
+                for attempt in 1..=REPLACE_ATTEMPTS {
+                    match inner.spawn() {
+                        Ok((worker, _)) => return inner.give_back(worker, permit),
+                        Err(e) if attempt < REPLACE_ATTEMPTS => {
+                            tracing::warn!(error = %e, attempt, "a replacement worker failed to start");
+                            std::thread::sleep((REPLACE_BACKOFF * attempt).min(REPLACE_BACKOFF_MAX));
+                        }
+                        Err(e) => tracing::error!(error = %e, "a worker place is lost"),
+                    }
                 }
-            },
+                inner.lose_place(permit);
+            });
+        if let Err(e) = replacing {
+            tracing::error!(error = %e, "cannot start a thread to replace a worker");
+            // The closure (and the permit in it) was dropped with the failed spawn: the place
+            // is counted as free, but no worker stands for it.
+            self.permits.forget_permits(1);
+            self.lost_place();
+        }
+    }
+
+    fn lose_place(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        permit.forget();
+        self.lost_place();
+    }
+
+    fn lost_place(&self) {
+        if self.places.fetch_sub(1, Ordering::SeqCst) == 1 {
+            tracing::error!("no worker is left: the pool is closed");
+            self.permits.close();
         }
     }
 }
@@ -789,12 +833,15 @@ impl PoolInner {
 /// cache (authenticated), else from load workers (pre-initialised in a locked-down child,
 /// compiled in another), and cached.
 fn code_for_workers(config: &WorkerPoolConfig) -> Result<Vec<Vec<u8>>, Error> {
-    let runtime = Runtime::with_config(RuntimeConfig {
-        cache_dir: config.cache_dir.clone(),
-        accel: config.accel,
-        nan_canonicalization: config.nan_canonicalization,
-        ..RuntimeConfig::default()
-    })?;
+    let runtime = Runtime::with_config(
+        RuntimeConfig {
+            cache_dir: config.cache_dir.clone(),
+            accel: config.accel,
+            device_memory: config.device_memory,
+            ..RuntimeConfig::default()
+        }
+        .with_engine_settings(config.engine.clone()),
+    )?;
     let options = LoadOptions {
         preinit: config.preinit,
         isolate: Some(Isolation {
@@ -815,6 +862,15 @@ fn code_for_workers(config: &WorkerPoolConfig) -> Result<Vec<Vec<u8>>, Error> {
         })
         .collect()
 }
+
+/// Tries at starting a replacement worker before its place is given up: about 25 s of tries
+/// with [`REPLACE_BACKOFF`], enough to outlast a storm of kills that also hits the starting
+/// workers, short enough that a worker that can never start (a broken binary or model) does
+/// not loop for ever.
+const REPLACE_ATTEMPTS: u32 = 30;
+/// Wait before the next try: 100 ms times the tries so far, at most [`REPLACE_BACKOFF_MAX`].
+const REPLACE_BACKOFF: Duration = Duration::from_millis(100);
+const REPLACE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl WorkerPool {
     /// Starts the workers (each loads the models and reports ready) and, where configured
@@ -839,7 +895,8 @@ impl WorkerPool {
         let code = code_for_workers(&config)?;
         let mut inner = PoolInner {
             code,
-            permits: tokio::sync::Semaphore::new(config.workers as usize),
+            permits: Arc::new(tokio::sync::Semaphore::new(config.workers as usize)),
+            places: AtomicU64::new(u64::from(config.workers)),
             config,
             idle: Mutex::new(Vec::new()),
             busy: Mutex::new(Vec::new()),
@@ -889,6 +946,12 @@ impl WorkerPool {
         idle.iter().map(Worker::pid).collect()
     }
 
+    /// Worker places left: the configured count, less the places whose replacement could not
+    /// be started.
+    pub fn places(&self) -> u64 {
+        self.inner.places.load(Ordering::SeqCst)
+    }
+
     /// The pool's counters.
     pub fn stats(&self) -> PoolStats {
         PoolStats {
@@ -905,12 +968,18 @@ impl WorkerPool {
         input: Input,
         limits: &Limits,
     ) -> Result<Outcome, RunError> {
-        let permit = self.inner.permits.acquire().await.map_err(|_| {
-            RunError::new(
-                Error::Internal("the pool is closed".into()),
-                Usage::default(),
-            )
-        })?;
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| {
+                RunError::new(
+                    Error::Internal("no worker is left (none could be started)".into()),
+                    Usage::default(),
+                )
+            })?;
         let inner = self.inner.clone();
         let request = RunRequest {
             model,
@@ -944,13 +1013,13 @@ impl WorkerPool {
                         // program it was.
                         inner.recycled.fetch_add(1, Ordering::Relaxed);
                         let _ = worker.reap();
-                        inner.give_back(None);
+                        inner.replace(permit);
                     } else if inner.should_recycle(&worker) {
                         inner.recycled.fetch_add(1, Ordering::Relaxed);
                         worker.retire();
-                        inner.give_back(None);
+                        inner.replace(permit);
                     } else {
-                        inner.give_back(Some(worker));
+                        inner.give_back(worker, permit);
                     }
                     match result {
                         Ok(output) => Ok(Outcome { output, usage }),
@@ -958,7 +1027,7 @@ impl WorkerPool {
                     }
                 }
                 Ok(FromWorker::Failed { message }) => {
-                    inner.give_back(Some(worker));
+                    inner.give_back(worker, permit);
                     Err(RunError::new(Error::Config(message), Usage::default()))
                 }
                 out_of_protocol => {
@@ -969,7 +1038,7 @@ impl WorkerPool {
                     let reason = format!("{why}; {}", worker.reap());
                     inner.lost.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%reason, "a worker was lost during a request; replacing it");
-                    inner.give_back(None);
+                    inner.replace(permit);
                     Err(RunError::new(
                         Error::WorkerLost { reason },
                         Usage::default(),
@@ -978,7 +1047,6 @@ impl WorkerPool {
             }
         })
         .await;
-        drop(permit);
         joined.unwrap_or_else(|e| {
             Err(RunError::new(
                 Error::Internal(format!("the pool's task failed: {e}")),
