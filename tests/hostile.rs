@@ -1,6 +1,6 @@
 //! The attack suite: one test per denial-of-service or escape vector a model component (or its
 //! input) can try, each asserting the exact error the user sees and that the same `Model` and
-//! `Runtime` then complete good runs correctly. The README's attack table lists these tests
+//! `Runtime` then complete good runs correctly. docs/security.md's attack table lists these tests
 //! one to one; SECURITY.md states the threat model.
 //!
 //! Verdicts never depend on timing, except the wall-time trips' generous upper bounds.
@@ -477,7 +477,7 @@ fn one_random_call_is_capped_before_any_byte_is_made() {
 
 #[test]
 fn random_bytes_cost_fuel_by_the_byte_before_they_are_made() {
-    // 100 per call + 16 per byte (README, "Fuel"): 1 MiB made to cost 16,777,316
+    // 100 per call + 16 per byte (docs/accelerator.md): 1 MiB made to cost 16,777,316
     // where it cost the guest's own few hundred instructions, against 356 for 16 bytes.
     let fuel = |n: u64| {
         hostile_run(&format!("random:{n}"), &Limits::default())

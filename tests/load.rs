@@ -169,9 +169,9 @@ fn compiled_code_is_cached_and_reused() {
         first.load_report().component_sha256
     );
 
-    // A corrupt entry is ignored and rewritten, never trusted. (Loaded code is mapped from
-    // its file, so entries are only ever replaced by rename, as the cache itself does; an
-    // in-place rewrite under a live model would pull its pages away.)
+    // A corrupt entry is never trusted: its load is refused naming the cache, the entry is
+    // discarded, and the next load compiles it again. (A private file, so that what refuses it
+    // is its authentication, not its mode.)
     drop((first, second));
     let entry = std::fs::read_dir(&dir)
         .unwrap()
@@ -181,7 +181,15 @@ fn compiled_code_is_cached_and_reused() {
         .path();
     let garbage = dir.join("garbage.tmp");
     std::fs::write(&garbage, b"garbage").unwrap();
+    std::fs::set_permissions(
+        &garbage,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     std::fs::rename(&garbage, &entry).unwrap();
+    let refused = Model::from_bytes(&runtime, &bytes).unwrap_err();
+    support::assert_cache_refusal(&refused, &dir, &entry);
+    assert!(!entry.exists(), "the corrupt entry was kept");
     let third = Model::from_bytes(&runtime, &bytes).unwrap();
     assert_eq!(third.load_report().code, CodeSource::Compiled);
     assert!(third

@@ -412,6 +412,15 @@ fn a_worker_whose_guest_trapped_is_replaced() {
         failure.error
     );
     assert_eq!(pool.stats().recycled, 1);
+    // The replacement starts in the background, after the trapped request was answered.
+    let started = Instant::now();
+    while pool.idle_pids().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no replacement"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_ne!(pool.idle_pids(), vec![first]);
     // A fuel trip is a run ending as designed: its worker stays.
     let second = pool.idle_pids()[0];

@@ -190,7 +190,7 @@ fn run_worker(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    crate::worker::pass_escape_drill(&mut command);
+    pass_escape_drill(&mut command);
     apply_rlimits(&mut command, limits);
     let mut child = command.spawn().map_err(|e| {
         let message = format!(
@@ -322,5 +322,22 @@ fn apply_rlimits(command: &mut Command, limits: &CompileLimits) {
             set(libc::RLIMIT_CORE, 0)?;
             Ok(())
         });
+    }
+}
+
+/// The variable that arms the escape drill: `<stage>:<call>`, where stage is `run` (a run
+/// worker), `preinit` (a pre-initialisation child) or `compile` (a compile child) and call one
+/// of `worker::lockdown::forbidden`'s. It exists for the tests: right after its lock-down, where
+/// the first guest instruction (or, for the compile child, the compiler) would run, the
+/// process makes that call itself, standing in for native code that escaped wasmtime there;
+/// the filter must kill it (`SIGSYS`). A call the filter let through ends the process with
+/// `worker::ESCAPE_SURVIVED`. Parents pass the variable on to their children by name; it can only
+/// make a worker end itself.
+pub const ESCAPE_VAR: &str = "WASM_INFER_TEST_ESCAPE";
+
+/// Passes the escape drill's variable, if this process has it, on to a child.
+pub(crate) fn pass_escape_drill(command: &mut Command) {
+    if let Some(drill) = std::env::var_os(ESCAPE_VAR) {
+        command.env(ESCAPE_VAR, drill);
     }
 }

@@ -36,7 +36,7 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Epoch tick, the granularity of wall-time enforcement. Default: [`DEFAULT_EPOCH_TICK`].
     pub epoch_tick: Duration,
-    /// Meter fuel (default `true`). Metering costs some speed (see the README's benchmark);
+    /// Meter fuel (default `true`). Metering costs some speed (see docs/benchmarks.md);
     /// without it runs report no fuel figure and a [`Limits::fuel`](crate::Limits::fuel) cap
     /// is refused, leaving wall time as the only compute bound.
     pub meter_fuel: bool,
@@ -77,7 +77,7 @@ pub struct RuntimeConfig {
     /// and only a guest that reads a NaN's bits as an integer (or returns them raw) can tell;
     /// on, every machine gives the same bits to every guest. What it costs: Cranelift adds a
     /// compare and a blend after every float operation, about half the in-sandbox time of a
-    /// matmul-bound model (README, "Determinism"). Recorded in snapshots' engine fingerprint
+    /// matmul-bound model (docs/determinism.md). Recorded in snapshots' engine fingerprint
     /// and part of the compiled-code cache key.
     pub nan_canonicalization: bool,
     /// The CPU features compiled code may use (default [`CpuFeatures::Host`]). Results and
@@ -87,7 +87,7 @@ pub struct RuntimeConfig {
 
 /// Default for [`RuntimeConfig::nan_canonicalization`]: off. The promise it would add (NaN
 /// payload bits equal across machines) is one no output of a model that treats NaN as a
-/// number can observe, and it halves in-sandbox speed; the README's "Determinism" section
+/// number can observe, and it halves in-sandbox speed; docs/determinism.md
 /// gives the whole argument.
 pub const DEFAULT_NAN_CANONICALIZATION: bool = false;
 

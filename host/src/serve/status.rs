@@ -1,6 +1,6 @@
 //! Every answer that is not a success, in OpenAI's error shape
 //! (`{"error":{"message","type","param","code"}}`), and the one table from a run's
-//! [`ErrorKind`] to its HTTP status (the README's "Serving" section prints it).
+//! [`ErrorKind`] to its HTTP status (docs/serving.md prints it).
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind, LimitExceeded, RunError};
 use crate::usage::Usage;
 
 /// Every kind's status, OpenAI error `type`, and whether a retry may succeed, in the order the
-/// README lists them.
+/// docs/serving.md lists them.
 pub const TABLE: [(ErrorKind, u16, &str); 16] = [
     (ErrorKind::Input, 413, "invalid_request_error"),
     (ErrorKind::Model, 422, "invalid_request_error"),

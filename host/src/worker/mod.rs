@@ -521,15 +521,7 @@ fn start(hello: &Hello, code: Vec<Vec<u8>>) -> Result<Vec<Model>, String> {
         .collect()
 }
 
-/// The variable that arms the escape drill: `<stage>:<call>`, where stage is `run` (a run
-/// worker), `preinit` (a pre-initialisation child) or `compile` (a compile child) and call one
-/// of [`lockdown::forbidden`]'s. It exists for the tests: right after its lock-down, where
-/// the first guest instruction (or, for the compile child, the compiler) would run, the
-/// process makes that call itself, standing in for native code that escaped wasmtime there;
-/// the filter must kill it (`SIGSYS`). A call the filter let through ends the process with
-/// [`ESCAPE_SURVIVED`]. Parents pass the variable on to their children by name; it can only
-/// make a worker end itself.
-pub const ESCAPE_VAR: &str = "WASM_INFER_TEST_ESCAPE";
+pub use crate::isolate::ESCAPE_VAR;
 
 /// The exit status of a process whose drill call was allowed (a hole in the filter).
 pub const ESCAPE_SURVIVED: i32 = 75;
@@ -551,12 +543,7 @@ pub(crate) fn escape_drill(stage: &str) {
     }
 }
 
-/// Passes the escape drill's variable, if this process has it, on to a child.
-pub(crate) fn pass_escape_drill(command: &mut Command) {
-    if let Some(drill) = std::env::var_os(ESCAPE_VAR) {
-        command.env(ESCAPE_VAR, drill);
-    }
-}
+pub(crate) use crate::isolate::pass_escape_drill;
 
 /// One worker process and its channel.
 struct Worker {

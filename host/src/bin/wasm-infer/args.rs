@@ -303,6 +303,14 @@ mod tests {
         assert_eq!(config.nan_canonicalization, library.nan_canonicalization);
     }
 
+    /// clap's own consistency checks of the whole command line (flag names, groups, defaults
+    /// against their parsers), which otherwise run only when a flag is used.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        crate::Cli::command().debug_assert();
+    }
+
     #[test]
     fn sizes_and_durations_print_as_the_flags_read_them() {
         for bytes in [1, 1000, 1024, 1536, 1 << 20, 16 << 20, 1 << 30, 3 << 40] {

@@ -114,14 +114,3 @@ fn selftest(call: &str) -> u8 {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    /// clap's own consistency checks of the whole command line (flag names, groups, defaults
-    /// against their parsers), which otherwise run only when a flag is used.
-    #[test]
-    fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
-        super::Cli::command().debug_assert();
-    }
-}
