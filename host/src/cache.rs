@@ -196,7 +196,14 @@ fn create_key(path: &Path) -> Result<(), Error> {
             path: "/dev/urandom".into(),
             error,
         })?;
-    let tmp = path.with_extension(format!("key.{}.tmp", std::process::id()));
+    // A name of its own per call: threads of one process (runtimes made at once, the tests)
+    // and processes may race to make the first key.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "key.{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
