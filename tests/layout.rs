@@ -1,6 +1,8 @@
 //! The shape of the code, as the design asks for it: no import circle among the host library's
-//! modules (each `use crate::x` is an edge), and a thin `main.rs` that only parses and
-//! dispatches.
+//! modules (each `use crate::x` is an edge), none among the files of a directory module (each
+//! `super::x` or `crate::dir::x` naming a sibling file, directly or through the module root's
+//! re-exports, is an edge; the root itself is the shared place its files may all use), and a
+//! thin `main.rs` that only parses and dispatches.
 
 mod support;
 
@@ -151,6 +153,150 @@ fn the_cycle_finder_finds_a_planted_cycle() {
     graph.insert("b".to_string(), BTreeSet::from(["a".to_string()]));
     assert_eq!(
         find_cycle(&graph),
+        Some(vec!["a".to_string(), "b".to_string(), "a".to_string()])
+    );
+}
+
+/// Code without its comment lines (doc links are not edges).
+fn code_of(file: &Path) -> String {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The leading identifier of `text`.
+fn ident(text: &str) -> String {
+    text.chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// The names a directory module's root (`mod.rs`) takes from its files with `use` (re-exported
+/// or not), by the file they come from: `pub use host::{cost, Tensor}` maps both to `host`.
+fn root_imports(root: &str, files: &BTreeSet<String>) -> BTreeMap<String, String> {
+    let mut names = BTreeMap::new();
+    for statement in root.split(';') {
+        let flat = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+        let Some(at) = flat
+            .match_indices("use ")
+            .map(|(i, _)| i)
+            .filter(|&i| i == 0 || flat.as_bytes()[i - 1] == b' ')
+            .last()
+        else {
+            continue;
+        };
+        let rest = flat[at + 4..].replace(' ', "");
+        let Some((module, items)) = rest.split_once("::") else {
+            continue;
+        };
+        if !files.contains(module) {
+            continue;
+        }
+        for item in items.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+            if !item.is_empty() && item != "self" {
+                names.insert(item.to_string(), module.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// For each directory module under `src`, the graph of its files (the root excluded): an edge
+/// from a file to each sibling it names through `super::` or `crate::<dir>::`, directly
+/// (`super::host::failure`) or through a name the root takes from that sibling
+/// (`super::ModelWeights`, `super::{Accel, ModelWeights}`).
+fn file_graphs(src: &Path) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let mut graphs = BTreeMap::new();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let dir = entry.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        if !dir.is_dir() || name == "bin" || !dir.join("mod.rs").is_file() {
+            continue;
+        }
+        let files: BTreeSet<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                let file = e.unwrap().path();
+                let stem = file.file_stem()?.to_string_lossy().to_string();
+                (file.extension()? == "rs" && stem != "mod").then_some(stem)
+            })
+            .collect();
+        let via_root = root_imports(&code_of(&dir.join("mod.rs")), &files);
+        let mut graph = BTreeMap::new();
+        for file in &files {
+            let code = code_of(&dir.join(format!("{file}.rs")));
+            let mut deps = BTreeSet::new();
+            let prefix = format!("crate::{name}::");
+            for marker in ["super::", prefix.as_str()] {
+                for (i, _) in code.match_indices(marker) {
+                    let rest = &code[i + marker.len()..];
+                    let names: Vec<String> = match rest.strip_prefix('{') {
+                        Some(group) => group[..group.find('}').unwrap_or(group.len())]
+                            .split(',')
+                            .map(|p| ident(p.trim()))
+                            .collect(),
+                        None => vec![ident(rest)],
+                    };
+                    for n in names {
+                        let target = if files.contains(&n) {
+                            Some(n)
+                        } else {
+                            via_root.get(&n).cloned()
+                        };
+                        if let Some(target) = target.filter(|t| t != file) {
+                            deps.insert(target);
+                        }
+                    }
+                }
+            }
+            graph.insert(file.clone(), deps);
+        }
+        graphs.insert(name, graph);
+    }
+    graphs
+}
+
+#[test]
+fn the_files_of_each_directory_module_import_each_other_without_a_circle() {
+    let graphs = file_graphs(&support::workspace_root().join("host/src"));
+    assert!(
+        graphs.contains_key("accel") && graphs.contains_key("serve"),
+        "{graphs:?}"
+    );
+    for (dir, graph) in &graphs {
+        assert_eq!(find_cycle(graph), None, "host/src/{dir}: {graph:#?}");
+    }
+}
+
+#[test]
+fn the_file_graph_sees_a_planted_circle_through_the_root() {
+    let src = std::env::temp_dir().join(format!("wasm-infer-layout-{}", std::process::id()));
+    let dir = src.join("planted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    write(
+        "mod.rs",
+        "mod a;\nmod b;\nmod c;\npub(crate) use b::{Thing, other};\npub struct Shared;\n",
+    );
+    // a -> b through the root's re-export, b -> a by path; c only uses the root.
+    write("a.rs", "use super::{Shared, Thing};\npub fn helper() {}\n");
+    write(
+        "b.rs",
+        "pub struct Thing;\npub fn other() { super::a::helper() }\n",
+    );
+    write(
+        "c.rs",
+        "// super::a::helper() in a comment is no edge\nuse super::Shared;\n",
+    );
+    let graphs = file_graphs(&src);
+    std::fs::remove_dir_all(&src).unwrap();
+    let graph = &graphs["planted"];
+    assert_eq!(graph["c"], BTreeSet::new());
+    assert_eq!(
+        find_cycle(graph),
         Some(vec!["a".to_string(), "b".to_string(), "a".to_string()])
     );
 }

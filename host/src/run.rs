@@ -17,7 +17,7 @@ use wasmtime::{Store, Trap};
 use crate::error::{Error, LimitExceeded};
 use crate::limits::{Limits, MAX_HANDLES};
 use crate::runtime::Runtime;
-use crate::store::{self, fuel_budget, fuel_used, RunState};
+use crate::store::{self, fuel_used, RunState};
 use crate::usage::Usage;
 
 /// What a body does with a fresh store: instantiate and call, borrowing the store.
@@ -62,7 +62,8 @@ where
     // blocked in a host call, where no epoch check happens.
     let outcome = tokio::time::timeout_at(hard_stop.into(), body(&mut store)).await;
     let elapsed = deadline.started().elapsed();
-    let usage = usage_of(&store, limits, queue_time, elapsed);
+    let (fuel_consumed, out_of_fuel) = fuel_used(&store, limits);
+    let usage = usage_of(&store, fuel_consumed, queue_time, elapsed);
     let result = match outcome {
         Err(_blocked) => Err(store
             .data()
@@ -71,7 +72,7 @@ where
             .unwrap_or_else(|| deadline.exceeded(elapsed))
             .into()),
         Ok(Err(e)) => Err(classify(e, store.data(), limits)),
-        Ok(Ok(value)) => match fuel_used(&store, limits).1 {
+        Ok(Ok(value)) => match out_of_fuel {
             Some(out_of_fuel) => Err(out_of_fuel.into()),
             None => Ok(value),
         },
@@ -84,10 +85,10 @@ where
     }
 }
 
-/// What the store says the call used.
+/// What the store says the call used (`fuel_consumed` read by the caller, once per run).
 fn usage_of(
     store: &Store<RunState>,
-    limits: &Limits,
+    fuel_consumed: u64,
     queue_time: Duration,
     wall_time: Duration,
 ) -> Usage {
@@ -97,7 +98,7 @@ fn usage_of(
         .instantiated
         .map_or((Duration::ZERO, 0), |(at, memory)| (at - started, memory));
     Usage {
-        fuel_consumed: fuel_used(store, limits).0,
+        fuel_consumed,
         peak_memory_bytes: state.limiter.peak,
         initial_memory_bytes,
         wall_time,
@@ -125,12 +126,10 @@ pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) ->
         return trip.into();
     }
     let code = e.downcast_ref::<Trap>().copied();
-    if let (Some(Trap::OutOfFuel), Some(limit)) = (code, limits.fuel) {
-        return LimitExceeded::Fuel {
-            limit,
-            consumed: fuel_budget(limits),
+    if code == Some(Trap::OutOfFuel) {
+        if let Some(out_of_fuel) = store::fuel_exceeded(limits) {
+            return out_of_fuel.into();
         }
-        .into();
     }
     if let Some(cause) = state.attribution.cause() {
         return cause.into();

@@ -180,17 +180,24 @@ pub(crate) fn fuel_budget(limits: &Limits) -> u64 {
     limits.fuel.map_or(u64::MAX, |f| f.saturating_add(1))
 }
 
+/// The fuel trip of a capped run (`None` when the run has no fuel cap): the one place it is
+/// built. A run that trips has used its whole budget, the cap plus the unit whose lack tripped.
+pub(crate) fn fuel_exceeded(limits: &Limits) -> Option<LimitExceeded> {
+    limits.fuel.map(|limit| LimitExceeded::Fuel {
+        limit,
+        consumed: fuel_budget(limits),
+    })
+}
+
 /// The fuel a store has used, and the fuel trip if a capped run ended with none left (0 used
-/// without fuel metering).
+/// without fuel metering). Read once per run.
 pub(crate) fn fuel_used(store: &Store<RunState>, limits: &Limits) -> (u64, Option<LimitExceeded>) {
     let budget = fuel_budget(limits);
     let remaining = store.get_fuel().unwrap_or(budget);
-    let tripped = match limits.fuel {
-        Some(limit) if remaining == 0 => Some(LimitExceeded::Fuel {
-            limit,
-            consumed: budget,
-        }),
-        _ => None,
+    let tripped = if remaining == 0 {
+        fuel_exceeded(limits)
+    } else {
+        None
     };
     (budget - remaining, tripped)
 }

@@ -33,14 +33,26 @@ use std::sync::{Mutex, Weak};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
+use crate::bindings::wasm_infer::model::accel::{AccelError, BudgetRefusal, DeviceKind};
 
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, charge, AccelState};
-pub use host::{cost, DeviceTensor, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
+pub use host::{cost, DeviceTensor, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
 pub(crate) use resident::ModelWeights;
 use resident::Resident;
 pub use resident::{MAX_RESIDENTS, MAX_RESIDENT_NAME_BYTES};
+
+/// What a guest is told when the device itself fails: a fixed sentence. The details (candle's
+/// message, and with `RUST_BACKTRACE` set a host backtrace naming host files) go to the host's
+/// log, never into the sandbox.
+pub const DEVICE_FAILURE_MESSAGE: &str = "the device operation failed (details in the host log)";
+
+/// A device failure as the guest sees it (logged here, in the one place both the operations
+/// and the resident weights report through).
+fn failure(e: candle_core::Error) -> AccelError {
+    tracing::warn!(error = %e, "accelerator operation failed");
+    AccelError::DeviceFailure(DEVICE_FAILURE_MESSAGE.to_string())
+}
 
 /// Which device a runtime offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -294,6 +306,15 @@ fn device_free_memory(_device: &Device) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_failure_tells_the_guest_a_fixed_sentence() {
+        let e = candle_core::Error::Msg("/home/host/src/secret.rs:12 exploded".into());
+        assert_eq!(
+            failure(e),
+            AccelError::DeviceFailure(DEVICE_FAILURE_MESSAGE.into())
+        );
+    }
 
     #[test]
     fn the_pool_refuses_past_its_limit_and_tracks_its_peak() {

@@ -134,7 +134,7 @@ impl Accel {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         let tensor =
-            Tensor::from_vec(values, dims, device).map_err(|e| release(super::host::failure(e)))?;
+            Tensor::from_vec(values, dims, device).map_err(|e| release(super::failure(e)))?;
         let resident = Arc::new(Resident {
             tensor,
             bytes,
