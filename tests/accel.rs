@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use support::{assert_golden, bits, hostile_wasm};
 use wasm_infer::{
-    AccelMode, Error, Input, LimitExceeded, Limits, Model, Output, RunError, Runtime, RuntimeConfig,
+    AccelMode, Error, Input, LimitExceeded, Limits, LoadOptions, Model, Output, RunError, Runtime,
+    RuntimeConfig,
 };
 
 /// A private runtime (host-wide figures must not see other tests' runs) and the hostile model.
@@ -371,14 +372,14 @@ fn a_resident_name_over_the_cap_is_refused_and_binds_nothing() {
     let at_cap = "n".repeat(wasm_infer::accel::MAX_RESIDENT_NAME_BYTES);
     let ok = run(&model, &format!("accel-resident:{at_cap},1"), &limits).unwrap();
     assert_eq!(text(&ok), format!("bound=1 {}", read_only_answers(&at_cap)));
-    let used = runtime.device_usage().used;
+    let used = runtime.device_usage().resident;
     let over = "n".repeat(wasm_infer::accel::MAX_RESIDENT_NAME_BYTES + 1);
     let refused = run(&model, &format!("accel-resident:{over},1"), &limits).unwrap();
     assert_eq!(
         text(&refused),
         "error: AccelError::InvalidArgument(\"a resident weight's name is 257 bytes, over the 256-byte cap\")"
     );
-    assert_eq!(runtime.device_usage().used, used, "nothing bound");
+    assert_eq!(runtime.device_usage().resident, used, "nothing bound");
 }
 
 #[test]
@@ -394,33 +395,34 @@ fn a_resident_weight_is_read_only_private_to_its_model_shared_by_content_and_fre
     let second = run(&a, "accel-resident:w,2", &limits).unwrap();
     assert_eq!(text(&second), format!("bound=1 {}", read_only_answers("w")));
     assert_eq!(second.usage.fuel_consumed, first.usage.fuel_consumed);
-    // 64 bytes of resident weight (by rule) + the 4x4 input + the 4x4 result.
-    assert_eq!(first.usage.device_peak_bytes, 192);
-    assert_eq!(second.usage.device_peak_bytes, 192);
+    // 64 bytes of resident weight (by rule) + the 4x4 input + the 4x4 result + the staging
+    // copy of its download.
+    assert_eq!(first.usage.device_peak_bytes, 256);
+    assert_eq!(second.usage.device_peak_bytes, 256);
     assert_eq!(first.usage.device_uploaded_bytes, 128);
     assert_eq!(second.usage.device_uploaded_bytes, 128);
     // Another model's runs never see model a's weights, even under the same name.
     let other = run(&b, "accel-resident:w,2", &limits).unwrap();
     assert_eq!(text(&other), format!("bound=2 {}", read_only_answers("w")));
     // Resident while the models are loaded: two contents of 64 bytes, one copy each.
-    assert_eq!(runtime.device_usage().used, 128);
+    assert_eq!(runtime.device_usage().resident, 128);
     // A third model binding model a's content (under its own name) shares a's copy.
     let c = Model::load(&runtime, hostile_wasm()).unwrap();
     let shared = run(&c, "accel-resident:v,1", &limits).unwrap();
     assert_eq!(text(&shared), format!("bound=1 {}", read_only_answers("v")));
     assert_eq!(shared.usage.fuel_consumed, first.usage.fuel_consumed);
-    assert_eq!(runtime.device_usage().used, 128);
+    assert_eq!(runtime.device_usage().resident, 128);
     // Freed with the last model that holds it.
     drop(a);
     assert_eq!(
-        runtime.device_usage().used,
+        runtime.device_usage().resident,
         128,
         "model c still holds seed 1"
     );
     drop(c);
-    assert_eq!(runtime.device_usage().used, 64);
+    assert_eq!(runtime.device_usage().resident, 64);
     drop(b);
-    assert_eq!(runtime.device_usage().used, 0);
+    assert_eq!(runtime.device_usage().resident, 0);
 }
 
 /// Bytes of MiniLM's resident weights: 6 layers of four 384x384 attention projections, a
@@ -447,7 +449,7 @@ fn minilm_uploads_its_weights_once_and_charges_the_first_and_the_hundredth_run_a
     assert_eq!(MINILM_RESIDENT_BYTES, 42_587_136);
     let short = Input::Text(support::case("short_bench").text);
     let first = model.run(short.clone(), &Limits::default()).unwrap();
-    assert_eq!(runtime.device_usage().used, MINILM_RESIDENT_BYTES);
+    assert_eq!(runtime.device_usage().resident, MINILM_RESIDENT_BYTES);
     let mut hundredth = None;
     for _ in 1..100 {
         hundredth = Some(model.run(short.clone(), &Limits::default()).unwrap());
@@ -469,9 +471,9 @@ fn minilm_uploads_its_weights_once_and_charges_the_first_and_the_hundredth_run_a
     assert!(first.usage.device_peak_bytes > MINILM_RESIDENT_BYTES);
     assert!(first.usage.device_uploaded_bytes > MINILM_RESIDENT_BYTES);
     // The host holds one copy between runs, and none once the model is dropped.
-    assert_eq!(runtime.device_usage().used, MINILM_RESIDENT_BYTES);
+    assert_eq!(runtime.device_usage().resident, MINILM_RESIDENT_BYTES);
     drop(model);
-    assert_eq!(runtime.device_usage().used, 0);
+    assert_eq!(runtime.device_usage().resident, 0);
 }
 
 #[test]
@@ -490,11 +492,12 @@ fn eight_concurrent_minilm_runs_hold_one_copy_of_the_weights() {
         assert!(outcome.usage.device_peak_bytes > MINILM_RESIDENT_BYTES);
     }
     let usage = runtime.device_usage();
-    assert_eq!(usage.used, MINILM_RESIDENT_BYTES);
-    // One copy of the weights plus the runs' activations (under 2 MiB for a short text each),
-    // never a second copy, though the eight runs were each charged the weights.
+    assert_eq!((usage.used, usage.resident), (0, MINILM_RESIDENT_BYTES));
+    // One copy of the weights, never a second, though the eight runs were each charged the
+    // weights; the runs' own activations (under 2 MiB for a short text each) apart.
+    assert_eq!(usage.resident_peak, MINILM_RESIDENT_BYTES);
     assert!(
-        usage.peak < MINILM_RESIDENT_BYTES + (16 << 20),
+        usage.peak < 16 << 20,
         "host-wide peak {} for 8 runs",
         usage.peak
     );
@@ -553,4 +556,212 @@ fn each_ops_fuel_is_its_formula_at_adversarial_shapes() {
         );
         assert_eq!(big - small, expected, "{op} at {shape} against {base}");
     }
+}
+
+/// Issue 23, item 6: a model owns the weights its runs bind and pays for them from its own
+/// resident budget, apart from the host-wide budget runs draw on. Model A (the hostile guest,
+/// a 32 MiB resident budget) binds fresh weights run after run up to its cap, beside MiniLM on
+/// a host whose runs may hold 48 MiB together: before residents were kept apart, A's weights
+/// took the host-wide budget and MiniLM's next run fell back to the sandbox (448,216,916 fuel
+/// instead of 35,717,723 at the time).
+#[test]
+fn one_models_resident_weights_never_make_another_models_runs_fall_back() {
+    let runtime = Runtime::with_config(RuntimeConfig {
+        cache_dir: Some(support::cache_dir()),
+        accel: AccelMode::Cpu,
+        device_memory: 48 << 20,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let b = Model::load(&runtime, support::minilm_wasm()).unwrap();
+    let options = LoadOptions {
+        resident_memory: 32 << 20,
+        ..LoadOptions::default()
+    };
+    let a = Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
+    let short = Input::Text(support::case("short_bench").text);
+    let before = b.run(short.clone(), &Limits::default()).unwrap();
+    assert_eq!(before.usage.accel_refusals, 0);
+    assert_golden("minilm_short_bench", before.usage.fuel_consumed);
+    assert_eq!(
+        b.resident_memory(),
+        (
+            MINILM_RESIDENT_BYTES,
+            wasm_infer::accel::DEFAULT_RESIDENT_MEMORY
+        )
+    );
+
+    // A binds four fresh 1 MiB weights a run: eight runs reach its 32 MiB exactly, each run
+    // charged (fuel and its own budget) for what it binds.
+    let limits = Limits::default();
+    for i in 0..8u64 {
+        let outcome = run(&a, &format!("accel-bind:{i},4,1024"), &limits).unwrap();
+        assert_eq!(text(&outcome), "bound 4");
+        assert_eq!(outcome.usage.device_peak_bytes, 4 << 20);
+        assert_eq!(outcome.usage.device_uploaded_bytes, 4 << 20);
+        assert_eq!(a.resident_memory(), ((i + 1) * (4 << 20), 32 << 20));
+    }
+    // The ninth run's first bind is refused with the model's figures (1 MiB asked, 32 MiB
+    // bound, a 32 MiB budget), and binds nothing.
+    let refused = run(&a, "accel-bind:8,4,1024", &limits).unwrap();
+    assert_eq!(text(&refused), "bound 0 refused 1048576 33554432 33554432");
+    assert_eq!(refused.usage.accel_refusals, 1);
+    assert_eq!(a.resident_memory(), (32 << 20, 32 << 20));
+    // The host holds both models' weights, apart from what runs draw on (none running).
+    let usage = runtime.device_usage();
+    assert_eq!(usage.used, 0);
+    assert_eq!(usage.resident, MINILM_RESIDENT_BYTES + (32 << 20));
+
+    // MiniLM's runs are exactly as before: the model loaded then, and one loaded now (which
+    // binds its weights against its own budget, sharing the copy the first one holds).
+    let fresh = Model::load(&runtime, support::minilm_wasm()).unwrap();
+    for model in [&b, &fresh] {
+        let after = model.run(short.clone(), &Limits::default()).unwrap();
+        assert_eq!(after.usage.accel_refusals, 0);
+        assert_eq!(after.usage.fuel_consumed, before.usage.fuel_consumed);
+        assert_eq!(
+            after.usage.device_peak_bytes,
+            before.usage.device_peak_bytes
+        );
+        assert_eq!(
+            after.usage.device_uploaded_bytes,
+            before.usage.device_uploaded_bytes
+        );
+        assert_eq!(after.usage.accel_ops, before.usage.accel_ops);
+        assert_eq!(bits(&after), bits(&before));
+    }
+    assert_eq!(fresh.resident_memory().0, MINILM_RESIDENT_BYTES);
+    assert_eq!(
+        runtime.device_usage().resident,
+        MINILM_RESIDENT_BYTES + (32 << 20)
+    );
+    drop(a);
+    assert_eq!(runtime.device_usage().resident, MINILM_RESIDENT_BYTES);
+}
+
+/// `op:NAME,1,SHAPE` under a fuel cap.
+fn op_under(
+    model: &Model,
+    op: &str,
+    shape: &str,
+    fuel: u64,
+) -> Result<wasm_infer::Outcome, RunError> {
+    let limits = Limits::default()
+        .fuel(fuel)
+        .memory(1 << 30)
+        .device_memory(1 << 30);
+    run(model, &format!("op:{op},1,{shape}"), &limits)
+}
+
+/// Issue 23, item 2: the fuel of a call is charged before the host does its work. For each op
+/// at adversarial shapes, the smallest fuel cap at which the call runs (found by bisection; it
+/// is where the run's fuel left at the call is one more than the call's charge, the cap being
+/// exact) is one unit above a cap that stops the run *at the call* without anything of the
+/// call allocated: the device peak the run reports is its operands' alone (and for `upload`,
+/// `download` and `resident` nothing was copied). At that cap the call ran whole: the peak is
+/// operands + result + what the op holds while it runs.
+#[test]
+fn a_fuel_cap_one_unit_short_of_a_calls_charge_stops_it_before_any_host_work() {
+    let (_runtime, model) = cpu();
+    // (op, shape, operand bytes (all uploaded first), bytes the call holds at its peak, bytes
+    // it uploads, bytes it downloads)
+    let cases: &[(&str, &str, u64, u64, u64, u64)] = &[
+        // 4096 floats in, nothing before.
+        ("upload", "4096", 0, 16_384, 16_384, 0),
+        // A 4096-float operand; the staging copy of the values going out.
+        ("download", "4096", 16_384, 16_384, 0, 16_384),
+        // Bound by rule: the run's budget is charged the 16 KiB.
+        ("resident", "4096,7", 0, 16_384, 16_384, 0),
+        // x [2048,1], w [2048,1], b [2048]: 24 KiB in; a 2048x2048 result (16 MiB).
+        ("linear", "2048,1,2048", 24_576, 16 << 20, 0, 0),
+        ("gelu", "4096", 16_384, 16_384, 0, 0),
+        // q [64,64] (16 KiB): result 16 KiB + scratch::attention(64, 64, 64) = 3,227,648.
+        ("attention", "64,64,64", 16_384, 16_384 + 3_227_648, 0, 0),
+        // x [64,64], scale/shift [64]: result 16 KiB + scratch::layer_norm(64, 64, true)
+        // = (4·4096 + 4·64)·4 = 66,560.
+        ("layer-norm", "64,64", 16_640, 16_384 + 66_560, 0, 0),
+    ];
+    let usage = |result: Result<wasm_infer::Outcome, RunError>| match result {
+        Ok(outcome) => outcome.usage,
+        Err(failure) => *failure.usage,
+    };
+    for &(op, shape, operands, call, uploaded, downloaded) in cases {
+        let unlimited = op_under(&model, op, shape, 50_000_000_000).unwrap();
+        assert_eq!(text(&unlimited), format!("{op} x1"));
+        assert_eq!(unlimited.usage.device_peak_bytes, operands + call, "{op}");
+        // The smallest cap at which the call's bytes appear in the run's peak.
+        let ran = |fuel: u64| usage(op_under(&model, op, shape, fuel)).device_peak_bytes > operands;
+        let (mut short, mut enough) = (0u64, unlimited.usage.fuel_consumed);
+        assert!(ran(enough) && !ran(short));
+        while enough - short > 1 {
+            let mid = short + (enough - short) / 2;
+            if ran(mid) {
+                enough = mid;
+            } else {
+                short = mid;
+            }
+        }
+        let stopped = op_under(&model, op, shape, short).unwrap_err();
+        assert_eq!(
+            stopped.error.limit(),
+            Some(&LimitExceeded::Fuel {
+                limit: short,
+                consumed: short + 1
+            }),
+            "{op}"
+        );
+        // The guest made the call (it is counted, as every call is, before its charge)...
+        assert_eq!(stopped.usage.accel_ops, unlimited.usage.accel_ops, "{op}");
+        // ...and nothing of its work was done: nothing allocated, copied in or out.
+        assert_eq!(stopped.usage.device_peak_bytes, operands, "{op}");
+        assert_eq!(stopped.usage.device_uploaded_bytes, operands, "{op}");
+        assert_eq!(stopped.usage.device_downloaded_bytes, 0, "{op}");
+        // One unit more and the call ran whole.
+        let done = usage(op_under(&model, op, shape, enough));
+        assert_eq!(done.device_peak_bytes, operands + call, "{op}");
+        assert_eq!(done.device_uploaded_bytes, operands + uploaded, "{op}");
+        assert_eq!(done.device_downloaded_bytes, downloaded, "{op}");
+    }
+}
+
+/// Issue 23, item 4: what an op holds while it runs is charged to the run's device budget
+/// (with its result, before the work) and returned when the call ends. A budget that covers
+/// the operands and the result but not the intermediates is refused with the figures; one
+/// byte more and the call runs, and the peak the run reports is exactly the formula.
+#[test]
+fn an_ops_intermediates_are_charged_while_it_runs() {
+    let (runtime, model) = cpu();
+    // (op, shape, operands + result, intermediates)
+    let cases: &[(&str, &str, u64, u64)] = &[
+        // q [64,64] and the [64,64] result; 64 heads of 64x64 scores:
+        // (4·4096 + 3·64·64·64 + 64·64)·4 = 3,227,648.
+        ("attention", "64,64,64", 32_768, 3_227_648),
+        // MiniLM's shape: q [128,384] and the result; (4·49,152 + 3·12·128·128 + 12·128)·4.
+        ("attention", "128,384,12", 393_216, 3_151_872),
+        // x [64,64] (its own residual), scale and shift one [64] tensor, the result:
+        // (4·4096 + 4·64)·4.
+        ("layer-norm", "64,64", 33_024, 66_560),
+        // One row of 4096: x, scale/shift and the result 16 KiB each; (4·4096 + 4·1)·4.
+        ("layer-norm", "1,4096", 49_152, 65_552),
+        // The 4096-float tensor; its staging copy.
+        ("download", "4096", 16_384, 16_384),
+    ];
+    for &(op, shape, held, scratch) in cases {
+        let command = format!("op:{op},1,{shape}");
+        let short = Limits::default().device_memory(held + scratch - 1);
+        let refused = run(&model, &command, &short).unwrap();
+        assert_eq!(
+            text(&refused),
+            format!("error: {scratch} {held} {}", held + scratch - 1),
+            "{op} {shape}"
+        );
+        assert_eq!(refused.usage.accel_refusals, 1);
+        assert_eq!(refused.usage.device_peak_bytes, held, "{op} {shape}");
+        let enough = Limits::default().device_memory(held + scratch);
+        let ran = run(&model, &command, &enough).unwrap();
+        assert_eq!(text(&ran), format!("{op} x1"));
+        assert_eq!(ran.usage.device_peak_bytes, held + scratch, "{op} {shape}");
+        assert_eq!(ran.usage.accel_refusals, 0);
+    }
+    assert_eq!(runtime.device_usage().used, 0);
 }

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use wasm_infer::{AccelMode, Input, Limits, Model, Runtime, RuntimeConfig};
+use wasm_infer::{AccelMode, Input, Limits, LoadOptions, Model, Runtime, RuntimeConfig};
 
 /// CPU time this process has used (every thread), in nanoseconds.
 fn cpu_ns() -> f64 {
@@ -73,7 +73,13 @@ fn main() {
         ..RuntimeConfig::default()
     })
     .unwrap();
-    let model = Model::load(&runtime, &path).unwrap();
+    // The resident row binds a new name each time (the same content, one copy): every name
+    // counts against the model's resident budget, so the audit's model has no cap on them.
+    let options = LoadOptions {
+        resident_memory: u64::MAX,
+        ..LoadOptions::default()
+    };
+    let model = Model::load_with(&runtime, &path, &options).unwrap();
     let limits = Limits::default()
         .fuel(u64::MAX / 4)
         .memory(2 << 30)

@@ -160,6 +160,15 @@ pub struct LoadOptions {
     /// process (default `None`: in-process). Needs a runtime with a cache directory, through
     /// which the compiled code comes back. See [`crate::isolate`] for the trade-off.
     pub isolate: Option<Isolation>,
+    /// The model's resident budget on the accelerator, in bytes (default
+    /// [`DEFAULT_RESIDENT_MEMORY`](crate::accel::DEFAULT_RESIDENT_MEMORY), 256 MiB): what the
+    /// read-only weights its runs bind (`accel.resident`) may hold together for as long as the
+    /// model is loaded. Each name counts its bytes once, when a run first binds it, whether or
+    /// not another model holds the same content; a bind past the budget is refused with
+    /// `budget-exceeded` (the model's figures) and binds nothing. Residents are counted apart
+    /// from [`RuntimeConfig::device_memory`](crate::RuntimeConfig::device_memory), the budget
+    /// runs draw on, so no model's weights can make another model's runs fall back.
+    pub resident_memory: u64,
 }
 
 impl Default for LoadOptions {
@@ -169,6 +178,7 @@ impl Default for LoadOptions {
             limits: Limits::default(),
             progress: None,
             isolate: None,
+            resident_memory: crate::accel::DEFAULT_RESIDENT_MEMORY,
         }
     }
 }
@@ -296,7 +306,7 @@ impl Model {
                 pre,
                 info,
                 load,
-                weights: Arc::default(),
+                weights: Arc::new(ModelWeights::new(options.resident_memory)),
             }),
         })
     }
@@ -314,10 +324,12 @@ impl Model {
     }
 
     /// Finishes [`Model::link_handed_code`] once the worker is locked: asks for the info.
+    /// `resident_memory` as [`LoadOptions::resident_memory`].
     pub(crate) fn from_linked(
         runtime: &Runtime,
         pre: ModelPre<RunState>,
         limits: &Limits,
+        resident_memory: u64,
     ) -> Result<Self> {
         let info = block_on(fetch_info(runtime, &pre, limits))??;
         let load = LoadReport {
@@ -334,9 +346,15 @@ impl Model {
                 pre,
                 info,
                 load,
-                weights: Arc::default(),
+                weights: Arc::new(ModelWeights::new(resident_memory)),
             }),
         })
+    }
+
+    /// `(bound, budget)`: the bytes of the resident weights this model's runs have bound (by
+    /// rule, each name once) and its resident budget ([`LoadOptions::resident_memory`]).
+    pub fn resident_memory(&self) -> (u64, u64) {
+        self.inner.weights.figures()
     }
 
     /// The model's self-description.

@@ -117,6 +117,45 @@ pub mod cost {
     }
 }
 
+/// Device bytes an operation holds *while it runs*, beyond its operands (the guest's, already
+/// charged) and its result (charged as the result): charged to the run's account before the
+/// work, with the result, and returned when the call ends. Each is the most the op's steps
+/// (`multi_head_attention` and `layer_norm` below) hold alive at once, counted tensor by
+/// tensor in f32; `tests/accel.rs` checks the peak a run reports against these formulas.
+pub mod scratch {
+    /// `attention` over `[tokens, hidden]` in `heads` heads: q, k and v split into heads
+    /// (3 x tokens·hidden), the raw scores, the scaled scores and the exponentials or the
+    /// probabilities (3 x heads·tokens²), the row maxima (heads·tokens) and the weighted sum
+    /// before it is put back side by side (tokens·hidden): at the last step, with the result,
+    /// `4·tokens·hidden + 3·heads·tokens² + heads·tokens` floats.
+    pub fn attention(tokens: u64, hidden: u64, heads: u64) -> u64 {
+        let elements = tokens.saturating_mul(hidden);
+        let scores = heads.saturating_mul(tokens).saturating_mul(tokens);
+        4u64.saturating_mul(elements)
+            .saturating_add(3u64.saturating_mul(scores))
+            .saturating_add(heads.saturating_mul(tokens))
+            .saturating_mul(4)
+    }
+    /// `layer-norm` of `rows` rows of `n` (with a residual or not): the sum with the residual
+    /// (rows·n, only with one), the centred values, the normalised values and their scaled
+    /// form (3 x rows·n), and up to four per-row figures alive at once (mean, variance, its sum
+    /// with eps, its root): `(3 or 4)·rows·n + 4·rows` floats, a bound on every step.
+    pub fn layer_norm(rows: u64, n: u64, residual: bool) -> u64 {
+        let elements = rows.saturating_mul(n);
+        let copies = if residual { 4u64 } else { 3 };
+        copies
+            .saturating_mul(elements)
+            .saturating_add(4u64.saturating_mul(rows))
+            .saturating_mul(4)
+    }
+    /// `tensor.download` of `elements` floats: the staging copy the values are read into
+    /// before they cross into the sandbox (host memory on the CPU backend, the host side of
+    /// the device-to-host copy on CUDA).
+    pub fn download(elements: u64) -> u64 {
+        elements.saturating_mul(4)
+    }
+}
+
 /// Largest matrix product one call may ask for, in multiply-accumulates (2^33, a few seconds of
 /// CPU): bounds how long a single call can hold the thread past the run's deadline.
 pub const MAX_OP_MACS: u64 = 1 << 33;
@@ -192,12 +231,25 @@ fn elements_of(shape: &[u32]) -> Result<u64, AccelError> {
         })
 }
 
-/// Allocates `elements` f32 on the run's account and stores the tensor `make` builds.
-/// Refusals cost only the call's base fuel; `work` fuel is taken once the allocation is
-/// granted, before the work runs (running out then traps, and the run's end frees the bytes).
+/// Gives back `fuel` taken for work that will not run (a refused allocation).
+fn refund<T>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result<()> {
+    if let Ok(left) = store.get_fuel() {
+        store.set_fuel(left.saturating_add(fuel))?;
+    }
+    Ok(())
+}
+
+/// Charges `work` fuel, then allocates `elements` f32 (the result) and `scratch` bytes (what
+/// the work holds on the device while it runs: [`scratch`]) on the run's account, runs `make`,
+/// returns the scratch and stores the result.
+///
+/// The charge comes first: a run without the fuel for the work traps before anything is
+/// allocated or computed. A refused allocation gives the work's fuel back, so a refusal costs
+/// only the call's floor, whatever the shape.
 fn create<T: AccelState>(
     store: &mut Store<'_, T>,
     elements: u64,
+    scratch: u64,
     work: u64,
     make: impl FnOnce() -> Result<Tensor, AccelError>,
 ) -> wasmtime::Result<Result<Resource<DeviceTensor>, AccelError>> {
@@ -207,11 +259,19 @@ fn create<T: AccelState>(
         ))));
     }
     let bytes = elements * 4;
-    if let Err(e) = store.data_mut().device().alloc(bytes) {
+    charge(store, work)?;
+    let run = store.data_mut().device();
+    let granted = run.alloc(bytes).and_then(|()| match scratch {
+        0 => Ok(()),
+        _ => run.alloc(scratch).inspect_err(|_| run.free(bytes, true)),
+    });
+    if let Err(e) = granted {
+        refund(store, work)?;
         return Ok(Err(e));
     }
-    charge(store, work)?;
-    match make() {
+    let made = make();
+    store.data_mut().device().free(scratch, true);
+    match made {
         Ok(tensor) => {
             let resource = store.data_mut().tensors().push(DeviceTensor {
                 tensor,
@@ -293,7 +353,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let bytes = elements * 4;
             let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             let work = cost::upload(elements) - cost::CALL;
-            let created = create(&mut store, elements, work, || {
+            let created = create(&mut store, elements, 0, work, || {
                 Tensor::from_vec(data, dims, &device).map_err(failure)
             })?;
             if created.is_ok() {
@@ -331,11 +391,14 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                     data.len()
                 ))),));
             }
-            // Charged by rule, as an upload of this shape, before looking at the cache.
+            // Charged by rule, as an upload of this shape, before looking at the cache: the
+            // fuel first, then the run's budget (a refusal gives the fuel back).
+            let work = cost::resident(bytes) - cost::CALL;
+            charge(&mut store, work)?;
             if let Err(e) = store.data_mut().device().alloc_by_rule(bytes) {
+                refund(&mut store, work)?;
                 return Ok((Err(e),));
             }
-            charge(&mut store, cost::resident(bytes) - cost::CALL)?;
             let run = store.data_mut().device();
             let (weights, accel) = (run.weights.clone(), run.accel.clone());
             let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
@@ -345,6 +408,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let resident = match bound {
                 Ok(resident) => resident,
                 Err(e) => {
+                    refund(&mut store, work)?;
                     let run = store.data_mut().device();
                     run.free(bytes, false);
                     return Ok((Err(match e {
@@ -392,7 +456,7 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let work = cost::linear(rows, k, n) - cost::CALL;
             let mut out_dims = x.dims().to_vec();
             *out_dims.last_mut().unwrap() = n as usize;
-            let created = create(&mut store, elements, work, || {
+            let created = create(&mut store, elements, 0, work, || {
                 let x2 = x.reshape((rows as usize, k as usize)).map_err(failure)?;
                 let mut y = x2.matmul(&w.t().map_err(failure)?).map_err(failure)?;
                 if let Some(b) = &b {
@@ -413,7 +477,9 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let x = tensor(&mut store, &x)?;
             let elements = x.elem_count() as u64;
             let work = cost::gelu(elements) - cost::CALL;
-            let created = create(&mut store, elements, work, || x.gelu_erf().map_err(failure))?;
+            let created = create(&mut store, elements, 0, work, || {
+                x.gelu_erf().map_err(failure)
+            })?;
             Ok((created,))
         },
     )?;
@@ -450,21 +516,17 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             }
             let scores = u64::from(heads) * tokens * tokens;
             let elements = tokens * hidden;
-            // The scores live on the device while the call runs: charged, then returned.
             if scores > MAX_ELEMENTS {
                 return Ok((Err(invalid(format!(
                     "{scores} attention scores is more than one call may create ({MAX_ELEMENTS})"
                 ))),));
             }
-            if let Err(e) = store.data_mut().device().alloc(scores * 4) {
-                return Ok((Err(e),));
-            }
             let work = cost::attention(tokens, hidden, u64::from(heads)) - cost::CALL;
-            let created = create(&mut store, elements, work, || {
+            let held = scratch::attention(tokens, hidden, u64::from(heads));
+            let created = create(&mut store, elements, held, work, || {
                 multi_head_attention(&q, &k, &v, heads as usize).map_err(failure)
-            });
-            store.data_mut().device().free(scores * 4, true);
-            Ok((created?,))
+            })?;
+            Ok((created,))
         },
     )?;
 
@@ -486,7 +548,8 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let elements = x.elem_count() as u64;
             let n = x.dims().last().map_or(1, |&n| n as u64);
             let work = cost::layer_norm(elements / n, n) - cost::CALL;
-            let created = create(&mut store, elements, work, || {
+            let held = scratch::layer_norm(elements / n, n, residual.is_some());
+            let created = create(&mut store, elements, held, work, || {
                 let y = match &residual {
                     Some(r) => x.add(r).map_err(failure)?,
                     None => x,
@@ -522,13 +585,24 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let t = tensor(&mut store, &this)?;
             let elements = t.elem_count() as u64;
             let bytes = elements * 4;
-            begin(&mut store, cost::download(elements) - cost::CALL)?;
-            store.data_mut().device().downloaded += bytes;
+            let work = cost::download(elements) - cost::CALL;
+            begin(&mut store, work)?;
+            // The staging copy is held on the run's account while the values cross.
+            let staging = scratch::download(elements);
+            if let Err(e) = store.data_mut().device().alloc(staging) {
+                refund(&mut store, work)?;
+                return Ok((Err(e),));
+            }
             let values = t
                 .to_dtype(DType::F32)
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(failure);
+            let run = store.data_mut().device();
+            run.free(staging, true);
+            if values.is_ok() {
+                run.downloaded += bytes;
+            }
             Ok((values,))
         },
     )?;

@@ -21,7 +21,9 @@
 //! run of the loaded models that bind them, one physical copy per content digest for the whole
 //! runtime, freed when the last model holding it is dropped. A run is charged for a resident
 //! weight by rule (the fuel and run budget of uploading it), so its figures never depend on
-//! what ran before it; activations are per run, and a run reaches no other run's tensors.
+//! what ran before it; activations are per run, and a run reaches no other run's tensors. The
+//! model that binds a weight pays for it from its own resident budget, apart from the
+//! host-wide budget runs draw on, so one model's weights never make another's runs fall back.
 
 mod account;
 mod host;
@@ -40,7 +42,7 @@ pub(crate) use host::{add_to_linker, charge, AccelState};
 pub use host::{cost, DeviceTensor, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
 pub(crate) use resident::ModelWeights;
 use resident::Resident;
-pub use resident::{MAX_RESIDENTS, MAX_RESIDENT_NAME_BYTES};
+pub use resident::{DEFAULT_RESIDENT_MEMORY, MAX_RESIDENTS, MAX_RESIDENT_NAME_BYTES};
 
 /// What a guest is told when the device itself fails: a fixed sentence. The details (candle's
 /// message, and with `RUST_BACKTRACE` set a host backtrace naming host files) go to the host's
@@ -119,12 +121,18 @@ impl DevicePool {
 /// The host-wide device-memory figures of a runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceUsage {
-    /// Bytes held by all runs now.
+    /// Bytes held by all runs now (their own tensors, never resident weights).
     pub used: u64,
     /// Highest `used` since the runtime was created.
     pub peak: u64,
-    /// The host-wide budget.
+    /// The host-wide budget runs draw on.
     pub limit: u64,
+    /// Bytes of resident weights held now (one physical copy per content), apart from
+    /// `used`: each loaded model pays for its own from its resident budget
+    /// ([`LoadOptions::resident_memory`](crate::LoadOptions::resident_memory)).
+    pub resident: u64,
+    /// Highest `resident` since the runtime was created.
+    pub resident_peak: u64,
 }
 
 /// The device a runtime offers, and its host-wide account.
@@ -136,6 +144,9 @@ pub(crate) struct Accel {
     /// Every resident weight alive, by the SHA-256 of its shape and data: a second model (or a
     /// run racing the first) that binds the same content shares the copy.
     residents: Mutex<HashMap<[u8; 32], Weak<Resident>>>,
+    /// Bytes of the resident weights alive (not in `pool`), and their peak.
+    resident_bytes: AtomicU64,
+    resident_peak: AtomicU64,
 }
 
 impl Accel {
@@ -156,6 +167,8 @@ impl Accel {
             name,
             pool: DevicePool::new(host_budget),
             residents: Mutex::default(),
+            resident_bytes: AtomicU64::new(0),
+            resident_peak: AtomicU64::new(0),
         })
     }
 
@@ -164,6 +177,8 @@ impl Accel {
             used: self.pool.used.load(Ordering::SeqCst),
             peak: self.pool.peak.load(Ordering::SeqCst),
             limit: self.pool.limit,
+            resident: self.resident_bytes.load(Ordering::SeqCst),
+            resident_peak: self.resident_peak.load(Ordering::SeqCst),
         }
     }
 

@@ -6,10 +6,20 @@
 //! racing to bind the first time, share it). A [`Resident`] holds its bytes in the host-wide
 //! pool until the last holder (a model's table, a run's handle) drops it.
 //!
+//! **Ownership.** A model owns the weights its runs bind and pays for them from its own
+//! resident budget ([`LoadOptions::resident_memory`](crate::LoadOptions::resident_memory),
+//! default [`DEFAULT_RESIDENT_MEMORY`]): every name bound counts its bytes against it by rule
+//! (whether or not another model already holds the same content), and a bind past it is
+//! refused with `budget-exceeded` (the model's figures). The physical copies are counted apart
+//! from the host-wide budget that runs draw on (`DeviceUsage::resident`), so no model's weights
+//! can take device memory another model's runs need: what all residents may hold together is
+//! bounded by the loaded models' budgets.
+//!
 //! Lock order: a model's table, then the runtime's. A [`Resident`] is never dropped while the
 //! runtime's table is locked (its `Drop` takes that lock).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{Device, Tensor};
@@ -20,13 +30,16 @@ use crate::bindings::wasm_infer::model::accel::{AccelError, BudgetRefusal};
 use super::{device_free_memory, Accel};
 
 /// Most weights one loaded model may bind (MiniLM binds 72): bounds the names table a guest
-/// can grow across runs. Its bytes are bounded by the host-wide device budget.
+/// can grow across runs. Its bytes are bounded by the model's resident budget.
 pub const MAX_RESIDENTS: usize = 4096;
 
 /// Longest name a guest may give a resident weight, in bytes. The names table lives as long as
 /// the model and no run's limit charges it, so each entry's size is bounded here: at most
 /// [`MAX_RESIDENTS`] x 256 bytes per model.
 pub const MAX_RESIDENT_NAME_BYTES: usize = 256;
+
+/// Default resident budget of one loaded model: 256 MiB (MiniLM binds 42,587,136 bytes).
+pub const DEFAULT_RESIDENT_MEMORY: u64 = 256 << 20;
 
 /// One weight on the device, shared read-only.
 pub(crate) struct Resident {
@@ -38,7 +51,9 @@ pub(crate) struct Resident {
 
 impl Drop for Resident {
     fn drop(&mut self) {
-        self.accel.pool.release(self.bytes);
+        self.accel
+            .resident_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
         let mut live = self
             .accel
             .residents
@@ -61,16 +76,46 @@ pub(crate) enum BindError {
     Other(AccelError),
 }
 
-/// The weights one loaded model has bound, by the names its guest gave them.
-#[derive(Default)]
+/// The weights one loaded model has bound, by the names its guest gave them, and what they
+/// cost its resident budget.
 pub(crate) struct ModelWeights {
-    names: Mutex<HashMap<String, Arc<Resident>>>,
+    names: Mutex<Names>,
+    /// The model's resident budget, in bytes.
+    budget: u64,
+}
+
+#[derive(Default)]
+struct Names {
+    bound: HashMap<String, Arc<Resident>>,
+    /// Bytes of every name bound (by rule: a weight shared with another model counts whole).
+    bytes: u64,
+}
+
+impl Default for ModelWeights {
+    fn default() -> Self {
+        Self::new(DEFAULT_RESIDENT_MEMORY)
+    }
 }
 
 impl ModelWeights {
+    /// An empty table with a resident budget of `budget` bytes.
+    pub(crate) fn new(budget: u64) -> Self {
+        Self {
+            names: Mutex::default(),
+            budget,
+        }
+    }
+
+    /// `(bound, budget)`: the bytes of the names bound, and the model's resident budget.
+    pub(crate) fn figures(&self) -> (u64, u64) {
+        let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        (names.bytes, self.budget)
+    }
+
     /// The weight bound to `name`, binding it to `data` (little-endian f32, `dims`) if the
-    /// name is new. `data` is read only then, so a run that names a bound weight costs the
-    /// host no copy and no hash.
+    /// name is new and fits the model's resident budget (refused with the model's figures
+    /// otherwise, nothing bound). `data` is read only then, so a run that names a bound weight
+    /// costs the host no copy and no hash.
     pub(crate) fn bind<'d>(
         &self,
         accel: &Arc<Accel>,
@@ -80,7 +125,7 @@ impl ModelWeights {
         data: impl FnOnce() -> &'d [u8],
     ) -> Result<Arc<Resident>, BindError> {
         let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(bound) = names.get(name) {
+        if let Some(bound) = names.bound.get(name) {
             if bound.tensor.dims() != dims {
                 return Err(BindError::Other(AccelError::ReadOnly(format!(
                     "resident {name:?} is bound to shape {:?}, not {dims:?}",
@@ -89,19 +134,29 @@ impl ModelWeights {
             }
             return Ok(bound.clone());
         }
-        if names.len() >= MAX_RESIDENTS {
+        if names.bound.len() >= MAX_RESIDENTS {
             return Err(BindError::Other(AccelError::InvalidArgument(format!(
                 "a model may bind at most {MAX_RESIDENTS} resident weights"
             ))));
         }
+        let bytes = dims.iter().product::<usize>() as u64 * 4;
+        if names.bytes.saturating_add(bytes) > self.budget {
+            return Err(BindError::Budget(BudgetRefusal {
+                requested: bytes,
+                used: names.bytes,
+                budget: self.budget,
+            }));
+        }
         let resident = accel.resident(device, dims, data())?;
-        names.insert(name.to_string(), resident.clone());
+        names.bound.insert(name.to_string(), resident.clone());
+        names.bytes += bytes;
         Ok(resident)
     }
 }
 
 impl Accel {
-    /// The live copy of `data` (shape `dims`), or a new one charged to the host-wide pool.
+    /// The live copy of `data` (shape `dims`), or a new one (counted in `resident_bytes`, not
+    /// in the pool runs draw on: the binding model's budget has paid for it).
     fn resident(
         self: &Arc<Self>,
         device: &Device,
@@ -117,14 +172,9 @@ impl Accel {
             return Ok(resident);
         }
         let bytes = data.len() as u64;
-        self.pool.reserve(bytes).map_err(BindError::Budget)?;
-        let release = |e: AccelError| {
-            self.pool.release(bytes);
-            BindError::Other(e)
-        };
         if let Some(free) = device_free_memory(device) {
             if bytes > free {
-                return Err(release(AccelError::DeviceFailure(format!(
+                return Err(BindError::Other(AccelError::DeviceFailure(format!(
                     "the device has {free} bytes free, {bytes} requested"
                 ))));
             }
@@ -133,8 +183,10 @@ impl Accel {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        let tensor =
-            Tensor::from_vec(values, dims, device).map_err(|e| release(super::failure(e)))?;
+        let tensor = Tensor::from_vec(values, dims, device)
+            .map_err(|e| BindError::Other(super::failure(e)))?;
+        let total = self.resident_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        self.resident_peak.fetch_max(total, Ordering::SeqCst);
         let resident = Arc::new(Resident {
             tensor,
             bytes,
@@ -177,7 +229,7 @@ mod tests {
         // The same content under another model's name: the same copy.
         let wb = b.bind(&accel, &cpu, "x", &[2, 2], || &data).ok().unwrap();
         assert!(Arc::ptr_eq(&wa, &wb));
-        assert_eq!(accel.usage().used, 16);
+        assert_eq!(accel.usage().resident, 16);
         // A bound name ignores the data it is given again: a run cannot rebind it.
         let again = a.bind(&accel, &cpu, "w", &[2, 2], || &other).ok().unwrap();
         assert!(Arc::ptr_eq(&wa, &again));
@@ -187,31 +239,49 @@ mod tests {
         ));
         // Other content is another copy.
         let _wo = b.bind(&accel, &cpu, "o", &[4], || &other).ok().unwrap();
-        assert_eq!(accel.usage().used, 32);
+        assert_eq!(accel.usage().resident, 32);
         drop((wa, wb, again, _wo));
         drop(a);
-        assert_eq!(accel.usage().used, 32, "model b still holds both");
+        assert_eq!(accel.usage().resident, 32, "model b still holds both");
         drop(b);
-        assert_eq!(accel.usage().used, 0);
+        assert_eq!(accel.usage().resident, 0);
         assert!(accel.residents.lock().unwrap().is_empty());
     }
 
     #[test]
-    fn a_resident_past_the_host_wide_budget_is_refused_before_allocating() {
+    fn a_bind_past_the_models_budget_is_refused_and_the_runs_pool_is_untouched() {
+        // A host-wide budget of 8 bytes for runs: residents never draw on it.
         let accel = Arc::new(Accel::new(AccelMode::Cpu, 8).unwrap());
-        let weights = ModelWeights::default();
-        let data = bytes(&[1.0, 2.0, 3.0]);
-        match weights.bind(&accel, &Device::Cpu, "w", &[3], || &data) {
+        let weights = ModelWeights::new(40);
+        let other = ModelWeights::new(40);
+        let (three, four) = (bytes(&[1.0, 2.0, 3.0]), bytes(&[4.0, 5.0, 6.0, 7.0]));
+        weights
+            .bind(&accel, &Device::Cpu, "a", &[3], || &three)
+            .ok()
+            .unwrap();
+        // Shared content still counts whole against the second model's budget.
+        other
+            .bind(&accel, &Device::Cpu, "b", &[3], || &three)
+            .ok()
+            .unwrap();
+        assert_eq!((weights.figures(), other.figures()), ((12, 40), (12, 40)));
+        weights
+            .bind(&accel, &Device::Cpu, "c", &[4], || &four)
+            .ok()
+            .unwrap();
+        match weights.bind(&accel, &Device::Cpu, "d", &[4], || &four) {
             Err(BindError::Budget(refusal)) => assert_eq!(
                 refusal,
                 BudgetRefusal {
-                    requested: 12,
-                    used: 0,
-                    budget: 8
+                    requested: 16,
+                    used: 28,
+                    budget: 40
                 }
             ),
             _ => panic!("expected a budget refusal"),
         }
-        assert_eq!(accel.usage().used, 0);
+        assert_eq!(weights.figures(), (28, 40), "nothing bound");
+        let usage = accel.usage();
+        assert_eq!((usage.used, usage.peak, usage.resident), (0, 0, 28));
     }
 }

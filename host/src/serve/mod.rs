@@ -278,6 +278,7 @@ async fn start_workers(
     pool.cache_dir = parent.cache_dir.clone();
     pool.accel = parent.accel;
     pool.device_memory = parent.device_memory;
+    pool.resident_memory = load.resident_memory;
     pool.engine = crate::runtime::EngineSettings {
         pool: Some(1),
         ..parent.engine_settings()

@@ -57,6 +57,8 @@ pub struct WorkerPoolConfig {
     /// Each worker's device-memory budget (as [`RuntimeConfig::device_memory`]): enforced in
     /// each worker on its own, so `workers` workers may hold up to `workers` times this.
     pub device_memory: u64,
+    /// Each model's resident budget in each worker (as [`LoadOptions::resident_memory`]).
+    pub resident_memory: u64,
     /// The workers' engine settings (NaN canonicalisation, CPU features, fuel metering,
     /// pooled slots), sent to each worker whole.
     pub engine: EngineSettings,
@@ -82,6 +84,7 @@ impl WorkerPoolConfig {
             cache_dir: RuntimeConfig::default().cache_dir,
             accel: AccelMode::Auto,
             device_memory: RuntimeConfig::default().device_memory,
+            resident_memory: LoadOptions::default().resident_memory,
             engine: RuntimeConfig::default().engine_settings(),
             preinit: true,
             lockdown: true,
@@ -103,6 +106,7 @@ struct Hello {
     cache_dir: Option<PathBuf>,
     accel: AccelMode,
     device_memory: u64,
+    resident_memory: u64,
     engine: EngineSettings,
     preinit: bool,
     lockdown: bool,
@@ -515,7 +519,7 @@ fn start(hello: &Hello, code: Vec<Vec<u8>>) -> Result<Vec<Model>, String> {
         .iter()
         .zip(linked)
         .map(|(path, pre)| {
-            Model::from_linked(&runtime, pre, &limits)
+            Model::from_linked(&runtime, pre, &limits, hello.resident_memory)
                 .map_err(|e| format!("{}: {e}", path.display()))
         })
         .collect()
@@ -715,6 +719,7 @@ impl PoolInner {
             cache_dir: config.cache_dir.clone(),
             accel: config.accel,
             device_memory: config.device_memory,
+            resident_memory: config.resident_memory,
             engine: config.engine.clone(),
             preinit: config.preinit,
             lockdown: config.lockdown,

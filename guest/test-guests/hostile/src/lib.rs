@@ -42,6 +42,7 @@
 //! | `accel-or-sandbox:N` | with a device: uploads N floats and panics if refused; with none (`--accel off`, or hidden from the run): sums N halves in the sandbox; reports which |
 //! | `op:NAME,REPS,D1,..` | makes the operands once, then calls host op NAME REPS times at shape D1,..; for the cost audit and the cost-model tests (see `op`) |
 //! | `chase:MIB,N`    | N steps of a pointer chase over a MIB-MiB random cycle (wasm's own worst case: a cache miss per step) |
+//! | `accel-bind:RUN,COUNT,KIB` | binds COUNT fresh resident weights of KIB KiB (names `RUN.i`, content unique to RUN and i), keeping them; reports how many were bound and the refusal |
 //! | `accel-resident:NAME,SEED` | binds a 4x4 resident weight NAME to `ramp(SEED)`, reports the data it got, then tries to download it and to rebind NAME to another shape |
 
 wit_bindgen::generate!({
@@ -220,6 +221,25 @@ fn accel_resident(name: &str, seed: usize) -> Result<String, AccelError> {
         Err(e) => refusal(&e),
     };
     Ok(format!("bound={bound} download={download} rebind={rebind}"))
+}
+
+/// `accel-bind:RUN,COUNT,KIB`: binds COUNT resident weights of KIB KiB each under the names
+/// `RUN.i`, each with data no other (RUN, i) has (so each is a new physical copy), keeping them
+/// until the run ends; reports `bound N` and, if a bind was refused, its answer.
+fn accel_bind(arg: &str) -> String {
+    let parts: Vec<u64> = arg.split(',').map(number).collect();
+    let (run, count, kib) = (parts[0], parts[1], parts[2] as usize);
+    let mut values = ramp(kib << 8, 0);
+    let mut held = Vec::new();
+    for i in 0..count {
+        values[0] = (run * count + i) as f32;
+        let name = format!("{run}.{i}");
+        match accel::resident(&name, &[values.len() as u32], &le_bytes(&values)) {
+            Ok(w) => held.push(w),
+            Err(e) => return format!("bound {} refused {}", held.len(), refusal(&e)),
+        }
+    }
+    format!("bound {}", held.len())
 }
 
 /// `timer:NANOS,UNITS`: subscribes to a timer of NANOS and does up to UNITS units of work,
@@ -580,6 +600,7 @@ impl Guest for Hostile {
                     held.push(accel::upload(&[1], &[1.0]).expect("a one-value upload"));
                 }
             }
+            "accel-bind" => Ok(Output::Text(accel_bind(arg))),
             "accel-resident" => {
                 let (name, seed) = arg.split_once(',').expect("NAME,SEED");
                 Ok(Output::Text(

@@ -44,6 +44,7 @@ default_arg!(MAX_INPUT = size_arg(Limits::default().max_input));
 default_arg!(MAX_BATCH = Limits::default().max_batch.to_string());
 default_arg!(MAX_OUTPUT = size_arg(Limits::default().max_output));
 default_arg!(VRAM = size_arg(Limits::default().device_memory));
+default_arg!(RESIDENT_VRAM = size_arg(wasm_infer::accel::DEFAULT_RESIDENT_MEMORY));
 default_arg!(COMPILE_CPU = duration_arg(DEFAULT_COMPILE_LIMITS.cpu));
 default_arg!(COMPILE_MEM = size_arg(DEFAULT_COMPILE_LIMITS.memory));
 default_arg!(COMPILE_TIMEOUT = duration_arg(DEFAULT_COMPILE_LIMITS.wall_time));
@@ -113,6 +114,11 @@ pub struct LoadLimitArgs {
     /// Wall-clock limit for each load-time call, with its unit.
     #[arg(long, env = "WASM_INFER_LOAD_TIMEOUT", value_parser = parse_duration, default_value = TIMEOUT.as_str())]
     pub load_timeout: Duration,
+    /// Device memory the model's resident weights may hold for as long as it is loaded (its
+    /// own budget, apart from the one runs draw on); a bind past it is refused and the model
+    /// falls back to in-sandbox compute.
+    #[arg(long, env = "WASM_INFER_RESIDENT_VRAM", value_parser = parse_size, default_value = RESIDENT_VRAM.as_str())]
+    pub resident_vram: u64,
 }
 
 impl LoadLimitArgs {
@@ -280,6 +286,7 @@ mod tests {
             "WASM_INFER_LOAD_FUEL",
             "WASM_INFER_LOAD_MEM",
             "WASM_INFER_LOAD_TIMEOUT",
+            "WASM_INFER_RESIDENT_VRAM",
             "WASM_INFER_COMPILE_CPU",
             "WASM_INFER_COMPILE_MEM",
             "WASM_INFER_COMPILE_TIMEOUT",
@@ -293,6 +300,10 @@ mod tests {
         let all = All::parse_from(["wasm-infer"]);
         assert_eq!(all.limits.limits(), Limits::default());
         assert_eq!(all.load.limits(), wasm_infer::LoadOptions::default().limits);
+        assert_eq!(
+            all.load.resident_vram,
+            wasm_infer::LoadOptions::default().resident_memory
+        );
         let isolation = all.compile.isolation().expect("isolated by default");
         assert_eq!(isolation.limits, DEFAULT_COMPILE_LIMITS);
         let config = all.runtime.config();

@@ -55,6 +55,7 @@ fn model(
         limits: limits.limits(),
         progress,
         isolate: compile.isolation(),
+        resident_memory: limits.resident_vram,
     };
     let loaded = Model::load_with(&runtime, path, &options);
     if let Some(bar) = spinner {

@@ -78,6 +78,7 @@ pub fn run(opts: &Opts) -> u8 {
         limits: opts.load_limits.limits(),
         progress: None,
         isolate: opts.compile.isolation(),
+        resident_memory: opts.load_limits.resident_vram,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
