@@ -8,7 +8,8 @@
 //! fuel, so fixed costs (instantiation, making the operands) cancel out. Each figure is the
 //! median of three such pairs. `ratio` is that figure over the typical wasm loop's (`work:N`).
 //!
-//! Usage: `cargo run --release --example cost_audit -- HOSTILE_WASM`. Prints a Markdown table.
+//! Usage: `cargo run --release --example cost_audit -- HOSTILE_WASM [ONLY]` (ONLY keeps the
+//! rows whose name contains it). Prints a Markdown table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -212,15 +213,29 @@ fn main() {
         ),
         ("wasi output-stream.write", "1 B", Box::new(op("write,1"))),
         (
+            "wasi input-stream.read",
+            "64 KiB (stdin closed)",
+            Box::new(op("read,65536")),
+        ),
+        ("wasi poll", "1,000 pollables", Box::new(op("poll,1000"))),
+        ("wasi poll", "1 pollable", Box::new(op("poll,1"))),
+        ("wasi get-stdout + drop", "2 calls", Box::new(op("stdout"))),
+        (
             "result copy-out",
             "bytes:N (1 MiB steps)",
             Box::new(|n| format!("bytes:{}", n << 20)),
         ),
     ];
+    // An optional second argument keeps only the rows whose name contains it (and the typical
+    // loop, the unit of the ratios).
+    let only = std::env::args().nth(2);
     let mut typical = None;
     println!("| host call | shape | ns per fuel | ratio to the typical wasm loop |");
     println!("|---|---|---:|---:|");
     for (name, shape, command) in &rows {
+        if typical.is_some() && only.as_deref().is_some_and(|only| !name.contains(only)) {
+            continue;
+        }
         // Output past 64 MiB would need more memory than the audit is worth.
         let max_reps = if name.starts_with("result") {
             63

@@ -37,7 +37,10 @@ use crate::bindings::wasm_infer::model::accel::{BudgetRefusal, DeviceKind};
 
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, charge, AccelState};
-pub use host::{cost, DeviceTensor, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
+pub use host::{
+    cost, DeviceTensor, ATTENTION_SLICE_MACS, DEVICE_FAILURE_MESSAGE, MAX_ELEMENTS, MAX_OP_MACS,
+    MAX_RANK,
+};
 pub(crate) use resident::ModelWeights;
 use resident::Resident;
 pub use resident::{MAX_RESIDENTS, MAX_RESIDENT_NAME_BYTES};
