@@ -765,3 +765,32 @@ fn an_ops_intermediates_are_charged_while_it_runs() {
     }
     assert_eq!(runtime.device_usage().used, 0);
 }
+
+/// A long host call checks the run's deadline as it goes: an attention of 2^33
+/// multiply-accumulates (one head of 2048 tokens by 1,024, the most one call may ask; seconds
+/// of CPU, ten of them in a row) under a 300 ms limit is stopped between two of its slices
+/// (2^26 multiply-accumulates each) and the run ends with its wall-time error, the call
+/// counted as interrupted. Before, the call ran to its end past the deadline.
+#[test]
+fn a_long_attention_stops_at_the_deadline_between_slices() {
+    assert_eq!(wasm_infer::accel::ATTENTION_SLICE_MACS, 1 << 26);
+    let (_runtime, model) = cpu();
+    let wall = Duration::from_millis(300);
+    let limits = Limits::default()
+        .memory(1 << 30)
+        .device_memory(1 << 30)
+        .wall_time(wall);
+    let failure = run(&model, "op:attention,10,2048,1024,1", &limits).unwrap_err();
+    match failure.error.limit() {
+        Some(&LimitExceeded::WallTime { limit, elapsed }) => {
+            assert_eq!(limit, wall);
+            assert!(elapsed >= wall, "{elapsed:?}");
+        }
+        other => panic!("expected the wall-time limit, got {other:?}"),
+    }
+    assert_eq!(failure.usage.accel_interrupted, 1);
+    // The same model then answers, its calls not interrupted.
+    let outcome = run(&model, "op:attention,1,64,64,64", &Limits::default()).unwrap();
+    assert_eq!(text(&outcome), "attention x1");
+    assert_eq!(outcome.usage.accel_interrupted, 0);
+}

@@ -515,6 +515,83 @@ fn a_write_over_the_check_write_permit_traps() {
     assert_host_unharmed();
 }
 
+/// The fuel of one more call of `op:NAME,..,SHAPE` (the hostile guest's `op` command): the
+/// run with two calls less the run with one.
+fn one_more_call(op: &str, shape: &str) -> u64 {
+    let fuel = |reps: u32| {
+        let command = format!("op:{op},{reps}{shape}");
+        let outcome = hostile_run(&command, &Limits::default()).expect(&command);
+        let Output::Text(text) = outcome.output else {
+            panic!("expected text")
+        };
+        assert_eq!(text, format!("{op} x{reps}"));
+        outcome.usage.fuel_consumed
+    };
+    fuel(2) - fuel(1)
+}
+
+#[test]
+fn stream_writes_and_reads_cost_fuel_by_the_byte() {
+    use wasm_infer::wasi_cost::{stream, STREAM_PER_BYTE, WASI_CALL};
+    assert_eq!((WASI_CALL, STREAM_PER_BYTE), (100, 1));
+    assert_eq!(stream(65_536), 65_636);
+    // One stdout `write` of 64 KiB against one of 1 byte: the guest passes a pointer and a
+    // length either way, so what differs is the host's charge, 1 a byte: 65,535. It was 0
+    // (a write cost the guest's own 23 instructions whatever its size).
+    assert_eq!(
+        one_more_call("write", ",65536") - one_more_call("write", ",1"),
+        65_535
+    );
+    // A write of nothing still costs the floor; the floors cancel here, so the 1-byte write
+    // is 1 more than the empty one.
+    assert_eq!(
+        one_more_call("write", ",1") - one_more_call("write", ",0"),
+        1
+    );
+    // A stdin `read` is charged for what it asks (capped at 64 KiB per call), before it finds
+    // stdin closed: 65,535 between 64 KiB and 1 byte, and nothing more for 1 GiB.
+    let read = |len: u64| one_more_call("read", &format!(",{len}"));
+    assert_eq!(read(65_536) - read(1), 65_535);
+    assert_eq!(read(1 << 30), read(65_536));
+    assert_eq!(wasm_infer::MAX_STREAM_BYTES_PER_CALL, 65_536);
+}
+
+#[test]
+fn a_poll_costs_its_floor_and_100_a_pollable() {
+    use wasm_infer::wasi_cost::{poll, POLL_PER_POLLABLE, WASI_CALL};
+    assert_eq!(POLL_PER_POLLABLE, 100);
+    assert_eq!(poll(1000), WASI_CALL + 100_000);
+    // One `poll` of 1,000 entries against one of 1 (the guest's side of the call is the same,
+    // and both answer [0]): 999 entries at 100 each. It was 0.
+    assert_eq!(
+        one_more_call("poll", ",1000") - one_more_call("poll", ",1"),
+        99_900
+    );
+}
+
+#[test]
+fn no_wasi_call_is_free() {
+    // `get-stdout` and dropping the stream it returns: two calls to wasmtime-wasi's own
+    // implementations, each charged the 100-unit floor as it returns. The guest's loop around
+    // them is a few dozen instructions; before the floors the whole iteration cost that.
+    let iteration = one_more_call("stdout", "");
+    let floors = 2 * wasm_infer::wasi_cost::WASI_CALL;
+    assert!(
+        (floors..floors + 100).contains(&iteration),
+        "{iteration} against {floors}"
+    );
+    // And a cap one unit short of the floors' total ends the run out of fuel.
+    let run = |limits: &Limits| hostile_run("op:stdout,1000", limits);
+    let needed = run(&Limits::default()).unwrap().usage.fuel_consumed;
+    assert!(needed > 1000 * floors);
+    let exact = Limits::default().fuel(needed);
+    assert_eq!(run(&exact).unwrap().usage.fuel_consumed, needed);
+    assert!(matches!(
+        limit(run(&Limits::default().fuel(needed - 1))),
+        LimitExceeded::Fuel { .. }
+    ));
+}
+
 // --- concurrency --------------------------------------------------------------------------
 
 #[test]

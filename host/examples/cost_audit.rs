@@ -8,7 +8,9 @@
 //! fuel, so fixed costs (instantiation, making the operands) cancel out. Each figure is the
 //! median of three such pairs. `ratio` is that figure over the typical wasm loop's (`work:N`).
 //!
-//! Usage: `cargo run --release --example cost_audit -- HOSTILE_WASM`. Prints a Markdown table.
+//! Usage: `cargo run --release --example cost_audit -- HOSTILE_WASM [ONLY]` (ONLY keeps the
+//! rows whose name contains it). Prints a Markdown table. `... HOSTILE_WASM overshoot` measures
+//! instead how far past a wall-time limit runs of long host calls go (docs/cost-audit.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -218,15 +220,33 @@ fn main() {
         ),
         ("wasi output-stream.write", "1 B", Box::new(op("write,1"))),
         (
+            "wasi input-stream.read",
+            "64 KiB (stdin closed)",
+            Box::new(op("read,65536")),
+        ),
+        ("wasi poll", "1,000 pollables", Box::new(op("poll,1000"))),
+        ("wasi poll", "1 pollable", Box::new(op("poll,1"))),
+        ("wasi get-stdout + drop", "2 calls", Box::new(op("stdout"))),
+        (
             "result copy-out",
             "bytes:N (1 MiB steps)",
             Box::new(|n| format!("bytes:{}", n << 20)),
         ),
     ];
+    if std::env::args().nth(2).as_deref() == Some("overshoot") {
+        overshoot(&model, &limits);
+        return;
+    }
+    // An optional second argument keeps only the rows whose name contains it (and the typical
+    // loop, the unit of the ratios).
+    let only = std::env::args().nth(2);
     let mut typical = None;
     println!("| host call | shape | ns per fuel | ratio to the typical wasm loop |");
     println!("|---|---|---:|---:|");
     for (name, shape, command) in &rows {
+        if typical.is_some() && only.as_deref().is_some_and(|only| !name.contains(only)) {
+            continue;
+        }
         // Output past 64 MiB would need more memory than the audit is worth.
         let max_reps = if name.starts_with("result") {
             63
@@ -236,5 +256,58 @@ fn main() {
         let ns = ns_per_fuel(&model, &limits, command.as_ref(), max_reps);
         let base = *typical.get_or_insert(ns);
         println!("| {name} | {shape} | {ns:.3} | {:.1}x |", ns / base);
+    }
+}
+
+/// `cost_audit HOSTILE_WASM overshoot`: how far past a 100 ms wall-time limit a run goes when
+/// the deadline falls inside long host calls, against how long one such call takes (what a
+/// call that does not check the deadline as it goes could add). Medians and maxima of 5 runs.
+fn overshoot(model: &Model, limits: &Limits) {
+    let wall = Duration::from_millis(100);
+    let limited = limits.clone().wall_time(wall);
+    let cases = [
+        (
+            "attention, 1 head 2048x1024 (2^33 MACs)",
+            "attention",
+            "2048,1024,1",
+        ),
+        (
+            "linear 2048x1024·2048 (2^32 MACs)",
+            "linear",
+            "2048,1024,2048",
+        ),
+        ("get-random-bytes 1 MiB", "random", "1048576"),
+        ("output-stream.write 64 KiB", "write", "65536"),
+    ];
+    println!("| calls in a loop | one call (ms) | past a 100 ms limit: median (ms) | max (ms) |");
+    println!("|---|---:|---:|---:|");
+    for (label, name, shape) in cases {
+        let wall_of = |reps: u64| {
+            let outcome = model
+                .run(Input::Text(format!("op:{name},{reps},{shape}")), limits)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            outcome.usage.wall_time.as_secs_f64() * 1e3
+        };
+        let mut one: Vec<f64> = (0..3).map(|_| wall_of(2) - wall_of(1)).collect();
+        one.sort_by(f64::total_cmp);
+        let mut past: Vec<f64> = (0..5)
+            .map(|_| {
+                let command = format!("op:{name},1000000,{shape}");
+                match model.run(Input::Text(command), &limited) {
+                    Err(e) => match e.error.limit() {
+                        Some(&wasm_infer::LimitExceeded::WallTime { elapsed, .. }) => {
+                            (elapsed - wall).as_secs_f64() * 1e3
+                        }
+                        _ => panic!("{name}: {}", e.error),
+                    },
+                    Ok(_) => panic!("{name}: finished inside the limit"),
+                }
+            })
+            .collect();
+        past.sort_by(f64::total_cmp);
+        println!(
+            "| {label} | {:.1} | {:.1} | {:.1} |",
+            one[1], past[2], past[4]
+        );
     }
 }

@@ -57,5 +57,6 @@ pub use runtime::{
     DEFAULT_NAN_CANONICALIZATION,
 };
 pub use usage::Usage;
-pub use wasi::MAX_RANDOM_BYTES_PER_CALL;
+pub use wasi::cost as wasi_cost;
+pub use wasi::{MAX_RANDOM_BYTES_PER_CALL, MAX_STREAM_BYTES_PER_CALL};
 pub use wasmtime::Trap;

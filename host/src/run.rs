@@ -113,6 +113,7 @@ fn usage_of(
         device_downloaded_bytes: state.device.downloaded,
         accel_ops: state.device.ops,
         accel_refusals: state.device.refusals,
+        accel_interrupted: state.device.interrupted,
     }
 }
 

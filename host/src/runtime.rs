@@ -188,9 +188,7 @@ impl Runtime {
             });
         }
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
-        crate::wasi::add_frozen_clock(&mut linker).map_err(internal)?;
-        crate::wasi::add_metered_random(&mut linker).map_err(internal)?;
+        crate::wasi::add_to_linker(&mut linker).map_err(internal)?;
         crate::accel::add_to_linker(&mut linker).map_err(internal)?;
         let accel =
             Arc::new(Accel::new(config.accel, config.device_memory).map_err(Error::Config)?);

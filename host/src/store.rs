@@ -85,6 +85,8 @@ pub(crate) struct RunState {
     pub(crate) instantiated: Option<(Instant, u64)>,
     /// How much the host may copy out of the guest (see [`CopyBudgets`]).
     pub(crate) copy_budgets: CopyBudgets,
+    /// Fuel owed by the WASI calls now in progress (see [`wasi::WasiMeter`]).
+    wasi_owed: u64,
 }
 
 /// How many bytes the host may copy out of the guest, and so allocate for it, in one crossing
@@ -141,6 +143,7 @@ impl RunState {
                 result: result_budget(limits),
                 returned: false,
             },
+            wasi_owed: 0,
         }
     }
 
@@ -160,6 +163,15 @@ impl WasiView for RunState {
     }
 }
 
+impl wasi::WasiMeter for RunState {
+    fn wasi_owed(&mut self) -> &mut u64 {
+        &mut self.wasi_owed
+    }
+    fn wasi_deadline_passed(&mut self) -> bool {
+        self.deadline.check()
+    }
+}
+
 impl AccelState for RunState {
     fn device(&mut self) -> &mut RunDevice {
         &mut self.device
@@ -169,6 +181,9 @@ impl AccelState for RunState {
     }
     fn deadline_passed(&mut self) -> bool {
         self.deadline.check()
+    }
+    fn deadline_at(&mut self) -> Instant {
+        self.deadline.started() + self.deadline.limit
     }
 }
 
@@ -251,11 +266,14 @@ pub(crate) fn new_store(
     // A call into the host gets the calls budget; wasm returning to the host (the export's
     // result, or the guest's allocator called back while the host hands it a result) gets
     // the result budget, until the guest calls the host again.
+    // A WASI call's floor (recorded by the call, see `wasi::WasiMeter`) is charged as it
+    // returns.
     store.call_hook(|mut ctx, hook| {
         let returned = match hook {
             CallHook::CallingHost => false,
             CallHook::ReturningFromWasm => true,
-            _ => return Ok(()),
+            CallHook::ReturningFromHost => return wasi::settle(&mut ctx),
+            CallHook::CallingWasm => return Ok(()),
         };
         let budgets = &mut ctx.data_mut().copy_budgets;
         budgets.returned = returned;

@@ -7,11 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable, WasmList};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
-use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError, StreamResult};
+use wasmtime_wasi::p2::bindings::io::streams::StreamError as WitStreamError;
+use wasmtime_wasi::p2::{
+    DynInputStream, DynOutputStream, DynPollable, OutputStream, Pollable, StreamError, StreamResult,
+};
 use wasmtime_wasi::random::Deterministic;
 use wasmtime_wasi::{WasiCtx, WasiView};
 
@@ -29,35 +32,187 @@ const FIXED_WALL_CLOCK: Duration = Duration::from_secs(946_684_800);
 /// 16 bytes; a guest that wants more calls again.
 pub const MAX_RANDOM_BYTES_PER_CALL: u64 = 1 << 20;
 
-/// Fuel for `get-random-bytes` and `get-insecure-random-bytes`: a floor per call plus 16 per
-/// byte, taken before any byte is made (the seeded generator costs about 5 ns of host CPU a
-/// byte: `just cost-audit`).
+/// The fuel cost model of WASI calls: each a deterministic function of the call's arguments.
+/// Every linked WASI function costs at least [`cost::WASI_CALL`]; those whose work grows with
+/// an argument (random bytes, stream writes and reads, the pollables of one `poll`) add a
+/// charge per unit of it, taken before the work (figures: `just cost-audit`,
+/// docs/cost-audit.md).
 pub mod cost {
-    /// Every call.
-    pub const RANDOM_CALL: u64 = 100;
-    /// Per byte asked for.
+    /// Every WASI call's floor (a table lookup, a context switch into the host: about 50-100
+    /// ns of host CPU).
+    pub const WASI_CALL: u64 = 100;
+    /// Every random-bytes call.
+    pub const RANDOM_CALL: u64 = WASI_CALL;
+    /// Per random byte asked for (the seeded generator: about 5 ns a byte).
     pub const RANDOM_PER_BYTE: u64 = 16;
+    /// Per byte a stream call asks to move (written, read, skipped or spliced: copied once or
+    /// twice, about 0.1 ns a byte).
+    pub const STREAM_PER_BYTE: u64 = 1;
+    /// Per entry of a `poll` list (looked up, grouped, a future made for it).
+    pub const POLL_PER_POLLABLE: u64 = 100;
 
     /// A random-bytes call for `len` bytes.
     pub fn random(len: u64) -> u64 {
         RANDOM_CALL.saturating_add(len.saturating_mul(RANDOM_PER_BYTE))
     }
+    /// A stream call that asks to move `bytes` bytes (after the per-call cap).
+    pub fn stream(bytes: u64) -> u64 {
+        WASI_CALL.saturating_add(bytes.saturating_mul(STREAM_PER_BYTE))
+    }
+    /// A `poll` of `pollables` entries.
+    pub fn poll(pollables: u64) -> u64 {
+        WASI_CALL.saturating_add(pollables.saturating_mul(POLL_PER_POLLABLE))
+    }
+}
+
+/// Most bytes one stream call moves: a `write` or `write-zeroes` past it is refused (it is
+/// the [`LOG_WRITE_PERMIT`] that `check-write` grants), a `read`, `skip` or `splice` asking
+/// for more is served as if it asked for this much (WASI lets a read return fewer bytes).
+pub const MAX_STREAM_BYTES_PER_CALL: u64 = LOG_WRITE_PERMIT as u64;
+
+/// What a store must give the metered WASI functions: its WASI view, and a place to record
+/// the floor of calls that go through wasmtime-wasi's own implementations, which see only the
+/// store's data. The store settles that debt as the call returns to the guest (its
+/// `ReturningFromHost` call hook, [`settle`]).
+pub(crate) trait WasiMeter: WasiView + Send + 'static {
+    /// Fuel owed by WASI calls made since the last settlement.
+    fn wasi_owed(&mut self) -> &mut u64;
+    /// Whether the run's wall-time limit has passed (recording it for the run's result).
+    fn wasi_deadline_passed(&mut self) -> bool;
+}
+
+/// Starts a WASI call whose work grows with its arguments: the run's deadline, then `fuel`
+/// (a trap if either is spent), before any of the work. Each such call's work is capped
+/// (1 MiB of random bytes, 64 KiB moved on a stream), so past the deadline a run goes on for
+/// at most one epoch tick plus one call.
+fn begin<T: WasiMeter>(
+    store: &mut wasmtime::StoreContextMut<'_, T>,
+    fuel: u64,
+) -> wasmtime::Result<()> {
+    if store.data_mut().wasi_deadline_passed() {
+        return Err(wasmtime::Trap::Interrupt.into());
+    }
+    crate::accel::charge(store, fuel)
+}
+
+/// Charges the fuel that WASI calls owe (the floor of the calls that do no work in proportion
+/// to their arguments); a trap when the run has not that much left.
+pub(crate) fn settle<T: WasiMeter>(
+    store: &mut wasmtime::StoreContextMut<'_, T>,
+) -> wasmtime::Result<()> {
+    let owed = std::mem::take(store.data_mut().wasi_owed());
+    if owed > 0 {
+        crate::accel::charge(store, owed)?;
+    }
+    Ok(())
+}
+
+/// The getters through which wasmtime-wasi's implementations reach the store: each counts
+/// one call's floor ([`cost::WASI_CALL`]), so no linked function is free.
+mod getters {
+    use super::{cost, WasiMeter};
+    use wasmtime::component::ResourceTable;
+    use wasmtime_wasi::cli::{WasiCliCtxView, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocksCtxView, WasiClocksView};
+    use wasmtime_wasi::filesystem::{WasiFilesystemCtxView, WasiFilesystemView};
+    use wasmtime_wasi::random::WasiRandomCtx;
+    use wasmtime_wasi::sockets::{WasiSocketsCtxView, WasiSocketsView};
+
+    fn owe<T: WasiMeter>(t: &mut T) {
+        let owed = t.wasi_owed();
+        *owed = owed.saturating_add(cost::WASI_CALL);
+    }
+    pub(super) fn io<T: WasiMeter>(t: &mut T) -> &mut ResourceTable {
+        owe(t);
+        t.ctx().table
+    }
+    pub(super) fn cli<T: WasiMeter>(t: &mut T) -> WasiCliCtxView<'_> {
+        owe(t);
+        t.cli()
+    }
+    pub(super) fn clocks<T: WasiMeter>(t: &mut T) -> WasiClocksCtxView<'_> {
+        owe(t);
+        t.clocks()
+    }
+    pub(super) fn filesystem<T: WasiMeter>(t: &mut T) -> WasiFilesystemCtxView<'_> {
+        owe(t);
+        t.filesystem()
+    }
+    pub(super) fn random<T: WasiMeter>(t: &mut T) -> &mut WasiRandomCtx {
+        owe(t);
+        t.ctx().ctx.random()
+    }
+    pub(super) fn sockets<T: WasiMeter>(t: &mut T) -> WasiSocketsCtxView<'_> {
+        owe(t);
+        t.sockets()
+    }
+}
+
+/// [`HasData`] for wasi:io: wasmtime-wasi-io implements it on the resource table.
+struct Io;
+
+impl HasData for Io {
+    type Data<'a> = &'a mut ResourceTable;
+}
+
+/// Links every WASI interface wasmtime-wasi offers (its `add_to_linker_async`: the
+/// `wasi:cli/imports` world), each function metered: through [`getters`] a floor per call, and
+/// for the functions whose work grows with an argument a charge taken before the work
+/// ([`add_metered_random`], [`add_metered_streams`], [`add_metered_poll`]). The monotonic
+/// clock is the frozen one ([`add_frozen_clock`]).
+pub(crate) fn add_to_linker<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::cli::WasiCli;
+    use wasmtime_wasi::clocks::WasiClocks;
+    use wasmtime_wasi::filesystem::WasiFilesystem;
+    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, io, random, sockets};
+    use wasmtime_wasi::random::WasiRandom;
+    use wasmtime_wasi::sockets::WasiSockets;
+    let l = linker;
+    io::error::add_to_linker::<T, Io>(l, getters::io)?;
+    io::poll::add_to_linker::<T, Io>(l, getters::io)?;
+    io::streams::add_to_linker::<T, Io>(l, getters::io)?;
+    clocks::wall_clock::add_to_linker::<T, WasiClocks>(l, getters::clocks)?;
+    filesystem::preopens::add_to_linker::<T, WasiFilesystem>(l, getters::filesystem)?;
+    filesystem::types::add_to_linker::<T, WasiFilesystem>(l, getters::filesystem)?;
+    random::random::add_to_linker::<T, WasiRandom>(l, getters::random)?;
+    random::insecure::add_to_linker::<T, WasiRandom>(l, getters::random)?;
+    random::insecure_seed::add_to_linker::<T, WasiRandom>(l, getters::random)?;
+    cli::exit::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::environment::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::stdin::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::stdout::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::stderr::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::terminal_input::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::terminal_output::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::terminal_stdin::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::terminal_stdout::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    cli::terminal_stderr::add_to_linker::<T, WasiCli>(l, getters::cli)?;
+    sockets::tcp_create_socket::add_to_linker::<T, WasiSockets>(l, getters::sockets)?;
+    sockets::instance_network::add_to_linker::<T, WasiSockets>(l, getters::sockets)?;
+    sockets::network::add_to_linker::<T, WasiSockets>(l, &Default::default(), getters::sockets)?;
+    sockets::ip_name_lookup::add_to_linker::<T, WasiSockets>(l, getters::sockets)?;
+    sockets::tcp::add_to_linker::<T, WasiSockets>(l, getters::sockets)?;
+    sockets::udp::add_to_linker::<T, WasiSockets>(l, getters::sockets)?;
+    sockets::udp_create_socket::add_to_linker::<T, WasiSockets>(l, getters::sockets)?;
+    add_frozen_clock(l)?;
+    add_metered_random(l)?;
+    add_metered_streams(l)?;
+    add_metered_poll(l)?;
+    Ok(())
 }
 
 /// Replaces wasmtime-wasi's `get-random-bytes` and `get-insecure-random-bytes` (which cost the
 /// guest no fuel however many bytes it asks for) with the same generators behind a charge of
 /// [`cost::random`], taken before the bytes are made; past [`MAX_RANDOM_BYTES_PER_CALL`] the
 /// call traps as before.
-pub(crate) fn add_metered_random<T: WasiView + 'static>(
-    linker: &mut Linker<T>,
-) -> wasmtime::Result<()> {
+pub(crate) fn add_metered_random<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     use wasmtime_wasi::p2::bindings::random::{insecure, random};
     linker.allow_shadowing(true);
     let linked = (|| -> wasmtime::Result<()> {
         linker.instance("wasi:random/random@0.2.12")?.func_wrap(
             "get-random-bytes",
             |mut store: wasmtime::StoreContextMut<'_, T>, (len,): (u64,)| {
-                crate::accel::charge(&mut store, cost::random(len))?;
+                begin(&mut store, cost::random(len))?;
                 let ctx = store.data_mut().ctx().ctx.random();
                 Ok((random::Host::get_random_bytes(ctx, len)?,))
             },
@@ -65,13 +220,235 @@ pub(crate) fn add_metered_random<T: WasiView + 'static>(
         linker.instance("wasi:random/insecure@0.2.12")?.func_wrap(
             "get-insecure-random-bytes",
             |mut store: wasmtime::StoreContextMut<'_, T>, (len,): (u64,)| {
-                crate::accel::charge(&mut store, cost::random(len))?;
+                begin(&mut store, cost::random(len))?;
                 let ctx = store.data_mut().ctx().ctx.random();
                 Ok((insecure::Host::get_insecure_random_bytes(ctx, len)?,))
             },
         )?;
         Ok(())
     })();
+    linker.allow_shadowing(false);
+    linked
+}
+
+type Store<'a, T> = wasmtime::StoreContextMut<'a, T>;
+type StreamAnswer<R> = wasmtime::Result<(Result<R, WitStreamError>,)>;
+type Boxed<'a, R> = Box<dyn std::future::Future<Output = StreamAnswer<R>> + Send + 'a>;
+
+/// A stream result as the guest sees it (a trap stays a trap).
+fn answer<R>(table: &mut ResourceTable, result: StreamResult<R>) -> StreamAnswer<R> {
+    use wasmtime_wasi::p2::bindings::io::streams::Host;
+    match result {
+        Ok(r) => Ok((Ok(r),)),
+        Err(e) => Ok((Err(table.convert_stream_error(e)?),)),
+    }
+}
+
+/// Replaces wasi:io/streams' functions that move a guest-chosen number of bytes with the same
+/// implementations behind a charge of [`cost::stream`], taken before any byte moves: `write`
+/// and `write-zeroes` past what `check-write` grants trap before the bytes are copied out of
+/// the guest (WASI calls that an error), the blocking forms past their 4,096 bytes likewise,
+/// and reads, skips and splices are capped at [`MAX_STREAM_BYTES_PER_CALL`] and charged for
+/// what they ask, whatever the stream then has.
+pub(crate) fn add_metered_streams<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::io::streams::{HostInputStream, HostOutputStream};
+    let capped = |len: u64| len.min(MAX_STREAM_BYTES_PER_CALL);
+    linker.allow_shadowing(true);
+    let linked = (|| -> wasmtime::Result<()> {
+        let mut streams = linker.instance("wasi:io/streams@0.2.12")?;
+        streams.func_wrap(
+            "[method]output-stream.write",
+            |mut store: Store<'_, T>,
+             (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)|
+             -> StreamAnswer<()> {
+                let table = store.data_mut().ctx().table;
+                let permit = match table.get_mut(&stream)?.check_write() {
+                    Ok(permit) => permit,
+                    Err(e) => return answer(table, Err(e)),
+                };
+                if bytes.len() > permit {
+                    return Err(over_permit(bytes.len(), permit));
+                }
+                begin(&mut store, cost::stream(bytes.len() as u64))?;
+                let data = bytes.as_le_slice(&store).to_vec();
+                let table = store.data_mut().ctx().table;
+                let written = table.write(stream, data);
+                answer(table, written)
+            },
+        )?;
+        streams.func_wrap(
+            "[method]output-stream.write-zeroes",
+            |mut store: Store<'_, T>, (stream, len): (Resource<DynOutputStream>, u64)| {
+                let table = store.data_mut().ctx().table;
+                let permit = match table.get_mut(&stream)?.check_write() {
+                    Ok(permit) => permit,
+                    Err(e) => return answer(table, Err(e)),
+                };
+                if len > permit as u64 {
+                    return Err(over_permit(len as usize, permit));
+                }
+                begin(&mut store, cost::stream(len))?;
+                let table = store.data_mut().ctx().table;
+                let written = table.write_zeroes(stream, len);
+                answer(table, written)
+            },
+        )?;
+        streams.func_wrap_async(
+            "[method]output-stream.blocking-write-and-flush",
+            |mut store: Store<'_, T>,
+             (stream, bytes): (Resource<DynOutputStream>, WasmList<u8>)|
+             -> Boxed<'_, ()> {
+                let len = bytes.len();
+                let data = if len > BLOCKING_WRITE_MAX {
+                    Err(blocking_too_large("blocking-write-and-flush"))
+                } else {
+                    begin(&mut store, cost::stream(len as u64))
+                        .map(|()| bytes.as_le_slice(&store).to_vec())
+                };
+                Box::new(async move {
+                    let data = data?;
+                    let table = store.data_mut().ctx().table;
+                    let written = table.blocking_write_and_flush(stream, data).await;
+                    answer(table, written)
+                })
+            },
+        )?;
+        streams.func_wrap_async(
+            "[method]output-stream.blocking-write-zeroes-and-flush",
+            |mut store: Store<'_, T>,
+             (stream, len): (Resource<DynOutputStream>, u64)|
+             -> Boxed<'_, ()> {
+                let charged = if len > BLOCKING_WRITE_MAX as u64 {
+                    Err(blocking_too_large("blocking-write-zeroes-and-flush"))
+                } else {
+                    begin(&mut store, cost::stream(len))
+                };
+                Box::new(async move {
+                    charged?;
+                    let table = store.data_mut().ctx().table;
+                    let written = table.blocking_write_zeroes_and_flush(stream, len).await;
+                    answer(table, written)
+                })
+            },
+        )?;
+        streams.func_wrap(
+            "[method]output-stream.splice",
+            move |mut store: Store<'_, T>,
+                  (dest, src, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
+                let len = capped(len);
+                begin(&mut store, cost::stream(len))?;
+                let table = store.data_mut().ctx().table;
+                let moved = table.splice(dest, src, len);
+                answer(table, moved)
+            },
+        )?;
+        streams.func_wrap_async(
+            "[method]output-stream.blocking-splice",
+            move |mut store: Store<'_, T>,
+                  (dest, src, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)|
+                  -> Boxed<'_, u64> {
+                let len = capped(len);
+                let charged = begin(&mut store, cost::stream(len));
+                Box::new(async move {
+                    charged?;
+                    let table = store.data_mut().ctx().table;
+                    let moved = table.blocking_splice(dest, src, len).await;
+                    answer(table, moved)
+                })
+            },
+        )?;
+        streams.func_wrap(
+            "[method]input-stream.read",
+            move |mut store: Store<'_, T>, (stream, len): (Resource<DynInputStream>, u64)| {
+                let len = capped(len);
+                begin(&mut store, cost::stream(len))?;
+                let table = store.data_mut().ctx().table;
+                let read = table.read(stream, len);
+                answer(table, read)
+            },
+        )?;
+        streams.func_wrap_async(
+            "[method]input-stream.blocking-read",
+            move |mut store: Store<'_, T>,
+                  (stream, len): (Resource<DynInputStream>, u64)|
+                  -> Boxed<'_, Vec<u8>> {
+                let len = capped(len);
+                let charged = begin(&mut store, cost::stream(len));
+                Box::new(async move {
+                    charged?;
+                    let table = store.data_mut().ctx().table;
+                    let read = table.blocking_read(stream, len).await;
+                    answer(table, read)
+                })
+            },
+        )?;
+        streams.func_wrap(
+            "[method]input-stream.skip",
+            move |mut store: Store<'_, T>, (stream, len): (Resource<DynInputStream>, u64)| {
+                let len = capped(len);
+                begin(&mut store, cost::stream(len))?;
+                let table = store.data_mut().ctx().table;
+                let skipped = table.skip(stream, len);
+                answer(table, skipped)
+            },
+        )?;
+        streams.func_wrap_async(
+            "[method]input-stream.blocking-skip",
+            move |mut store: Store<'_, T>,
+                  (stream, len): (Resource<DynInputStream>, u64)|
+                  -> Boxed<'_, u64> {
+                let len = capped(len);
+                let charged = begin(&mut store, cost::stream(len));
+                Box::new(async move {
+                    charged?;
+                    let table = store.data_mut().ctx().table;
+                    let skipped = table.blocking_skip(stream, len).await;
+                    answer(table, skipped)
+                })
+            },
+        )?;
+        Ok(())
+    })();
+    linker.allow_shadowing(false);
+    linked
+}
+
+/// Most bytes a `blocking-write-and-flush` or `blocking-write-zeroes-and-flush` may carry
+/// (WASI's figure, which wasmtime-wasi enforces after copying; here before).
+const BLOCKING_WRITE_MAX: usize = 4096;
+
+fn blocking_too_large(what: &str) -> wasmtime::Error {
+    wasmtime::format_err!("Buffer too large for {what} (expected at most {BLOCKING_WRITE_MAX})")
+}
+
+fn over_permit(len: usize, permit: usize) -> wasmtime::Error {
+    wasmtime::format_err!(
+        "a write of {len} bytes to stdout or stderr, over the {permit} bytes check-write permits"
+    )
+}
+
+/// Replaces `wasi:io/poll.poll` with the same implementation behind a charge of
+/// [`cost::poll`] for the list's length, taken before any pollable is looked at.
+pub(crate) fn add_metered_poll<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::io::poll::Host;
+    linker.allow_shadowing(true);
+    let linked = linker.instance("wasi:io/poll@0.2.12").and_then(|mut poll| {
+        poll.func_wrap_async(
+            "poll",
+            |mut store: Store<'_, T>,
+             (pollables,): (Vec<Resource<DynPollable>>,)|
+             -> Box<
+                dyn std::future::Future<Output = wasmtime::Result<(Vec<u32>,)>> + Send + '_,
+            > {
+                let charged = begin(&mut store, cost::poll(pollables.len() as u64));
+                Box::new(async move {
+                    charged?;
+                    let table = store.data_mut().ctx().table;
+                    Ok((table.poll(pollables).await?,))
+                })
+            },
+        )
+    });
     linker.allow_shadowing(false);
     linked
 }
@@ -126,12 +503,14 @@ impl HostMonotonicClock for VirtualMonotonicClock {
 /// is ready at once and any later one never is. A guest that polls a timer between units of
 /// work therefore sees the same answer on every run, whatever the host's speed or load; one
 /// that blocks on a future timer waits until its wall-time limit ends the run.
-pub(crate) fn add_frozen_clock<T: WasiView + 'static>(
-    linker: &mut Linker<T>,
-) -> wasmtime::Result<()> {
+pub(crate) fn add_frozen_clock<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let linked = monotonic_clock::add_to_linker::<T, FrozenClock>(linker, |state| FrozenTimers {
-        table: state.ctx().table,
+    let linked = monotonic_clock::add_to_linker::<T, FrozenClock>(linker, |state| {
+        let owed = state.wasi_owed();
+        *owed = owed.saturating_add(cost::WASI_CALL);
+        FrozenTimers {
+            table: state.ctx().table,
+        }
     });
     linker.allow_shadowing(false);
     linked

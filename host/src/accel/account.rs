@@ -29,6 +29,8 @@ pub(crate) struct RunDevice {
     pub(crate) downloaded: u64,
     pub(crate) ops: u64,
     pub(crate) refusals: u64,
+    /// Calls stopped part-way at the run's deadline.
+    pub(crate) interrupted: u64,
     /// Where refusals and grants are recorded, for classifying a run that then fails.
     attribution: Attribution,
 }
@@ -52,6 +54,7 @@ impl RunDevice {
             downloaded: 0,
             ops: 0,
             refusals: 0,
+            interrupted: 0,
             attribution,
         }
     }

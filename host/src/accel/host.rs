@@ -24,6 +24,8 @@ pub(crate) trait AccelState: Send + 'static {
     fn tensors(&mut self) -> &mut ResourceTable;
     /// Whether the run's wall-time limit has passed (recording it for the run's result).
     fn deadline_passed(&mut self) -> bool;
+    /// When the run's wall-time limit passes (for long calls to check as they go).
+    fn deadline_at(&mut self) -> std::time::Instant;
 }
 
 /// The fuel cost model of accel calls: each a deterministic function of the call's shapes,
@@ -161,6 +163,11 @@ pub mod scratch {
 pub const MAX_OP_MACS: u64 = 1 << 33;
 /// Largest tensor one call may create, in elements (2^31: 8 GiB of f32).
 pub const MAX_ELEMENTS: u64 = 1 << 31;
+/// Most multiply-accumulates an `attention` does between two checks of the run's deadline
+/// (2^26, about 10-30 ms of one core): a longer one is computed in slices of heads and query
+/// rows, and past the deadline it stops at the next slice and the run ends with its wall-time
+/// error. MiniLM's attention (12.6 million) is one slice.
+pub const ATTENTION_SLICE_MACS: u64 = 1 << 26;
 
 type Store<'a, T> = StoreContextMut<'a, T>;
 type Answer<T> = wasmtime::Result<(Result<T, AccelError>,)>;
@@ -523,10 +530,27 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             }
             let work = cost::attention(tokens, hidden, u64::from(heads)) - cost::CALL;
             let held = scratch::attention(tokens, hidden, u64::from(heads));
+            let deadline = store.data_mut().deadline_at();
+            let stopped = std::cell::Cell::new(false);
             let created = create(&mut store, elements, held, work, || {
-                multi_head_attention(&q, &k, &v, heads as usize).map_err(failure)
-            })?;
-            Ok((created,))
+                let past = || std::time::Instant::now() >= deadline;
+                match multi_head_attention(&q, &k, &v, heads as usize, ATTENTION_SLICE_MACS, &past)
+                {
+                    Ok(Some(out)) => Ok(out),
+                    Ok(None) => {
+                        stopped.set(true);
+                        Err(AccelError::DeviceFailure(String::new()))
+                    }
+                    Err(e) => Err(failure(e)),
+                }
+            });
+            if stopped.get() {
+                // Stopped between two slices at the deadline (recorded for the run's error).
+                store.data_mut().deadline_passed();
+                store.data_mut().device().interrupted += 1;
+                return Err(Trap::Interrupt.into());
+            }
+            Ok((created?,))
         },
     )?;
 
@@ -664,13 +688,17 @@ fn attention_dims(
 /// What [`attention_dims`] accepted, computed as the guest's candle would: per head,
 /// softmax(q·kᵀ / √head_size)·v. Every step reduces within one row on one thread (candle's CPU
 /// matmul splits its output between threads, never a sum), so the bits do not depend on the
-/// number of threads.
+/// number of threads, nor on the slices: heads, then query rows, at most `slice_macs`
+/// multiply-accumulates each (at least one row of one head). Before each slice `past` is
+/// asked whether to stop; `None` when it said so.
 fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-) -> candle_core::Result<Tensor> {
+    slice_macs: u64,
+    past: &dyn Fn() -> bool,
+) -> candle_core::Result<Option<Tensor>> {
     let (tokens, hidden) = q.dims2()?;
     let head_size = hidden / heads;
     let split = |t: &Tensor| -> candle_core::Result<Tensor> {
@@ -678,17 +706,61 @@ fn multi_head_attention(
             .transpose(0, 1)?
             .contiguous()
     };
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let scores = (q.matmul(&k.t()?.contiguous()?)? / (head_size as f64).sqrt())?;
-    // softmax over the last dimension, as candle_nn::ops::softmax: exp(x - max) / sum.
-    let max = scores.max_keepdim(D::Minus1)?;
-    let exp = scores.broadcast_sub(&max)?.exp()?;
-    let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
-    probs
-        .matmul(&v)?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((tokens, hidden))
+    let (q, kt, v) = (split(q)?, split(k)?.t()?.contiguous()?, split(v)?);
+    // q·kᵀ and probs·v for one query row of one head.
+    let row_macs = (2 * tokens * head_size).max(1) as u64;
+    let rows = (slice_macs / row_macs).clamp(1, tokens as u64) as usize;
+    let heads_per_slice = if rows == tokens {
+        (slice_macs / (row_macs * tokens as u64)).clamp(1, heads as u64) as usize
+    } else {
+        1
+    };
+    let mut by_head = Vec::new();
+    for h in (0..heads).step_by(heads_per_slice) {
+        let n = heads_per_slice.min(heads - h);
+        let (qh, kh, vh) = if n == heads {
+            (q.clone(), kt.clone(), v.clone())
+        } else {
+            (
+                q.narrow(0, h, n)?.contiguous()?,
+                kt.narrow(0, h, n)?.contiguous()?,
+                v.narrow(0, h, n)?.contiguous()?,
+            )
+        };
+        let mut by_row = Vec::new();
+        for r in (0..tokens).step_by(rows) {
+            if past() {
+                return Ok(None);
+            }
+            let m = rows.min(tokens - r);
+            let qr = if m == tokens {
+                qh.clone()
+            } else {
+                qh.narrow(1, r, m)?.contiguous()?
+            };
+            let scores = (qr.matmul(&kh)? / (head_size as f64).sqrt())?;
+            // softmax over the last dimension, as candle_nn::ops::softmax: exp(x - max) / sum.
+            let max = scores.max_keepdim(D::Minus1)?;
+            let exp = scores.broadcast_sub(&max)?.exp()?;
+            let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+            by_row.push(probs.matmul(&vh)?);
+        }
+        by_head.push(if by_row.len() == 1 {
+            by_row.pop().unwrap()
+        } else {
+            Tensor::cat(&by_row, 1)?
+        });
+    }
+    let out = if by_head.len() == 1 {
+        by_head.pop().unwrap()
+    } else {
+        Tensor::cat(&by_head, 0)?
+    };
+    Ok(Some(
+        out.transpose(0, 1)?
+            .contiguous()?
+            .reshape((tokens, hidden))?,
+    ))
 }
 
 /// Checks a layer norm's operands: `residual` shaped as `x`, `scale` and `shift` [last dim].
@@ -814,7 +886,8 @@ mod tests {
         let t =
             |v: &[f32], dims: (usize, usize)| Tensor::from_slice(v, dims, &Device::Cpu).unwrap();
         let (q, v) = (t(&[1., 0., 0., 1.], (2, 2)), t(&[1., 2., 3., 4.], (2, 2)));
-        let out: Vec<f32> = multi_head_attention(&q, &q, &v, 1)
+        let out: Vec<f32> = multi_head_attention(&q, &q, &v, 1, ATTENTION_SLICE_MACS, &|| false)
+            .unwrap()
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -848,5 +921,42 @@ mod tests {
             let want = (xi - 2.5) / 1.25f64.sqrt() * 2.0 + 1.0;
             assert!((f64::from(*got) - want).abs() < 1e-6, "{y:?}");
         }
+    }
+
+    #[test]
+    fn attention_in_slices_gives_the_same_bits_and_stops_between_slices() {
+        // 4 heads of 8 over 16 tokens, values from a fixed sequence.
+        let data: Vec<f32> = (0..16 * 32)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let q = Tensor::from_vec(data.clone(), (16, 32), &Device::Cpu).unwrap();
+        let k = (q.clone() * 0.5).unwrap();
+        let bits = |slice_macs: u64| -> Vec<u32> {
+            multi_head_attention(&q, &k, &q, 4, slice_macs, &|| false)
+                .unwrap()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        let whole = bits(u64::MAX);
+        // One row of one head a slice (64 slices); two heads a slice; four rows a slice.
+        for slice_macs in [1, 2 * 2 * 16 * 8 * 16, 4 * 2 * 16 * 8] {
+            assert_eq!(bits(slice_macs), whole, "slices of {slice_macs}");
+        }
+        // Told to stop before the third slice: it stops there, after asking three times.
+        let asked = std::cell::Cell::new(0);
+        let past = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        };
+        assert!(multi_head_attention(&q, &k, &q, 4, 1, &past)
+            .unwrap()
+            .is_none());
+        assert_eq!(asked.get(), 3);
     }
 }

@@ -39,7 +39,7 @@ use crate::bindings::wasm_infer::model::accel::{AccelError, BudgetRefusal, Devic
 
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, charge, AccelState};
-pub use host::{cost, DeviceTensor, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
+pub use host::{cost, DeviceTensor, ATTENTION_SLICE_MACS, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
 pub(crate) use resident::ModelWeights;
 use resident::Resident;
 pub use resident::{DEFAULT_RESIDENT_MEMORY, MAX_RESIDENTS, MAX_RESIDENT_NAME_BYTES};

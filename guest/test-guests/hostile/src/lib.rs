@@ -266,7 +266,9 @@ fn poll_timer(arg: &str) -> String {
 /// `gelu,R,N`, `attention,R,TOKENS,HIDDEN,HEADS`, `layer-norm,R,ROWS,N` (with a residual),
 /// `resident,R,N,P` (binds N floats under a new name `P.i` each time: a model's names outlive
 /// its runs, so P keeps them new; the content is hashed each time, copied once),
-/// `random,R,BYTES`, `insecure-random,R,BYTES`, `write,R,BYTES` (one stdout `write`).
+/// `random,R,BYTES`, `insecure-random,R,BYTES`, `write,R,BYTES` (one stdout `write`),
+/// `read,R,BYTES` (one stdin `read`, which is closed), `stdout,R` (`get-stdout` and the
+/// handle's drop), `poll,R,N` (one `poll` of N pollables, see [`raw_poll`]).
 fn op(arg: &str) -> Result<String, AccelError> {
     let mut parts = arg.split(',');
     let name = parts.next().expect("NAME");
@@ -344,9 +346,49 @@ fn op(arg: &str) -> Result<String, AccelError> {
                 stdout.write(&bytes).expect("write");
             }
         }
+        "read" => {
+            let stdin = wasip2::cli::stdin::get_stdin();
+            for _ in 0..reps {
+                black_box(stdin.read(u64::from(d[0])).err());
+            }
+        }
+        "stdout" => {
+            for _ in 0..reps {
+                drop(black_box(wasip2::cli::stdout::get_stdout()));
+            }
+        }
+        "poll" => {
+            // The first entry is ready, the other N - 1 never are: every poll answers [0],
+            // so the guest's side of each call is the same whatever N.
+            use wasip2::clocks::monotonic_clock::subscribe_duration;
+            let (ready, never) = (subscribe_duration(0), subscribe_duration(1));
+            let mut handles = vec![never.handle(); d[0] as usize];
+            handles[0] = ready.handle();
+            for _ in 0..reps {
+                assert_eq!(raw_poll(&handles), [0]);
+            }
+        }
         other => panic!("unknown op {other:?}"),
     }
     Ok(format!("{name} x{reps}"))
+}
+
+/// `wasi:io/poll.poll` called on a list of handles made once, so that a call's guest-side
+/// work does not grow with the list (wasip2's binding copies the list on every call).
+fn raw_poll(handles: &[u32]) -> Vec<u32> {
+    #[link(wasm_import_module = "wasi:io/poll@0.2.12")]
+    unsafe extern "C" {
+        #[link_name = "poll"]
+        fn poll(list: *const u32, len: usize, ret: *mut usize);
+    }
+    let mut ret = [0usize; 2];
+    // SAFETY: the canonical ABI of `poll(list<borrow<pollable>>) -> list<u32>`: the handles
+    // are live borrows, and the host writes the pointer and length of a list it allocated with
+    // the guest's allocator (align 4), which the Vec takes over.
+    unsafe {
+        poll(handles.as_ptr(), handles.len(), ret.as_mut_ptr());
+        Vec::from_raw_parts(ret[0] as *mut u32, ret[1], ret[1])
+    }
 }
 
 /// `chase:MIB,N`: N dependent loads over a random single cycle through MIB MiB of u32s.
