@@ -31,7 +31,14 @@ fn config(workers: u32) -> WorkerPoolConfig {
 
 #[test]
 fn forbidden_system_calls_kill_a_locked_down_process() {
-    for call in ["open", "socket", "execve", "fork"] {
+    for call in [
+        "open",
+        "socket",
+        "execve",
+        "fork",
+        "mmap_exec",
+        "mprotect_exec",
+    ] {
         let status = Command::new(binary())
             .args(["__lockdown-selftest", call])
             .status()
@@ -361,6 +368,45 @@ fn probe_pool_cgroup() {
 }
 
 #[test]
+fn a_pool_removes_the_empty_groups_of_processes_that_are_gone() {
+    // A server killed with SIGKILL leaves its (empty) group behind; the next pool removes it,
+    // and leaves a living process's group alone.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let first = WorkerPool::start(config(1)).unwrap();
+    let Ok(dirs) = first.cgroup() else {
+        assert!(!may_make_cgroups(), "no cgroup as root");
+        return;
+    };
+    let parents: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| d.parent().unwrap().to_path_buf())
+        .collect();
+    drop(first);
+    let stale: Vec<PathBuf> = parents
+        .iter()
+        .map(|p| p.join(format!("wasm-infer-workers-{gone_pid}-0")))
+        .collect();
+    let living: Vec<PathBuf> = parents
+        .iter()
+        .map(|p| p.join(format!("wasm-infer-workers-{}-999999", std::process::id())))
+        .collect();
+    for dir in stale.iter().chain(&living) {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let pool = WorkerPool::start(config(1)).unwrap();
+    for dir in &stale {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+    for dir in &living {
+        assert!(dir.exists(), "{} was removed", dir.display());
+        std::fs::remove_dir(dir).unwrap();
+    }
+    drop(pool);
+}
+
+#[test]
 fn a_worker_past_its_cgroup_memory_ceiling_is_killed_and_only_its_request_lost() {
     let mut config = config(1);
     config.models = vec![hostile_wasm()];
@@ -641,7 +687,17 @@ fn a_run_worker_is_locked_down_before_its_first_guest_instruction() {
     // variable reaches that process's workers, never this one's other tests' workers). In
     // the worker it fires right after the lock-down, where the models' first guest code (their
     // `info`) would run, standing in for that code escaped: an `openat` and the rest must kill.
-    for call in ["open", "socket", "execve", "fork", "dumpable", "setown"] {
+    // `mmap_exec`/`mprotect_exec`: no new executable memory once the code is linked.
+    for call in [
+        "open",
+        "socket",
+        "execve",
+        "fork",
+        "dumpable",
+        "setown",
+        "mmap_exec",
+        "mprotect_exec",
+    ] {
         let output = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "drill_pool_start", "--ignored", "--nocapture"])
             .env(wasm_infer::worker::ESCAPE_VAR, format!("run:{call}"))

@@ -113,14 +113,40 @@ fn open_procs(dir: &Path) -> Result<OwnedFd, String> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// How the workers' groups are named: this prefix, the creating process's id, a counter.
+const PREFIX: &str = "wasm-infer-workers-";
+
 /// A name no other pool of this process (tests start many at once) or earlier process uses.
 pub fn unique_name() -> String {
     static POOLS: AtomicU64 = AtomicU64::new(0);
     format!(
-        "wasm-infer-workers-{}-{}",
+        "{PREFIX}{}-{}",
         std::process::id(),
         POOLS.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Removes the empty groups left in `parent` by processes that are gone (a server killed with
+/// SIGKILL drops nothing). A group whose process still lives, or that still holds processes,
+/// stays (the kernel refuses to remove a group that is not empty).
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
 }
 
 impl Cgroup {
@@ -136,7 +162,9 @@ impl Cgroup {
         // v2 (unified): one directory, controllers in the subtree.
         if root.join("cgroup.controllers").is_file() {
             let own = own_path("").ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
-            let dir = root.join(own.trim_start_matches('/')).join(name);
+            let parent = root.join(own.trim_start_matches('/'));
+            remove_stale(&parent);
+            let dir = parent.join(name);
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             group.dirs.push(dir.clone());
             write(&dir, "memory.max", &limits.memory.to_string())?;
@@ -233,10 +261,9 @@ impl Cgroup {
 
     fn v1_dir(root: &Path, controller: &str, name: &str) -> Result<PathBuf, String> {
         let own = own_path(controller).ok_or(format!("no cgroup v1 {controller} hierarchy"))?;
-        let dir = root
-            .join(controller)
-            .join(own.trim_start_matches('/'))
-            .join(name);
+        let parent = root.join(controller).join(own.trim_start_matches('/'));
+        remove_stale(&parent);
+        let dir = parent.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(dir)
     }
