@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::limits::{DeviceAccess, Limits};
 use crate::serve::ratelimit::{Quota, RateLimitConfig};
+use crate::worker::cgroup::CgroupLimits;
 
 /// Default listen address: loopback only, so a server started without a config is not
 /// reachable from the network.
@@ -113,6 +114,23 @@ pub struct ServeConfig {
     /// Worker processes with `isolation = "process"` (default: the number of CPUs, at most
     /// `pool_slots`); each runs one request at a time.
     pub workers: Option<u32>,
+    /// Put the workers in a cgroup where this process may create one (default `true`): a
+    /// memory ceiling, swap included, and a pids cap for all workers together, joined by each
+    /// worker before its first instruction and removed when the server stops. Where none can
+    /// be made, one warning at start and the workers' rlimits still apply.
+    pub worker_cgroup: bool,
+    /// The cgroup's memory ceiling per worker, swap included (default: `limits.memory` plus
+    /// the device budget plus
+    /// [`WORKER_MEMORY_OVERHEAD`](crate::worker::cgroup::WORKER_MEMORY_OVERHEAD), 512 MiB: 3.5 GiB
+    /// with the default limits and device budget); the group
+    /// gets `workers` times it.
+    #[serde(default, with = "opt_size")]
+    pub worker_memory: Option<u64>,
+    /// The cgroup's processes and threads per worker (default: candle's CPU threads, the
+    /// number of CPUs unless `RAYON_NUM_THREADS` says otherwise, plus
+    /// [`WORKER_EXTRA_PIDS`](crate::worker::cgroup::WORKER_EXTRA_PIDS), 16); the group gets
+    /// `workers` times it.
+    pub worker_pids: Option<u64>,
     /// The server's run limits: every tenant's limits are capped by these.
     pub limits: Limits,
     /// The models served (the command line's model paths are added to these).
@@ -141,6 +159,9 @@ impl Default for ServeConfig {
             pool_slots: DEFAULT_POOL_SLOTS,
             isolation: Isolation::default(),
             workers: None,
+            worker_cgroup: true,
+            worker_memory: None,
+            worker_pids: None,
             limits: Limits::default(),
             models: Vec::new(),
             rate_limit: RateLimitConfig::default(),
@@ -173,6 +194,24 @@ impl ServeConfig {
                 .min(self.pool_slots)
                 .max(1)
         })
+    }
+}
+
+impl ServeConfig {
+    /// The workers' cgroup for `workers` workers with `device_memory` each (see
+    /// `worker_cgroup`), or none.
+    pub fn worker_cgroup_limits(&self, workers: u32, device_memory: u64) -> Option<CgroupLimits> {
+        if !self.worker_cgroup {
+            return None;
+        }
+        let mut limits = CgroupLimits::for_workers(workers, self.limits.memory, device_memory);
+        if let Some(memory) = self.worker_memory {
+            limits.memory = memory.saturating_mul(u64::from(workers));
+        }
+        if let Some(pids) = self.worker_pids {
+            limits.pids = Some(pids.saturating_mul(u64::from(workers)));
+        }
+        Some(limits)
     }
 }
 
@@ -453,6 +492,35 @@ mod opt_fuel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_workers_cgroup_is_on_by_default_with_figures_per_worker() {
+        let threads = candle_core::utils::get_num_threads() as u64;
+        let config = ServeConfig::from_toml("").unwrap();
+        // 1 GiB of guest memory, the 2 GiB device budget and 512 MiB, per worker.
+        assert_eq!(
+            config.worker_cgroup_limits(4, 2 << 30),
+            Some(CgroupLimits {
+                memory: 4 * (3584 << 20),
+                cpus: None,
+                pids: Some(4 * (threads + 16)),
+            })
+        );
+        let config = ServeConfig::from_toml(
+            "worker_memory = \"300MiB\"\nworker_pids = 40\n[limits]\nmemory = \"64MiB\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.worker_cgroup_limits(3, 2 << 30),
+            Some(CgroupLimits {
+                memory: 3 * (300 << 20),
+                cpus: None,
+                pids: Some(120),
+            })
+        );
+        let config = ServeConfig::from_toml("worker_cgroup = false").unwrap();
+        assert_eq!(config.worker_cgroup_limits(3, 2 << 30), None);
+    }
 
     #[test]
     fn a_full_config_parses_and_tenant_limits_are_capped_by_the_servers() {

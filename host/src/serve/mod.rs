@@ -242,7 +242,8 @@ pub async fn prepare(
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
     let workers = if process {
-        Some(start_workers(&runtime, paths, workers, load).await?)
+        let cgroup = config.worker_cgroup_limits(workers, runtime.config().device_memory);
+        Some(start_workers(&runtime, paths, workers, load, cgroup).await?)
     } else {
         None
     };
@@ -270,6 +271,7 @@ async fn start_workers(
     paths: Vec<PathBuf>,
     count: u32,
     load: &LoadOptions,
+    cgroup: Option<crate::worker::cgroup::CgroupLimits>,
 ) -> Result<WorkerPool, ServeError> {
     let parent = runtime.config();
     let binary = std::env::current_exe()
@@ -284,11 +286,15 @@ async fn start_workers(
         ..parent.engine_settings()
     };
     pool.preinit = load.preinit;
+    pool.cgroup = cgroup;
     let pool = tokio::task::spawn_blocking(move || WorkerPool::start(pool))
         .await
         .map_err(|e| ServeError::Config(format!("starting the workers: {e}")))?
         .map_err(|e| ServeError::Config(format!("starting the workers: {e}")))?;
-    tracing::info!(workers = count, cgroup = ?pool.cgroup().err(), "workers started");
+    match pool.cgroup() {
+        Ok(dirs) => tracing::info!(workers = count, cgroup = ?dirs, "workers started"),
+        Err(why) => tracing::info!(workers = count, no_cgroup = why, "workers started"),
+    }
     Ok(pool)
 }
 

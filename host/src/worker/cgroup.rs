@@ -1,18 +1,39 @@
-//! Putting worker processes in a cgroup with a memory ceiling, a CPU quota and a pids cap,
-//! where this process may manage one: a cgroup v2 subtree delegated to it, or the v1
-//! `memory`, `cpu` and `pids` hierarchies (a directory below the cgroup this process is in).
-//! Where it may not, [`Cgroup::create`] says why and the workers run with their rlimits only.
-//! Nothing here needs root unless the machine's cgroups do.
+//! Putting worker processes in a cgroup with a memory ceiling (swap included), a pids cap and
+//! an optional CPU quota, where this process may manage one: a cgroup v2 subtree delegated to
+//! it, or the v1 `memory`, `pids` and `cpu` hierarchies (a directory below the cgroup this
+//! process is in). Where it may not, [`Cgroup::create`] says why and the workers run with
+//! their rlimits only. Nothing here needs root unless the machine's cgroups do.
+//!
+//! A worker is placed in the group between fork and exec ([`Cgroup::place_before_exec`]):
+//! its first instruction already runs, and its first page is already charged, inside it.
 
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Memory a worker is allowed beyond its guest's linear-memory ceiling and its device budget
+/// in the default cgroup ceiling ([`CgroupLimits::for_workers`]): wasmtime's code and
+/// instance, the runtime, the copies of inputs and outputs a run makes (at most 3 × the
+/// output limit + 1 MiB, 49 MiB by default) and the allocator's slack.
+pub const WORKER_MEMORY_OVERHEAD: u64 = 512 << 20;
+
+/// Processes and threads a worker is allowed beyond candle's CPU threads in the default
+/// pids cap: its main thread and the few a runtime starts (a locked worker starts none:
+/// `RLIMIT_NPROC` 0).
+pub const WORKER_EXTRA_PIDS: u64 = 16;
+
 /// The limits of the workers' cgroup (all workers together).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CgroupLimits {
-    /// Memory ceiling of all workers together, in bytes.
+    /// Memory ceiling of all workers together, in bytes, swap included (v1
+    /// `memory.memsw.limit_in_bytes` equal to `memory.limit_in_bytes`; v2 `memory.swap.max`
+    /// 0).
     #[serde(with = "crate::units::serde::size")]
     pub memory: u64,
     /// CPU time per period: `cpus` CPUs' worth (1.0 = one core), or unlimited.
@@ -21,12 +42,37 @@ pub struct CgroupLimits {
     pub pids: Option<u64>,
 }
 
+impl CgroupLimits {
+    /// The default group for `workers` workers: each may hold `guest_memory` (the runs'
+    /// linear-memory ceiling), `device_memory` (its own device budget) and
+    /// [`WORKER_MEMORY_OVERHEAD`], and run candle's CPU threads plus [`WORKER_EXTRA_PIDS`];
+    /// no CPU quota (the pool's size already bounds the CPUs used).
+    pub fn for_workers(workers: u32, guest_memory: u64, device_memory: u64) -> Self {
+        let per_worker = guest_memory
+            .saturating_add(device_memory)
+            .saturating_add(WORKER_MEMORY_OVERHEAD);
+        let threads = candle_core::utils::get_num_threads() as u64;
+        Self {
+            memory: per_worker.saturating_mul(u64::from(workers)),
+            cpus: None,
+            pids: Some(
+                threads
+                    .saturating_add(WORKER_EXTRA_PIDS)
+                    .saturating_mul(u64::from(workers)),
+            ),
+        }
+    }
+}
+
 /// A cgroup the workers are put in, in one or more hierarchies; removed when dropped (after
 /// its processes have left).
 #[derive(Debug)]
 pub struct Cgroup {
     /// The directories, one per hierarchy (v1) or one (v2).
     dirs: Vec<PathBuf>,
+    /// Each directory's `cgroup.procs`, open for writing (close-on-exec), for children to
+    /// join between fork and exec.
+    procs: Vec<OwnedFd>,
 }
 
 /// The CPU-quota period: 100 ms, the kernel's default.
@@ -50,19 +96,81 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
     std::fs::write(dir.join(file), value).map_err(|e| format!("{}/{file}: {e}", dir.display()))
 }
 
+fn open_procs(dir: &Path) -> Result<OwnedFd, String> {
+    let path = dir.join("cgroup.procs");
+    let name = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a NUL in the path", path.display()))?;
+    // SAFETY: a NUL-terminated path; the descriptor returned is owned by the OwnedFd.
+    let fd = unsafe { libc::open(name.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "{}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a descriptor just opened here and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// How the workers' groups are named: this prefix, the creating process's id, a counter.
+const PREFIX: &str = "wasm-infer-workers-";
+
+/// A name no other pool of this process (tests start many at once) or earlier process uses.
+pub fn unique_name() -> String {
+    static POOLS: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{PREFIX}{}-{}",
+        std::process::id(),
+        POOLS.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes the empty groups left in `parent` by processes that are gone (a server killed with
+/// SIGKILL drops nothing). A group whose process still lives, or that still holds processes,
+/// stays (the kernel refuses to remove a group that is not empty).
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
 impl Cgroup {
     /// Creates `name` below this process's cgroups with `limits`, or says why it cannot.
+    /// The memory ceiling (swap included) is required; the pids cap and the CPU quota are
+    /// set where their controller is available, with a warning where not.
     pub fn create(name: &str, limits: &CgroupLimits) -> Result<Self, String> {
         let root = Path::new("/sys/fs/cgroup");
+        let mut group = Self {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
         // v2 (unified): one directory, controllers in the subtree.
         if root.join("cgroup.controllers").is_file() {
             let own = own_path("").ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
-            let dir = root.join(own.trim_start_matches('/')).join(name);
+            let parent = root.join(own.trim_start_matches('/'));
+            remove_stale(&parent);
+            let dir = parent.join(name);
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let group = Self {
-                dirs: vec![dir.clone()],
-            };
+            group.dirs.push(dir.clone());
             write(&dir, "memory.max", &limits.memory.to_string())?;
+            if let Err(why) = write(&dir, "memory.swap.max", "0") {
+                tracing::warn!("the workers' swap is not limited: {why}");
+            }
             if let Some(cpus) = limits.cpus {
                 let quota = (cpus * CPU_PERIOD.as_micros() as f64) as u64;
                 write(
@@ -74,25 +182,24 @@ impl Cgroup {
             if let Some(pids) = limits.pids {
                 write(&dir, "pids.max", &pids.to_string())?;
             }
+            group.procs.push(open_procs(&dir)?);
             return Ok(group);
         }
         // v1: the memory hierarchy is required, cpu and pids are used where writable.
-        let mut group = Self { dirs: Vec::new() };
         let memory = Self::v1_dir(root, "memory", name)?;
-        write(&memory, "memory.limit_in_bytes", &limits.memory.to_string())?;
-        group.dirs.push(memory);
+        group.dirs.push(memory.clone());
+        Self::v1_memory(&memory, limits.memory)?;
         // The CPU quota and the pids cap where those hierarchies are writable too; without
         // them the memory ceiling still holds, and the log says what is missing.
         if let Some(cpus) = limits.cpus {
             let quota = (cpus * CPU_PERIOD.as_micros() as f64) as u64;
-            let cpu = Self::v1_dir(root, "cpu", name).and_then(|dir| {
+            let cpu = Self::v1_optional(root, "cpu", name, |dir| {
                 write(
-                    &dir,
+                    dir,
                     "cpu.cfs_period_us",
                     &CPU_PERIOD.as_micros().to_string(),
                 )?;
-                write(&dir, "cpu.cfs_quota_us", &quota.to_string())?;
-                Ok(dir)
+                write(dir, "cpu.cfs_quota_us", &quota.to_string())
             });
             match cpu {
                 Ok(dir) => group.dirs.push(dir),
@@ -100,34 +207,87 @@ impl Cgroup {
             }
         }
         if let Some(pids) = limits.pids {
-            let dir = Self::v1_dir(root, "pids", name).and_then(|dir| {
-                write(&dir, "pids.max", &pids.to_string())?;
-                Ok(dir)
+            let dir = Self::v1_optional(root, "pids", name, |dir| {
+                write(dir, "pids.max", &pids.to_string())
             });
             match dir {
                 Ok(dir) => group.dirs.push(dir),
                 Err(why) => tracing::warn!("workers run without a pids cap: {why}"),
             }
         }
+        for dir in &group.dirs {
+            group.procs.push(open_procs(dir)?);
+        }
         Ok(group)
+    }
+
+    /// Sets a v1 memory group's ceiling, swap included: `memory.memsw.limit_in_bytes` (RAM
+    /// and swap together) equal to `memory.limit_in_bytes`. The kernel keeps the first at or
+    /// above the second at every step, so the order depends on which way they move.
+    fn v1_memory(dir: &Path, memory: u64) -> Result<(), String> {
+        let value = memory.to_string();
+        if !dir.join("memory.memsw.limit_in_bytes").exists() {
+            tracing::warn!(
+                "the workers' swap is not limited: {} has no memory.memsw.limit_in_bytes \
+                 (swap accounting is off)",
+                dir.display()
+            );
+            return write(dir, "memory.limit_in_bytes", &value);
+        }
+        write(dir, "memory.limit_in_bytes", &value)
+            .and_then(|()| write(dir, "memory.memsw.limit_in_bytes", &value))
+            .or_else(|_| {
+                write(dir, "memory.memsw.limit_in_bytes", &value)
+                    .and_then(|()| write(dir, "memory.limit_in_bytes", &value))
+            })
+    }
+
+    /// A v1 group in an optional hierarchy, set up by `set`; removed again if that fails.
+    fn v1_optional(
+        root: &Path,
+        controller: &str,
+        name: &str,
+        set: impl FnOnce(&Path) -> Result<(), String>,
+    ) -> Result<PathBuf, String> {
+        let dir = Self::v1_dir(root, controller, name)?;
+        match set(&dir) {
+            Ok(()) => Ok(dir),
+            Err(why) => {
+                let _ = std::fs::remove_dir(&dir);
+                Err(why)
+            }
+        }
     }
 
     fn v1_dir(root: &Path, controller: &str, name: &str) -> Result<PathBuf, String> {
         let own = own_path(controller).ok_or(format!("no cgroup v1 {controller} hierarchy"))?;
-        let dir = root
-            .join(controller)
-            .join(own.trim_start_matches('/'))
-            .join(name);
+        let parent = root.join(controller).join(own.trim_start_matches('/'));
+        remove_stale(&parent);
+        let dir = parent.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(dir)
     }
 
-    /// Moves process `pid` into the cgroup (every hierarchy).
-    pub fn add(&self, pid: u32) -> Result<(), String> {
-        for dir in &self.dirs {
-            write(dir, "cgroup.procs", &pid.to_string())?;
+    /// Makes `command`'s child join the group (every hierarchy) between fork and exec, by
+    /// writing `0` (the writer itself) to each `cgroup.procs` this group holds open: the
+    /// child's first instruction runs inside the group. A child that cannot join is not
+    /// started (the spawn fails with the error).
+    pub fn place_before_exec(&self, command: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let fds: Vec<RawFd> = self.procs.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: between fork and exec only async-signal-safe calls are made (write), and
+        // the closure allocates nothing (the descriptors were collected before the fork).
+        // The descriptors stay open while `self` lives, which outlasts the spawn.
+        unsafe {
+            command.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
-        Ok(())
     }
 
     /// The cgroup's directories.
@@ -138,9 +298,12 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        self.procs.clear();
         for dir in &self.dirs {
             // Fails while processes remain; the kernel keeps an empty group harmlessly.
-            let _ = std::fs::remove_dir(dir);
+            if let Err(e) = std::fs::remove_dir(dir) {
+                tracing::warn!(error = %e, dir = %dir.display(), "the workers' cgroup stays");
+            }
         }
     }
 }

@@ -6,10 +6,11 @@
 //!
 //! What is allowed, and why (SECURITY.md has the table): memory management (`mmap`,
 //! `munmap`, `mprotect`, `madvise`, `mremap`, `brk`: wasmtime's linear memories and the
-//! allocator), threads and their synchronisation (`clone` with `CLONE_THREAD` only: a new
-//! process is refused; `clone3`, whose flags a filter cannot read, answers `ENOSYS` so that
-//! glibc falls back to `clone`; `futex`, `set_robust_list`, `rseq`, `sched_yield`,
-//! `sched_getaffinity`, `membarrier`), signals (`rt_sigaction`, `rt_sigprocmask`,
+//! allocator; `mmap` and `mprotect` only without `PROT_EXEC`: the code is mapped before the
+//! lock-down, and no new executable memory after it), threads and their synchronisation
+//! (`clone` with `CLONE_THREAD` only: a new process is refused; `clone3`, whose flags a
+//! filter cannot read, answers `ENOSYS` so that glibc falls back to `clone`; `futex`,
+//! `set_robust_list`, `rseq`, `sched_yield`, `sched_getaffinity`, `membarrier`), signals (`rt_sigaction`, `rt_sigprocmask`,
 //! `rt_sigreturn`, `sigaltstack`, `gettid`, `getpid`, and `tgkill` to its own process only:
 //! wasmtime turns traps into signals and back), time (`clock_gettime`, `clock_nanosleep`,
 //! `nanosleep`: the epoch ticker; `restart_syscall`, which resumes a sleep interrupted by
@@ -50,9 +51,7 @@ const ALLOWED: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    libc::SYS_mmap,
     libc::SYS_munmap,
-    libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_mremap,
     libc::SYS_brk,
@@ -307,7 +306,23 @@ pub fn lock_down() -> Result<(), String> {
     // SAFETY: getpid has no failure mode.
     let pid = unsafe { libc::getpid() } as u32;
     allowed.insert(libc::SYS_tgkill, one_of(0, [u64::from(pid)])?);
+    // No new executable memory: the code was linked (mapped executable) before the lock-down,
+    // and wasmtime, running precompiled code, makes no more; native code that escaped could
+    // not write and then run a payload of its own this way.
+    allowed.insert(libc::SYS_mmap, no_exec()?);
+    allowed.insert(libc::SYS_mprotect, no_exec()?);
     install(allowed)
+}
+
+/// A rule allowing `mmap`/`mprotect` only without `PROT_EXEC` in their protection (argument 2).
+fn no_exec() -> Result<Vec<SeccompRule>, String> {
+    let exec = libc::PROT_EXEC as u64;
+    Ok(vec![rule(vec![condition(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(exec),
+        0,
+    )?])?])
 }
 
 /// The system calls the compile child may make with any arguments: [`ALLOWED`] less what only
@@ -355,15 +370,6 @@ pub fn lock_down_compiler() -> Result<(), String> {
         .map(|&syscall| (syscall, Vec::new()))
         .collect();
     common_rules(&mut allowed)?;
-    let exec = libc::PROT_EXEC as u64;
-    let no_exec = || {
-        Ok::<_, String>(vec![rule(vec![condition(
-            2,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(exec),
-            0,
-        )?])?])
-    };
     // `abort` (what a failed allocation under RLIMIT_DATA ends in) signals itself.
     // SAFETY: getpid has no failure mode.
     let pid = unsafe { libc::getpid() } as u32;
@@ -380,7 +386,8 @@ pub fn lock_down_compiler() -> Result<(), String> {
 /// stopped and continued (the interrupted sleep resumes through `restart_syscall`).
 /// `tgkill:PID` signals another process, `dumpable` undoes `PR_SET_DUMPABLE 0`, `setown`
 /// asks for I/O signals to be sent to a process of its choosing, `mmap_exec` maps executable
-/// memory (refused to the compile child only: a run worker's wasmtime may still need it).
+/// memory and `mprotect_exec` makes writable memory executable (both refused to every locked
+/// process: code is mapped before the lock-down, and precompiled code needs no more).
 pub fn forbidden(what: &str) -> Result<(), String> {
     match what {
         "none" => return Ok(()),
@@ -420,6 +427,23 @@ pub fn forbidden(what: &str) -> Result<(), String> {
                     0,
                 );
                 if at != libc::MAP_FAILED {
+                    libc::munmap(at, 4096);
+                }
+            }
+        }
+        "mprotect_exec" => {
+            // SAFETY: an anonymous mapping nobody uses, unmapped again.
+            unsafe {
+                let at = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if at != libc::MAP_FAILED {
+                    libc::mprotect(at, 4096, libc::PROT_READ | libc::PROT_EXEC);
                     libc::munmap(at, 4096);
                 }
             }

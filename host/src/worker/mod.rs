@@ -5,8 +5,9 @@
 //! copies of the `wasm-infer` binary in its hidden worker mode (`wasm-infer __run-worker`,
 //! [`worker_main`]). Each receives the code over its channel (never a file it maps), links it,
 //! locks itself down ([`lockdown`]: rlimits, no new privileges, not dumpable, a seccomp
-//! allow-list) and only then runs guest code (each model's `info`), optionally inside a
-//! cgroup ([`cgroup`]), and then serves one run at a
+//! allow-list) and only then runs guest code (each model's `info`), inside the pool's cgroup
+//! where one can be made ([`cgroup`]; joined before the worker's first instruction), and then
+//! serves one run at a
 //! time over its stdin and stdout: length-prefixed JSON frames (a little-endian `u32` length,
 //! then the message). The pool gives each request to an idle worker; a worker that dies
 //! (a signal, an abort, the OOM killer, a forbidden system call) costs the request it was
@@ -70,7 +71,10 @@ pub struct WorkerPoolConfig {
     pub recycle_after_runs: Option<u64>,
     /// Replace a worker whose resident memory is above this many bytes after a run.
     pub recycle_above_rss: Option<u64>,
-    /// Put the workers in a cgroup with these limits, where this process may manage one.
+    /// Put the workers in a cgroup with these limits, where this process may manage one
+    /// (each worker joins it before its first instruction). Default:
+    /// [`CgroupLimits::for_workers`](cgroup::CgroupLimits::for_workers) for the default run
+    /// limits and device budget; set it again when those change. `None`: no cgroup.
     pub cgroup: Option<cgroup::CgroupLimits>,
 }
 
@@ -90,7 +94,11 @@ impl WorkerPoolConfig {
             lockdown: true,
             recycle_after_runs: None,
             recycle_above_rss: None,
-            cgroup: None,
+            cgroup: Some(cgroup::CgroupLimits::for_workers(
+                workers,
+                crate::limits::DEFAULT_MEMORY_BYTES,
+                RuntimeConfig::default().device_memory,
+            )),
         }
     }
 }
@@ -441,6 +449,7 @@ fn ended_cleanly(result: &Result<Output, WireError>) -> bool {
 
 /// The worker side (`wasm-infer __run-worker`): see the module docs. Returns the exit status.
 pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
+    probe_cgroup();
     let Ok(hello) = read_frame::<Hello>(&mut input, MAX_REQUEST_FRAME) else {
         return 1;
     };
@@ -548,6 +557,30 @@ pub(crate) fn escape_drill(stage: &str) {
 }
 
 pub(crate) use crate::isolate::pass_escape_drill;
+
+/// The variable that arms the cgroup probe, for the tests: a directory into which a run
+/// worker, as the first thing it does (before it reads anything from its parent), copies its
+/// `/proc/self/cgroup` as a file named by its pid. Parents pass it on to their workers by name,
+/// like [`ESCAPE_VAR`]; it only makes a worker write what it may read anyway.
+pub const CGROUP_PROBE_VAR: &str = "WASM_INFER_TEST_CGROUP_PROBE";
+
+fn pass_cgroup_probe(command: &mut Command) {
+    if let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) {
+        command.env(CGROUP_PROBE_VAR, dir);
+    }
+}
+
+fn probe_cgroup() {
+    let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) else {
+        return;
+    };
+    if let Ok(groups) = std::fs::read("/proc/self/cgroup") {
+        let _ = std::fs::write(
+            PathBuf::from(dir).join(std::process::id().to_string()),
+            groups,
+        );
+    }
+}
 
 /// One worker process and its channel.
 struct Worker {
@@ -686,17 +719,16 @@ impl PoolInner {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         pass_escape_drill(&mut command);
+        pass_cgroup_probe(&mut command);
+        if let Ok(group) = &self.cgroup {
+            group.place_before_exec(&mut command);
+        }
         let mut child = command.spawn().map_err(|e| {
             Error::Config(format!(
                 "cannot start worker {}: {e}",
                 config.binary.display()
             ))
         })?;
-        if let Ok(group) = &self.cgroup {
-            if let Err(e) = group.add(child.id()) {
-                tracing::warn!(error = %e, "could not put a worker in its cgroup");
-            }
-        }
         let channel = Channel::new(
             child.stdin.take().expect("piped stdin"),
             child.stdout.take().expect("piped stdout"),
@@ -875,8 +907,7 @@ impl WorkerPool {
         }
         let cgroup = match &config.cgroup {
             Some(limits) => {
-                let name = format!("wasm-infer-workers-{}", std::process::id());
-                let group = cgroup::Cgroup::create(&name, limits);
+                let group = cgroup::Cgroup::create(&cgroup::unique_name(), limits);
                 if let Err(why) = &group {
                     tracing::warn!("workers run without a cgroup ({why}); rlimits still apply");
                 }
