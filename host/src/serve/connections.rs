@@ -93,6 +93,9 @@ pub struct Limited {
     peers: Arc<Peers>,
     refused: Counter,
     registry: Arc<Registry>,
+    /// A connection accepted and waiting for a slot: kept here, not in the accept future, so
+    /// that dropping that future (the serve loop's `select!`) does not close it.
+    pending: Option<(TcpStream, SocketAddr, PeerConnection)>,
 }
 
 impl Limited {
@@ -112,6 +115,7 @@ impl Limited {
             peers,
             refused,
             registry: Arc::new(Registry::default()),
+            pending: None,
         }
     }
 }
@@ -121,41 +125,42 @@ impl Listener for Limited {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Counted, SocketAddr) {
-        loop {
+        // Cancel-safe: a connection accepted before a slot is free waits in `pending`.
+        while self.pending.is_none() {
             let (io, addr) = Listener::accept(&mut self.listener).await;
             let Some(peer) = self.peers.connect(addr.ip()) else {
                 self.refused.inc();
                 drop(io);
                 continue;
             };
-            let permit = match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
-                    self.registry.evict_longest_idle();
-                    // The semaphore is never closed.
-                    self.permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("the connection semaphore is never closed")
-                }
-            };
-            self.open.inc();
-            let activity = Arc::new(Activity::new());
-            let id = self.registry.add(activity.clone());
-            return (
-                Counted {
-                    io,
-                    _permit: permit,
-                    _peer: peer,
-                    open: self.open.clone(),
-                    activity,
-                    registry: self.registry.clone(),
-                    id,
-                },
-                addr,
-            );
+            if self.permits.available_permits() == 0 {
+                self.registry.evict_longest_idle();
+            }
+            self.pending = Some((io, addr, peer));
         }
+        // The semaphore is never closed.
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed");
+        let (io, addr, peer) = self.pending.take().expect("set above");
+        self.open.inc();
+        let activity = Arc::new(Activity::new());
+        let id = self.registry.add(activity.clone());
+        (
+            Counted {
+                io,
+                _permit: permit,
+                _peer: peer,
+                open: self.open.clone(),
+                activity,
+                registry: self.registry.clone(),
+                id,
+            },
+            addr,
+        )
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
