@@ -90,6 +90,12 @@ cost-audit: test-guests build
 load: guest test-guests build
     cargo run --release -p wasm-infer --example load -- target/release/wasm-infer {{minilm}} target/wasm32-wasip2/release/hostile.wasm
 
+# The front door's attack suite (issue 21, docs/serving.md#attacks): each attack against a real
+# `wasm-infer serve` at its default edge settings while a legitimate client's latency, the server's
+# RSS and its log bytes are measured; a table with pass/fail per target. A few minutes; not in CI.
+attack: guest build
+    cargo run --release -p wasm-infer --example attack -- "${CARGO_TARGET_DIR:-target}/release/wasm-infer" "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/minilm.wasm"
+
 # What the worker-process hop adds to a request (in-process vs a locked-down worker).
 bench-workers: build test-guests
     cargo run --release -p wasm-infer --example worker_hop -- target/release/wasm-infer target/wasm32-wasip2/release/hostile.wasm

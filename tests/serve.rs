@@ -784,48 +784,68 @@ fn get_on(stream: &mut std::net::TcpStream, path: &str) -> std::io::Result<Strin
 }
 
 #[test]
-fn past_max_connections_a_connection_waits_until_one_closes() {
+fn past_max_connections_the_longest_idle_connection_is_closed_for_a_new_one_and_busy_ones_wait() {
     let config = format!(
         "max_connections = 2\nmetrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\n\
          path = \"{}\"\n",
         hostile_wasm().display(),
     );
     let server = Server::start(&config, &[]);
-    let addr = server.base.strip_prefix("http://").unwrap().to_string();
-    let metrics_url = server
-        .log()
-        .lines()
-        .find_map(|line| line.strip_prefix("metrics on ").map(str::to_string))
-        .expect("the metrics address is printed");
-    let open = || {
+    let metrics_url = metrics_url(&server);
+    let metric = |name: &str, labels: &[(&str, &str)]| {
         metric_value(
             &Reply::from(ureq::get(&metrics_url).call()).text,
-            "wasm_infer_connections_open",
-            &[],
+            name,
+            labels,
         )
     };
-    let connect = || {
-        let stream = std::net::TcpStream::connect(&addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream
-    };
-    // Two idle keep-alive connections, each answered once, then held open.
-    let mut first = connect();
-    let mut second = connect();
-    for stream in [&mut first, &mut second] {
-        assert!(get_on(stream, "/healthz")
-            .unwrap()
-            .starts_with("HTTP/1.1 200"));
-    }
+    let open = || metric("wasm_infer_connections_open", &[]);
+    // Two idle keep-alive connections, each answered once, then held open: `first` idle
+    // longer.
+    let mut first = raw(&server);
+    assert!(get_on(&mut first, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(50));
+    let mut second = raw(&server);
+    assert!(get_on(&mut second, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
     assert_eq!(open(), 2.0);
-    // A third connects (the kernel's backlog) but is not served while both are open.
-    let mut third = connect();
+    // A third is served at once: the longest-idle one (`first`) is closed for it.
+    let mut third = raw(&server);
+    assert!(get_on(&mut third, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        read_head(&mut first),
+        None,
+        "the longest-idle one is closed"
+    );
+    assert!(get_on(&mut second, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        metric(
+            "wasm_infer_connections_closed_total",
+            &[("reason", "evicted_idle")]
+        ),
+        1.0
+    );
+    // With both slots busy (a head being read on each), a new connection waits: nothing is
+    // closed for it.
+    second
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: te")
+        .unwrap();
     third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: te")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = raw(&server);
+    fourth
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    let waiting = get_on(&mut third, "/healthz").unwrap_err();
+    let waiting = get_on(&mut fourth, "/healthz").unwrap_err();
     assert!(
         matches!(
             waiting.kind(),
@@ -834,22 +854,24 @@ fn past_max_connections_a_connection_waits_until_one_closes() {
         "{waiting}"
     );
     assert_eq!(open(), 2.0);
-    // Closing one admits it: its request, already sent, is answered.
-    drop(first);
-    third
+    // Finishing `second`'s head answers it; closing it admits `fourth`, whose request,
+    // already sent, is answered.
+    second.write_all(b"st\r\n\r\n").unwrap();
+    assert!(read_head(&mut second).unwrap().starts_with("HTTP/1.1 200"));
+    drop(second);
+    fourth
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut answer = Vec::new();
-    let mut byte = [0u8; 1];
-    while !answer.ends_with(b"\r\n\r\n") {
-        use std::io::Read;
-        assert_eq!(third.read(&mut byte).unwrap(), 1, "answered once admitted");
-        answer.push(byte[0]);
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 200"));
-    assert_eq!(open(), 2.0);
-    drop(second);
+    assert!(read_head(&mut fourth).unwrap().starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        metric(
+            "wasm_infer_connections_closed_total",
+            &[("reason", "evicted_idle")]
+        ),
+        1.0
+    );
     drop(third);
+    drop(fourth);
     wait_for(|| open() == 0.0);
 }
 
@@ -1406,4 +1428,190 @@ fn with_metrics_listen_metrics_is_not_served_on_the_api_address() {
     let metrics = Reply::from(ureq::get(&metrics_url(&server)).call());
     assert_eq!(metrics.status, 200);
     assert!(metrics.text.contains("wasm_infer_connections_open"));
+}
+
+/// Whether the server closed `stream` without answering (EOF or a reset, no byte).
+fn closed_unanswered(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+    }
+}
+
+/// A GET of `/healthz` with `X-Forwarded-For: xff` on its own connection: its status and
+/// Retry-After.
+fn healthz_from(server: &Server, xff: Option<&str>) -> (u16, Option<String>, String) {
+    let mut request = ureq::get(&server.url("/healthz"));
+    if let Some(xff) = xff {
+        request = request.set("X-Forwarded-For", xff);
+    }
+    let reply = Reply::from(request.call());
+    (
+        reply.status,
+        reply.headers.get("retry-after").cloned(),
+        reply.text,
+    )
+}
+
+#[test]
+fn a_peer_past_its_connection_cap_is_closed_unanswered_and_past_its_rate_gets_429() {
+    // 0.01 requests/s: the burst of 3, then one per 100 s.
+    let config = format!(
+        "max_connections_per_peer = 2\npeer_requests_per_second = 0.01\n\
+         peer_requests_burst = 3\nmetrics_listen = \"127.0.0.1:0\"\n[[models]]\n\
+         name = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let metrics_url = metrics_url(&server);
+    let refused = |reason: &str| {
+        metric_value(
+            &Reply::from(ureq::get(&metrics_url).call()).text,
+            "wasm_infer_peer_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    // Two connections from 127.0.0.1, each answered (2 of the burst of 3).
+    let mut a = raw(&server);
+    let mut b = raw(&server);
+    for stream in [&mut a, &mut b] {
+        assert!(get_on(stream, "/healthz")
+            .unwrap()
+            .starts_with("HTTP/1.1 200"));
+    }
+    // A third from the same address is closed at once, unanswered.
+    let mut c = raw(&server);
+    assert!(closed_unanswered(&mut c));
+    assert_eq!(refused("connections"), 1.0);
+    // The burst's last request, then 429 with Retry-After (about 100 s: one period).
+    assert!(get_on(&mut a, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    let log_before = server.log().len();
+    let limited = get_on(&mut a, "/healthz").unwrap();
+    assert!(limited.starts_with("HTTP/1.1 429"), "{limited}");
+    let retry_after: u64 = limited
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .expect("a Retry-After")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((90..=100).contains(&retry_after), "{retry_after}");
+    assert!(
+        limited.contains("\"code\":\"rate_limit_exceeded\""),
+        "{limited}"
+    );
+    // An untrusted peer's X-Forwarded-For is ignored: still this address's quota. Closing a
+    // connection gives its place back (once the server has seen it close).
+    drop(b);
+    wait_for(|| {
+        use std::io::Read;
+        let mut d = raw(&server);
+        let _ = d.write_all(
+            b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 198.51.100.7\r\n\r\n",
+        );
+        let mut answer = [0u8; 12];
+        d.read_exact(&mut answer).is_ok() && &answer == b"HTTP/1.1 429"
+    });
+    assert_eq!(refused("requests"), 2.0);
+    // The refusals wrote no log line.
+    assert_eq!(server.log().len(), log_before, "{}", server.log());
+}
+
+#[test]
+fn behind_a_trusted_proxy_the_rate_is_per_forwarded_client_and_connections_are_not_capped() {
+    let config = format!(
+        "max_connections_per_peer = 1\npeer_requests_per_second = 0.01\n\
+         peer_requests_burst = 2\ntrusted_proxies = [\"127.0.0.0/8\"]\n[[models]]\n\
+         name = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    // The proxy's connections are not capped at 1.
+    let mut held: Vec<_> = (0..3).map(|_| raw(&server)).collect();
+    for stream in &mut held {
+        write!(
+            stream,
+            "GET /healthz HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 192.0.2.50\r\n\r\n"
+        )
+        .unwrap();
+    }
+    let mut statuses: Vec<String> = held
+        .iter_mut()
+        .map(|s| read_head(s).unwrap()[..12].to_string())
+        .collect();
+    statuses.sort();
+    // Client 192.0.2.50's burst is 2: one of its three requests is refused.
+    assert_eq!(statuses, ["HTTP/1.1 200", "HTTP/1.1 200", "HTTP/1.1 429"]);
+    // Another client behind the same proxy has its own quota; a forged entry left of the
+    // proxy's does not move the charge (the rightmost untrusted address is the client).
+    assert_eq!(healthz_from(&server, Some("192.0.2.51")).0, 200);
+    assert_eq!(healthz_from(&server, Some("192.0.2.77, 192.0.2.51")).0, 200);
+    let (status, retry_after, body) = healthz_from(&server, Some("192.0.2.78, 192.0.2.51"));
+    assert_eq!(status, 429, "{body}");
+    assert!(retry_after.is_some());
+    // No header: the proxy itself is the client.
+    assert_eq!(healthz_from(&server, None).0, 200);
+}
+
+#[test]
+fn a_body_slower_than_min_body_rate_is_408_after_the_grace_and_its_connection_closed() {
+    let config = format!(
+        "min_body_rate = \"1KiB\"\nbody_rate_grace = \"1s\"\n[[models]]\nname = \"hostile\"\n\
+         path = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    // 512 KiB declared, 600 bytes sent at once and then nothing: due by 1 s + 600/1024 s, long
+    // before the 30 s body-read timeout.
+    let mut slow = raw(&server);
+    let start = Instant::now();
+    write!(
+        slow,
+        "POST /v1/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{}",
+        512 << 10,
+        " ".repeat(600)
+    )
+    .unwrap();
+    let head = read_head(&mut slow).expect("an answer");
+    let waited = start.elapsed();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(waited < Duration::from_secs(8), "{waited:?}");
+    let mut rest = String::new();
+    {
+        use std::io::Read;
+        let _ = slow.read_to_string(&mut rest);
+    }
+    assert!(rest.contains("\"code\":\"body_too_slow\""), "{rest}");
+    assert!(rest.contains("600 bytes"), "{rest}");
+    // read_to_string returned: the server closed the connection.
+    // A body that keeps up (4 KiB every 250 ms: 16 KiB/s) for 2.5 s is read and answered.
+    let body = format!(
+        "{}{}",
+        json!({"model": "hostile", "input": {"text": "echo:kept-up"}}),
+        " ".repeat(40 << 10)
+    );
+    let mut steady = raw(&server);
+    write!(
+        steady,
+        "POST /v1/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    for chunk in body.as_bytes().chunks(4 << 10) {
+        steady.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let head = read_head(&mut steady).expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }

@@ -47,6 +47,18 @@ pub const DEFAULT_MAX_READ_BUFFER: u64 = 64 << 10;
 /// Default cap on an answer's encoded JSON: 4x the default `max_output` (16 MiB), which is what
 /// floats (up to ~16 characters for 4 bytes) or bytes (up to 4 characters each) take as JSON.
 pub const DEFAULT_MAX_ANSWER: u64 = 64 << 20;
+/// Default cap on the connections one source address holds open: a quarter of the default
+/// `max_connections`, so no single address can take every slot (idle ones are closed for new
+/// clients anyway, but heads and bodies in progress are not).
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: u32 = 256;
+/// Default minimum body rate, bytes per second after [`DEFAULT_BODY_RATE_GRACE`]: a body
+/// arriving slower is answered 408 and its connection closed. 8 KiB/s is a 64 kbit/s link,
+/// far below any real client's; a 1 MiB body trickled a byte a second is cut after the grace,
+/// not after the whole `body_read_timeout`.
+pub const DEFAULT_MIN_BODY_RATE: u64 = 8 << 10;
+/// Default grace before the minimum body rate applies (a client's first round trips, a
+/// proxy's buffering).
+pub const DEFAULT_BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 /// The smallest read buffer hyper accepts.
 pub const MIN_READ_BUFFER: u64 = 8 << 10;
 /// Default readiness interval: `/readyz` runs each model's probe at most once per interval
@@ -89,6 +101,28 @@ pub struct ServeConfig {
     /// the slowest rate a full body may arrive at.
     #[serde(with = "crate::units::serde::duration")]
     pub body_read_timeout: Duration,
+    /// After `body_rate_grace`, a body must have arrived at this many bytes per second or
+    /// more on average (counted from its first read; 0: no minimum); slower is 408 and the
+    /// connection closed (default [`DEFAULT_MIN_BODY_RATE`]).
+    #[serde(with = "crate::units::serde::size")]
+    pub min_body_rate: u64,
+    /// How long a body may take before `min_body_rate` applies (default
+    /// [`DEFAULT_BODY_RATE_GRACE`]).
+    #[serde(with = "crate::units::serde::duration")]
+    pub body_rate_grace: Duration,
+    /// Connections one source address may hold open on `listen` (0: no cap); one more is
+    /// closed at once, unanswered (default [`DEFAULT_MAX_CONNECTIONS_PER_PEER`]). A
+    /// `trusted_proxies` address is not capped. See [`crate::serve::peers`].
+    pub max_connections_per_peer: u32,
+    /// Requests per second one client address may make, whatever its tenant (absent: no
+    /// limit); past it 429 with Retry-After. The client is the connection's address, or
+    /// behind a trusted proxy the `X-Forwarded-For` one.
+    pub peer_requests_per_second: Option<f64>,
+    /// The burst of `peer_requests_per_second` (default one second's worth).
+    pub peer_requests_burst: Option<u64>,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client; any other
+    /// peer's is ignored.
+    pub trusted_proxies: Vec<crate::serve::peers::Cidr>,
     /// A connection's read buffer cap (at least 8 KiB): a request head that does not fit is
     /// answered 431 and the connection closed (default [`DEFAULT_MAX_READ_BUFFER`]). Bounds
     /// what `max_connections` unfinished heads hold.
@@ -152,6 +186,12 @@ impl Default for ServeConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            min_body_rate: DEFAULT_MIN_BODY_RATE,
+            body_rate_grace: DEFAULT_BODY_RATE_GRACE,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            peer_requests_per_second: None,
+            peer_requests_burst: None,
+            trusted_proxies: Vec::new(),
             max_read_buffer: DEFAULT_MAX_READ_BUFFER,
             max_answer: DEFAULT_MAX_ANSWER,
             readiness_interval: DEFAULT_READINESS_INTERVAL,
@@ -388,7 +428,36 @@ impl ServeConfig {
                 return Err(format!("{name} must be more than zero"));
             }
         }
+        self.peer_limits()?;
         Ok(())
+    }
+
+    /// The per-peer limits, validated.
+    pub fn peer_limits(&self) -> Result<crate::serve::peers::PeerLimits, String> {
+        let requests = match (self.peer_requests_per_second, self.peer_requests_burst) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err("peer_requests_burst needs peer_requests_per_second".into())
+            }
+            (Some(rate), burst) => {
+                if !(rate > 0.0 && rate.is_finite()) {
+                    return Err("peer_requests_per_second must be a positive number".into());
+                }
+                let burst = burst.unwrap_or((rate.ceil() as u64).max(1));
+                if burst == 0 {
+                    return Err("peer_requests_burst must be at least 1".into());
+                }
+                Some(Quota {
+                    per_second: rate,
+                    burst,
+                })
+            }
+        };
+        Ok(crate::serve::peers::PeerLimits {
+            max_connections: self.max_connections_per_peer,
+            requests,
+            trusted_proxies: self.trusted_proxies.clone(),
+        })
     }
 
     /// The tenants, validated (one anonymous tenant with the server's limits when none are
@@ -600,6 +669,11 @@ mod tests {
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_read_buffer, 64 << 10);
+        assert_eq!(config.max_connections_per_peer, 256);
+        assert_eq!(config.min_body_rate, 8 << 10);
+        assert_eq!(config.body_rate_grace, Duration::from_secs(5));
+        assert_eq!(config.peer_limits().unwrap().requests, None);
+        assert!(config.trusted_proxies.is_empty());
         assert_eq!(config.check_edge(), Ok(()));
     }
 
@@ -619,6 +693,30 @@ mod tests {
         assert!(small.check_edge().unwrap_err().contains("max_read_buffer"));
         let zero = ServeConfig::from_toml("idle_timeout = \"0s\"").unwrap();
         assert!(zero.check_edge().unwrap_err().contains("idle_timeout"));
+        let peers = ServeConfig::from_toml(
+            "max_connections_per_peer = 8\npeer_requests_per_second = 2.5\n\
+             trusted_proxies = [\"10.0.0.0/8\", \"::1\"]\nmin_body_rate = \"1KiB\"\n\
+             body_rate_grace = \"2s\"",
+        )
+        .unwrap();
+        let limits = peers.peer_limits().unwrap();
+        assert_eq!(limits.max_connections, 8);
+        assert_eq!(
+            limits.requests,
+            Some(Quota {
+                per_second: 2.5,
+                burst: 3
+            })
+        );
+        assert_eq!(limits.trusted_proxies.len(), 2);
+        assert_eq!(peers.min_body_rate, 1024);
+        assert_eq!(peers.body_rate_grace, Duration::from_secs(2));
+        assert!(ServeConfig::from_toml("trusted_proxies = [\"10.0.0.0/40\"]").is_err());
+        let burst_alone = ServeConfig::from_toml("peer_requests_burst = 3").unwrap();
+        assert!(burst_alone
+            .check_edge()
+            .unwrap_err()
+            .contains("peer_requests"));
     }
 
     #[test]

@@ -1,22 +1,32 @@
 //! The API address's edge: the connection limit (an axum [`Listener`] that holds one permit per
-//! open connection and accepts only while a permit is free), and each connection served by
-//! hyper's HTTP/1 with a capped read buffer and a watchdog that closes it when its head is slow
-//! or it sits idle ([`serve`]).
+//! open connection), the per-peer connection cap ([`super::peers`]), and each connection served
+//! by hyper's HTTP/1 with a capped read buffer and a watchdog that closes it when its head is
+//! slow or it sits idle ([`serve`]); each request is charged to its client's per-peer rate
+//! before the router sees it.
 //!
-//! Past `max_connections` the listener **waits** rather than accepting and closing at once:
-//! the kernel completes the handshake and keeps the connection in the listen backlog, and it is
-//! served as soon as another closes. A client at the limit sees latency, not a reset it would
-//! have to tell apart from a crash (and retry at once, adding load); the file descriptors and
-//! per-connection buffers the process holds stay bounded either way, and the backlog itself is
-//! bounded by the kernel (beyond it, new handshakes are dropped and retried by the client's TCP).
+//! At `max_connections`, a new connection is accepted and the **longest-idle** keep-alive
+//! connection (no request open, no head being read) is closed for it, so a client is served
+//! even when every slot is held by idle connections. When none is idle (every slot has a
+//! request, or a head, in progress: each bounded by its own timeout), the new connection waits
+//! until one closes: the kernel completes the handshake and keeps the rest in the listen
+//! backlog. A client at the limit sees latency, not a reset it would have to tell apart from a
+//! crash; the file descriptors and per-connection buffers the process holds stay bounded either
+//! way (`max_connections`, plus the one accepted connection waiting for a slot).
+//!
+//! A peer over `max_connections_per_peer` has its new connection closed at once, unanswered
+//! and unlogged (counted in `peer_refused`): answering would cost a buffer and a write per
+//! refusal, and a client that opens hundreds of connections reads a close as plainly as a 503.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use axum::serve::Listener;
 use axum::Router;
 use prometheus_client::metrics::counter::Counter;
@@ -29,22 +39,83 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::metrics::CloseLabels;
+use super::peers::{client_address, PeerConnection, PeerLimited, Peers};
+use super::status::ApiError;
 
-/// A TCP listener that keeps at most `max` connections open.
+/// The open connections' activities, for choosing the longest-idle one to close.
+#[derive(Default)]
+struct Registry {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Activity>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        // A map of handles: valid after any panic in another holder.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, activity: Arc<Activity>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, activity);
+        id
+    }
+
+    /// Asks the connection idle longest (no request open, no head being read) to close; false
+    /// when none is idle.
+    fn evict_longest_idle(&self) -> bool {
+        let open = self.lock();
+        let idle = open
+            .values()
+            .filter(|a| !a.evicted.load(Ordering::SeqCst))
+            .filter_map(|a| {
+                let state = *a.lock();
+                (state.open == 0 && state.head_started.is_none()).then_some((state.last, a))
+            })
+            .min_by_key(|(last, _)| *last);
+        match idle {
+            Some((_, activity)) => {
+                activity.evicted.store(true, Ordering::SeqCst);
+                activity.changed.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A TCP listener that keeps at most `max` connections open, and at most the per-peer cap
+/// from one address.
 pub struct Limited {
     listener: TcpListener,
     permits: Arc<Semaphore>,
     open: Gauge,
+    peers: Arc<Peers>,
+    refused: Counter,
+    registry: Arc<Registry>,
+    /// A connection accepted and waiting for a slot: kept here, not in the accept future, so
+    /// that dropping that future (the serve loop's `select!`) does not close it.
+    pending: Option<(TcpStream, SocketAddr, PeerConnection)>,
 }
 
 impl Limited {
-    /// `listener`, accepting while fewer than `max` of its connections are open; `open` counts
-    /// them.
-    pub fn new(listener: TcpListener, max: u32, open: Gauge) -> Limited {
+    /// `listener`, serving at most `max` of its connections at once; `open` counts them,
+    /// `refused` the connections closed for their peer's cap.
+    pub fn new(
+        listener: TcpListener,
+        max: u32,
+        open: Gauge,
+        peers: Arc<Peers>,
+        refused: Counter,
+    ) -> Limited {
         Limited {
             listener,
             permits: Arc::new(Semaphore::new(max as usize)),
             open,
+            peers,
+            refused,
+            registry: Arc::new(Registry::default()),
+            pending: None,
         }
     }
 }
@@ -54,6 +125,19 @@ impl Listener for Limited {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Counted, SocketAddr) {
+        // Cancel-safe: a connection accepted before a slot is free waits in `pending`.
+        while self.pending.is_none() {
+            let (io, addr) = Listener::accept(&mut self.listener).await;
+            let Some(peer) = self.peers.connect(addr.ip()) else {
+                self.refused.inc();
+                drop(io);
+                continue;
+            };
+            if self.permits.available_permits() == 0 {
+                self.registry.evict_longest_idle();
+            }
+            self.pending = Some((io, addr, peer));
+        }
         // The semaphore is never closed.
         let permit = self
             .permits
@@ -61,15 +145,19 @@ impl Listener for Limited {
             .acquire_owned()
             .await
             .expect("the connection semaphore is never closed");
-        let (io, addr) = Listener::accept(&mut self.listener).await;
+        let (io, addr, peer) = self.pending.take().expect("set above");
         self.open.inc();
-        let open = self.open.clone();
+        let activity = Arc::new(Activity::new());
+        let id = self.registry.add(activity.clone());
         (
             Counted {
                 io,
                 _permit: permit,
-                open,
-                activity: Arc::new(Activity::new()),
+                _peer: peer,
+                open: self.open.clone(),
+                activity,
+                registry: self.registry.clone(),
+                id,
             },
             addr,
         )
@@ -85,13 +173,17 @@ impl Listener for Limited {
 pub struct Counted {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
+    _peer: PeerConnection,
     open: Gauge,
     activity: Arc<Activity>,
+    registry: Arc<Registry>,
+    id: u64,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.open.dec();
+        self.registry.lock().remove(&self.id);
     }
 }
 
@@ -167,8 +259,11 @@ pub struct Edge {
 /// by the service around each request.
 pub struct Activity {
     state: Mutex<ActivityState>,
-    /// Woken when a head starts or a request ends: the deadline to watch changes.
+    /// Woken when a head starts or a request ends (the deadline to watch changes), or the
+    /// connection is chosen to close for a new one.
     changed: Notify,
+    /// Chosen to close for a new connection at `max_connections` (done only while idle).
+    evicted: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -186,6 +281,8 @@ struct ActivityState {
 pub enum Close {
     HeaderTimeout,
     IdleTimeout,
+    /// Idle longest when a new connection needed its slot.
+    Evicted,
 }
 
 impl Close {
@@ -193,6 +290,7 @@ impl Close {
         match self {
             Close::HeaderTimeout => "header_timeout",
             Close::IdleTimeout => "idle_timeout",
+            Close::Evicted => "evicted_idle",
         }
     }
 }
@@ -220,6 +318,7 @@ impl Activity {
                 head_started: None,
             }),
             changed: Notify::new(),
+            evicted: AtomicBool::new(false),
         }
     }
 
@@ -294,8 +393,10 @@ pub async fn serve(
     app: Router,
     edge: Edge,
     closed: Family<CloseLabels, Counter>,
+    peer_refused: Counter,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let peers = listener.peers.clone();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         // hyper's own timer also runs while a keep-alive connection waits for its next
@@ -307,16 +408,34 @@ pub async fn serve(
     let mut stop = shutdown.clone();
     loop {
         tokio::select! {
-            (io, _peer) = listener.accept() => {
+            (io, peer) = listener.accept() => {
                 let activity = io.activity.clone();
                 let service = {
                     let activity = activity.clone();
                     let app = app.clone();
+                    let peers = peers.clone();
+                    let peer_refused = peer_refused.clone();
                     hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                         let open = activity.begin();
-                        let answer = app.clone().oneshot(request.map(axum::body::Body::new));
+                        // Charged before the router: a refusal costs no log line and no
+                        // tenant lookup.
+                        let refused = peers.limits().requests.and_then(|_| {
+                            let limits = peers.limits();
+                            let client =
+                                client_address(peer.ip(), request.headers(), &limits.trusted_proxies);
+                            peers.request(client).err()
+                        });
+                        let app = app.clone();
+                        let request = request.map(axum::body::Body::new);
+                        let peer_refused = peer_refused.clone();
                         async move {
-                            let answer = answer.await;
+                            let answer = match refused {
+                                Some(limited) => {
+                                    peer_refused.inc();
+                                    Ok(peer_limited(limited))
+                                }
+                                None => app.oneshot(request).await,
+                            };
                             drop(open);
                             answer
                         }
@@ -344,6 +463,19 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
+/// 429 for a client past its per-peer rate.
+fn peer_limited(limited: PeerLimited) -> axum::response::Response {
+    let seconds = super::status::retry_after_seconds(limited.retry_after);
+    ApiError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "peer_requests",
+        format!("Rate limit reached for this client address; retry after {seconds} s."),
+    )
+    .code("rate_limit_exceeded")
+    .retry_after(limited.retry_after)
+    .into_response()
+}
+
 /// Returns once `shutdown` is true (never, if its sender is gone without saying so).
 async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     if shutdown.wait_for(|stop| *stop).await.is_err() {
@@ -364,7 +496,15 @@ async fn watch<F: Graceful>(
     let mut shutting_down = false;
     loop {
         let changed = activity.changed.notified();
-        let deadline = activity.lock().deadline(edge);
+        let state = *activity.lock();
+        if activity.evicted.load(Ordering::SeqCst) {
+            if state.open == 0 && state.head_started.is_none() {
+                return Some(Close::Evicted);
+            }
+            // A request began since it was chosen: it is not idle any more.
+            activity.evicted.store(false, Ordering::SeqCst);
+        }
+        let deadline = state.deadline(edge);
         let wake = match deadline {
             Some((at, reason)) if at <= Instant::now() => return Some(reason),
             Some((at, _)) => at,

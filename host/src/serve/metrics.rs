@@ -37,7 +37,8 @@ pub struct RateLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
-    /// `header_timeout` or `idle_timeout`.
+    /// `header_timeout`, `idle_timeout`, `evicted_idle` (closed for a new client at
+    /// `max_connections`); for `peer_refused`, `connections` or `requests`.
     pub reason: String,
 }
 
@@ -78,6 +79,8 @@ pub struct Metrics {
     pub fallbacks: Family<RunLabels, Counter>,
     /// Connections the server closed on its own, by reason.
     pub connections_closed: Family<CloseLabels, Counter>,
+    /// Connections and requests refused by the per-peer limits, by which.
+    pub peer_refused: Family<CloseLabels, Counter>,
     /// `/readyz` probes that ran the models (the rest answered from the cached result).
     pub readiness_probes: Counter,
     /// Worker places (`isolation = "process"`; a place whose replacement failed is gone).
@@ -184,8 +187,14 @@ impl Metrics {
         let connections_closed = Family::default();
         registry.register(
             "connections_closed",
-            "Connections the server closed on its own (header_timeout, idle_timeout)",
+            "Connections the server closed on its own (header_timeout, idle_timeout, evicted_idle)",
             connections_closed.clone(),
+        );
+        let peer_refused = Family::default();
+        registry.register(
+            "peer_refused",
+            "Connections (closed unanswered) and requests (429) refused by the per-peer limits",
+            peer_refused.clone(),
         );
         let readiness_probes = Counter::default();
         registry.register(
@@ -240,6 +249,7 @@ impl Metrics {
             drain_cancelled,
             fallbacks,
             connections_closed,
+            peer_refused,
             readiness_probes,
         }
     }

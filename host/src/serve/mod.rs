@@ -18,6 +18,7 @@ pub mod auth;
 pub mod config;
 pub mod connections;
 pub mod metrics;
+pub mod peers;
 pub mod ratelimit;
 pub mod routes;
 pub mod status;
@@ -305,10 +306,22 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
     let app = routes::router(state.clone());
     let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
     let local = listener.local_addr()?;
+    let peer_limits = state.config.peer_limits().map_err(ServeError::Config)?;
+    let refused = |reason: &str| {
+        state
+            .metrics
+            .peer_refused
+            .get_or_create(&metrics::CloseLabels {
+                reason: reason.into(),
+            })
+            .clone()
+    };
     let listener = connections::Limited::new(
         listener,
         state.config.max_connections,
         state.metrics.connections_open.clone(),
+        Arc::new(peers::Peers::new(peer_limits)),
+        refused("connections"),
     );
     let edge = connections::Edge {
         header_read_timeout: state.config.header_read_timeout,
@@ -322,6 +335,7 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
         app,
         edge,
         closed,
+        refused("requests"),
         shutdown_seen,
     ));
     let mut servers = tokio::task::JoinSet::new();

@@ -277,31 +277,72 @@ fn body_too_large(max_body: u64) -> ApiError {
 }
 
 /// The body, read only now that the request is admitted: at most `max_body` bytes (413 past
-/// it) within `body_read_timeout` (408 past it).
+/// it) within `body_read_timeout`, and after `body_rate_grace` at `min_body_rate` bytes per
+/// second or more on average since its first read (408 past either; hyper closes the
+/// connection, as the body was not read to its end).
 async fn read_body(state: &Shared, body: Body) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let max_body = state.config.max_body;
     let timeout = state.config.body_read_timeout;
-    let limited = http_body_util::Limited::new(body, max_body as usize);
-    match tokio::time::timeout(timeout, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-            Err(body_too_large(max_body))
+    let min_rate = state.config.min_body_rate;
+    let grace = state.config.body_rate_grace;
+    let started = tokio::time::Instant::now();
+    let whole_by = started + timeout;
+    let mut limited = http_body_util::Limited::new(body, max_body as usize);
+    let mut received = bytes::BytesMut::new();
+    loop {
+        // The slowest a body may be: `received` bytes must have arrived by grace +
+        // received / rate; the next byte is due then.
+        let rate_by = (min_rate > 0).then(|| {
+            started + grace + Duration::from_secs_f64(received.len() as f64 / min_rate as f64)
+        });
+        let due = rate_by.map_or(whole_by, |at| at.min(whole_by));
+        match tokio::time::timeout_at(due, limited.frame()).await {
+            Ok(None) => return Ok(received.freeze()),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    received.extend_from_slice(&data);
+                }
+            }
+            Ok(Some(Err(error))) if error.is::<http_body_util::LengthLimitError>() => {
+                return Err(body_too_large(max_body))
+            }
+            Ok(Some(Err(error))) => {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "The request body could not be read: {}",
+                        clip(&error.to_string(), LOG_FIELD_MAX)
+                    ),
+                    None,
+                )
+                .code("body_unreadable"))
+            }
+            Err(_) if due < whole_by => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!(
+                        "The request body arrived slower than min_body_rate ({min_rate} bytes/s \
+                         after {}): {} bytes in {:.1} s.",
+                        humantime::format_duration(grace),
+                        received.len(),
+                        started.elapsed().as_secs_f64()
+                    ),
+                )
+                .code("body_too_slow"))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!(
+                        "The request body did not arrive within body_read_timeout ({}).",
+                        humantime::format_duration(timeout)
+                    ),
+                )
+                .code("body_timeout"))
+            }
         }
-        Ok(Err(error)) => Err(ApiError::bad_request(
-            format!("The request body could not be read: {error}"),
-            None,
-        )
-        .code("body_unreadable")),
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            format!(
-                "The request body did not arrive within body_read_timeout ({}).",
-                humantime::format_duration(timeout)
-            ),
-        )
-        .code("body_timeout")),
     }
 }
 
