@@ -1455,6 +1455,43 @@ fn a_long_or_unsafe_request_id_is_replaced_and_refusals_log_no_client_string() {
 }
 
 #[test]
+fn a_batch_past_2048_items_is_refused_with_its_count() {
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display()
+    );
+    let server = Server::start(&config, &[]);
+    // 500,000 one-letter texts: 2 MB of JSON, counted, not kept.
+    let texts = vec!["x"; 500_000];
+    let reply = server.post(
+        "/v1/embeddings",
+        None,
+        &json!({"model": "hostile", "input": texts}),
+    );
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    let error = &reply.json()["error"];
+    assert_eq!(
+        error["message"],
+        "input may hold at most 2048 items, not 500000."
+    );
+    assert_eq!(error["param"], "input");
+    // /v1/infer: the same cap on `texts`, a parse error naming it.
+    let reply = server.post(
+        "/v1/infer",
+        None,
+        &json!({"model": "hostile", "input": {"texts": vec!["x"; 2049]}}),
+    );
+    let error = reply.assert_error(400, "invalid_json");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("texts may hold at most 2048 items"),
+        "{error}"
+    );
+}
+
+#[test]
 fn with_metrics_listen_metrics_is_not_served_on_the_api_address() {
     let config = format!(
         "metrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
