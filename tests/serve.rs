@@ -785,9 +785,10 @@ fn get_on(stream: &mut std::net::TcpStream, path: &str) -> std::io::Result<Strin
 
 #[test]
 fn past_max_connections_the_longest_idle_connection_is_closed_for_a_new_one_and_busy_ones_wait() {
+    // Heads are never old enough to be closed here (the next test has that).
     let config = format!(
-        "max_connections = 2\nmetrics_listen = \"127.0.0.1:0\"\n[[models]]\nname = \"hostile\"\n\
-         path = \"{}\"\n",
+        "max_connections = 2\nslow_head_eviction = \"1h\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [[models]]\nname = \"hostile\"\npath = \"{}\"\n",
         hostile_wasm().display(),
     );
     let server = Server::start(&config, &[]);
@@ -873,6 +874,42 @@ fn past_max_connections_the_longest_idle_connection_is_closed_for_a_new_one_and_
     drop(third);
     drop(fourth);
     wait_for(|| open() == 0.0);
+}
+
+#[test]
+fn past_max_connections_with_none_idle_the_oldest_slow_head_is_closed_for_a_new_one() {
+    let config = format!(
+        "max_connections = 2\nslow_head_eviction = \"300ms\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display(),
+    );
+    let server = Server::start(&config, &[]);
+    let metrics_url = metrics_url(&server);
+    let closed = |reason: &str| {
+        metric_value(
+            &Reply::from(ureq::get(&metrics_url).call()).text,
+            "wasm_infer_connections_closed_total",
+            &[("reason", reason)],
+        )
+    };
+    // Both slots hold a head that never ends; `older` began first.
+    let mut older = raw(&server);
+    older.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut younger = raw(&server);
+    younger.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    // A new client is served: once the older head is past 300 ms, it is closed for it.
+    let mut new = raw(&server);
+    new.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(get_on(&mut new, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(read_head(&mut older), None, "the oldest head is closed");
+    assert_eq!(closed("evicted_slow_head"), 1.0);
+    assert_eq!(closed("evicted_idle"), 0.0);
+    // The younger head is still open and can finish its request.
+    younger.write_all(b"st: x\r\n\r\n").unwrap();
+    assert!(read_head(&mut younger).unwrap().starts_with("HTTP/1.1 200"));
 }
 
 #[test]
@@ -1415,6 +1452,43 @@ fn a_long_or_unsafe_request_id_is_replaced_and_refusals_log_no_client_string() {
     std::thread::sleep(Duration::from_millis(200));
     let logged = server.log().len() - before;
     assert!(logged < 4096, "{logged} bytes of log for two refusals");
+}
+
+#[test]
+fn a_batch_past_2048_items_is_refused_with_its_count() {
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\n",
+        hostile_wasm().display()
+    );
+    let server = Server::start(&config, &[]);
+    // 500,000 one-letter texts: 2 MB of JSON, counted, not kept.
+    let texts = vec!["x"; 500_000];
+    let reply = server.post(
+        "/v1/embeddings",
+        None,
+        &json!({"model": "hostile", "input": texts}),
+    );
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    let error = &reply.json()["error"];
+    assert_eq!(
+        error["message"],
+        "input may hold at most 2048 items, not 500000."
+    );
+    assert_eq!(error["param"], "input");
+    // /v1/infer: the same cap on `texts`, a parse error naming it.
+    let reply = server.post(
+        "/v1/infer",
+        None,
+        &json!({"model": "hostile", "input": {"texts": vec!["x"; 2049]}}),
+    );
+    let error = reply.assert_error(400, "invalid_json");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("texts may hold at most 2048 items"),
+        "{error}"
+    );
 }
 
 #[test]

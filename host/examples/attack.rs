@@ -424,6 +424,26 @@ fn main() {
         }
     });
 
+    all &= run(&server, "trickled headers (all 1,024 slots)", |s, until| {
+        // No slot free and none idle: a new connection is served by closing the head that
+        // has been arriving longest, once it is older than slow_head_eviction (1 s).
+        let before = s.metric("wasm_infer_connections_closed_total");
+        let head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut streams = open(s, 1024, attacker);
+        for st in &mut streams {
+            push(st, &head[..1]);
+        }
+        let n = streams.len() as u64;
+        let (closed, _) = hold(streams, until, Duration::from_secs(2), |s, _, r| {
+            push(s, &head[(r + 1).min(head.len() - 1)..][..1])
+        });
+        let evicted = s.metric("wasm_infer_connections_closed_total") - before;
+        Attack {
+            requests: n,
+            note: format!("{closed} of {n} closed; the server closed {evicted}"),
+        }
+    });
+
     all &= run(
         &server,
         "idle keep-alive connections (all 1,024 slots)",

@@ -33,6 +33,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// head at 6.5 KB/s) and short enough that connections trickling a head hold their slot for
 /// seconds, not for ever.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a head may have been arriving before, at `max_connections` with no connection
+/// idle, it is closed for a new connection.
+pub const DEFAULT_SLOW_HEAD_EVICTION: Duration = Duration::from_secs(1);
 /// Default idle timeout: a keep-alive connection with no request open and no byte moving for
 /// this long is closed. Above the common load balancers' own idle timeouts (AWS ALB 60 s,
 /// nginx upstream keep-alive 60 s), so a pool's connection is normally closed by its owner first.
@@ -91,6 +94,11 @@ pub struct ServeConfig {
     /// without an answer (default [`DEFAULT_HEADER_READ_TIMEOUT`]).
     #[serde(with = "crate::units::serde::duration")]
     pub header_read_timeout: Duration,
+    /// At `max_connections` with no connection idle, the connection whose head has been
+    /// arriving longest is closed for a new one once its head is older than this (default
+    /// [`DEFAULT_SLOW_HEAD_EVICTION`]).
+    #[serde(with = "crate::units::serde::duration")]
+    pub slow_head_eviction: Duration,
     /// A connection with no request open and no byte read or written for this long is closed
     /// (default [`DEFAULT_IDLE_TIMEOUT`]). Shorter frees slots sooner; longer than the load
     /// balancer's own idle timeout avoids closing a connection it is about to reuse.
@@ -184,6 +192,7 @@ impl Default for ServeConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_body: DEFAULT_MAX_BODY,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            slow_head_eviction: DEFAULT_SLOW_HEAD_EVICTION,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             min_body_rate: DEFAULT_MIN_BODY_RATE,
@@ -421,6 +430,7 @@ impl ServeConfig {
         }
         for (name, value) in [
             ("header_read_timeout", self.header_read_timeout),
+            ("slow_head_eviction", self.slow_head_eviction),
             ("idle_timeout", self.idle_timeout),
             ("body_read_timeout", self.body_read_timeout),
         ] {
@@ -667,6 +677,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.slow_head_eviction, Duration::from_secs(1));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_read_buffer, 64 << 10);
         assert_eq!(config.max_connections_per_peer, 256);
@@ -681,10 +692,11 @@ mod tests {
     fn edge_settings_parse_and_unusable_ones_refuse_to_start() {
         let config = ServeConfig::from_toml(
             "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"\nbody_read_timeout = \"3s\"\n\
-             max_read_buffer = \"16KiB\"\nreadiness_interval = \"1m\"",
+             slow_head_eviction = \"250ms\"\nmax_read_buffer = \"16KiB\"\nreadiness_interval = \"1m\"",
         )
         .unwrap();
         assert_eq!(config.header_read_timeout, Duration::from_secs(1));
+        assert_eq!(config.slow_head_eviction, Duration::from_millis(250));
         assert_eq!(config.idle_timeout, Duration::from_secs(2));
         assert_eq!(config.body_read_timeout, Duration::from_secs(3));
         assert_eq!(config.max_read_buffer, 16 << 10);

@@ -6,10 +6,14 @@
 //!
 //! At `max_connections`, a new connection is accepted and the **longest-idle** keep-alive
 //! connection (no request open, no head being read) is closed for it, so a client is served
-//! even when every slot is held by idle connections. When none is idle (every slot has a
-//! request, or a head, in progress: each bounded by its own timeout), the new connection waits
-//! until one closes: the kernel completes the handshake and keeps the rest in the listen
-//! backlog. A client at the limit sees latency, not a reset it would have to tell apart from a
+//! even when every slot is held by idle connections. When none is idle, the connection whose
+//! head has been arriving longest is closed instead, once that head is older than
+//! `slow_head_eviction` (a client sends a head in one write; one that is still sending after that
+//! long is trickling it, and holding a slot others need): a slow-loris spread over many
+//! addresses cannot hold every slot for the whole header timeout. When every slot has a
+//! request in progress (each bounded by its own timeout) or a head younger than that, the new
+//! connection waits until one closes or ages (looked at again every [`EVICT_RETRY`]): the
+//! kernel completes the handshake and keeps the rest in the listen backlog. A client at the limit sees latency, not a reset it would have to tell apart from a
 //! crash; the file descriptors and per-connection buffers the process holds stay bounded either
 //! way (`max_connections`, plus the one accepted connection waiting for a slot).
 //!
@@ -42,6 +46,9 @@ use super::metrics::CloseLabels;
 use super::peers::{client_address, PeerConnection, PeerLimited, Peers};
 use super::status::ApiError;
 
+/// How often a connection waiting for a slot looks again for one to close.
+const EVICT_RETRY: Duration = Duration::from_millis(250);
+
 /// The open connections' activities, for choosing the longest-idle one to close.
 #[derive(Default)]
 struct Registry {
@@ -61,19 +68,35 @@ impl Registry {
         id
     }
 
-    /// Asks the connection idle longest (no request open, no head being read) to close; false
-    /// when none is idle.
-    fn evict_longest_idle(&self) -> bool {
+    /// Asks the connection idle longest (no request open, no head being read) to close, or
+    /// failing that the one whose head began longest ago, if more than `slow_head` ago; false
+    /// when there is neither.
+    /// One at a time: while a chosen connection has not yet closed (or started a request), no
+    /// other is chosen.
+    fn evict_one(&self, slow_head: Duration) -> bool {
+        let now = Instant::now();
         let open = self.lock();
-        let idle = open
-            .values()
-            .filter(|a| !a.evicted.load(Ordering::SeqCst))
-            .filter_map(|a| {
-                let state = *a.lock();
-                (state.open == 0 && state.head_started.is_none()).then_some((state.last, a))
-            })
-            .min_by_key(|(last, _)| *last);
-        match idle {
+        if open.values().any(|a| a.evicted.load(Ordering::SeqCst)) {
+            return false;
+        }
+        let candidates = || {
+            open.values()
+                .map(|a| (*a.lock(), a))
+                .filter(|(state, _)| state.open == 0)
+        };
+        let idle = candidates()
+            .filter(|(state, _)| state.head_started.is_none())
+            .min_by_key(|(state, _)| state.last);
+        let chosen = idle.or_else(|| {
+            candidates()
+                .filter(|(state, _)| {
+                    state
+                        .head_started
+                        .is_some_and(|at| now.saturating_duration_since(at) > slow_head)
+                })
+                .min_by_key(|(state, _)| state.head_started)
+        });
+        match chosen {
             Some((_, activity)) => {
                 activity.evicted.store(true, Ordering::SeqCst);
                 activity.changed.notify_one();
@@ -93,6 +116,8 @@ pub struct Limited {
     peers: Arc<Peers>,
     refused: Counter,
     registry: Arc<Registry>,
+    /// How old a head must be to be closed for a new connection when none is idle.
+    slow_head: Duration,
     /// A connection accepted and waiting for a slot: kept here, not in the accept future, so
     /// that dropping that future (the serve loop's `select!`) does not close it.
     pending: Option<(TcpStream, SocketAddr, PeerConnection)>,
@@ -100,10 +125,12 @@ pub struct Limited {
 
 impl Limited {
     /// `listener`, serving at most `max` of its connections at once; `open` counts them,
-    /// `refused` the connections closed for their peer's cap.
+    /// `refused` the connections closed for their peer's cap; a head arriving for more than
+    /// `slow_head` may be closed for a new connection when none is idle.
     pub fn new(
         listener: TcpListener,
         max: u32,
+        slow_head: Duration,
         open: Gauge,
         peers: Arc<Peers>,
         refused: Counter,
@@ -115,6 +142,7 @@ impl Limited {
             peers,
             refused,
             registry: Arc::new(Registry::default()),
+            slow_head,
             pending: None,
         }
     }
@@ -133,18 +161,19 @@ impl Listener for Limited {
                 drop(io);
                 continue;
             };
-            if self.permits.available_permits() == 0 {
-                self.registry.evict_longest_idle();
-            }
             self.pending = Some((io, addr, peer));
         }
-        // The semaphore is never closed.
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the connection semaphore is never closed");
+        let permit = loop {
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                break permit;
+            }
+            self.registry.evict_one(self.slow_head);
+            let wait = self.permits.clone().acquire_owned();
+            if let Ok(permit) = tokio::time::timeout(EVICT_RETRY, wait).await {
+                // The semaphore is never closed.
+                break permit.expect("the connection semaphore is never closed");
+            }
+        };
         let (io, addr, peer) = self.pending.take().expect("set above");
         self.open.inc();
         let activity = Arc::new(Activity::new());
@@ -180,8 +209,17 @@ pub struct Counted {
     id: u64,
 }
 
+/// Connections closed since the process started (what [`super::memory`] watches).
+static CLOSED: AtomicU64 = AtomicU64::new(0);
+
+/// How many accepted connections have been dropped since the process started.
+pub fn closed_total() -> u64 {
+    CLOSED.load(Ordering::Relaxed)
+}
+
 impl Drop for Counted {
     fn drop(&mut self) {
+        CLOSED.fetch_add(1, Ordering::Relaxed);
         self.open.dec();
         self.registry.lock().remove(&self.id);
     }
@@ -283,6 +321,9 @@ pub enum Close {
     IdleTimeout,
     /// Idle longest when a new connection needed its slot.
     Evicted,
+    /// Its head arriving longest, for over `slow_head_eviction`, when a new connection needed its
+    /// slot and none was idle.
+    EvictedSlowHead,
 }
 
 impl Close {
@@ -291,6 +332,7 @@ impl Close {
             Close::HeaderTimeout => "header_timeout",
             Close::IdleTimeout => "idle_timeout",
             Close::Evicted => "evicted_idle",
+            Close::EvictedSlowHead => "evicted_slow_head",
         }
     }
 }
@@ -498,11 +540,12 @@ async fn watch<F: Graceful>(
         let changed = activity.changed.notified();
         let state = *activity.lock();
         if activity.evicted.load(Ordering::SeqCst) {
-            if state.open == 0 && state.head_started.is_none() {
-                return Some(Close::Evicted);
+            match (state.open, state.head_started) {
+                (0, None) => return Some(Close::Evicted),
+                (0, Some(_)) => return Some(Close::EvictedSlowHead),
+                // A request began since it was chosen: it is neither idle nor slow now.
+                _ => activity.evicted.store(false, Ordering::SeqCst),
             }
-            // A request began since it was chosen: it is not idle any more.
-            activity.evicted.store(false, Ordering::SeqCst);
         }
         let deadline = state.deadline(edge);
         let wake = match deadline {

@@ -37,8 +37,8 @@ pub struct RateLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
-    /// `header_timeout`, `idle_timeout`, `evicted_idle` (closed for a new client at
-    /// `max_connections`); for `peer_refused`, `connections` or `requests`.
+    /// `header_timeout`, `idle_timeout`, `evicted_idle` or `evicted_slow_head` (closed for a
+    /// new client at `max_connections`); for `peer_refused`, `connections` or `requests`.
     pub reason: String,
 }
 
@@ -187,7 +187,8 @@ impl Metrics {
         let connections_closed = Family::default();
         registry.register(
             "connections_closed",
-            "Connections the server closed on its own (header_timeout, idle_timeout, evicted_idle)",
+            "Connections the server closed on its own (header_timeout, idle_timeout, evicted_idle, \
+             evicted_slow_head)",
             connections_closed.clone(),
         );
         let peer_refused = Family::default();

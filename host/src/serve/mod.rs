@@ -15,8 +15,10 @@
 
 pub mod admission;
 pub mod auth;
+mod body;
 pub mod config;
 pub mod connections;
+mod memory;
 pub mod metrics;
 pub mod peers;
 pub mod ratelimit;
@@ -304,6 +306,7 @@ async fn start_workers(
 /// cancelled (and counted). Returns how many were cancelled.
 pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
     let app = routes::router(state.clone());
+    memory::return_freed_memory();
     let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
     let local = listener.local_addr()?;
     let peer_limits = state.config.peer_limits().map_err(ServeError::Config)?;
@@ -319,6 +322,7 @@ pub async fn serve(state: Arc<State>) -> Result<usize, ServeError> {
     let listener = connections::Limited::new(
         listener,
         state.config.max_connections,
+        state.config.slow_head_eviction,
         state.metrics.connections_open.clone(),
         Arc::new(peers::Peers::new(peer_limits)),
         refused("connections"),

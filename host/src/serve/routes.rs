@@ -28,6 +28,7 @@ use tower_http::request_id::{
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use super::admission::Refused;
+use super::body::{EmbeddingInput, InferInput, MAX_BATCH_ITEMS};
 use super::config::{Tenant, TenantRates};
 use super::metrics::{ModelLabels, RateLabels, RequestLabels, RunLabels, TripLabels};
 use super::ratelimit::{Charge, Decision, Quota};
@@ -56,8 +57,6 @@ const BACKEND_RETRY_AFTER: Duration = Duration::from_secs(1);
 pub const BACKEND_UNAVAILABLE: &str = "Rate limits cannot be checked now; retry later.";
 /// Limits of the readiness probe's run (a few words through the real model).
 const READY_WALL_TIME: Duration = Duration::from_secs(10);
-/// OpenAI's cap on the items of one embeddings request.
-const MAX_EMBEDDING_ITEMS: usize = 2048;
 /// The longest client request id kept (a UUID is 36, a W3C trace id 32); a longer one, or one
 /// with other characters, is replaced by the server's own, so a client cannot make every log
 /// line of its request long or forge log structure.
@@ -368,7 +367,7 @@ async fn parse<T: serde::de::DeserializeOwned + Send + 'static>(
 
 #[derive(Deserialize)]
 struct EmbeddingsRequest {
-    input: serde_json::Value,
+    input: EmbeddingInput,
     model: String,
     #[serde(default)]
     encoding_format: Option<String>,
@@ -600,35 +599,19 @@ async fn prepare_embeddings(
 
 /// The texts of an embeddings `input`: a string or an array of strings. Token-id arrays (which
 /// OpenAI accepts) are refused: the tokenizer runs inside the sandbox.
-fn embedding_input(input: serde_json::Value) -> Result<Vec<String>, ApiError> {
-    use serde_json::Value;
+fn embedding_input(input: EmbeddingInput) -> Result<Vec<String>, ApiError> {
     let refuse = |message: &str| Err(ApiError::bad_request(message, Some("input")));
     match input {
-        Value::String(text) => Ok(vec![text]),
-        Value::Array(items) if items.is_empty() => refuse("input must not be an empty array."),
-        Value::Array(items) if items.len() > MAX_EMBEDDING_ITEMS => refuse(&format!(
-            "input may hold at most {MAX_EMBEDDING_ITEMS} items, not {}.",
-            items.len()
+        EmbeddingInput::Texts(texts) => Ok(texts),
+        EmbeddingInput::Empty => refuse("input must not be an empty array."),
+        EmbeddingInput::TooMany(count) => refuse(&format!(
+            "input may hold at most {MAX_BATCH_ITEMS} items, not {count}."
         )),
-        Value::Array(items) => {
-            if items.iter().any(|i| i.is_number() || i.is_array()) {
-                return refuse(
-                    "Token-id arrays are not supported: send text (the model tokenizes inside \
-                     its sandbox).",
-                );
-            }
-            items
-                .into_iter()
-                .map(|item| match item {
-                    Value::String(text) => Ok(text),
-                    _ => Err(ApiError::bad_request(
-                        "input must be a string or an array of strings.",
-                        Some("input"),
-                    )),
-                })
-                .collect()
-        }
-        _ => refuse("input must be a string or an array of strings."),
+        EmbeddingInput::TokenIds => refuse(
+            "Token-id arrays are not supported: send text (the model tokenizes inside its \
+             sandbox).",
+        ),
+        EmbeddingInput::NotText => refuse("input must be a string or an array of strings."),
     }
 }
 
@@ -647,7 +630,7 @@ pub fn estimate_tokens(text: &str, max_input_tokens: u32) -> u64 {
 #[serde(deny_unknown_fields)]
 struct InferRequest {
     model: String,
-    input: Input,
+    input: InferInput,
 }
 
 async fn infer(AxumState(state): AxumState<Shared>, request: Request<Body>) -> Response {
@@ -666,7 +649,7 @@ async fn infer_inner(
         let bytes = read_body(state, request.into_body()).await?;
         let request: InferRequest = parse(bytes).await?;
         let served = ctx.model(state, &request.model)?;
-        Ok((served, request.input))
+        Ok((served, Input::from(request.input)))
     };
     let (served, input) = match prepared.await {
         Ok(prepared) => prepared,
@@ -1346,6 +1329,9 @@ mod tests {
 
     #[test]
     fn embedding_inputs_are_texts_and_token_ids_are_refused() {
+        let embedding_input = |value: serde_json::Value| {
+            embedding_input(serde_json::from_value(value).expect("any JSON is an input"))
+        };
         assert_eq!(embedding_input(json!("a")).unwrap(), vec!["a"]);
         assert_eq!(embedding_input(json!(["a", "b"])).unwrap(), vec!["a", "b"]);
         for bad in [
