@@ -488,7 +488,7 @@ fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
     let mut pids: Vec<String> = std::fs::read_dir(&probes)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| !name.ends_with(".limits"))
+        .filter(|name| name.starts_with("load-") && !name.ends_with(".limits"))
         .collect();
     pids.sort();
     assert_eq!(pids.len(), 2, "{pids:?}");

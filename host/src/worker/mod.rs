@@ -574,7 +574,7 @@ pub(crate) fn pass_cgroup_probe(command: &mut Command) {
     }
 }
 
-pub(crate) fn probe_cgroup() {
+fn probe_cgroup() {
     let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) else {
         return;
     };
@@ -587,16 +587,18 @@ pub(crate) fn probe_cgroup() {
 }
 
 /// The probe of a load child, whose group is gone when the test could look: its
-/// `/proc/self/cgroup` (as [`probe_cgroup`]), and in `<pid>.limits` the limit files of the
-/// groups it is in, one `<hierarchy>/<file> <value>` a line (`unified` for v2).
+/// `/proc/self/cgroup` in `load-<pid>` (named apart from run workers' probes, which a pool's
+/// own load children would otherwise add to), and in `load-<pid>.limits` the limit files of
+/// the groups it is in, one `<hierarchy>/<file> <value>` a line (`unified` for v2).
 pub(crate) fn probe_load_cgroup() {
-    probe_cgroup();
     let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) else {
         return;
     };
     let Ok(groups) = std::fs::read_to_string("/proc/self/cgroup") else {
         return;
     };
+    let dir = PathBuf::from(dir);
+    let _ = std::fs::write(dir.join(format!("load-{}", std::process::id())), &groups);
     let mut limits = String::new();
     for line in groups.lines() {
         let mut parts = line.splitn(3, ':');
@@ -626,7 +628,7 @@ pub(crate) fn probe_load_cgroup() {
         }
     }
     let _ = std::fs::write(
-        PathBuf::from(dir).join(format!("{}.limits", std::process::id())),
+        dir.join(format!("load-{}.limits", std::process::id())),
         limits,
     );
 }
