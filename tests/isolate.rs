@@ -337,3 +337,226 @@ fn the_preinit_child_is_locked_down_before_the_first_guest_instruction() {
         assert!(stderr.contains(KILLED), "{call}: {stderr}");
     }
 }
+
+/// `wasm-infer run --report json` of MiniLM (pre-initialised in a child) with a fresh cache,
+/// a 512 MiB load memory limit and the escape drill armed at `drill`: the exit status, the
+/// report (a load that fails has none: its error is the last line of stderr) and the files
+/// the cache holds afterwards.
+fn run_preinit_drill(name: &str, drill: &str) -> (Option<i32>, String, Vec<String>) {
+    let dir = support::target_dir().join(format!("isolate-poison-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .args(["run", "--report", "json", "--load-mem", "512M"])
+        .arg(support::minilm_wasm())
+        .arg("a poisoned snapshot")
+        .env("WASM_INFER_CACHE_DIR", &dir)
+        .env(wasm_infer::worker::ESCAPE_VAR, drill)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let mut cached: Vec<String> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    cached.sort();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(wasm_infer::cache::key_path(&dir));
+    (output.status.code(), stderr, cached)
+}
+
+#[test]
+fn a_poisoned_snapshot_is_refused_and_nothing_is_cached() {
+    // The control: the honest snapshot passes the parent's checks and is cached (its code and
+    // its description), and the report names the component and the snapshot's memory.
+    let (status, stderr, cached) = run_preinit_drill("none", "preinit:none");
+    assert_eq!(status, Some(0), "{stderr}");
+    let report = stderr
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .unwrap_or_else(|| panic!("no report in {stderr}"));
+    let report: serde_json::Value = serde_json::from_str(report).unwrap();
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    assert!(
+        cached[0].ends_with(".cwasm") && cached[1].ends_with(".json"),
+        "{cached:?}"
+    );
+    let sha256 = report["load"]["component_sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let memory = report["load"]["preinit"]["init"]["memory_bytes"]
+        .as_u64()
+        .unwrap();
+    // The drill pushes a segment's offset to i32::MAX; the memory grows to 8,193 pages, one
+    // past the 512 MiB load limit (8,193 × 65,536 = 536,936,448).
+    let poisons = [
+        (
+            "segment",
+            format!(", past the {memory} bytes of its memory"),
+        ),
+        (
+            "memory",
+            "its memories hold 536936448 bytes, more than the 536870912 bytes of the load's \
+             memory limit"
+                .to_string(),
+        ),
+        (
+            "global",
+            "its globals are not of the component's types".to_string(),
+        ),
+        (
+            "code",
+            "(section id 10) differs from the component's".to_string(),
+        ),
+        (
+            "digest",
+            // SHA-256 of "another component" (`printf 'another component' | sha256sum`),
+            // the digest the drill writes.
+            format!(
+                "its description names component \
+                 a77052d6b3b1d061fe2f3e102167bcf7e3e7ca94b9c574cfe11a5ee08e250cca, \
+                 not this one ({sha256})"
+            ),
+        ),
+    ];
+    for (kind, expected) in poisons {
+        let (status, stderr, cached) = run_preinit_drill(kind, &format!("preinit:poison-{kind}"));
+        // Exit 3: an invalid model (README, "Exit statuses"; `ErrorKind::InvalidModel`).
+        assert_eq!(status, Some(3), "{kind}: {stderr}");
+        let prefix = format!(
+            "error: {}: invalid model: the pre-initialisation worker handed back a poisoned \
+             snapshot: ",
+            support::minilm_wasm().display()
+        );
+        let message = stderr
+            .lines()
+            .find(|line| line.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{kind}: {stderr}"));
+        assert!(message.contains(&expected), "{kind}: {message}");
+        if kind == "segment" {
+            // Where the moved segment ends: at least the offset the drill wrote.
+            let end: u64 = message
+                .split(" ends at byte ")
+                .nth(1)
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|end| end.parse().ok())
+                .unwrap_or_else(|| panic!("{message}"));
+            assert!(end > i32::MAX as u64, "{message}");
+        }
+        assert_eq!(cached, Vec::<String>::new(), "{kind}: something was cached");
+    }
+}
+
+#[test]
+fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
+    // The probe (`CGROUP_PROBE_VAR`) makes each load child, as its first act, copy its
+    // `/proc/self/cgroup` and its groups' limit files into the directory; the children's
+    // groups are gone by the time the run ends, so the files are all that is left of them.
+    let dir = support::target_dir().join(format!("isolate-cgroup-{}", std::process::id()));
+    let cache = dir.join("cache");
+    let probes = dir.join("probes");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&probes).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .arg("run")
+        .arg(support::minilm_wasm())
+        .arg("grouped")
+        .env("WASM_INFER_CACHE_DIR", &cache)
+        .env(wasm_infer::worker::CGROUP_PROBE_VAR, &probes)
+        // The pids cap is candle's CPU threads + 16: 2 + 16.
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The groups are named for the process that made them.
+    let prefix = format!("wasm-infer-workers-{}-", output.id());
+    let output = output.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let root = unsafe { libc::geteuid() } == 0;
+    if !(root && Path::new("/sys/fs/cgroup").is_dir()) {
+        eprintln!("no cgroup here: {stderr}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(wasm_infer::cache::key_path(&cache));
+        return;
+    }
+    // Two children: MiniLM's pre-initialisation, then its compilation.
+    let mut pids: Vec<String> = std::fs::read_dir(&probes)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("load-") && !name.ends_with(".limits"))
+        .collect();
+    pids.sort();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    let mut memory_figures = Vec::new();
+    for pid in &pids {
+        let groups = std::fs::read_to_string(probes.join(pid)).unwrap();
+        let limits = std::fs::read_to_string(probes.join(format!("{pid}.limits"))).unwrap();
+        let value = |file: &str| {
+            limits
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{file} ")))
+                .unwrap_or_else(|| panic!("no {file} in {limits}"))
+                .to_string()
+        };
+        // The child's own group, named for the `wasm-infer run` process, in each hierarchy.
+        let group = |hierarchy: &str| {
+            groups
+                .lines()
+                .find_map(|line| {
+                    let mut parts = line.splitn(3, ':');
+                    let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                    (controllers == hierarchy).then(|| path.to_string())
+                })
+                .unwrap_or_else(|| panic!("no {hierarchy:?} line in {groups}"))
+        };
+        let v2 = limits.starts_with("unified/");
+        let (memory, swap, pids_max) = if v2 {
+            let path = group("");
+            let name = path.rsplit('/').next().unwrap();
+            assert!(name.starts_with(&prefix), "{path}");
+            (
+                value("unified/memory.max"),
+                value("unified/memory.swap.max"),
+                value("unified/pids.max"),
+            )
+        } else {
+            for hierarchy in ["memory", "pids"] {
+                let path = group(hierarchy);
+                let name = path.rsplit('/').next().unwrap();
+                assert!(name.starts_with(&prefix), "{hierarchy}: {path}");
+                // Removed once the child was reaped.
+                let dir = Path::new("/sys/fs/cgroup")
+                    .join(hierarchy)
+                    .join(path.trim_start_matches('/'));
+                assert!(!dir.exists(), "{} stays", dir.display());
+            }
+            let memory = value("memory/memory.limit_in_bytes");
+            // Swap included: RAM and swap together may not exceed the same figure.
+            let memsw = value("memory/memory.memsw.limit_in_bytes");
+            (
+                memory.clone(),
+                (memsw == memory).to_string(),
+                value("pids/pids.max"),
+            )
+        };
+        assert_eq!(swap, if v2 { "0" } else { "true" }, "{limits}");
+        assert_eq!(pids_max, "18", "{limits}");
+        memory_figures.push(memory.parse::<u64>().unwrap());
+    }
+    memory_figures.sort();
+    // The compile child: `--compile-mem` (2 GiB) + 512 MiB; the pre-initialisation child
+    // also its guest's memory, up to `--load-mem` (1 GiB).
+    let compile = CompileLimits::default().memory + wasm_infer::isolate::LOAD_MEMORY_MARGIN;
+    assert_eq!(compile, (2 << 30) + (512 << 20));
+    assert_eq!(
+        memory_figures,
+        vec![compile, compile + Limits::default().memory]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(wasm_infer::cache::key_path(&cache));
+}

@@ -266,6 +266,13 @@ pub enum InvalidModel {
     /// A snapshot made by another wasm-infer format, wasmtime version or engine configuration.
     #[error("snapshot does not match this runtime: {0}")]
     SnapshotMismatch(String),
+    /// What a pre-initialisation worker handed back is not this component's initial state:
+    /// code, types or imports that differ from the component's, globals of other types,
+    /// memories that shrank or exceed the load's memory limit, data outside its memory, or a
+    /// description of another component. That worker ran guest code, so this is the guest's
+    /// doing (SECURITY.md, "A poisoned snapshot").
+    #[error("the pre-initialisation worker handed back a poisoned snapshot: {0}")]
+    PoisonedSnapshot(String),
     /// Asked to snapshot a component that does not export `wizer-initialize`.
     #[error(
         "component cannot be pre-initialised: it does not export `wizer-initialize` \

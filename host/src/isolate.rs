@@ -38,6 +38,7 @@ pub use crate::error::{CompileLimit, CompileLimits, DEFAULT_COMPILE_LIMITS};
 use crate::error::{Error, InvalidModel, LimitExceeded};
 use crate::limits::Limits;
 use crate::runtime::Runtime;
+use crate::worker::cgroup::{self, Cgroup, CgroupLimits, WORKER_EXTRA_PIDS};
 
 /// Where and how to compile in a child process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,7 +192,13 @@ fn run_worker(
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     pass_escape_drill(&mut command);
+    crate::worker::pass_cgroup_probe(&mut command);
     apply_rlimits(&mut command, limits);
+    // Removed when this function returns, after the child was reaped.
+    let group = load_cgroup(limits, request);
+    if let Some(group) = &group {
+        group.place_before_exec(&mut command);
+    }
     let mut child = command.spawn().map_err(|e| {
         let message = format!(
             "cannot start the compile worker {}: {e}",
@@ -283,6 +290,14 @@ fn run_worker(
         };
     }
     use std::os::unix::process::ExitStatusExt;
+    // The kernel's OOM killer ends a child past its group's ceiling with SIGKILL too.
+    if group
+        .as_ref()
+        .and_then(Cgroup::oom_kills)
+        .is_some_and(|kills| kills > 0)
+    {
+        return exceeded(CompileLimit::Memory);
+    }
     match status.signal() {
         // RLIMIT_CPU sends SIGXCPU at the soft limit (and SIGKILL at the hard one).
         Some(libc::SIGXCPU) | Some(libc::SIGKILL) => exceeded(CompileLimit::Cpu),
@@ -291,6 +306,43 @@ fn run_worker(
         _ => Err(Error::Internal(format!(
             "the compile worker ended without an answer ({status})"
         ))),
+    }
+}
+
+/// Memory a load child's cgroup allows beyond its `RLIMIT_DATA` (and, for pre-initialisation,
+/// the guest's linear memory, up to the load's memory limit): the binary's and the compiled
+/// code's pages, the component and the answer it holds, stacks, and the page cache it causes.
+pub const LOAD_MEMORY_MARGIN: u64 = 512 << 20;
+
+/// The cgroup a load child joins between fork and exec, where this process may make one:
+/// memory (swap included) `RLIMIT_DATA` + [`LOAD_MEMORY_MARGIN`], plus the load's memory
+/// limit for a pre-initialisation child (its guest's linear memory is not in `RLIMIT_DATA`),
+/// and candle's CPU threads + [`WORKER_EXTRA_PIDS`] processes and threads. Where none can be
+/// made, one warning per process says why (the rlimits still apply).
+fn load_cgroup(limits: &CompileLimits, request: &LoadRequest) -> Option<Cgroup> {
+    let guest = match request.step {
+        Step::Preinit => request.limits.memory,
+        Step::Compile => 0,
+    };
+    let group_limits = CgroupLimits {
+        memory: limits
+            .memory
+            .saturating_add(guest)
+            .saturating_add(LOAD_MEMORY_MARGIN),
+        cpus: None,
+        pids: Some(
+            (candle_core::utils::get_num_threads() as u64).saturating_add(WORKER_EXTRA_PIDS),
+        ),
+    };
+    match Cgroup::create(&cgroup::unique_name(), &group_limits) {
+        Ok(group) => Some(group),
+        Err(why) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("load children run without a cgroup ({why}); rlimits still apply")
+            });
+            None
+        }
     }
 }
 
@@ -331,8 +383,11 @@ fn apply_rlimits(command: &mut Command, limits: &CompileLimits) {
 /// the first guest instruction (or, for the compile child, the compiler) would run, the
 /// process makes that call itself, standing in for native code that escaped wasmtime there;
 /// the filter must kill it (`SIGSYS`). A call the filter let through ends the process with
-/// `worker::ESCAPE_SURVIVED`. Parents pass the variable on to their children by name; it can only
-/// make a worker end itself.
+/// `worker::ESCAPE_SURVIVED`. `preinit:poison-<kind>` is the poison drill instead: the
+/// pre-initialisation child tampers with the snapshot it hands back (`segment`, `memory`,
+/// `global`, `code`, `digest`), as such code could, and the parent must refuse it
+/// ([`InvalidModel::PoisonedSnapshot`]). Parents pass the variable on to their children by
+/// name; it can only make a worker end itself or a load fail.
 pub const ESCAPE_VAR: &str = "WASM_INFER_TEST_ESCAPE";
 
 /// Passes the escape drill's variable, if this process has it, on to a child.

@@ -539,7 +539,13 @@ async fn obtain(runtime: &Runtime, wasm: &[u8], options: &LoadOptions) -> Result
                 options.phase(LoadPhase::PreInitialising);
                 let snapshot =
                     isolate::preinit_in_worker(isolation, runtime, wasm, &options.limits)?;
-                let info = check_snapshot(runtime, &snapshot, &obtained.component_sha256)?;
+                let info = check_snapshot(
+                    runtime,
+                    wasm,
+                    &snapshot,
+                    &obtained.component_sha256,
+                    &options.limits,
+                )?;
                 Some((snapshot, info))
             } else {
                 None
@@ -604,25 +610,39 @@ pub(crate) fn code_for_workers(
 }
 
 /// Checks a snapshot a pre-initialisation worker handed back as any component is checked
-/// (it is data from a process that ran guest code): the world, the counts, its description,
-/// made for this engine from this component. What a poisoned one can still do is in
-/// SECURITY.md.
-fn check_snapshot(runtime: &Runtime, snapshot: &[u8], source_sha256: &str) -> Result<SnapshotInfo> {
+/// (it is data from a process that ran guest code): the world, the counts, its description
+/// (made for this engine from this component), and that it is `source` with only its initial
+/// state changed, its memories within the load's memory limit
+/// ([`snapshot::check_data_only`]). What a poisoned one can still do is in SECURITY.md.
+fn check_snapshot(
+    runtime: &Runtime,
+    source: &[u8],
+    snapshot: &[u8],
+    source_sha256: &str,
+    limits: &Limits,
+) -> Result<SnapshotInfo> {
+    let poisoned = |why: &str| Error::from(InvalidModel::PoisonedSnapshot(why.to_string()));
     component::check_header(snapshot)?;
     let inspection = component::inspect(snapshot)?;
     inspection.check_counts()?;
     inspection.check_world()?;
-    let info = snapshot::read_info(&inspection, snapshot)?.ok_or_else(|| {
-        Error::Internal(
-            "the pre-initialisation worker answered a component that is not a snapshot".into(),
-        )
-    })?;
+    let info = snapshot::read_info(&inspection, snapshot)?
+        .ok_or_else(|| poisoned("a component with no snapshot section"))?;
     info.check(runtime)?;
-    if info.source_sha256 != source_sha256 || info.init.snapshot_bytes != snapshot.len() as u64 {
-        return Err(Error::Internal(
-            "the pre-initialisation worker answered a snapshot of another component".into(),
-        ));
+    if info.source_sha256 != source_sha256 {
+        return Err(poisoned(&format!(
+            "its description names component {}, not this one ({source_sha256})",
+            info.source_sha256
+        )));
     }
+    if info.init.snapshot_bytes != snapshot.len() as u64 {
+        return Err(poisoned(&format!(
+            "its description states {} bytes, it has {}",
+            info.init.snapshot_bytes,
+            snapshot.len()
+        )));
+    }
+    snapshot::check_data_only(source, snapshot, limits.memory)?;
     Ok(info)
 }
 

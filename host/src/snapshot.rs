@@ -290,6 +290,253 @@ pub fn snapshot_info(wasm: &[u8]) -> Result<Option<SnapshotInfo>, InvalidModel> 
     read_info(&component::inspect(wasm)?, wasm)
 }
 
+/// Checks that `snapshot` (from a process that ran guest code: data, not to be trusted) is
+/// `source` with only its initial state changed, as pre-initialisation changes it: every
+/// section but the memories, globals and data (and custom sections) byte for byte the same,
+/// in the same order, nested modules and components included; the globals of the same types
+/// (their values are free); the memories of the same types but for their initial size, which
+/// may only have grown, together at most `memory_limit` bytes; each data segment active at a
+/// constant offset and inside its memory's initial size (a passive segment the same as the
+/// source's). What a snapshot that passes can still do is in SECURITY.md.
+pub(crate) fn check_data_only(
+    source: &[u8],
+    snapshot: &[u8],
+    memory_limit: u64,
+) -> Result<(), InvalidModel> {
+    let poisoned = InvalidModel::PoisonedSnapshot;
+    let (source_parts, source_modules) = state_parts(source)
+        .map_err(|e| InvalidModel::Malformed(format!("reading the component: {e}")))?;
+    let (parts, modules) = state_parts(snapshot).map_err(poisoned)?;
+    if let Some(at) =
+        (0..parts.len().max(source_parts.len())).find(|&i| parts.get(i) != source_parts.get(i))
+    {
+        return Err(poisoned(match parts.get(at) {
+            Some(StatePart::Globals(_)) => {
+                format!("part {at}: its globals are not of the component's types")
+            }
+            Some(StatePart::Memories(_)) => {
+                format!("part {at}: its memories are not of the component's types")
+            }
+            Some(StatePart::Section(id, _)) => format!(
+                "part {at} (section id {id}) differs from the component's: a snapshot may \
+                 change memory contents, memory sizes and global values, not code, types, \
+                 imports or exports"
+            ),
+            _ => format!("part {at}: its structure differs from the component's"),
+        }));
+    }
+    let mut total: u64 = 0;
+    for (m, (module, source_module)) in modules.iter().zip(&source_modules).enumerate() {
+        for (j, (memory, before)) in module
+            .memories
+            .iter()
+            .zip(&source_module.memories)
+            .enumerate()
+        {
+            if memory.initial < before.initial {
+                return Err(poisoned(format!(
+                    "memory {j} of module {m} shrank from {} to {} pages",
+                    before.initial, memory.initial
+                )));
+            }
+            total = total.saturating_add(memory_bytes(memory));
+        }
+        let memories: Vec<&wasmparser::MemoryType> =
+            module.imported.iter().chain(&module.memories).collect();
+        for (k, segment) in module.segments.iter().enumerate() {
+            let Segment::Active {
+                memory,
+                offset,
+                len,
+            } = segment
+            else {
+                continue;
+            };
+            let Some(ty) = memories.get(*memory as usize) else {
+                return Err(poisoned(format!(
+                    "data segment {k} of module {m} is for memory {memory}, which it does not have"
+                )));
+            };
+            let Some(offset) = offset else {
+                return Err(poisoned(format!(
+                    "data segment {k} of module {m} is at a computed offset"
+                )));
+            };
+            let end = offset.saturating_add(*len);
+            let size = memory_bytes(ty);
+            if end > size {
+                return Err(poisoned(format!(
+                    "data segment {k} of module {m} ends at byte {end}, past the {size} bytes \
+                     of its memory"
+                )));
+            }
+        }
+        // Pre-initialisation leaves each of the component's segments in its place as an
+        // empty passive one (the code may name them by index) and adds its own after them,
+        // active.
+        let kept = source_module.segments.len();
+        for (k, segment) in module.segments.iter().enumerate() {
+            let fits = match segment {
+                Segment::Passive(bytes) => k < kept && bytes.is_empty(),
+                Segment::Active { .. } => k >= kept,
+            };
+            if !fits {
+                return Err(poisoned(format!(
+                    "data segment {k} of module {m} is not where pre-initialisation puts \
+                     segments (the component's {kept} left empty and passive, then active ones)"
+                )));
+            }
+        }
+        if module.segments.len() < kept {
+            return Err(poisoned(format!(
+                "module {m} has {} data segments, fewer than the component's {kept}",
+                module.segments.len()
+            )));
+        }
+    }
+    if total > memory_limit {
+        return Err(poisoned(format!(
+            "its memories hold {total} bytes, more than the {memory_limit} bytes of the load's \
+             memory limit"
+        )));
+    }
+    Ok(())
+}
+
+fn memory_bytes(memory: &wasmparser::MemoryType) -> u64 {
+    memory
+        .initial
+        .checked_shl(memory.page_size_log2.unwrap_or(16))
+        .filter(|bytes| bytes >> memory.page_size_log2.unwrap_or(16) == memory.initial)
+        .unwrap_or(u64::MAX)
+}
+
+/// A component as [`check_data_only`] compares it.
+#[derive(Debug, PartialEq, Eq)]
+enum StatePart<'a> {
+    /// A module or component begins (`true`: a core module).
+    Begin(bool),
+    End,
+    /// A section's bytes (not a custom, memory, global, data or data-count section, nor a
+    /// nested module or component, whose own parts follow).
+    Section(u8, &'a [u8]),
+    /// A module's memory types, initial sizes left out.
+    Memories(Vec<wasmparser::MemoryType>),
+    /// A module's global types.
+    Globals(Vec<wasmparser::GlobalType>),
+}
+
+/// What pre-initialisation may change in one core module.
+#[derive(Default)]
+struct ModuleState<'a> {
+    imported: Vec<wasmparser::MemoryType>,
+    memories: Vec<wasmparser::MemoryType>,
+    segments: Vec<Segment<'a>>,
+}
+
+enum Segment<'a> {
+    /// `offset`: `None` when it is not one constant.
+    Active {
+        memory: u32,
+        offset: Option<u64>,
+        len: u64,
+    },
+    Passive(&'a [u8]),
+}
+
+fn state_parts(wasm: &[u8]) -> Result<(Vec<StatePart<'_>>, Vec<ModuleState<'_>>), String> {
+    use wasmparser::{DataKind, Encoding, Operator, Parser, Payload, TypeRef};
+    let mut parts = Vec::new();
+    let mut done = Vec::new();
+    // One entry per open module or component: the module's state, or `None`.
+    let mut open: Vec<Option<ModuleState>> = Vec::new();
+    for payload in Parser::new(0).parse_all(wasm) {
+        let payload = payload.map_err(|e| e.to_string())?;
+        let module = open.last_mut().and_then(Option::as_mut);
+        match (module, payload) {
+            (_, Payload::Version { encoding, .. }) => {
+                let is_module = encoding == Encoding::Module;
+                parts.push(StatePart::Begin(is_module));
+                open.push(is_module.then(ModuleState::default));
+            }
+            (_, Payload::End(_)) => {
+                parts.push(StatePart::End);
+                if let Some(Some(module)) = open.pop() {
+                    done.push(module);
+                }
+            }
+            (_, Payload::CustomSection(_))
+            | (_, Payload::ModuleSection { .. })
+            | (_, Payload::ComponentSection { .. })
+            | (_, Payload::CodeSectionEntry(_))
+            | (_, Payload::DataCountSection { .. }) => {}
+            (Some(module), Payload::ImportSection(reader)) => {
+                // 2: the import section's id.
+                parts.push(StatePart::Section(2, &wasm[reader.range()]));
+                for import in reader.into_imports() {
+                    if let TypeRef::Memory(ty) = import.map_err(|e| e.to_string())?.ty {
+                        module.imported.push(ty);
+                    }
+                }
+            }
+            (Some(module), Payload::MemorySection(reader)) => {
+                module.memories = reader
+                    .into_iter()
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?;
+                let types = module
+                    .memories
+                    .iter()
+                    .map(|ty| wasmparser::MemoryType { initial: 0, ..*ty })
+                    .collect();
+                parts.push(StatePart::Memories(types));
+            }
+            (Some(_), Payload::GlobalSection(reader)) => {
+                let types = reader
+                    .into_iter()
+                    .map(|global| global.map(|g| g.ty))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?;
+                parts.push(StatePart::Globals(types));
+            }
+            (Some(module), Payload::DataSection(reader)) => {
+                for data in reader {
+                    let data = data.map_err(|e| e.to_string())?;
+                    module.segments.push(match data.kind {
+                        DataKind::Passive => Segment::Passive(data.data),
+                        DataKind::Active {
+                            memory_index,
+                            offset_expr,
+                        } => {
+                            let mut ops = offset_expr.get_operators_reader();
+                            let first = ops.read().map_err(|e| e.to_string())?;
+                            let end = ops.read().map_err(|e| e.to_string())?;
+                            let offset = match (first, end) {
+                                (Operator::I32Const { value }, Operator::End) => {
+                                    Some(u64::from(value as u32))
+                                }
+                                (Operator::I64Const { value }, Operator::End) => Some(value as u64),
+                                _ => None,
+                            };
+                            Segment::Active {
+                                memory: memory_index,
+                                offset,
+                                len: data.data.len() as u64,
+                            }
+                        }
+                    });
+                }
+            }
+            (_, payload) => {
+                if let Some((id, range)) = payload.as_section() {
+                    parts.push(StatePart::Section(id, &wasm[range]));
+                }
+            }
+        }
+    }
+    Ok((parts, done))
+}
+
 /// Lets wizer read the initialised instance's memories and globals.
 struct Access<'a> {
     store: &'a mut Store<RunState>,

@@ -290,6 +290,22 @@ impl Cgroup {
         }
     }
 
+    /// How many times the kernel's OOM killer killed a process of this group (v1
+    /// `memory.oom_control`, v2 `memory.events`), if the group says.
+    pub fn oom_kills(&self) -> Option<u64> {
+        self.dirs.iter().find_map(|dir| {
+            ["memory.events", "memory.oom_control"]
+                .iter()
+                .find_map(|file| std::fs::read_to_string(dir.join(file)).ok())
+                .and_then(|text| {
+                    text.lines().find_map(|line| {
+                        line.strip_prefix("oom_kill ")
+                            .and_then(|n| n.trim().parse().ok())
+                    })
+                })
+        })
+    }
+
     /// The cgroup's directories.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs

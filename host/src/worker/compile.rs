@@ -11,6 +11,7 @@ use crate::runtime::{Runtime, RuntimeConfig};
 /// the answer (and the bytes that follow it) to `output`. Returns the process exit status
 /// (0 when it answered).
 pub fn load_worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
+    crate::worker::probe_load_cgroup();
     let mut bytes = Vec::new();
     if input.read_to_end(&mut bytes).is_err() {
         return 1;
@@ -82,7 +83,11 @@ fn take_step(request: &LoadRequest, wasm: &[u8]) -> Result<(LoadAnswer, Vec<u8>)
                 &request.limits,
                 Some(lock),
             ))??;
-            Ok((LoadAnswer::Snapshot, snapshot.wasm))
+            let mut wasm = snapshot.wasm;
+            if let Some(kind) = poison_drill() {
+                poison(&kind, &mut wasm, &request.limits).map_err(Error::Internal)?;
+            }
+            Ok((LoadAnswer::Snapshot, wasm))
         }
     }
 }
@@ -93,6 +98,108 @@ fn lock() -> Result<(), String> {
     crate::worker::lockdown::lock_down()?;
     crate::worker::escape_drill("preinit");
     Ok(())
+}
+
+/// The poison drill's kind, if the escape drill's variable names one: `preinit:poison-<kind>`
+/// (see [`crate::isolate::ESCAPE_VAR`]).
+fn poison_drill() -> Option<String> {
+    let drill = std::env::var(crate::isolate::ESCAPE_VAR).ok()?;
+    drill
+        .strip_prefix("preinit:poison-")
+        .map(ToString::to_string)
+}
+
+/// Tampers with a snapshot as guest code that took over this process could, for the tests:
+/// `segment` moves a data segment past its memory, `memory` grows the main memory past the
+/// load's memory limit, `global` changes a global's type, `code` changes a byte of code,
+/// `digest` names another component in the description. The parent must refuse each.
+fn poison(kind: &str, wasm: &mut [u8], limits: &crate::Limits) -> Result<(), String> {
+    use wasmparser::{DataKind, Parser, Payload};
+    let mut memory_min = None;
+    let mut segment_offset: Option<(usize, usize)> = None;
+    let mut global_type = None;
+    let mut code = None;
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|e| e.to_string())? {
+            Payload::MemorySection(reader) if memory_min.is_none() => {
+                if let Some(first) = reader.into_iter_with_offsets().next() {
+                    // The limits' flags byte, then the initial size.
+                    memory_min = Some(first.map_err(|e| e.to_string())?.0 + 1);
+                }
+            }
+            Payload::DataSection(reader) => {
+                for data in reader {
+                    let data = data.map_err(|e| e.to_string())?;
+                    if let DataKind::Active { offset_expr, .. } = data.kind {
+                        // The `i32.const` opcode, then its immediate.
+                        let at = offset_expr.get_binary_reader().original_position() + 1;
+                        let width = leb_width(wasm, at);
+                        if segment_offset.is_none_or(|(_, w)| width > w) {
+                            segment_offset = Some((at, width));
+                        }
+                    }
+                }
+            }
+            Payload::GlobalSection(reader) if global_type.is_none() => {
+                if let Some(first) = reader.into_iter_with_offsets().next() {
+                    global_type = Some(first.map_err(|e| e.to_string())?.0);
+                }
+            }
+            Payload::CodeSectionStart { range, .. } if code.is_none() => code = Some(range),
+            _ => {}
+        }
+    }
+    let missing = |what: &str| format!("poison-{kind}: the snapshot has no {what}");
+    match kind {
+        "segment" => {
+            let (at, width) = segment_offset.ok_or_else(|| missing("active data segment"))?;
+            // The largest positive offset its encoding holds, at most i32::MAX.
+            let value = ((1u64 << (7 * width - 1)) - 1).min(i32::MAX as u64);
+            write_leb(wasm, at, value);
+        }
+        "memory" => {
+            let at = memory_min.ok_or_else(|| missing("memory"))?;
+            let width = leb_width(wasm, at);
+            let value = ((limits.memory >> 16) + 1).min((1u64 << (7 * width)) - 1);
+            write_leb(wasm, at, value);
+        }
+        "global" => {
+            let at = global_type.ok_or_else(|| missing("global"))?;
+            // i32 <-> i64.
+            wasm[at] = if wasm[at] == 0x7f { 0x7e } else { 0x7f };
+        }
+        "code" => {
+            let range = code.ok_or_else(|| missing("code"))?;
+            wasm[range.start + range.len() / 2] ^= 1;
+        }
+        "digest" => {
+            let key = b"\"source_sha256\":\"";
+            let at = wasm
+                .windows(key.len())
+                .rposition(|w| w == key)
+                .ok_or_else(|| missing("description"))?
+                + key.len();
+            let other = crate::cache::component_digest(b"another component");
+            wasm[at..at + other.len()].copy_from_slice(other.as_bytes());
+        }
+        other => return Err(format!("no poison drill {other:?}")),
+    }
+    Ok(())
+}
+
+/// Bytes of the LEB128 number at `at`.
+fn leb_width(wasm: &[u8], at: usize) -> usize {
+    wasm[at..].iter().take_while(|&&b| b & 0x80 != 0).count() + 1
+}
+
+/// Writes `value` over the LEB128 number at `at`, in as many bytes as that one had.
+fn write_leb(wasm: &mut [u8], at: usize, mut value: u64) {
+    let width = leb_width(wasm, at);
+    for (i, byte) in wasm[at..at + width].iter_mut().enumerate() {
+        let more = if i + 1 < width { 0x80 } else { 0 };
+        *byte = (value & 0x7f) as u8 | more;
+        value >>= 7;
+    }
 }
 
 fn answer_for(error: Error) -> LoadAnswer {

@@ -545,6 +545,10 @@ pub(crate) fn escape_drill(stage: &str) {
         return;
     };
     let drill = drill.to_string_lossy();
+    // `preinit:poison-<kind>` is the poison drill (`worker::compile`), not a call to make.
+    if drill.starts_with("preinit:poison-") {
+        return;
+    }
     let Some(call) = drill
         .strip_prefix(stage)
         .and_then(|rest| rest.strip_prefix(':'))
@@ -564,7 +568,7 @@ pub(crate) use crate::isolate::pass_escape_drill;
 /// like [`ESCAPE_VAR`]; it only makes a worker write what it may read anyway.
 pub const CGROUP_PROBE_VAR: &str = "WASM_INFER_TEST_CGROUP_PROBE";
 
-fn pass_cgroup_probe(command: &mut Command) {
+pub(crate) fn pass_cgroup_probe(command: &mut Command) {
     if let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) {
         command.env(CGROUP_PROBE_VAR, dir);
     }
@@ -580,6 +584,53 @@ fn probe_cgroup() {
             groups,
         );
     }
+}
+
+/// The probe of a load child, whose group is gone when the test could look: its
+/// `/proc/self/cgroup` in `load-<pid>` (named apart from run workers' probes, which a pool's
+/// own load children would otherwise add to), and in `load-<pid>.limits` the limit files of
+/// the groups it is in, one `<hierarchy>/<file> <value>` a line (`unified` for v2).
+pub(crate) fn probe_load_cgroup() {
+    let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) else {
+        return;
+    };
+    let Ok(groups) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let _ = std::fs::write(dir.join(format!("load-{}", std::process::id())), &groups);
+    let mut limits = String::new();
+    for line in groups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (hierarchy, files): (&str, &[&str]) = match controllers {
+            "" => ("unified", &["memory.max", "memory.swap.max", "pids.max"]),
+            "memory" => (
+                "memory",
+                &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+            ),
+            "pids" => ("pids", &["pids.max"]),
+            _ => continue,
+        };
+        let base = if hierarchy == "unified" {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup").join(hierarchy)
+        };
+        for file in files {
+            let at = base.join(path.trim_start_matches('/')).join(file);
+            if let Ok(value) = std::fs::read_to_string(at) {
+                limits.push_str(&format!("{hierarchy}/{file} {}\n", value.trim()));
+            }
+        }
+    }
+    let _ = std::fs::write(
+        dir.join(format!("load-{}.limits", std::process::id())),
+        limits,
+    );
 }
 
 /// One worker process and its channel.
