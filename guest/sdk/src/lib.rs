@@ -99,14 +99,15 @@ pub trait Model: Sized + Send + Sync + 'static {
 ///
 /// Invoke it once, at the crate root of a `cdylib` built for `wasm32-wasip2`. On other
 /// targets it expands to nothing, so the same crate builds natively (as an `rlib`) for tests.
+// rustfmt cannot parse wit-bindgen's `with_types_in` and formats this body differently each run.
+#[rustfmt::skip]
 #[macro_export]
 macro_rules! export_model {
     ($model:ty) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            static MODEL: ::std::sync::OnceLock<
-                ::std::result::Result<$model, $crate::ModelError>,
-            > = ::std::sync::OnceLock::new();
+            static MODEL: ::std::sync::OnceLock<::std::result::Result<$model, $crate::ModelError>> =
+                ::std::sync::OnceLock::new();
 
             struct WasmInferGuest;
 
@@ -127,7 +128,7 @@ macro_rules! export_model {
                 }
             }
 
-    $crate::bindings::__export_world!(WasmInferGuest with_types_in $crate::bindings);
+            $crate::bindings::__export_world!(WasmInferGuest with_types_in $crate::bindings);
         };
     };
 }

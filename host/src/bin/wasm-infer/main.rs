@@ -50,8 +50,7 @@ enum Command {
     /// List or clear the compiled-model cache.
     #[command(subcommand)]
     Cache(cache::Command),
-    /// Scaffold a new project: `new model NAME` writes a model crate on the guest SDK
-    /// (see docs/own-model.md).
+    /// Scaffold a project: `new model NAME` writes a model crate on the guest SDK.
     #[command(subcommand)]
     New(new::Command),
     /// The compile worker (internal): compiles a model read from stdin into a cache directory,
