@@ -22,10 +22,10 @@ model:
 guest:
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo build --release --target wasm32-wasip2 -p minilm
 
-# Build the small test guests (guest/test-guests/*) for wasm32-wasip2; the tests read them
-# from target/wasm32-wasip2/release.
+# Build the small test guests (guest/test-guests/*: hostile, and toy on the guest SDK) for
+# wasm32-wasip2; the tests read them from target/wasm32-wasip2/release.
 test-guests:
-    cargo build --release --target wasm32-wasip2 -p hostile
+    cargo build --release --target wasm32-wasip2 -p hostile -p toy
 
 # Build the host library and the wasm-infer binary.
 build:
@@ -35,10 +35,11 @@ build:
 demo: guest build
     ./target/release/wasm-infer --fuel 10G --mem 2G {{minilm}} "{{demo_text}}"
 
-# Run every test (unit, library, CLI) against the built guests.
+# Run every test (unit, library, CLI) against the built guests, then the guest side natively
+# (MiniLM's reference tests, the guest SDK's unit tests).
 test: guest test-guests
     cargo test --release
-    cargo test --release -p minilm
+    cargo test --release -p minilm -p wasm-infer-guest
 
 # Soak: thousands of hostile runs mixed with good ones, then RSS, fds and cache must be as before.
 soak: guest test-guests
@@ -53,7 +54,7 @@ bless: guest test-guests
 lint:
     cargo fmt --all -- --check
     cargo clippy --release --all-targets -- -D warnings
-    WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -- -D warnings
+    WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -p wasm-infer-guest -p toy -- -D warnings
 
 # deploy/ without a cluster or docker: the Kubernetes manifests parse and agree with
 # deploy/serve.toml (grace period >= preStop + drain deadline, ports, probes, Redis Service, its

@@ -305,5 +305,7 @@ fn the_file_graph_sees_a_planted_circle_through_the_root() {
 fn main_only_parses_and_dispatches() {
     let main = support::workspace_root().join("host/src/bin/wasm-infer/main.rs");
     let lines = std::fs::read_to_string(main).unwrap().lines().count();
-    assert!(lines < 120, "main.rs has {lines} lines");
+    // Each subcommand costs its `mod`, its variant (doc, attribute, variant) and its dispatch
+    // arm; 125 leaves room for that and for no logic.
+    assert!(lines < 125, "main.rs has {lines} lines");
 }

@@ -55,6 +55,17 @@ pub fn hostile_wasm() -> PathBuf {
     path
 }
 
+/// The `toy` test guest (the smallest model on the guest SDK), built by `just test-guests`.
+pub fn toy_wasm() -> PathBuf {
+    let path = guest_dir().join("toy.wasm");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `just test-guests` (or `just test`, which builds it first)",
+        path.display()
+    );
+    path
+}
+
 /// The unpacked all-MiniLM-L6-v2 files, fetched by `just model`.
 pub fn model_dir() -> PathBuf {
     let dir = std::env::var_os("WASM_INFER_MODEL_DIR")

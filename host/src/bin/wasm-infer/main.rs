@@ -7,6 +7,7 @@ mod cache;
 mod exit;
 mod inspect;
 mod load;
+mod new;
 mod run;
 #[cfg(feature = "serve")]
 mod serve;
@@ -49,6 +50,9 @@ enum Command {
     /// List or clear the compiled-model cache.
     #[command(subcommand)]
     Cache(cache::Command),
+    /// Scaffold a project: `new model NAME` writes a model crate on the guest SDK.
+    #[command(subcommand)]
+    New(new::Command),
     /// The compile worker (internal): compiles a model read from stdin into a cache directory,
     /// under the OS limits its parent set.
     #[command(name = "__load-worker", hide = true)]
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Some(Command::Inspect(opts)) => inspect::run(&opts),
         Some(Command::Snapshot(opts)) => snapshot::run(&opts),
         Some(Command::Cache(command)) => cache::run(&command),
+        Some(Command::New(command)) => new::run(&command),
         #[cfg(feature = "serve")]
         Some(Command::Serve(opts)) => serve::run(&opts),
         Some(Command::LoadWorker) => {
