@@ -16,7 +16,8 @@
 //! settings, ticker, slots), `model` (the load pipeline), `run` (the one run-under-limits
 //! sequence), `store` (a run's state and budgets), `limiter`, `wasi`, `attribution`,
 //! `component` (static checks), `snapshot`, `cache`, `accel`, `data`, `error`, `usage`,
-//! `limits`, `units`.
+//! `limits`, `units`, `profile` (calibration and admission by prediction), `testing`
+//! (usage pinned in a user's CI).
 
 pub mod accel;
 mod attribution;
@@ -30,11 +31,13 @@ mod limiter;
 pub mod limits;
 mod model;
 pub mod pressure;
+pub mod profile;
 mod run;
 mod runtime;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod snapshot;
+pub mod testing;
 mod store;
 pub mod units;
 mod usage;
@@ -44,8 +47,10 @@ pub mod worker;
 pub use accel::{AccelMode, DeviceUsage};
 pub use data::{DataKind, Input, ModelInfo, Output};
 pub use error::{
-    ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, Result, RunError,
+    ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, PredictedLimit,
+    Result, RunError,
 };
+pub use profile::Profile;
 pub use limits::{DeviceAccess, Limits};
 pub use model::{
     CodeSource, LoadOptions, LoadPhase, LoadReport, Model, Outcome, Preinit, PreinitSource,

@@ -4,6 +4,8 @@
 
 mod args;
 mod cache;
+mod calibrate;
+mod check;
 mod exit;
 mod inspect;
 mod load;
@@ -46,6 +48,14 @@ enum Command {
     /// limits, metrics, graceful drain (see docs/serving.md).
     #[cfg(feature = "serve")]
     Serve(serve::Opts),
+    /// Run a set of inputs (`@inputs.txt`, one text per line), fit fuel and peak memory
+    /// against input size, print the figures, the bounds and suggested limits, and write a
+    /// profile (`--out`) that `--profile` admits requests by (see docs/calibrate.md).
+    Calibrate(calibrate::Opts),
+    /// Check a cases file's inputs against their exact fuel, peak memory and output digest;
+    /// `--bless` rewrites the figures that moved (see docs/calibrate.md). Exit 20 when a
+    /// figure moved.
+    Check(check::Opts),
     /// List or clear the compiled-model cache.
     #[command(subcommand)]
     Cache(cache::Command),
@@ -68,6 +78,8 @@ fn main() -> ExitCode {
         Some(Command::Run(opts)) => run::run(&opts),
         Some(Command::Inspect(opts)) => inspect::run(&opts),
         Some(Command::Snapshot(opts)) => snapshot::run(&opts),
+        Some(Command::Calibrate(opts)) => calibrate::run(&opts),
+        Some(Command::Check(opts)) => check::run(&opts),
         Some(Command::Cache(command)) => cache::run(&command),
         #[cfg(feature = "serve")]
         Some(Command::Serve(opts)) => serve::run(&opts),
