@@ -37,8 +37,8 @@ mod runtime;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod snapshot;
-pub mod testing;
 mod store;
+pub mod testing;
 pub mod units;
 mod usage;
 mod wasi;
@@ -50,12 +50,12 @@ pub use error::{
     ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, PredictedLimit,
     Result, RunError,
 };
-pub use profile::Profile;
 pub use limits::{DeviceAccess, Limits};
 pub use model::{
     CodeSource, LoadOptions, LoadPhase, LoadReport, Model, Outcome, Preinit, PreinitSource,
     Progress,
 };
+pub use profile::Profile;
 pub use runtime::{
     CpuFeatures, EngineFingerprint, EngineSettings, Runtime, RuntimeConfig,
     DEFAULT_CACHE_MAX_BYTES, DEFAULT_EPOCH_TICK, DEFAULT_HOST_DEVICE_MEMORY,

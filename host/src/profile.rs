@@ -289,10 +289,7 @@ pub(crate) fn read_versioned<T: serde::de::DeserializeOwned>(
                 path,
                 format!(
                     "{what} of schema_version {}, this build reads {PROFILE_SCHEMA_VERSION}",
-                    other.map_or_else(
-                        || value["schema_version"].to_string(),
-                        |v| v.to_string()
-                    )
+                    other.map_or_else(|| value["schema_version"].to_string(), |v| v.to_string())
                 ),
             ))
         }
@@ -303,10 +300,9 @@ pub(crate) fn read_versioned<T: serde::de::DeserializeOwned>(
 /// Writes `bytes` to `path` through a temporary file and a rename, so that a reader never sees
 /// half a file and a failure leaves the old one.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    let name = path.file_name().map_or_else(
-        || "out".into(),
-        |name| name.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "out".into(), |name| name.to_string_lossy().into_owned());
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))

@@ -152,7 +152,11 @@ impl fmt::Display for Moved {
         ) {
             let change = new - old;
             if old != 0 {
-                write!(f, " ({change:+}, {:+.3}%)", change as f64 * 100.0 / old as f64)?;
+                write!(
+                    f,
+                    " ({change:+}, {:+.3}%)",
+                    change as f64 * 100.0 / old as f64
+                )?;
             }
         }
         Ok(())

@@ -172,7 +172,14 @@ pub async fn prepare(
     if process && workers == 0 {
         return Err(ServeError::Config("workers must be at least 1".into()));
     }
-    let mut entries: Vec<(Option<String>, PathBuf, Option<u32>, u32, _, Option<PathBuf>)> = config
+    let mut entries: Vec<(
+        Option<String>,
+        PathBuf,
+        Option<u32>,
+        u32,
+        _,
+        Option<PathBuf>,
+    )> = config
         .models
         .iter()
         .map(|m| {
@@ -213,9 +220,9 @@ pub async fn prepare(
             Some(profile_path) => crate::profile::Profile::read(&profile_path)
                 .map_err(|e| ServeError::Config(e.to_string()))
                 .and_then(|profile| {
-                    model.with_profile(profile).map_err(|e| {
-                        ServeError::Config(format!("{}: {e}", profile_path.display()))
-                    })
+                    model
+                        .with_profile(profile)
+                        .map_err(|e| ServeError::Config(format!("{}: {e}", profile_path.display())))
                 })?,
             None => model,
         };

@@ -49,7 +49,11 @@ pub fn run(opts: &Opts) -> u8 {
                 }
                 exit::OK
             } else if report.passed() {
-                eprintln!("{}: {} case(s) as blessed", opts.cases.display(), report.cases);
+                eprintln!(
+                    "{}: {} case(s) as blessed",
+                    opts.cases.display(),
+                    report.cases
+                );
                 exit::OK
             } else {
                 eprintln!(
