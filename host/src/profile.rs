@@ -131,11 +131,11 @@ fn least_squares(points: &[(u64, u64)], terms: usize) -> Option<[f64; 3]> {
     for &(x, y) in points {
         let x = x as f64 / scale;
         let basis = [1.0, x, x * x];
-        for i in 0..terms {
-            for j in 0..terms {
-                a[i][j] += basis[i] * basis[j];
+        for (row, bi) in a.iter_mut().zip(basis).take(terms) {
+            for (cell, bj) in row.iter_mut().zip(basis).take(terms) {
+                *cell += bi * bj;
             }
-            a[i][3] += basis[i] * y as f64;
+            row[3] += bi * y as f64;
         }
     }
     let solution = solve(&mut a, terms)?;
@@ -154,19 +154,20 @@ fn solve(a: &mut [[f64; 4]; 3], n: usize) -> Option<[f64; 3]> {
             return None;
         }
         a.swap(col, pivot);
-        for row in 0..n {
+        let pivot_row = a[col];
+        for (row, cells) in a.iter_mut().enumerate().take(n) {
             if row != col {
-                let factor = a[row][col] / a[col][col];
-                for k in col..n {
-                    a[row][k] -= factor * a[col][k];
+                let factor = cells[col] / pivot_row[col];
+                // Columns past `n` are zero in every row but the right-hand side (column 3).
+                for (cell, p) in cells.iter_mut().zip(pivot_row).skip(col) {
+                    *cell -= factor * p;
                 }
-                a[row][3] -= factor * a[col][3];
             }
         }
     }
     let mut x = [0.0; 3];
-    for i in 0..n {
-        x[i] = a[i][3] / a[i][i];
+    for (i, (xi, row)) in x.iter_mut().zip(a.iter()).enumerate().take(n) {
+        *xi = row[3] / row[i];
     }
     Some(x)
 }

@@ -141,6 +141,16 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// A model to serve: name, path, concurrency, queue, fallback, profile.
+type ModelEntry = (
+    Option<String>,
+    PathBuf,
+    Option<u32>,
+    u32,
+    Option<config::FallbackConfig>,
+    Option<PathBuf>,
+);
+
 /// Loads the models and builds the shared state. `models` are added to the config's (each
 /// named by its model info's name).
 pub async fn prepare(
@@ -172,14 +182,7 @@ pub async fn prepare(
     if process && workers == 0 {
         return Err(ServeError::Config("workers must be at least 1".into()));
     }
-    let mut entries: Vec<(
-        Option<String>,
-        PathBuf,
-        Option<u32>,
-        u32,
-        _,
-        Option<PathBuf>,
-    )> = config
+    let mut entries: Vec<ModelEntry> = config
         .models
         .iter()
         .map(|m| {

@@ -10,6 +10,7 @@ mod exit;
 mod inspect;
 mod load;
 mod run;
+mod selftest;
 #[cfg(feature = "serve")]
 mod serve;
 mod snapshot;
@@ -48,13 +49,9 @@ enum Command {
     /// limits, metrics, graceful drain (see docs/serving.md).
     #[cfg(feature = "serve")]
     Serve(serve::Opts),
-    /// Run a set of inputs (`@inputs.txt`, one text per line), fit fuel and peak memory
-    /// against input size, print the figures, the bounds and suggested limits, and write a
-    /// profile (`--out`) that `--profile` admits requests by (see docs/calibrate.md).
+    /// Fit fuel and memory to input size over `@inputs.txt`, write a profile (docs/calibrate.md).
     Calibrate(calibrate::Opts),
-    /// Check a cases file's inputs against their exact fuel, peak memory and output digest;
-    /// `--bless` rewrites the figures that moved (see docs/calibrate.md). Exit 20 when a
-    /// figure moved.
+    /// Check (or `--bless`) a cases file of exact fuel, memory and output digests (exit 20).
     Check(check::Opts),
     /// List or clear the compiled-model cache.
     #[command(subcommand)]
@@ -89,7 +86,7 @@ fn main() -> ExitCode {
         Some(Command::RunWorker) => {
             wasm_infer::worker::worker_main(std::io::stdin().lock(), std::io::stdout().lock())
         }
-        Some(Command::LockdownSelftest { call }) => selftest(&call),
+        Some(Command::LockdownSelftest { call }) => selftest::run(&call),
         None => run::run(&cli.run),
     };
     ExitCode::from(status)
@@ -109,20 +106,4 @@ fn init_logging(cli: &Cli) {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .init();
-}
-
-/// Locks down, then tries `call`: the filter should kill the process before this returns.
-fn selftest(call: &str) -> u8 {
-    use wasm_infer::worker::lockdown;
-    if let Err(e) = lockdown::lock_down() {
-        eprintln!("error: {e}");
-        return exit::INTERNAL;
-    }
-    match lockdown::forbidden(call) {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("error: {e}");
-            exit::INTERNAL
-        }
-    }
 }
