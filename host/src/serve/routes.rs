@@ -1017,9 +1017,10 @@ async fn execute(
             Err(Failure::Run(failure)) => failure.usage.fuel_consumed,
             Err(Failure::Refused(_)) => 0,
         };
-        if consumed > reserved_fuel {
+        if consumed > reserved_fuel && served.model.profile().is_some() {
             // A run the profile under-predicted (its cap still bounded it): the difference is
-            // charged now, as far as the quota has room for it.
+            // charged now, as far as the quota has room for it. Without a profile the cap was
+            // reserved, and what a trip burns past it is not charged (as before).
             let over = Charge {
                 cost: consumed - reserved_fuel,
                 ..fuel
@@ -1027,7 +1028,7 @@ async fn execute(
             let _ = state.limiter.reserve_all(&[over]).await;
         } else {
             let unused = Charge {
-                cost: reserved_fuel - consumed,
+                cost: reserved_fuel.saturating_sub(consumed),
                 ..fuel
             };
             state.limiter.refund_all(&[unused]).await;
