@@ -131,6 +131,59 @@ pub enum LimitExceeded {
         /// `size` is a lower bound: the host stopped copying before the end.
         at_least: bool,
     },
+    /// The model's calibration profile predicts that the input would need more fuel or memory
+    /// than its limit; refused before any guest work (see [`crate::profile`]). Its kind is the
+    /// predicted resource's ([`ErrorKind::Fuel`] or [`ErrorKind::Memory`]).
+    #[error(
+        "predicted {resource} of {} exceeds the {resource} limit of {} (the model's \
+         calibration profile; raise {})",
+        resource.format(*predicted),
+        resource.format(*limit),
+        resource.flag()
+    )]
+    Predicted {
+        /// The limit (fuel units, or bytes of memory).
+        limit: u64,
+        /// What the profile predicts for the input, in the same unit.
+        predicted: u64,
+        /// Which limit the prediction is over.
+        resource: PredictedLimit,
+    },
+}
+
+/// The limit a [`LimitExceeded::Predicted`] refusal predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictedLimit {
+    /// The fuel cap ([`Limits::fuel`](crate::Limits::fuel)).
+    Fuel,
+    /// The memory ceiling ([`Limits::memory`](crate::Limits::memory)).
+    Memory,
+}
+
+impl PredictedLimit {
+    fn format(self, figure: u64) -> String {
+        match self {
+            Self::Fuel => format_count(figure),
+            Self::Memory => format_size(figure),
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Fuel => "--fuel",
+            Self::Memory => "--mem",
+        }
+    }
+}
+
+impl std::fmt::Display for PredictedLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fuel => "fuel",
+            Self::Memory => "memory",
+        })
+    }
 }
 
 /// The OS limits of a compiling child.
@@ -509,6 +562,10 @@ impl LimitExceeded {
             Self::WallTime { .. } => ErrorKind::WallTime,
             Self::Input { .. } | Self::Batch { .. } => ErrorKind::Input,
             Self::Output { .. } => ErrorKind::Output,
+            Self::Predicted { resource, .. } => match resource {
+                PredictedLimit::Fuel => ErrorKind::Fuel,
+                PredictedLimit::Memory => ErrorKind::Memory,
+            },
         }
     }
 }

@@ -16,7 +16,8 @@
 //! settings, ticker, slots), `model` (the load pipeline), `run` (the one run-under-limits
 //! sequence), `store` (a run's state and budgets), `limiter`, `wasi`, `attribution`,
 //! `component` (static checks), `snapshot`, `cache`, `accel`, `data`, `error`, `usage`,
-//! `limits`, `units`.
+//! `limits`, `units`, `profile` (calibration and admission by prediction), `testing`
+//! (usage pinned in a user's CI).
 
 pub mod accel;
 mod attribution;
@@ -30,12 +31,14 @@ mod limiter;
 pub mod limits;
 mod model;
 pub mod pressure;
+pub mod profile;
 mod run;
 mod runtime;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod snapshot;
 mod store;
+pub mod testing;
 pub mod units;
 mod usage;
 mod wasi;
@@ -44,13 +47,15 @@ pub mod worker;
 pub use accel::{AccelMode, DeviceUsage};
 pub use data::{DataKind, Input, ModelInfo, Output};
 pub use error::{
-    ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, Result, RunError,
+    ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, PredictedLimit,
+    Result, RunError,
 };
 pub use limits::{DeviceAccess, Limits};
 pub use model::{
     CodeSource, LoadOptions, LoadPhase, LoadReport, Model, Outcome, Preinit, PreinitSource,
     Progress,
 };
+pub use profile::Profile;
 pub use runtime::{
     CpuFeatures, EngineFingerprint, EngineSettings, Runtime, RuntimeConfig,
     DEFAULT_CACHE_MAX_BYTES, DEFAULT_EPOCH_TICK, DEFAULT_HOST_DEVICE_MEMORY,

@@ -16,6 +16,7 @@ use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
 use crate::isolate::{self, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
+use crate::profile::{Profile, Sample};
 use crate::run::call_limited;
 use crate::runtime::{block_on, Runtime};
 use crate::snapshot::{self, InitReport, SnapshotInfo};
@@ -205,6 +206,8 @@ pub struct Outcome {
 #[derive(Clone)]
 pub struct Model {
     inner: Arc<ModelInner>,
+    /// The calibration profile runs are admitted by ([`Model::with_profile`]).
+    profile: Option<Arc<Profile>>,
 }
 
 struct ModelInner {
@@ -308,6 +311,7 @@ impl Model {
                 load,
                 weights: Arc::new(ModelWeights::new(options.resident_memory)),
             }),
+            profile: None,
         })
     }
 
@@ -348,6 +352,7 @@ impl Model {
                 load,
                 weights: Arc::new(ModelWeights::new(resident_memory)),
             }),
+            profile: None,
         })
     }
 
@@ -355,6 +360,70 @@ impl Model {
     /// rule, each name once) and its resident budget ([`LoadOptions::resident_memory`]).
     pub fn resident_memory(&self) -> (u64, u64) {
         self.inner.weights.figures()
+    }
+
+    /// This model, with every run first admitted by `profile`: a run whose predicted fuel
+    /// (when its limits cap fuel) or peak memory is over its limit is refused before any guest
+    /// work with [`LimitExceeded::Predicted`] (see [`crate::profile`]). The real caps still
+    /// apply to every admitted run. Fails with [`Error::Config`], saying what differs, when
+    /// the profile was measured on another component or engine.
+    pub fn with_profile(&self, profile: Profile) -> Result<Model> {
+        let differences = profile.differences(
+            &self.inner.load.component_sha256,
+            &self.inner.runtime.fingerprint(),
+        );
+        if !differences.is_empty() {
+            return Err(Error::Config(format!(
+                "the calibration profile was measured on another build: {}; calibrate again \
+                 (wasm-infer calibrate)",
+                differences.join("; ")
+            )));
+        }
+        Ok(Model {
+            inner: self.inner.clone(),
+            profile: Some(Arc::new(profile)),
+        })
+    }
+
+    /// Runs each of `texts` (as one text input) under `limits` and returns its figures for
+    /// [`Profile::fit`], calling `progress` after each with the number done. The first failed
+    /// run ends the calibration with its index and error: a calibration set must run within
+    /// the limits it is given.
+    pub fn measure(
+        &self,
+        texts: &[String],
+        limits: &Limits,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Sample>, (usize, RunError)> {
+        let mut samples = Vec::with_capacity(texts.len());
+        for (index, text) in texts.iter().enumerate() {
+            let outcome = self
+                .run(Input::Text(text.clone()), limits)
+                .map_err(|e| (index, e))?;
+            samples.push(Sample {
+                input_bytes: text.len() as u64,
+                fuel: outcome.usage.fuel_consumed,
+                peak_memory_bytes: outcome.usage.peak_memory_bytes,
+            });
+            progress(index + 1);
+        }
+        Ok(samples)
+    }
+
+    /// The calibration profile runs are admitted by, if any.
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_deref()
+    }
+
+    /// Checks `input` against `limits` and this model's profile, as a run does before any
+    /// guest work (for callers that decide before they queue a run, as `serve` does):
+    /// the input and batch ceilings, then the predicted fuel and memory.
+    pub fn admit(&self, input: &Input, limits: &Limits) -> Result<(), LimitExceeded> {
+        limits.check_input(input)?;
+        match &self.profile {
+            Some(profile) => profile.admit(input, limits),
+            None => Ok(()),
+        }
     }
 
     /// The model's self-description.
@@ -384,12 +453,13 @@ impl Model {
     /// Runs `input` in a fresh sandbox under `limits`, on the caller's tokio runtime (which
     /// must have its time driver enabled, as `#[tokio::main]` does). The guest yields to the
     /// executor at every epoch tick, so many runs can share a few threads. The input is
-    /// checked against the batch and input limits before any guest work; a runtime with
+    /// checked against the batch and input limits and, with a profile
+    /// ([`Model::with_profile`]), its predicted fuel and memory before any guest work; a runtime with
     /// [`admission`](crate::RuntimeConfig::admission) may then lower the memory ceiling or
     /// refuse the run with [`Error::Overloaded`].
     pub async fn run_async(&self, input: Input, limits: &Limits) -> Result<Outcome, RunError> {
         let input_bytes = input.payload_bytes();
-        if let Err(limit) = limits.check_input(&input) {
+        if let Err(limit) = self.admit(&input, limits) {
             let usage = Usage {
                 input_bytes,
                 ..Usage::default()

@@ -279,6 +279,10 @@ pub struct ModelConfig {
     pub queue: u32,
     /// What answers when a run trips its fuel, memory, wall-time or device limit.
     pub fallback: Option<FallbackConfig>,
+    /// A calibration profile (`wasm-infer calibrate --out`): a request whose predicted fuel or
+    /// memory is over its tenant's limits is refused before it queues, with that limit's
+    /// status, and the fuel quota holds the prediction instead of the cap while it runs.
+    pub profile: Option<PathBuf>,
 }
 
 fn default_queue() -> u32 {

@@ -143,6 +143,16 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// A model to serve: name, path, concurrency, queue, fallback, profile.
+type ModelEntry = (
+    Option<String>,
+    PathBuf,
+    Option<u32>,
+    u32,
+    Option<config::FallbackConfig>,
+    Option<PathBuf>,
+);
+
 /// Loads the models and builds the shared state. `models` are added to the config's (each
 /// named by its model info's name).
 pub async fn prepare(
@@ -174,7 +184,7 @@ pub async fn prepare(
     if process && workers == 0 {
         return Err(ServeError::Config("workers must be at least 1".into()));
     }
-    let mut entries: Vec<(Option<String>, PathBuf, Option<u32>, u32, _)> = config
+    let mut entries: Vec<ModelEntry> = config
         .models
         .iter()
         .map(|m| {
@@ -184,18 +194,19 @@ pub async fn prepare(
                 m.max_concurrent,
                 m.queue,
                 m.fallback.clone(),
+                m.profile.clone(),
             )
         })
         .collect();
     entries.extend(
         models
             .iter()
-            .map(|p| (None, p.clone(), None, config::DEFAULT_QUEUE, None)),
+            .map(|p| (None, p.clone(), None, config::DEFAULT_QUEUE, None, None)),
     );
     if entries.is_empty() {
         return Err(ServeError::Config("no model to serve".into()));
     }
-    for (name, path, max_concurrent, queue, fallback) in entries {
+    for (name, path, max_concurrent, queue, fallback, profile) in entries {
         let bytes = std::fs::read(&path).map_err(|error| ServeError::Model {
             path: path.clone(),
             error: Error::Io {
@@ -209,6 +220,17 @@ pub async fn prepare(
                 path: path.clone(),
                 error,
             })?;
+        // A profile admits this model's requests by prediction (routes.rs, before they queue).
+        let model = match profile {
+            Some(profile_path) => crate::profile::Profile::read(&profile_path)
+                .map_err(|e| ServeError::Config(e.to_string()))
+                .and_then(|profile| {
+                    model
+                        .with_profile(profile)
+                        .map_err(|e| ServeError::Config(format!("{}: {e}", profile_path.display())))
+                })?,
+            None => model,
+        };
         let name = name.unwrap_or_else(|| model.info().name.clone());
         // With workers, a run holds one of them: more at once would only wait for one.
         let default_concurrency = if process { workers } else { config.pool_slots };

@@ -936,8 +936,9 @@ async fn execute(
     ctx: &Context,
 ) -> Result<Done, ApiError> {
     let limits = tenant.limits.clone();
-    // Refused before it is queued: its request is spent, its fuel given back.
-    if let Err(limit) = limits.check_input(&input) {
+    // Refused before it is queued (too large, or predicted over a limit by the model's
+    // profile): its request is spent, its fuel given back.
+    if let Err(limit) = served.model.admit(&input, &limits) {
         let error: crate::Error = limit.into();
         return Err(admitted.release(state, ApiError::from_error(&error)).await);
     }
@@ -958,7 +959,8 @@ async fn execute(
         }
     }
     let rate_headers = rate_headers(&rates);
-    let reserved = admitted;
+    let cap_charge = admitted.fuel.clone();
+    let reserved = hold_prediction(state, served, &input, admitted).await;
     // Kept for the fallback's retry only when there is one.
     let retry_input = served.fallback.as_ref().map(|_| input.clone());
     let result = run_queued(state, served, input, &limits, ctx).await;
@@ -969,8 +971,8 @@ async fn execute(
         (Err(Failure::Run(failure)), Some(input)) if is_fallback_trip(failure.kind()) => {
             // The fallback is a second run: it needs its own fuel reservation, and both runs'
             // fuel is charged and reported.
-            if reserve_fallback_fuel(state, reserved.fuel.as_ref()).await {
-                reserved_fuel += reserved.fuel.as_ref().map_or(0, |fuel| fuel.cost);
+            if reserve_fallback_fuel(state, cap_charge.as_ref()).await {
+                reserved_fuel += cap_charge.as_ref().map_or(0, |fuel| fuel.cost);
                 let first = failure.usage.fuel_consumed;
                 match run_fallback(state, served, input, &limits, ctx, &failure).await {
                     Ok((mut outcome, by, how)) => {
@@ -998,11 +1000,22 @@ async fn execute(
             Err(Failure::Run(failure)) => failure.usage.fuel_consumed,
             Err(Failure::Refused(_)) => 0,
         };
-        let unused = Charge {
-            cost: reserved_fuel.saturating_sub(consumed),
-            ..fuel
-        };
-        state.limiter.refund_all(&[unused]).await;
+        if consumed > reserved_fuel && served.model.profile().is_some() {
+            // A run the profile under-predicted (its cap still bounded it): the difference is
+            // charged now, as far as the quota has room for it. Without a profile the cap was
+            // reserved, and what a trip burns past it is not charged (as before).
+            let over = Charge {
+                cost: consumed - reserved_fuel,
+                ..fuel
+            };
+            let _ = state.limiter.reserve_all(&[over]).await;
+        } else {
+            let unused = Charge {
+                cost: reserved_fuel.saturating_sub(consumed),
+                ..fuel
+            };
+            state.limiter.refund_all(&[unused]).await;
+        }
     }
     match result {
         Ok((outcome, answered_by, fallback)) => Ok(Done {
@@ -1019,6 +1032,28 @@ async fn execute(
         }
         Err(Failure::Refused(e)) => Err(e),
     }
+}
+
+/// With a profile, the fuel quota holds the request's predicted fuel instead of its cap while
+/// it runs: the difference is refunded now (the rest after the run, or the overrun charged).
+async fn hold_prediction(
+    state: &Shared,
+    served: &Served,
+    input: &Input,
+    mut admitted: Admitted,
+) -> Admitted {
+    if let (Some(profile), Some(fuel)) = (served.model.profile(), admitted.fuel.as_mut()) {
+        let predicted = profile.predict(input).0;
+        if predicted < fuel.cost {
+            let released = Charge {
+                cost: fuel.cost - predicted,
+                ..fuel.clone()
+            };
+            state.limiter.refund_all(&[released]).await;
+            fuel.cost = predicted;
+        }
+    }
+    admitted
 }
 
 /// Reserves a fallback run's fuel (the same cap as the first run's), when the tenant has a fuel

@@ -9,6 +9,8 @@ pub const OK: u8 = 0;
 pub const USAGE: u8 = 2;
 /// Writing the result failed.
 pub const INTERNAL: u8 = 1;
+/// `wasm-infer check`: a figure moved, or the cases file was blessed on another build.
+pub const CHECK_FAILED: u8 = 20;
 
 /// Every kind's status and what it means, in the order `--help` lists them.
 const TABLE: [(ErrorKind, u8, &str); 16] = [
@@ -53,14 +55,21 @@ pub fn after_help() -> String {
     for (_, status, meaning) in TABLE {
         text.push_str(&format!("  {status:<3} {meaning}\n"));
     }
+    text.push_str(&format!(
+        "  {CHECK_FAILED:<3} check: a figure moved, or the cases file was blessed on another build\n"
+    ));
     text.push_str(
-        "On any failure nothing is written to stdout.\n\n\
+        "A refusal predicted by --profile exits as the limit it predicts (10 fuel, 11 memory).\n\
+         On any failure nothing is written to stdout.\n\n\
          Examples:\n  \
          wasm-infer --fuel 2G --mem 512M minilm.wasm \"a sentence to embed\"\n  \
          wasm-infer minilm.wasm @sentences.txt --report json\n  \
          cat sentences.txt | wasm-infer --timeout 5s minilm.wasm -\n  \
          wasm-infer inspect minilm.wasm\n  \
          wasm-infer snapshot minilm.wasm -o minilm.snap.wasm\n  \
+         wasm-infer calibrate minilm.wasm @inputs.txt --out minilm.profile.json\n  \
+         wasm-infer --fuel 2G --profile minilm.profile.json minilm.wasm \"a sentence\"\n  \
+         wasm-infer check minilm.wasm usage.json [--bless]\n  \
          wasm-infer cache list",
     );
     text

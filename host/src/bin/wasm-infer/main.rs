@@ -4,11 +4,14 @@
 
 mod args;
 mod cache;
+mod calibrate;
+mod check;
 mod exit;
 mod inspect;
 mod load;
 mod new;
 mod run;
+mod selftest;
 #[cfg(feature = "serve")]
 mod serve;
 mod snapshot;
@@ -47,6 +50,10 @@ enum Command {
     /// limits, metrics, graceful drain (see docs/serving.md).
     #[cfg(feature = "serve")]
     Serve(serve::Opts),
+    /// Fit fuel and memory to input size over `@inputs.txt`, write a profile (docs/calibrate.md).
+    Calibrate(calibrate::Opts),
+    /// Check (or `--bless`) a cases file of exact fuel, memory and output digests (exit 20).
+    Check(check::Opts),
     /// List or clear the compiled-model cache.
     #[command(subcommand)]
     Cache(cache::Command),
@@ -72,6 +79,8 @@ fn main() -> ExitCode {
         Some(Command::Run(opts)) => run::run(&opts),
         Some(Command::Inspect(opts)) => inspect::run(&opts),
         Some(Command::Snapshot(opts)) => snapshot::run(&opts),
+        Some(Command::Calibrate(opts)) => calibrate::run(&opts),
+        Some(Command::Check(opts)) => check::run(&opts),
         Some(Command::Cache(command)) => cache::run(&command),
         Some(Command::New(command)) => new::run(&command),
         #[cfg(feature = "serve")]
@@ -82,7 +91,7 @@ fn main() -> ExitCode {
         Some(Command::RunWorker) => {
             wasm_infer::worker::worker_main(std::io::stdin().lock(), std::io::stdout().lock())
         }
-        Some(Command::LockdownSelftest { call }) => selftest(&call),
+        Some(Command::LockdownSelftest { call }) => selftest::run(&call),
         None => run::run(&cli.run),
     };
     ExitCode::from(status)
@@ -102,20 +111,4 @@ fn init_logging(cli: &Cli) {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .init();
-}
-
-/// Locks down, then tries `call`: the filter should kill the process before this returns.
-fn selftest(call: &str) -> u8 {
-    use wasm_infer::worker::lockdown;
-    if let Err(e) = lockdown::lock_down() {
-        eprintln!("error: {e}");
-        return exit::INTERNAL;
-    }
-    match lockdown::forbidden(call) {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("error: {e}");
-            exit::INTERNAL
-        }
-    }
 }

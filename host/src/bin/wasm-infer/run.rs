@@ -22,6 +22,11 @@ pub struct Opts {
     input: Option<String>,
     #[command(flatten)]
     limits: LimitArgs,
+    /// A calibration profile (`wasm-infer calibrate --out`): an input whose predicted fuel or
+    /// memory is over --fuel or --mem is refused before it runs (exit 10 or 11, fuel 0). The
+    /// caps still stop a run the profile under-predicted.
+    #[arg(long, env = "WASM_INFER_PROFILE")]
+    profile: Option<PathBuf>,
     #[command(flatten)]
     load: LoadArgs,
     /// How to report usage on stderr.
@@ -50,10 +55,26 @@ pub fn run(opts: &Opts) -> u8 {
         Ok(input) => input,
         Err(e) => return exit::report(None, &e),
     };
-    let model = match opts.load.model(model_path, opts.quiet) {
+    let profile = match &opts.profile {
+        Some(path) => match wasm_infer::Profile::read(path) {
+            Ok(profile) => Some((path, profile)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::USAGE;
+            }
+        },
+        None => None,
+    };
+    let mut model = match opts.load.model(model_path, opts.quiet) {
         Ok(model) => model,
         Err(status) => return status,
     };
+    if let Some((path, profile)) = profile {
+        model = match model.with_profile(profile) {
+            Ok(model) => model,
+            Err(e) => return exit::report(Some(path), &e),
+        };
+    }
     match model.run(input, &limits) {
         Ok(outcome) => {
             let json = render_output(&model, &outcome.output);
