@@ -77,6 +77,8 @@ pub const MAX_STREAM_BYTES_PER_CALL: u64 = LOG_WRITE_PERMIT as u64;
 pub(crate) trait WasiMeter: WasiView + Send + 'static {
     /// Fuel owed by WASI calls made since the last settlement.
     fn wasi_owed(&mut self) -> &mut u64;
+    /// Fuel WASI calls have been charged so far in the run (for its usage).
+    fn wasi_charged(&mut self) -> &mut u64;
     /// Whether the run's wall-time limit has passed (recording it for the run's result).
     fn wasi_deadline_passed(&mut self) -> bool;
 }
@@ -92,7 +94,18 @@ fn begin<T: WasiMeter>(
     if store.data_mut().wasi_deadline_passed() {
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    crate::accel::charge(store, fuel)
+    charge(store, fuel)
+}
+
+/// Takes `fuel` from the run for a WASI call, counting it in the run's WASI fuel.
+fn charge<T: WasiMeter>(
+    store: &mut wasmtime::StoreContextMut<'_, T>,
+    fuel: u64,
+) -> wasmtime::Result<()> {
+    crate::accel::charge(store, fuel)?;
+    let charged = store.data_mut().wasi_charged();
+    *charged = charged.saturating_add(fuel);
+    Ok(())
 }
 
 /// Charges the fuel that WASI calls owe (the floor of the calls that do no work in proportion
@@ -102,7 +115,7 @@ pub(crate) fn settle<T: WasiMeter>(
 ) -> wasmtime::Result<()> {
     let owed = std::mem::take(store.data_mut().wasi_owed());
     if owed > 0 {
-        crate::accel::charge(store, owed)?;
+        charge(store, owed)?;
     }
     Ok(())
 }

@@ -625,11 +625,11 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             };
             let past = deadline(&mut store);
             let created = create(&mut store, elements, held, work, |_| {
-                made((|| {
-                    let x2 = x.reshape((rows as usize, k as usize))?;
-                    let y = linear_in_slices(&x2, &w, b.as_ref(), count as usize, &past)?;
-                    y.map(|y| y.reshape(out_dims)).transpose()
-                })())
+                let y = x
+                    .reshape((rows as usize, k as usize))
+                    .and_then(|x2| linear_in_slices(&x2, &w, b.as_ref(), count as usize, &past))
+                    .and_then(|y| y.map(|y| y.reshape(out_dims)).transpose());
+                made(y)
             })?;
             Ok((created,))
         },
