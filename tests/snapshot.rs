@@ -276,7 +276,7 @@ fn initialisation_that_calls_an_import_traps_or_overruns_is_refused() {
 fn random_init_component(len: u64) -> Vec<u8> {
     wat::parse_str(format!(
         r#"(component
-            (import "wasi:random/random@0.2.0" (instance $random
+            (import "wasi:random/random@0.2.12" (instance $random
                 (export "get-random-bytes" (func (param "len" u64) (result (list u8))))))
             (alias export $random "get-random-bytes" (func $f))
             (core module $libc
