@@ -40,7 +40,7 @@ pub const INIT_EXPORT: &str = "wizer-initialize";
 /// Name of the custom section that marks and describes a snapshot.
 pub const SNAPSHOT_SECTION: &str = "wasm-infer-snapshot";
 /// Version of the snapshot section's layout and of the snapshotting procedure.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// What pre-initialising a model cost. Paid once, when the snapshot is made; runs started
 /// from the snapshot do not pay it again.
