@@ -548,6 +548,19 @@ fn each_ops_fuel_is_its_formula_at_adversarial_shapes() {
         ("gelu", "4096", "1", 48 * 4095),
         // upload: 1,000 + 1 per element.
         ("upload", "4096", "1", 4095),
+        // download: 1,000 + 2 per element (against 1,024 elements: the guest's allocator
+        // takes another path for the 4 bytes of one).
+        ("download", "4096", "1024", 2 * 3072),
+        // resident: 1,000 + 1 per 16 bytes: 1,024 for 16 KiB, 256 for 4 KiB (against a
+        // 4 KiB weight: the guest's side differs for the 4 bytes of one float).
+        ("resident", "4096,7", "1024,8", 1024 - 256),
+        // Shapes computed in slices cost what their formula says, as if whole:
+        // linear [1028,256]·[512,256] (3 slices): 25,000 + 33,685,504 + 394,752 + 2,105,344.
+        ("linear", "1028,256,512", "1,1,1", 36_210_600 - 25_007),
+        // gelu of 2^20 + 1 elements (2 slices); layer-norm of 4096 rows of 512 (2 slices):
+        // 25,000 + 25,165,824 + 98,304 = 25,289,128.
+        ("gelu", "1048577", "1", 48 * 1_048_576),
+        ("layer-norm", "4096,512", "1,1", 25_289_128 - 25_036),
     ];
     for &(op, shape, base, expected) in cases {
         let (big, small) = (
@@ -745,6 +758,16 @@ fn an_ops_intermediates_are_charged_while_it_runs() {
         ("layer-norm", "1,4096", 49_152, 65_552),
         // The 4096-float tensor; its staging copy.
         ("download", "4096", 16_384, 16_384),
+        // Computed in slices, each slice's product and its sum with the bias are held until
+        // copied into the result: x [1028,256], w [512,256], b [512] and the [1028,512]
+        // result (1,052,672 + 524,288 + 2,048 + 2,105,344); 3 slices of at most 343 rows:
+        // 2·343·512·4 = 1,404,928.
+        ("linear", "1028,256,512", 3_684_352, 1_404_928),
+        // gelu of 2^20 + 1 floats (4,194,308 bytes in, as much out) in 2 slices: one slice's
+        // values, 524,289 floats.
+        ("gelu", "1048577", 8_388_616, 2_097_156),
+        // 2^22 + 1 floats out in 2 slices: the staging copy and one slice (2,097,153 floats).
+        ("download", "4194305", 16_777_220, 16_777_220 + 8_388_612),
     ];
     for &(op, shape, held, scratch) in cases {
         let command = format!("op:{op},1,{shape}");
@@ -764,6 +787,40 @@ fn an_ops_intermediates_are_charged_while_it_runs() {
         assert_eq!(ran.usage.accel_refusals, 0);
     }
     assert_eq!(runtime.device_usage().used, 0);
+}
+
+/// Linear, GELU and layer norm at shapes whose calls take tens to hundreds of ms (a `linear`
+/// of 2^33 multiply-accumulates in 15 slices of rows, a GELU and a layer norm of 2^22
+/// elements in 4 slices each; many calls in a row) under a 1.5 s limit (long enough for the
+/// guest to make its operands on a loaded machine, then far less than its calls): each run is
+/// stopped between two slices of a call and ends with its wall-time error, the call counted
+/// as interrupted. Before, each ran to its end past the deadline (no call was interrupted).
+/// What the slices are (their number, the bits, stopping after the first when the deadline
+/// has passed) is checked with a counter in `host/src/accel/host.rs`'s tests.
+#[test]
+fn long_linear_gelu_and_layer_norm_calls_stop_at_the_deadline_between_slices() {
+    use wasm_infer::accel::{gelu_slices, linear_slices, norm_slices};
+    assert_eq!(linear_slices(4096, 1024, 2048), 15);
+    assert_eq!(gelu_slices(1 << 22), 4);
+    assert_eq!(norm_slices(2048, 2048), 4);
+    let (_runtime, model) = cpu();
+    let wall = Duration::from_millis(1500);
+    let limits = Limits::default()
+        .memory(1 << 30)
+        .device_memory(1 << 30)
+        .wall_time(wall);
+    for command in [
+        "op:linear,20,4096,1024,2048",
+        "op:gelu,500,4194304",
+        "op:layer-norm,500,2048,2048",
+    ] {
+        let failure = run(&model, command, &limits).unwrap_err();
+        match failure.error.limit() {
+            Some(&LimitExceeded::WallTime { limit, .. }) => assert_eq!(limit, wall),
+            other => panic!("{command}: expected the wall-time limit, got {other:?}"),
+        }
+        assert_eq!(failure.usage.accel_interrupted, 1, "{command}");
+    }
 }
 
 /// A long host call checks the run's deadline as it goes: an attention of 2^33

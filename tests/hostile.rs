@@ -569,21 +569,75 @@ fn a_poll_costs_its_floor_and_100_a_pollable() {
     );
 }
 
+/// Fuel of one more call of `op:NAME,..,SHAPE` as (all of it, the WASI calls' share: the
+/// usage's `wasi_fuel`), each the run with two calls less the run with one.
+fn one_more_call_split(op: &str, shape: &str) -> (u64, u64) {
+    let usage = |reps: u32| {
+        let command = format!("op:{op},{reps}{shape}");
+        hostile_run(&command, &Limits::default())
+            .expect(&command)
+            .usage
+    };
+    let (one, two) = (usage(1), usage(2));
+    (
+        two.fuel_consumed - one.fuel_consumed,
+        two.wasi_fuel - one.wasi_fuel,
+    )
+}
+
+/// Every WASI call's charge is its formula exactly, worked out here from the figures of the
+/// cost model (docs/cost-audit.md: 100 a call, 16 a random byte, 1 a byte a stream call asks
+/// to move, capped at 64 KiB, 100 a pollable), separated from the guest's own instructions
+/// by the usage's `wasi_fuel`. It asserted a range (the floors plus up to 100 of the guest's
+/// loop) before the host reported its share.
 #[test]
 fn no_wasi_call_is_free() {
-    // `get-stdout` and dropping the stream it returns: two calls to wasmtime-wasi's own
-    // implementations, each charged the 100-unit floor as it returns. The guest's loop around
-    // them is a few dozen instructions; before the floors the whole iteration cost that.
-    let iteration = one_more_call("stdout", "");
-    let floors = 2 * wasm_infer::wasi_cost::WASI_CALL;
-    assert!(
-        (floors..floors + 100).contains(&iteration),
-        "{iteration} against {floors}"
-    );
-    // And a cap one unit short of the floors' total ends the run out of fuel.
+    use wasm_infer::wasi_cost::{poll, random, stream, WASI_CALL};
+    assert_eq!(WASI_CALL, 100);
+    let cases: &[(&str, &str, u64)] = &[
+        // `get-stdout` and dropping the stream it returns: two calls to wasmtime-wasi's own
+        // implementations, each charged the floor as it returns.
+        ("stdout", "", 200),
+        // One stdout `write`: 100 + 1 a byte.
+        ("write", ",0", 100),
+        ("write", ",1", 101),
+        ("write", ",65536", 65_636),
+        // One stdin `read` (closed): 100 + what it asks, capped at 65,536.
+        ("read", ",1", 101),
+        ("read", ",1073741824", 65_636),
+        // Random bytes: 100 + 16 a byte.
+        ("random", ",16", 356),
+        ("random", ",1048576", 16_777_316),
+        ("insecure-random", ",16", 356),
+        // One `poll`: 100 + 100 a pollable.
+        ("poll", ",1", 200),
+        ("poll", ",1000", 100_100),
+    ];
+    let mut guest_side = std::collections::HashMap::new();
+    for &(op, shape, figure) in cases {
+        let (all, wasi) = one_more_call_split(op, shape);
+        assert_eq!(wasi, figure, "{op}{shape}");
+        // The same figure from the cost model's functions.
+        let model = match op {
+            "stdout" => 2 * WASI_CALL,
+            "write" | "read" => stream(shape[1..].parse::<u64>().unwrap().min(65_536)),
+            "random" | "insecure-random" => random(shape[1..].parse().unwrap()),
+            _ => poll(shape[1..].parse().unwrap()),
+        };
+        assert_eq!(wasi, model, "{op}{shape}");
+        // What is not the host's charge is the guest's own loop, which does not depend on
+        // the size it asks for (a pointer and a length either way) except for random bytes,
+        // whose buffer the guest allocates and drops.
+        if !op.contains("random") {
+            let guest = all - wasi;
+            assert_eq!(*guest_side.entry(op).or_insert(guest), guest, "{op}{shape}");
+        }
+    }
+    // And a cap one unit short of a run's fuel ends it out of fuel.
     let run = |limits: &Limits| hostile_run("op:stdout,1000", limits);
-    let needed = run(&Limits::default()).unwrap().usage.fuel_consumed;
-    assert!(needed > 1000 * floors);
+    let needed = run(&Limits::default()).unwrap();
+    assert!(needed.usage.wasi_fuel >= 1000 * 200);
+    let needed = needed.usage.fuel_consumed;
     let exact = Limits::default().fuel(needed);
     assert_eq!(run(&exact).unwrap().usage.fuel_consumed, needed);
     assert!(matches!(

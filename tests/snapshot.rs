@@ -270,6 +270,79 @@ fn initialisation_that_calls_an_import_traps_or_overruns_is_refused() {
     ));
 }
 
+/// A component exporting `wizer-initialize` that draws `len` bytes from
+/// `wasi:random/random.get-random-bytes` into its memory (at 64; the list's pointer and length
+/// at 0) and does nothing else.
+fn random_init_component(len: u64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(component
+            (import "wasi:random/random@0.2.12" (instance $random
+                (export "get-random-bytes" (func (param "len" u64) (result (list u8))))))
+            (alias export $random "get-random-bytes" (func $f))
+            (core module $libc
+                (memory (export "memory") 1)
+                (func (export "realloc") (param i32 i32 i32 i32) (result i32) i32.const 64))
+            (core instance $libc (instantiate $libc))
+            (alias core export $libc "memory" (core memory $memory))
+            (alias core export $libc "realloc" (core func $realloc))
+            (core func $f_lowered (canon lower (func $f) (memory $memory) (realloc $realloc)))
+            (core module $m
+                (import "" "f" (func $f (param i64 i32)))
+                (func (export "init") (call $f (i64.const {len}) (i32.const 0))))
+            (core instance $i (instantiate $m
+                (with "" (instance (export "f" (func $f_lowered))))))
+            (func (export "wizer-initialize") (canon lift (core func $i "init")))
+        )"#
+    ))
+    .unwrap()
+}
+
+/// Issue 23: randomness drawn while pre-initialising is charged as in a run (100 a call, 16
+/// a byte) and is the run's seeded stream, so the snapshot is the same every time. The two
+/// components differ only in the length asked for, so their initialisations differ by 16
+/// fuel a byte exactly; before, random bytes cost initialisation nothing (the difference was
+/// 0). A call past the 1 MiB cap is refused.
+#[test]
+fn random_bytes_drawn_while_pre_initialising_are_charged_and_deterministic() {
+    let init = |len: u64| {
+        snapshot::snapshot(runtime(), &random_init_component(len), &Limits::default())
+            .unwrap_or_else(|e| panic!("{len} bytes: {e}"))
+    };
+    let (small, large) = (init(16), init(1000));
+    assert_eq!(
+        large.info.init.fuel - small.info.init.fuel,
+        16 * (1000 - 16)
+    );
+    // The whole call is charged: its floor and the bytes (the guest's instructions are a few).
+    assert!(
+        small.info.init.fuel >= 100 + 16 * 16,
+        "{}",
+        small.info.init.fuel
+    );
+    // Made again: the same fuel, and the same component up to the snapshot section (which
+    // records the wall time), so the same random bytes in its memory.
+    let again = init(1000);
+    assert_eq!(again.info.init.fuel, large.info.init.fuel);
+    let body = |s: &Snapshot| {
+        let at = find(&s.wasm, SNAPSHOT_SECTION.as_bytes()).expect("the section");
+        s.wasm[..at].to_vec()
+    };
+    assert_eq!(body(&again), body(&large));
+    assert_ne!(body(&small), body(&large));
+    // Over the per-call cap: refused, nothing made.
+    match snapshot::snapshot(
+        runtime(),
+        &random_init_component((1 << 20) + 1),
+        &Limits::default(),
+    ) {
+        Err(Error::Init(inner)) => assert!(
+            format!("{inner:?}").contains("requested len 1048577 exceeds limit 1048576"),
+            "{inner:?}"
+        ),
+        other => panic!("expected an init failure, got {other:?}"),
+    }
+}
+
 #[test]
 fn one_model_handle_runs_many_fresh_sandboxes_concurrently() {
     let names = [

@@ -114,6 +114,7 @@ fn usage_of(
         accel_ops: state.device.ops,
         accel_refusals: state.device.refusals,
         accel_interrupted: state.device.interrupted,
+        wasi_fuel: state.wasi_fuel,
     }
 }
 

@@ -11,7 +11,8 @@
 //! Initialisation runs with every import but `wasi:random` defined as a trap: whatever it could
 //! learn from the host (clock, files, stdio handles) would be frozen into the snapshot and
 //! replayed into runs that never asked for it, so a guest that calls one there is refused.
-//! Randomness is the exception because it is seeded identically in every store.
+//! Randomness is the exception because it is seeded identically in every store (and metered
+//! as in a run).
 //!
 //! A snapshot carries a `wasm-infer-snapshot` custom section: the format, the wasm-infer and
 //! wasmtime versions and engine settings that made it, the source component's digest and what
@@ -39,7 +40,7 @@ pub const INIT_EXPORT: &str = "wizer-initialize";
 /// Name of the custom section that marks and describes a snapshot.
 pub const SNAPSHOT_SECTION: &str = "wasm-infer-snapshot";
 /// Version of the snapshot section's layout and of the snapshotting procedure.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// What pre-initialising a model cost. Paid once, when the snapshot is made; runs started
 /// from the snapshot do not pay it again.
@@ -249,19 +250,15 @@ pub(crate) async fn make_locked(
 
 /// The imports initialisation may use: only `wasi:random`, which is seeded deterministically
 /// in every store (Rust's std seeds its `HashMap`s from it, so nearly every guest calls it while
-/// initialising), so what it returned is what a run would have seen. Every other import traps.
+/// initialising), so what it returned is what a run would have seen, and metered as in a run
+/// (a floor a call, 16 fuel a random byte, 1 MiB a call at most: `wasi::cost`), so
+/// the initialisation's fuel counts it. Every other import traps.
 fn init_linker(
     engine: &wasmtime::Engine,
     component: &Component,
 ) -> wasmtime::Result<Linker<RunState>> {
-    use wasmtime_wasi::p2::bindings::random;
-    use wasmtime_wasi::random::WasiRandom;
-    use wasmtime_wasi::WasiView;
-
     let mut linker: Linker<RunState> = Linker::new(engine);
-    random::random::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
-    random::insecure::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
-    random::insecure_seed::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
+    crate::wasi::add_random_only(&mut linker)?;
     linker.define_unknown_imports_as_traps(component)?;
     Ok(linker)
 }

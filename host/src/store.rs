@@ -87,6 +87,8 @@ pub(crate) struct RunState {
     pub(crate) copy_budgets: CopyBudgets,
     /// Fuel owed by the WASI calls now in progress (see [`wasi::WasiMeter`]).
     wasi_owed: u64,
+    /// Fuel WASI calls have been charged (reported as [`Usage::wasi_fuel`](crate::Usage)).
+    pub(crate) wasi_fuel: u64,
 }
 
 /// How many bytes the host may copy out of the guest, and so allocate for it, in one crossing
@@ -144,6 +146,7 @@ impl RunState {
                 returned: false,
             },
             wasi_owed: 0,
+            wasi_fuel: 0,
         }
     }
 
@@ -166,6 +169,9 @@ impl WasiView for RunState {
 impl wasi::WasiMeter for RunState {
     fn wasi_owed(&mut self) -> &mut u64 {
         &mut self.wasi_owed
+    }
+    fn wasi_charged(&mut self) -> &mut u64 {
+        &mut self.wasi_fuel
     }
     fn wasi_deadline_passed(&mut self) -> bool {
         self.deadline.check()

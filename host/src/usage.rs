@@ -49,6 +49,11 @@ pub struct Usage {
     /// (the run then ends with its wall-time error).
     #[serde(default)]
     pub accel_interrupted: u64,
+    /// Fuel charged by WASI calls (their floors, random bytes, bytes moved on streams, the
+    /// entries of polls), within `fuel_consumed`: the host's charge, apart from the guest's
+    /// own instructions. Deterministic.
+    #[serde(default)]
+    pub wasi_fuel: u64,
 }
 
 impl std::fmt::Display for Usage {

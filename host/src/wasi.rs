@@ -77,6 +77,8 @@ pub const MAX_STREAM_BYTES_PER_CALL: u64 = LOG_WRITE_PERMIT as u64;
 pub(crate) trait WasiMeter: WasiView + Send + 'static {
     /// Fuel owed by WASI calls made since the last settlement.
     fn wasi_owed(&mut self) -> &mut u64;
+    /// Fuel WASI calls have been charged so far in the run (for its usage).
+    fn wasi_charged(&mut self) -> &mut u64;
     /// Whether the run's wall-time limit has passed (recording it for the run's result).
     fn wasi_deadline_passed(&mut self) -> bool;
 }
@@ -92,7 +94,18 @@ fn begin<T: WasiMeter>(
     if store.data_mut().wasi_deadline_passed() {
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    crate::accel::charge(store, fuel)
+    charge(store, fuel)
+}
+
+/// Takes `fuel` from the run for a WASI call, counting it in the run's WASI fuel.
+fn charge<T: WasiMeter>(
+    store: &mut wasmtime::StoreContextMut<'_, T>,
+    fuel: u64,
+) -> wasmtime::Result<()> {
+    crate::accel::charge(store, fuel)?;
+    let charged = store.data_mut().wasi_charged();
+    *charged = charged.saturating_add(fuel);
+    Ok(())
 }
 
 /// Charges the fuel that WASI calls owe (the floor of the calls that do no work in proportion
@@ -102,7 +115,7 @@ pub(crate) fn settle<T: WasiMeter>(
 ) -> wasmtime::Result<()> {
     let owed = std::mem::take(store.data_mut().wasi_owed());
     if owed > 0 {
-        crate::accel::charge(store, owed)?;
+        charge(store, owed)?;
     }
     Ok(())
 }
@@ -199,6 +212,20 @@ pub(crate) fn add_to_linker<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::R
     add_metered_streams(l)?;
     add_metered_poll(l)?;
     Ok(())
+}
+
+/// Links only `wasi:random` (the three interfaces), metered as in a run: what
+/// pre-initialisation may call ([`crate::snapshot`]). Its generators are the run's, seeded
+/// alike in every store, so the bytes a snapshot holds are the ones a run would have drawn;
+/// each call costs its floor and random bytes 16 a byte, charged to the initialisation's fuel,
+/// and at most [`MAX_RANDOM_BYTES_PER_CALL`] a call.
+pub(crate) fn add_random_only<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::random;
+    use wasmtime_wasi::random::WasiRandom;
+    random::random::add_to_linker::<T, WasiRandom>(linker, getters::random)?;
+    random::insecure::add_to_linker::<T, WasiRandom>(linker, getters::random)?;
+    random::insecure_seed::add_to_linker::<T, WasiRandom>(linker, getters::random)?;
+    add_metered_random(linker)
 }
 
 /// Replaces wasmtime-wasi's `get-random-bytes` and `get-insecure-random-bytes` (which cost the
@@ -428,7 +455,8 @@ fn over_permit(len: usize, permit: usize) -> wasmtime::Error {
 }
 
 /// Replaces `wasi:io/poll.poll` with the same implementation behind a charge of
-/// [`cost::poll`] for the list's length, taken before any pollable is looked at.
+/// [`cost::poll`] for the list's length, taken before any pollable is looked at or the list
+/// is copied out of the guest.
 pub(crate) fn add_metered_poll<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     use wasmtime_wasi::p2::bindings::io::poll::Host;
     linker.allow_shadowing(true);
@@ -436,13 +464,16 @@ pub(crate) fn add_metered_poll<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime
         poll.func_wrap_async(
             "poll",
             |mut store: Store<'_, T>,
-             (pollables,): (Vec<Resource<DynPollable>>,)|
+             (pollables,): (WasmList<Resource<DynPollable>>,)|
              -> Box<
                 dyn std::future::Future<Output = wasmtime::Result<(Vec<u32>,)>> + Send + '_,
             > {
-                let charged = begin(&mut store, cost::poll(pollables.len() as u64));
+                // Charged from the list's length while the list is still in the guest's
+                // memory: the host copies its entries only once they are paid for.
+                let pollables = begin(&mut store, cost::poll(pollables.len() as u64))
+                    .and_then(|()| pollables.iter(&mut store)?.collect());
                 Box::new(async move {
-                    charged?;
+                    let pollables: Vec<Resource<DynPollable>> = pollables?;
                     let table = store.data_mut().ctx().table;
                     Ok((table.poll(pollables).await?,))
                 })

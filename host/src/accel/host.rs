@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Arc;
 
-use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType, WasmList};
+use wasmtime::component::{Linker, Resource, ResourceTable, ResourceType, WasmList, WasmStr};
 use wasmtime::{StoreContextMut, Trap};
 
 use crate::bindings::wasm_infer::model::accel::{AccelError, DeviceInfo, DeviceKind};
@@ -153,8 +153,15 @@ pub mod scratch {
     /// `tensor.download` of `elements` floats: the staging copy the values are read into
     /// before they cross into the sandbox (host memory on the CPU backend, the host side of
     /// the device-to-host copy on CUDA).
+    /// Copied out in more than one slice ([`copy_slices`](super::copy_slices)), each slice's
+    /// values are held too until appended.
     pub fn download(elements: u64) -> u64 {
-        elements.saturating_mul(4)
+        let count = super::copy_slices(elements);
+        let slice = match count {
+            1 => 0,
+            _ => elements.div_ceil(count),
+        };
+        elements.saturating_add(slice).saturating_mul(4)
     }
 }
 
@@ -168,6 +175,79 @@ pub const MAX_ELEMENTS: u64 = 1 << 31;
 /// rows, and past the deadline it stops at the next slice and the run ends with its wall-time
 /// error. MiniLM's attention (12.6 million) is one slice.
 pub const ATTENTION_SLICE_MACS: u64 = 1 << 26;
+/// Most multiply-accumulates a `linear` does between two checks of the run's deadline (2^26,
+/// as [`ATTENTION_SLICE_MACS`]): a longer one is computed in slices of rows of x, each at
+/// least [`LINEAR_MIN_SLICE_ROWS`] rows, and so is exact ([`linear_slices`]).
+pub const LINEAR_SLICE_MACS: u64 = 1 << 26;
+/// Fewest rows of x in one slice of a `linear`: with more than 256 rows (and so more than
+/// 64, and more than 256 outputs for any n) every slice takes the same path through the CPU
+/// backend's matrix product (gemm) as the whole, which sums each output over k in an order
+/// that depends on k alone; with fewer, gemm may take a small-matrix path that sums in
+/// another order. So a product with fewer than 514 rows is one slice, whatever its size.
+pub const LINEAR_MIN_SLICE_ROWS: u64 = 257;
+/// Most elements a `gelu` computes between two checks of the run's deadline (2^20, about 10
+/// ms of one core at the ~10 ns an erf costs).
+pub const GELU_SLICE_ELEMENTS: u64 = 1 << 20;
+/// Most elements a `layer-norm` normalises between two checks of the run's deadline (2^20);
+/// a slice is whole rows, at least one, so a single row longer than this is one slice.
+pub const NORM_SLICE_ELEMENTS: u64 = 1 << 20;
+/// Most elements an `upload` copies in or a `tensor.download` copies out between two checks
+/// of the run's deadline (2^22 floats, 16 MiB: a few ms).
+pub const COPY_SLICE_ELEMENTS: u64 = 1 << 22;
+
+/// How many slices `linear` of `[rows, k] · [n, k]ᵀ` is computed in: one per
+/// [`LINEAR_SLICE_MACS`] multiply-accumulates (rounded up), but no more than leaves each slice
+/// [`LINEAR_MIN_SLICE_ROWS`] rows. The rows are shared out evenly (slice `i` of `c` is rows
+/// `i·rows/c` to `(i+1)·rows/c`).
+pub fn linear_slices(rows: u64, k: u64, n: u64) -> u64 {
+    let macs = rows.saturating_mul(k).saturating_mul(n);
+    macs.div_ceil(LINEAR_SLICE_MACS)
+        .min(rows / LINEAR_MIN_SLICE_ROWS)
+        .max(1)
+}
+
+/// How many slices `gelu` of `elements` elements is computed in.
+pub fn gelu_slices(elements: u64) -> u64 {
+    elements.div_ceil(GELU_SLICE_ELEMENTS).max(1)
+}
+
+/// How many slices `layer-norm` of `rows` rows of `n` is computed in (whole rows each).
+pub fn norm_slices(rows: u64, n: u64) -> u64 {
+    rows.saturating_mul(n)
+        .div_ceil(NORM_SLICE_ELEMENTS)
+        .min(rows)
+        .max(1)
+}
+
+/// How many slices an `upload` or `tensor.download` of `elements` floats copies in.
+pub fn copy_slices(elements: u64) -> u64 {
+    elements.div_ceil(COPY_SLICE_ELEMENTS).max(1)
+}
+
+/// Slice `i` of `count` over `total` units: `(start, length)`, lengths differing by one at most.
+fn slice_of(total: usize, count: usize, i: usize) -> (usize, usize) {
+    let (start, end) = (i * total / count, (i + 1) * total / count);
+    (start, end - start)
+}
+
+/// Runs `count` slices over `total` units (`run(start, length)`), asking `past` between two
+/// of them (not before the first: the call checked the deadline as it began); `None` when it
+/// said to stop.
+fn in_slices(
+    total: usize,
+    count: usize,
+    past: &dyn Fn() -> bool,
+    mut run: impl FnMut(usize, usize) -> candle_core::Result<()>,
+) -> candle_core::Result<Option<()>> {
+    for i in 0..count {
+        if i > 0 && past() {
+            return Ok(None);
+        }
+        let (start, length) = slice_of(total, count, i);
+        run(start, length)?;
+    }
+    Ok(Some(()))
+}
 
 type Store<'a, T> = StoreContextMut<'a, T>;
 type Answer<T> = wasmtime::Result<(Result<T, AccelError>,)>;
@@ -238,6 +318,22 @@ fn elements_of(shape: &[u32]) -> Result<u64, AccelError> {
         })
 }
 
+/// A shape the guest passed, copied out of its memory only if it has at most [`MAX_RANK`]
+/// dimensions (a longer list is refused where it lies).
+fn shape_of<T>(store: &Store<'_, T>, shape: &WasmList<u32>) -> Result<Vec<u32>, AccelError> {
+    if shape.len() > MAX_RANK {
+        return Err(invalid(format!(
+            "a tensor has at most {MAX_RANK} dimensions, not {}",
+            shape.len()
+        )));
+    }
+    Ok(shape
+        .as_le_slice(store)
+        .iter()
+        .map(|&d| u32::from_le(d))
+        .collect())
+}
+
 /// Gives back `fuel` taken for work that will not run (a refused allocation).
 fn refund<T>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result<()> {
     if let Ok(left) = store.get_fuel() {
@@ -246,19 +342,39 @@ fn refund<T>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// What an op's work gives [`create`]: the result, `None` when it stopped between two slices
+/// at the run's deadline, or the guest's error; a trap stays a trap.
+type Made = wasmtime::Result<Result<Option<Tensor>, AccelError>>;
+
+/// A closure that says whether the run's deadline has passed (for long calls to ask between
+/// slices of their work).
+fn deadline<T: AccelState>(store: &mut Store<'_, T>) -> impl Fn() -> bool {
+    let at = store.data_mut().deadline_at();
+    move || std::time::Instant::now() >= at
+}
+
+/// Ends a call stopped between two slices at the run's deadline: recorded for the run's error
+/// and counted in its usage (`accel_interrupted`), then the interrupt trap.
+fn interrupted<T: AccelState>(store: &mut Store<'_, T>) -> wasmtime::Error {
+    store.data_mut().deadline_passed();
+    store.data_mut().device().interrupted += 1;
+    Trap::Interrupt.into()
+}
+
 /// Charges `work` fuel, then allocates `elements` f32 (the result) and `scratch` bytes (what
 /// the work holds on the device while it runs: [`scratch`]) on the run's account, runs `make`,
 /// returns the scratch and stores the result.
 ///
 /// The charge comes first: a run without the fuel for the work traps before anything is
 /// allocated or computed. A refused allocation gives the work's fuel back, so a refusal costs
-/// only the call's floor, whatever the shape.
+/// only the call's floor, whatever the shape. Work stopped at the deadline ([`Made`]) returns
+/// what it held and ends the run ([`interrupted`]).
 fn create<T: AccelState>(
     store: &mut Store<'_, T>,
     elements: u64,
     scratch: u64,
     work: u64,
-    make: impl FnOnce() -> Result<Tensor, AccelError>,
+    make: impl FnOnce(&mut Store<'_, T>) -> Made,
 ) -> wasmtime::Result<Result<Resource<DeviceTensor>, AccelError>> {
     if elements > MAX_ELEMENTS {
         return Ok(Err(invalid(format!(
@@ -276,10 +392,10 @@ fn create<T: AccelState>(
         refund(store, work)?;
         return Ok(Err(e));
     }
-    let made = make();
+    let made = make(store);
     store.data_mut().device().free(scratch, true);
     match made {
-        Ok(tensor) => {
+        Ok(Ok(Some(tensor))) => {
             let resource = store.data_mut().tensors().push(DeviceTensor {
                 tensor,
                 bytes,
@@ -287,11 +403,19 @@ fn create<T: AccelState>(
             })?;
             Ok(Ok(resource))
         }
-        Err(e) => {
+        other => {
             store.data_mut().device().free(bytes, true);
-            Ok(Err(e))
+            match other? {
+                Ok(_) => Err(interrupted(store)),
+                Err(e) => Ok(Err(e)),
+            }
         }
     }
+}
+
+/// A candle result as [`Made`] (a device failure is the guest's error, logged).
+fn made(result: candle_core::Result<Option<Tensor>>) -> Made {
+    Ok(result.map_err(failure))
 }
 
 /// The tensor behind a guest's handle (a clone: candle tensors share their storage).
@@ -340,11 +464,16 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
     accel.func_wrap(
         "upload",
         |mut store: Store<'_, T>,
-         (shape, data): (Vec<u32>, Vec<f32>)|
+         (shape, data): (WasmList<u32>, WasmList<f32>)|
          -> Answer<Resource<DeviceTensor>> {
             begin(&mut store, 0)?;
             let device = match device(&mut store) {
                 Ok(device) => device,
+                Err(e) => return Ok((Err(e),)),
+            };
+            // The shape and the data stay in the guest until the call is charged for them.
+            let shape = match shape_of(&store, &shape) {
+                Ok(shape) => shape,
                 Err(e) => return Ok((Err(e),)),
             };
             let elements = match elements_of(&shape) {
@@ -360,8 +489,22 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let bytes = elements * 4;
             let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             let work = cost::upload(elements) - cost::CALL;
-            let created = create(&mut store, elements, 0, work, || {
-                Tensor::from_vec(data, dims, &device).map_err(failure)
+            let past = deadline(&mut store);
+            let created = create(&mut store, elements, 0, work, |store| {
+                // Copied in slices, the deadline asked between two of them.
+                let total = data.len();
+                let count = copy_slices(elements) as usize;
+                let mut values = Vec::with_capacity(total);
+                let mut items = data.iter(&mut *store)?;
+                for i in 0..count {
+                    if i > 0 && past() {
+                        return Ok(Ok(None));
+                    }
+                    for _ in 0..slice_of(total, count, i).1 {
+                        values.push(items.next().expect("the list's length")?);
+                    }
+                }
+                made(Tensor::from_vec(values, dims, &device).map(Some))
             })?;
             if created.is_ok() {
                 store.data_mut().device().uploaded += bytes;
@@ -373,18 +516,28 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
     accel.func_wrap(
         "resident",
         |mut store: Store<'_, T>,
-         (name, shape, data): (String, Vec<u32>, WasmList<u8>)|
+         (name, shape, data): (WasmStr, WasmList<u32>, WasmList<u8>)|
          -> Answer<Resource<DeviceTensor>> {
             begin(&mut store, 0)?;
-            if name.len() > super::MAX_RESIDENT_NAME_BYTES {
-                return Ok((Err(invalid(format!(
-                    "a resident weight's name is {} bytes, over the {}-byte cap",
-                    name.len(),
-                    super::MAX_RESIDENT_NAME_BYTES
-                ))),));
-            }
+            // The name is read where it lies (UTF-8 needs no copy) and copied only within its
+            // cap; the shape likewise ([`shape_of`]).
+            let name = {
+                let name = name.to_str(&store)?;
+                if name.len() > super::MAX_RESIDENT_NAME_BYTES {
+                    return Ok((Err(invalid(format!(
+                        "a resident weight's name is {} bytes, over the {}-byte cap",
+                        name.len(),
+                        super::MAX_RESIDENT_NAME_BYTES
+                    ))),));
+                }
+                name.into_owned()
+            };
             let device = match device(&mut store) {
                 Ok(device) => device,
+                Err(e) => return Ok((Err(e),)),
+            };
+            let shape = match shape_of(&store, &shape) {
+                Ok(shape) => shape,
                 Err(e) => return Ok((Err(e),)),
             };
             let elements = match elements_of(&shape) {
@@ -463,13 +616,20 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let work = cost::linear(rows, k, n) - cost::CALL;
             let mut out_dims = x.dims().to_vec();
             *out_dims.last_mut().unwrap() = n as usize;
-            let created = create(&mut store, elements, 0, work, || {
-                let x2 = x.reshape((rows as usize, k as usize)).map_err(failure)?;
-                let mut y = x2.matmul(&w.t().map_err(failure)?).map_err(failure)?;
-                if let Some(b) = &b {
-                    y = y.broadcast_add(b).map_err(failure)?;
-                }
-                y.reshape(out_dims).map_err(failure)
+            let count = linear_slices(rows, k, n);
+            // Sliced, each slice's product and its sum with the bias are held until copied
+            // into the result.
+            let held = match count {
+                1 => 0,
+                _ => 2 * rows.div_ceil(count) * n * 4,
+            };
+            let past = deadline(&mut store);
+            let created = create(&mut store, elements, held, work, |_| {
+                let y = x
+                    .reshape((rows as usize, k as usize))
+                    .and_then(|x2| linear_in_slices(&x2, &w, b.as_ref(), count as usize, &past))
+                    .and_then(|y| y.map(|y| y.reshape(out_dims)).transpose());
+                made(y)
             })?;
             Ok((created,))
         },
@@ -484,8 +644,15 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let x = tensor(&mut store, &x)?;
             let elements = x.elem_count() as u64;
             let work = cost::gelu(elements) - cost::CALL;
-            let created = create(&mut store, elements, 0, work, || {
-                x.gelu_erf().map_err(failure)
+            let count = gelu_slices(elements);
+            // Sliced, each slice's values are held until copied into the result.
+            let held = match count {
+                1 => 0,
+                _ => elements.div_ceil(count) * 4,
+            };
+            let past = deadline(&mut store);
+            let created = create(&mut store, elements, held, work, |_| {
+                made(gelu_in_slices(&x, count as usize, &past))
             })?;
             Ok((created,))
         },
@@ -530,27 +697,18 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             }
             let work = cost::attention(tokens, hidden, u64::from(heads)) - cost::CALL;
             let held = scratch::attention(tokens, hidden, u64::from(heads));
-            let deadline = store.data_mut().deadline_at();
-            let stopped = std::cell::Cell::new(false);
-            let created = create(&mut store, elements, held, work, || {
-                let past = || std::time::Instant::now() >= deadline;
-                match multi_head_attention(&q, &k, &v, heads as usize, ATTENTION_SLICE_MACS, &past)
-                {
-                    Ok(Some(out)) => Ok(out),
-                    Ok(None) => {
-                        stopped.set(true);
-                        Err(AccelError::DeviceFailure(String::new()))
-                    }
-                    Err(e) => Err(failure(e)),
-                }
-            });
-            if stopped.get() {
-                // Stopped between two slices at the deadline (recorded for the run's error).
-                store.data_mut().deadline_passed();
-                store.data_mut().device().interrupted += 1;
-                return Err(Trap::Interrupt.into());
-            }
-            Ok((created?,))
+            let past = deadline(&mut store);
+            let created = create(&mut store, elements, held, work, |_| {
+                made(multi_head_attention(
+                    &q,
+                    &k,
+                    &v,
+                    heads as usize,
+                    ATTENTION_SLICE_MACS,
+                    &past,
+                ))
+            })?;
+            Ok((created,))
         },
     )?;
 
@@ -573,12 +731,16 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
             let n = x.dims().last().map_or(1, |&n| n as u64);
             let work = cost::layer_norm(elements / n, n) - cost::CALL;
             let held = scratch::layer_norm(elements / n, n, residual.is_some());
-            let created = create(&mut store, elements, held, work, || {
-                let y = match &residual {
-                    Some(r) => x.add(r).map_err(failure)?,
-                    None => x,
-                };
-                layer_norm(&y, &scale, &shift, eps).map_err(failure)
+            let count = norm_slices(elements / n, n);
+            let past = deadline(&mut store);
+            let created = create(&mut store, elements, held, work, |_| {
+                made(layer_norm_in_slices(
+                    &x,
+                    residual.as_ref(),
+                    (&scale, &shift, eps),
+                    count as usize,
+                    &past,
+                ))
             })?;
             Ok((created,))
         },
@@ -617,17 +779,18 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                 refund(&mut store, work)?;
                 return Ok((Err(e),));
             }
-            let values = t
-                .to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(failure);
+            let past = deadline(&mut store);
+            let values = download_in_slices(&t, copy_slices(elements) as usize, &past);
             let run = store.data_mut().device();
             run.free(staging, true);
-            if values.is_ok() {
-                run.downloaded += bytes;
+            match values {
+                Ok(Some(values)) => {
+                    run.downloaded += bytes;
+                    Ok((Ok(values),))
+                }
+                Ok(None) => Err(interrupted(&mut store)),
+                Err(e) => Ok((Err(failure(e)),)),
             }
-            Ok((values,))
         },
     )?;
     Ok(())
@@ -689,7 +852,7 @@ fn attention_dims(
 /// softmax(q·kᵀ / √head_size)·v. Every step reduces within one row on one thread (candle's CPU
 /// matmul splits its output between threads, never a sum), so the bits do not depend on the
 /// number of threads, nor on the slices: heads, then query rows, at most `slice_macs`
-/// multiply-accumulates each (at least one row of one head). Before each slice `past` is
+/// multiply-accumulates each (at least one row of one head). Between two slices `past` is
 /// asked whether to stop; `None` when it said so.
 fn multi_head_attention(
     q: &Tensor,
@@ -716,6 +879,8 @@ fn multi_head_attention(
         1
     };
     let mut by_head = Vec::new();
+    // Whether a slice has run (the deadline is asked between slices, not before the first).
+    let mut started = false;
     for h in (0..heads).step_by(heads_per_slice) {
         let n = heads_per_slice.min(heads - h);
         let (qh, kh, vh) = if n == heads {
@@ -729,7 +894,7 @@ fn multi_head_attention(
         };
         let mut by_row = Vec::new();
         for r in (0..tokens).step_by(rows) {
-            if past() {
+            if std::mem::replace(&mut started, true) && past() {
                 return Ok(None);
             }
             let m = rows.min(tokens - r);
@@ -761,6 +926,109 @@ fn multi_head_attention(
             .contiguous()?
             .reshape((tokens, hidden))?,
     ))
+}
+
+/// `x · wᵀ (+ b)` for x `[rows, k]`, in `count` slices of rows ([`linear_slices`]), `past`
+/// asked between two of them; `None` when it said to stop. Each slice has at least
+/// [`LINEAR_MIN_SLICE_ROWS`] rows, so it sums each output in the order the whole product
+/// would (the bits do not depend on the slices), and is copied into the result as it is made.
+fn linear_in_slices(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    count: usize,
+    past: &dyn Fn() -> bool,
+) -> candle_core::Result<Option<Tensor>> {
+    let wt = w.t()?;
+    let product = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let y = x.matmul(&wt)?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    };
+    if count <= 1 {
+        return product(x).map(Some);
+    }
+    let (rows, n) = (x.dim(0)?, w.dim(0)?);
+    let out = Tensor::zeros((rows, n), x.dtype(), x.device())?;
+    let done = in_slices(rows, count, past, |start, length| {
+        out.slice_set(&product(&x.narrow(0, start, length)?)?, 0, start)
+    })?;
+    Ok(done.map(|()| out))
+}
+
+/// GELU (erf) of `x`, in `count` slices of its elements, `past` asked between two of them.
+fn gelu_in_slices(
+    x: &Tensor,
+    count: usize,
+    past: &dyn Fn() -> bool,
+) -> candle_core::Result<Option<Tensor>> {
+    if count <= 1 {
+        return x.gelu_erf().map(Some);
+    }
+    let flat = x.flatten_all()?;
+    let total = flat.elem_count();
+    let out = Tensor::zeros(total, x.dtype(), x.device())?;
+    let done = in_slices(total, count, past, |start, length| {
+        out.slice_set(&flat.narrow(0, start, length)?.gelu_erf()?, 0, start)
+    })?;
+    done.map(|()| out.reshape(x.shape())).transpose()
+}
+
+/// [`layer_norm`] of `x` (plus `residual`) with `(scale, shift, eps)`, in `count` slices of
+/// whole rows, `past` asked between two of them (every step works within one row, so the bits
+/// do not depend on the slices).
+fn layer_norm_in_slices(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    (scale, shift, eps): (&Tensor, &Tensor, f32),
+    count: usize,
+    past: &dyn Fn() -> bool,
+) -> candle_core::Result<Option<Tensor>> {
+    let norm = |x: &Tensor, residual: Option<&Tensor>| -> candle_core::Result<Tensor> {
+        match residual {
+            Some(r) => layer_norm(&x.add(r)?, scale, shift, eps),
+            None => layer_norm(x, scale, shift, eps),
+        }
+    };
+    if count <= 1 {
+        return norm(x, residual).map(Some);
+    }
+    let n = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / n;
+    let x2 = x.reshape((rows, n))?;
+    let r2 = residual.map(|r| r.reshape((rows, n))).transpose()?;
+    let out = Tensor::zeros((rows, n), x.dtype(), x.device())?;
+    let done = in_slices(rows, count, past, |start, length| {
+        let r = r2
+            .as_ref()
+            .map(|r| r.narrow(0, start, length))
+            .transpose()?;
+        let y = norm(&x2.narrow(0, start, length)?, r.as_ref())?;
+        out.slice_set(&y, 0, start)
+    })?;
+    done.map(|()| out.reshape(x.shape())).transpose()
+}
+
+/// The values of `t` as f32, flattened, copied out in `count` slices, `past` asked between
+/// two of them.
+fn download_in_slices(
+    t: &Tensor,
+    count: usize,
+    past: &dyn Fn() -> bool,
+) -> candle_core::Result<Option<Vec<f32>>> {
+    let flat = t.to_dtype(DType::F32)?.flatten_all()?;
+    if count <= 1 {
+        return flat.to_vec1().map(Some);
+    }
+    let total = flat.elem_count();
+    let mut values = Vec::with_capacity(total);
+    let done = in_slices(total, count, past, |start, length| {
+        values.extend_from_slice(&flat.narrow(0, start, length)?.to_vec1::<f32>()?);
+        Ok(())
+    })?;
+    Ok(done.map(|()| values))
 }
 
 /// Checks a layer norm's operands: `residual` shaped as `x`, `scale` and `shift` [last dim].
@@ -948,7 +1216,7 @@ mod tests {
         for slice_macs in [1, 2 * 2 * 16 * 8 * 16, 4 * 2 * 16 * 8] {
             assert_eq!(bits(slice_macs), whole, "slices of {slice_macs}");
         }
-        // Told to stop before the third slice: it stops there, after asking three times.
+        // Told to stop at its third question (before the fourth slice): it stops there.
         let asked = std::cell::Cell::new(0);
         let past = || {
             asked.set(asked.get() + 1);
@@ -958,5 +1226,163 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(asked.get(), 3);
+        // Past the deadline from the start: one slice, then it stops at the first question.
+        let (asked, stopped) = asking(true);
+        assert!(multi_head_attention(&q, &k, &q, 4, 1, &stopped)
+            .unwrap()
+            .is_none());
+        assert_eq!(asked.get(), 1);
+        // Never stopped: 64 slices, asked between each two.
+        let (asked, never) = asking(false);
+        assert!(multi_head_attention(&q, &k, &q, 4, 1, &never)
+            .unwrap()
+            .is_some());
+        assert_eq!(asked.get(), 63);
+    }
+
+    /// A deadline check that always answers `answer` and counts the questions.
+    fn asking(answer: bool) -> (std::rc::Rc<std::cell::Cell<u32>>, impl Fn() -> bool) {
+        let asked = std::rc::Rc::new(std::cell::Cell::new(0));
+        let counter = asked.clone();
+        (asked, move || {
+            counter.set(counter.get() + 1);
+            answer
+        })
+    }
+
+    /// A `[rows, cols]` tensor of fixed values in about [-3, 3].
+    fn filled(rows: usize, cols: usize, salt: usize) -> Tensor {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i * 37 + salt * 11) % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn bits_of(t: &Tensor) -> Vec<u32> {
+        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        values.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn slice_counts_are_their_formulas() {
+        // linear: ceil(macs / 2^26), at most rows / 257, at least 1.
+        // 4096·1024·2048 = 2^33: 128 by the MACs, 15 by the rows (4096 / 257 = 15.9).
+        assert_eq!(linear_slices(4096, 1024, 2048), 15);
+        // 1028·256·512 = 134,742,016 MACs: 3 by the MACs (2.008 rounded up), 4 by the rows.
+        assert_eq!(linear_slices(1028, 256, 512), 3);
+        // MiniLM's largest: 128·384·1536 = 75,497,472 MACs, but 128 rows: one slice.
+        assert_eq!(linear_slices(128, 384, 1536), 1);
+        // 513 rows: one slice whatever the MACs (2^33 here).
+        assert_eq!(linear_slices(513, 4096, 4088), 1);
+        assert_eq!(linear_slices(514, 4096, 4080), 2);
+        // gelu: ceil(elements / 2^20).
+        assert_eq!(gelu_slices(128 * 1536), 1);
+        assert_eq!(gelu_slices(1 << 20), 1);
+        assert_eq!(gelu_slices((1 << 20) + 1), 2);
+        assert_eq!(gelu_slices(1 << 24), 16);
+        // layer-norm: ceil(elements / 2^20) whole rows, at least one row a slice.
+        assert_eq!(norm_slices(128, 384), 1);
+        assert_eq!(norm_slices(4096, 1024), 4);
+        assert_eq!(norm_slices(3, 1 << 20), 3);
+        assert_eq!(norm_slices(1, 1 << 22), 1);
+        // upload and download: ceil(elements / 2^22).
+        assert_eq!(copy_slices(1), 1);
+        assert_eq!(copy_slices(1 << 22), 1);
+        assert_eq!(copy_slices((1 << 22) + 1), 2);
+        assert_eq!(copy_slices(1 << 31), 512);
+        // The slices cover the whole evenly: 10 in 3 is 3, 3, 4.
+        let parts: Vec<_> = (0..3).map(|i| slice_of(10, 3, i)).collect();
+        assert_eq!(parts, [(0, 3), (3, 3), (6, 4)]);
+    }
+
+    /// Each path the CPU backend's matrix product takes for a shape (its general kernel, the
+    /// matrix-vector one for n = 1, the one for k <= 2, tall and wide outputs): the product
+    /// in slices of at least 257 rows has the bits of the whole.
+    #[test]
+    fn linear_in_slices_gives_the_same_bits_and_stops_between_slices() {
+        for (rows, k, n) in [
+            (600, 37, 70),
+            (1030, 600, 9),
+            (520, 700, 1),
+            (600, 2, 9),
+            (777, 513, 3),
+        ] {
+            let (x, w, b) = (filled(rows, k, 1), filled(n, k, 2), filled(1, n, 3));
+            let b = b.reshape(n).unwrap();
+            for bias in [None, Some(&b)] {
+                let whole = linear_in_slices(&x, &w, bias, 1, &|| false)
+                    .unwrap()
+                    .unwrap();
+                for count in 2..=rows / LINEAR_MIN_SLICE_ROWS as usize {
+                    let (asked, never) = asking(false);
+                    let sliced = linear_in_slices(&x, &w, bias, count, &never)
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(
+                        bits_of(&sliced),
+                        bits_of(&whole),
+                        "{rows}x{k}x{n} in {count}"
+                    );
+                    assert_eq!(asked.get() as usize, count - 1);
+                }
+            }
+            let (asked, stopped) = asking(true);
+            assert!(linear_in_slices(&x, &w, None, 2, &stopped)
+                .unwrap()
+                .is_none());
+            assert_eq!(asked.get(), 1);
+        }
+    }
+
+    #[test]
+    fn gelu_layer_norm_and_download_in_slices_give_the_same_bits_and_stop_between_slices() {
+        let x = filled(37, 271, 4);
+        let whole = gelu_in_slices(&x, 1, &|| false).unwrap().unwrap();
+        for count in [2, 3, 7, 37 * 271] {
+            let (asked, never) = asking(false);
+            let sliced = gelu_in_slices(&x, count, &never).unwrap().unwrap();
+            assert_eq!(sliced.dims(), [37, 271]);
+            assert_eq!(bits_of(&sliced), bits_of(&whole), "gelu in {count}");
+            assert_eq!(asked.get() as usize, count - 1);
+        }
+        let (asked, stopped) = asking(true);
+        assert!(gelu_in_slices(&x, 3, &stopped).unwrap().is_none());
+        assert_eq!(asked.get(), 1);
+
+        let r = filled(37, 271, 5);
+        let (scale, shift) = (
+            filled(1, 271, 6).reshape(271).unwrap(),
+            filled(1, 271, 7).reshape(271).unwrap(),
+        );
+        let args = (&scale, &shift, 1e-5f32);
+        for residual in [None, Some(&r)] {
+            let whole = layer_norm_in_slices(&x, residual, args, 1, &|| false)
+                .unwrap()
+                .unwrap();
+            for count in [2, 5, 37] {
+                let (asked, never) = asking(false);
+                let sliced = layer_norm_in_slices(&x, residual, args, count, &never)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(bits_of(&sliced), bits_of(&whole), "layer-norm in {count}");
+                assert_eq!(asked.get() as usize, count - 1);
+            }
+            let (asked, stopped) = asking(true);
+            assert!(layer_norm_in_slices(&x, residual, args, 5, &stopped)
+                .unwrap()
+                .is_none());
+            assert_eq!(asked.get(), 1);
+        }
+
+        let whole: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        for count in [1, 2, 9] {
+            let (asked, never) = asking(false);
+            let values = download_in_slices(&x, count, &never).unwrap().unwrap();
+            assert_eq!(values, whole);
+            assert_eq!(asked.get() as usize, count - 1);
+        }
+        let (asked, stopped) = asking(true);
+        assert!(download_in_slices(&x, 9, &stopped).unwrap().is_none());
+        assert_eq!(asked.get(), 1);
     }
 }

@@ -39,7 +39,11 @@ use crate::bindings::wasm_infer::model::accel::{AccelError, BudgetRefusal, Devic
 
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, charge, AccelState};
-pub use host::{cost, DeviceTensor, ATTENTION_SLICE_MACS, MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK};
+pub use host::{
+    copy_slices, cost, gelu_slices, linear_slices, norm_slices, DeviceTensor, ATTENTION_SLICE_MACS,
+    COPY_SLICE_ELEMENTS, GELU_SLICE_ELEMENTS, LINEAR_MIN_SLICE_ROWS, LINEAR_SLICE_MACS,
+    MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK, NORM_SLICE_ELEMENTS,
+};
 pub(crate) use resident::ModelWeights;
 use resident::Resident;
 pub use resident::{DEFAULT_RESIDENT_MEMORY, MAX_RESIDENTS, MAX_RESIDENT_NAME_BYTES};

@@ -129,6 +129,8 @@ struct RunRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One message at a time crosses the pipe, serialised: its size in memory does not matter.
+#[allow(clippy::large_enum_variant)]
 enum FromWorker {
     Ready {
         models: Vec<ModelInfo>,
