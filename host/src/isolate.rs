@@ -34,11 +34,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::{self, Cgroup, CgroupLimits, WORKER_EXTRA_PIDS};
 pub use crate::error::{CompileLimit, CompileLimits, DEFAULT_COMPILE_LIMITS};
 use crate::error::{Error, InvalidModel, LimitExceeded};
 use crate::limits::Limits;
 use crate::runtime::Runtime;
-use crate::worker::cgroup::{self, Cgroup, CgroupLimits, WORKER_EXTRA_PIDS};
 
 /// Where and how to compile in a child process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +192,7 @@ fn run_worker(
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     pass_escape_drill(&mut command);
-    crate::worker::pass_cgroup_probe(&mut command);
+    cgroup::pass_cgroup_probe(&mut command);
     apply_rlimits(&mut command, limits);
     // Removed when this function returns, after the child was reaped.
     let group = load_cgroup(limits, request);

@@ -23,6 +23,7 @@ pub mod accel;
 mod attribution;
 mod bindings;
 pub mod cache;
+pub mod cgroup;
 mod component;
 mod data;
 mod error;

@@ -367,8 +367,8 @@ fn interrupted<T: AccelState>(store: &mut Store<'_, T>) -> wasmtime::Error {
 ///
 /// The charge comes first: a run without the fuel for the work traps before anything is
 /// allocated or computed. A refused allocation gives the work's fuel back, so a refusal costs
-/// only the call's floor, whatever the shape. Work stopped at the deadline ([`Made`]) returns
-/// what it held and ends the run ([`interrupted`]).
+/// only the call's floor, whatever the shape. Work stopped at the deadline ([`Made`]), or
+/// that ended past it, returns what it held and ends the run ([`interrupted`]).
 fn create<T: AccelState>(
     store: &mut Store<'_, T>,
     elements: u64,
@@ -394,7 +394,15 @@ fn create<T: AccelState>(
     }
     let made = make(store);
     store.data_mut().device().free(scratch, true);
+    // Work that ended past the deadline ends the run here, as if stopped after its last slice:
+    // the wall time then holds at the call's end, not at the guest's next epoch check, and
+    // the call is counted as interrupted wherever in it the deadline fell.
+    let late = std::time::Instant::now() >= store.data_mut().deadline_at();
     match made {
+        Ok(Ok(Some(_))) if late => {
+            store.data_mut().device().free(bytes, true);
+            Err(interrupted(store))
+        }
         Ok(Ok(Some(tensor))) => {
             let resource = store.data_mut().tensors().push(DeviceTensor {
                 tensor,

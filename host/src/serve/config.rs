@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cgroup::CgroupLimits;
 use crate::limits::{DeviceAccess, Limits};
 use crate::serve::ratelimit::{Quota, RateLimitConfig};
-use crate::worker::cgroup::CgroupLimits;
 
 /// Default listen address: loopback only, so a server started without a config is not
 /// reachable from the network.
@@ -163,14 +163,14 @@ pub struct ServeConfig {
     pub worker_cgroup: bool,
     /// The cgroup's memory ceiling per worker, swap included (default: `limits.memory` plus
     /// the device budget plus
-    /// [`WORKER_MEMORY_OVERHEAD`](crate::worker::cgroup::WORKER_MEMORY_OVERHEAD), 512 MiB: 3.5 GiB
+    /// [`WORKER_MEMORY_OVERHEAD`](crate::cgroup::WORKER_MEMORY_OVERHEAD), 512 MiB: 3.5 GiB
     /// with the default limits and device budget); the group
     /// gets `workers` times it.
     #[serde(default, with = "opt_size")]
     pub worker_memory: Option<u64>,
     /// The cgroup's processes and threads per worker (default: candle's CPU threads, the
     /// number of CPUs unless `RAYON_NUM_THREADS` says otherwise, plus
-    /// [`WORKER_EXTRA_PIDS`](crate::worker::cgroup::WORKER_EXTRA_PIDS), 16); the group gets
+    /// [`WORKER_EXTRA_PIDS`](crate::cgroup::WORKER_EXTRA_PIDS), 16); the group gets
     /// `workers` times it.
     pub worker_pids: Option<u64>,
     /// The server's run limits: every tenant's limits are capped by these.

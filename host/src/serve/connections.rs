@@ -7,7 +7,8 @@
 //! At `max_connections`, a new connection is accepted and the **longest-idle** keep-alive
 //! connection (no request open, no head being read) is closed for it, so a client is served
 //! even when every slot is held by idle connections. When none is idle, the connection whose
-//! head has been arriving longest is closed instead, once that head is older than
+//! head has been arriving longest (for a new connection that has sent nothing yet: since it
+//! was accepted) is closed instead, once that head is older than
 //! `slow_head_eviction` (a client sends a head in one write; one that is still sending after that
 //! long is trickling it, and holding a slot others need): a slow-loris spread over many
 //! addresses cannot hold every slot for the whole header timeout. When every slot has a
@@ -85,16 +86,16 @@ impl Registry {
                 .filter(|(state, _)| state.open == 0)
         };
         let idle = candidates()
-            .filter(|(state, _)| state.head_started.is_none())
+            .filter(|(state, _)| state.is_idle())
             .min_by_key(|(state, _)| state.last);
         let chosen = idle.or_else(|| {
             candidates()
                 .filter(|(state, _)| {
                     state
-                        .head_started
+                        .head_since()
                         .is_some_and(|at| now.saturating_duration_since(at) > slow_head)
                 })
-                .min_by_key(|(state, _)| state.head_started)
+                .min_by_key(|(state, _)| state.head_since())
         });
         match chosen {
             Some((_, activity)) => {
@@ -312,6 +313,10 @@ struct ActivityState {
     last: Instant,
     /// The first byte read while no request was open: a head being read since then.
     head_started: Option<Instant>,
+    /// Accepted and nothing read yet: its first head may already wait in the kernel (a busy
+    /// runtime may not have polled it), so it is not idle; for closing one at the cap it
+    /// counts as a head begun when it was accepted.
+    fresh: bool,
 }
 
 /// Why the watchdog closed a connection.
@@ -338,6 +343,17 @@ impl Close {
 }
 
 impl ActivityState {
+    /// No request open, no head being read, not new: a keep-alive connection between requests.
+    fn is_idle(&self) -> bool {
+        self.open == 0 && self.head_started.is_none() && !self.fresh
+    }
+
+    /// Since when a head has been arriving (a fresh connection's: since it was accepted).
+    fn head_since(&self) -> Option<Instant> {
+        self.head_started
+            .or_else(|| self.fresh.then_some(self.last))
+    }
+
     /// When the connection is to be closed, and why; `None` while a request is open (its body
     /// has its own timeout, and the answer's writing counts as activity once it is produced).
     fn deadline(&self, edge: &Edge) -> Option<(Instant, Close)> {
@@ -358,6 +374,7 @@ impl Activity {
                 open: 0,
                 last: Instant::now(),
                 head_started: None,
+                fresh: true,
             }),
             changed: Notify::new(),
             evicted: AtomicBool::new(false),
@@ -372,6 +389,7 @@ impl Activity {
     fn read(&self) {
         let mut state = self.lock();
         state.last = Instant::now();
+        state.fresh = false;
         if state.open == 0 && state.head_started.is_none() {
             state.head_started = Some(state.last);
             drop(state);
@@ -388,6 +406,7 @@ impl Activity {
         let mut state = self.lock();
         state.open += 1;
         state.head_started = None;
+        state.fresh = false;
         state.last = Instant::now();
         RequestOpen(self.clone())
     }
@@ -540,9 +559,9 @@ async fn watch<F: Graceful>(
         let changed = activity.changed.notified();
         let state = *activity.lock();
         if activity.evicted.load(Ordering::SeqCst) {
-            match (state.open, state.head_started) {
-                (0, None) => return Some(Close::Evicted),
-                (0, Some(_)) => return Some(Close::EvictedSlowHead),
+            match state.open {
+                0 if state.is_idle() => return Some(Close::Evicted),
+                0 => return Some(Close::EvictedSlowHead),
                 // A request began since it was chosen: it is neither idle nor slow now.
                 _ => activity.evicted.store(false, Ordering::SeqCst),
             }
@@ -583,6 +602,7 @@ mod tests {
             open: 0,
             last: t0,
             head_started: None,
+            fresh: false,
         };
         assert_eq!(
             idle.deadline(&EDGE),

@@ -296,7 +296,7 @@ async fn start_workers(
     paths: Vec<PathBuf>,
     count: u32,
     load: &LoadOptions,
-    cgroup: Option<crate::worker::cgroup::CgroupLimits>,
+    cgroup: Option<crate::cgroup::CgroupLimits>,
 ) -> Result<WorkerPool, ServeError> {
     let parent = runtime.config();
     let binary = std::env::current_exe()

@@ -16,7 +16,7 @@
 //! replaced after a number of runs or above a resident-memory bound, which returns whatever
 //! their allocator kept.
 
-pub mod cgroup;
+pub use crate::cgroup;
 mod compile;
 pub mod lockdown;
 
@@ -564,17 +564,7 @@ pub(crate) fn escape_drill(stage: &str) {
 
 pub(crate) use crate::isolate::pass_escape_drill;
 
-/// The variable that arms the cgroup probe, for the tests: a directory into which a run
-/// worker, as the first thing it does (before it reads anything from its parent), copies its
-/// `/proc/self/cgroup` as a file named by its pid. Parents pass it on to their workers by name,
-/// like [`ESCAPE_VAR`]; it only makes a worker write what it may read anyway.
-pub const CGROUP_PROBE_VAR: &str = "WASM_INFER_TEST_CGROUP_PROBE";
-
-pub(crate) fn pass_cgroup_probe(command: &mut Command) {
-    if let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) {
-        command.env(CGROUP_PROBE_VAR, dir);
-    }
-}
+pub use crate::cgroup::CGROUP_PROBE_VAR;
 
 fn probe_cgroup() {
     let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) else {
@@ -772,7 +762,7 @@ impl PoolInner {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         pass_escape_drill(&mut command);
-        pass_cgroup_probe(&mut command);
+        cgroup::pass_cgroup_probe(&mut command);
         if let Ok(group) = &self.cgroup {
             group.place_before_exec(&mut command);
         }

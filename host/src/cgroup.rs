@@ -323,3 +323,16 @@ impl Drop for Cgroup {
         }
     }
 }
+
+/// The variable that arms the cgroup probe, for the tests: a directory into which a run
+/// worker, as the first thing it does (before it reads anything from its parent), copies its
+/// `/proc/self/cgroup` as a file named by its pid. Parents pass it on to their workers by name,
+/// like the escape drill's variable; it only makes a worker write what it may read anyway.
+pub const CGROUP_PROBE_VAR: &str = "WASM_INFER_TEST_CGROUP_PROBE";
+
+/// Passes the cgroup probe (when armed) on to a child.
+pub(crate) fn pass_cgroup_probe(command: &mut Command) {
+    if let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) {
+        command.env(CGROUP_PROBE_VAR, dir);
+    }
+}
