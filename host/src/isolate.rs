@@ -193,6 +193,7 @@ fn run_worker(
         .stderr(Stdio::null());
     pass_escape_drill(&mut command);
     cgroup::pass_cgroup_probe(&mut command);
+    pass_library_path(&mut command);
     apply_rlimits(&mut command, limits);
     // Removed when this function returns, after the child was reaped.
     let group = load_cgroup(limits, request);
@@ -307,6 +308,19 @@ fn run_worker(
             "the compile worker ended without an answer ({status})"
         ))),
     }
+}
+
+/// A binary built with the `cuda` feature links the CUDA libraries, which its children (the
+/// same binary) find, as this process found them, through `LD_LIBRARY_PATH`: without it they
+/// cannot start (the loader exits 127). Only that variable, and only in such a build; no other
+/// `LD_*` variable reaches a child.
+pub(crate) fn pass_library_path(command: &mut Command) {
+    #[cfg(feature = "cuda")]
+    if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
+        command.env("LD_LIBRARY_PATH", path);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = command;
 }
 
 /// Memory a load child's cgroup allows beyond its `RLIMIT_DATA` (and, for pre-initialisation,

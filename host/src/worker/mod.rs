@@ -763,6 +763,7 @@ impl PoolInner {
             .stderr(Stdio::null());
         pass_escape_drill(&mut command);
         cgroup::pass_cgroup_probe(&mut command);
+        crate::isolate::pass_library_path(&mut command);
         if let Ok(group) = &self.cgroup {
             group.place_before_exec(&mut command);
         }
