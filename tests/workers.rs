@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::{assert_golden, case, cosine, hostile_wasm, minilm_wasm, text};
 use wasm_infer::worker::cgroup::CgroupLimits;
-use wasm_infer::worker::{WorkerPool, WorkerPoolConfig};
+use wasm_infer::worker::{WorkerAffinity, WorkerPool, WorkerPoolConfig};
 use wasm_infer::{Error, Input, Limits, Model};
 
 fn binary() -> PathBuf {
@@ -179,6 +179,74 @@ fn a_worker_is_recycled_after_its_run_count_with_unchanged_results() {
     assert_ne!(pool.idle_pids()[0], first_pid);
     assert!(fuels.iter().all(|&f| f == fuels[0]), "{fuels:?}");
     assert_golden("hostile_work_1000", fuels[3]);
+}
+
+/// One worker, runs of two tenants: with `WorkerAffinity::Tenant` no worker process runs a
+/// second tenant's request (a switch kills the worker and a fresh one takes the request; the
+/// same tenant again reuses its worker), with `Shared` the one worker serves both; either way
+/// every answer is the reference embedding with its golden fuel.
+#[test]
+fn with_tenant_affinity_no_worker_serves_two_tenants_and_shared_workers_serve_both() {
+    let short = case("short_bench");
+    let tenants = ["a", "b", "a", "a", "b"];
+    for affinity in [WorkerAffinity::Tenant, WorkerAffinity::Shared] {
+        let mut config = config(1);
+        config.affinity = affinity;
+        let pool = WorkerPool::start(config).unwrap();
+        let first = pool.idle_pids()[0];
+        let mut served = Vec::new();
+        for tenant in tenants {
+            let outcome = pool
+                .run_for_tenant_blocking(
+                    tenant,
+                    1,
+                    Input::Text(short.text.clone()),
+                    &Limits::default(),
+                )
+                .unwrap();
+            let vector = &outcome.output.embeddings().unwrap()[0];
+            assert!(cosine(vector, &short.embedding) >= 0.9999, "{affinity:?}");
+            assert_golden("minilm_short_bench", outcome.usage.fuel_consumed);
+            // One worker: the one idle now is the one that ran the request.
+            let idle = pool.idle_tenants();
+            assert_eq!(idle.len(), 1, "{affinity:?}: {idle:?}");
+            let (pid, bound) = idle[0].clone();
+            let expected = (affinity == WorkerAffinity::Tenant).then(|| tenant.to_string());
+            assert_eq!(bound, expected, "{affinity:?}");
+            served.push(pid);
+        }
+        let stats = pool.stats();
+        match affinity {
+            WorkerAffinity::Tenant => {
+                // a (the first worker), b (a fresh one), a (fresh), a (the same), b (fresh).
+                let [p1, p2, p3, p4, p5] = served[..] else {
+                    unreachable!()
+                };
+                assert_eq!(p1, first);
+                assert_eq!(p4, p3);
+                let distinct: std::collections::BTreeSet<u32> = [p1, p2, p3, p5].into();
+                assert_eq!(distinct.len(), 4, "{served:?}");
+                // The worker a tenant switch replaced is gone, not parked.
+                assert!(!std::path::Path::new(&format!("/proc/{p1}")).exists());
+                assert_eq!(stats.recycled_tenant, 3);
+                assert_eq!(stats.recycled, 3);
+                assert_eq!(stats.started, 4);
+                // A run for no tenant (a readiness probe) takes the idle worker and binds
+                // nothing new: no recycle, the worker still `b`'s.
+                pool.run_blocking(0, text("work:1000"), &Limits::default())
+                    .unwrap();
+                assert_eq!(pool.idle_tenants(), vec![(p5, Some("b".to_string()))]);
+                assert_eq!(pool.stats().recycled, 3);
+                assert_eq!(pool.stats().started, 4);
+            }
+            WorkerAffinity::Shared => {
+                assert_eq!(served, vec![first; tenants.len()]);
+                assert_eq!(stats.recycled, 0);
+                assert_eq!(stats.started, 1);
+            }
+        }
+        assert_eq!(stats.lost, 0);
+    }
 }
 
 /// Whether this process may make cgroups here (root, as on these machines and in CI); where
