@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{assert_golden, case, cosine, hostile_wasm, minilm_wasm, text};
-use wasm_infer::worker::cgroup::CgroupLimits;
+use wasm_infer::worker::cgroup::{Cgroup, CgroupLimits, CgroupRoot};
 use wasm_infer::worker::{WorkerAffinity, WorkerPool, WorkerPoolConfig};
 use wasm_infer::{Error, Input, Limits, Model};
 
@@ -247,6 +247,171 @@ fn with_tenant_affinity_no_worker_serves_two_tenants_and_shared_workers_serve_bo
         }
         assert_eq!(stats.lost, 0);
     }
+}
+
+/// A scratch directory laid out as a cgroup hierarchy by the test, removed on drop.
+struct FakeHierarchy(PathBuf);
+
+impl FakeHierarchy {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "wasm-infer-fake-cgroup-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn put(&self, file: &str, text: &str) {
+        let path = self.0.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.0.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+    }
+
+    fn root(&self, proc_self_cgroup: &str) -> CgroupRoot {
+        CgroupRoot {
+            mount: self.0.clone(),
+            proc_self_cgroup: proc_self_cgroup.to_string(),
+        }
+    }
+}
+
+impl Drop for FakeHierarchy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cgroup v2 branch, against a directory laid out as a unified hierarchy (these machines
+/// are v1): the controllers the parent offers but does not pass down are enabled in its
+/// `cgroup.subtree_control` in one write, the limits land in `memory.max`, `memory.swap.max`,
+/// `pids.max` and `cpu.max` with exact contents, a child placed before exec writes `0` (itself)
+/// to `cgroup.procs`, and a parent that offers no memory controller is refused with the reason.
+/// What the kernel does with these writes is not tested here (docs/security.md).
+#[test]
+fn the_cgroup_v2_files_hold_the_exact_limits_in_a_v2_layout() {
+    let fake = FakeHierarchy::new("v2");
+    fake.put(
+        "cgroup.controllers",
+        "cpuset cpu io memory hugetlb pids rdma misc\n",
+    );
+    fake.put("svc/cgroup.controllers", "cpu memory pids\n");
+    fake.put("svc/cgroup.subtree_control", "\n");
+    // The kernel makes a group's interface files at mkdir; the fake has them made first.
+    fake.put("svc/g1/cgroup.procs", "");
+    let limits = CgroupLimits {
+        memory: 3 << 30,
+        cpus: Some(1.5),
+        pids: Some(77),
+    };
+    let root = fake.root("0::/svc\n");
+    let group = Cgroup::create_at(&root, "g1", &limits).unwrap();
+    assert_eq!(group.dirs(), [fake.0.join("svc/g1")]);
+    assert_eq!(
+        fake.read("svc/cgroup.subtree_control"),
+        "+memory +pids +cpu"
+    );
+    assert_eq!(fake.read("svc/g1/memory.max"), "3221225472");
+    assert_eq!(fake.read("svc/g1/memory.swap.max"), "0");
+    assert_eq!(fake.read("svc/g1/pids.max"), "77");
+    assert_eq!(fake.read("svc/g1/cpu.max"), "150000 100000");
+    let mut child = Command::new("true");
+    group.place_before_exec(&mut child);
+    assert!(child.status().unwrap().success());
+    assert_eq!(fake.read("svc/g1/cgroup.procs"), "0");
+    fake.put(
+        "svc/g1/memory.events",
+        "low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n",
+    );
+    assert_eq!(group.oom_kills(), Some(2));
+    drop(group);
+
+    // Controllers already passed down are not written again; one not offered (cpu) is left
+    // out, with a warning, and its file not made.
+    fake.put("svc/cgroup.controllers", "memory pids\n");
+    fake.put("svc/cgroup.subtree_control", "memory pids\n");
+    fake.put("svc/g2/cgroup.procs", "");
+    let group = Cgroup::create_at(&root, "g2", &limits).unwrap();
+    assert_eq!(fake.read("svc/cgroup.subtree_control"), "memory pids\n");
+    assert_eq!(fake.read("svc/g2/memory.max"), "3221225472");
+    assert_eq!(fake.read("svc/g2/pids.max"), "77");
+    assert!(!fake.0.join("svc/g2/cpu.max").exists());
+    drop(group);
+
+    // No memory controller to pass down: no group, and why.
+    fake.put("svc/cgroup.controllers", "cpu pids\n");
+    fake.put("svc/cgroup.subtree_control", "\n");
+    let error = Cgroup::create_at(&root, "g3", &limits).unwrap_err();
+    assert_eq!(
+        error,
+        format!(
+            "{} offers no memory controller (its cgroup.controllers: \"cpu pids\"): this \
+             subtree is not delegated with it",
+            fake.0.join("svc").display()
+        )
+    );
+    assert!(!fake.0.join("svc/g3").exists());
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Groups made three times where swap accounting and the pids hierarchy are missing (a fake
+/// v1 layout with only `memory`): each missing piece is said once, not once per group (the
+/// load children make a group per model loaded).
+#[test]
+fn a_missing_swap_limit_or_pids_controller_is_warned_once_per_process() {
+    let fake = FakeHierarchy::new("v1");
+    fake.put("memory/svc/memory.limit_in_bytes", "9223372036854771712\n");
+    let root = fake.root("5:memory:/svc\n0::/\n");
+    let limits = CgroupLimits {
+        memory: 1 << 30,
+        cpus: None,
+        pids: Some(40),
+    };
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        for name in ["g1", "g2", "g3"] {
+            fake.put(&format!("memory/svc/{name}/cgroup.procs"), "");
+            let group = Cgroup::create_at(&root, name, &limits).unwrap();
+            assert_eq!(
+                fake.read(&format!("memory/svc/{name}/memory.limit_in_bytes")),
+                "1073741824"
+            );
+            drop(group);
+        }
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("the workers' swap is not limited"), 1, "{text}");
+    assert_eq!(
+        count("workers run without a pids cap: no cgroup v1 pids hierarchy"),
+        1,
+        "{text}"
+    );
 }
 
 /// Whether this process may make cgroups here (root, as on these machines and in CI); where
