@@ -36,6 +36,7 @@ fn forbidden_system_calls_kill_a_locked_down_process() {
         "socket",
         "execve",
         "fork",
+        "ioctl",
         "mmap_exec",
         "mprotect_exec",
     ] {
