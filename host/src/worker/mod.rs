@@ -603,16 +603,24 @@ fn probe_cgroup() {
 
 /// The probe of a load child, whose group is gone when the test could look: its
 /// `/proc/self/cgroup` in `load-<pid>` (named apart from run workers' probes, which a pool's
-/// own load children would otherwise add to), and in `load-<pid>.limits` the limit files of
-/// the groups it is in, one `<hierarchy>/<file> <value>` a line (`unified` for v2).
+/// own load children would otherwise add to), in `load-<pid>.limits` the limit files of
+/// the groups it is in, one `<hierarchy>/<file> <value>` a line (`unified` for v2), and in
+/// `load-<pid>.environ` its `/proc/self/environ` (the child is gone before a test could read
+/// it there).
 pub(crate) fn probe_load_cgroup() {
     let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) else {
         return;
     };
+    let dir = PathBuf::from(dir);
+    if let Ok(environ) = std::fs::read("/proc/self/environ") {
+        let _ = std::fs::write(
+            dir.join(format!("load-{}.environ", std::process::id())),
+            environ,
+        );
+    }
     let Ok(groups) = std::fs::read_to_string("/proc/self/cgroup") else {
         return;
     };
-    let dir = PathBuf::from(dir);
     let _ = std::fs::write(dir.join(format!("load-{}", std::process::id())), &groups);
     let mut limits = String::new();
     for line in groups.lines() {
