@@ -477,6 +477,36 @@ fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
     let output = output.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
+    // Each child's environment: only the variables its parent names (this test's own, the
+    // cache directory included, stay behind).
+    let mut environs = 0;
+    for entry in std::fs::read_dir(&probes).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "environ") {
+            let environ = std::fs::read(&path).unwrap();
+            let mut names: Vec<String> = environ
+                .split(|&b| b == 0)
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    String::from_utf8_lossy(v)
+                        .split('=')
+                        .next()
+                        .unwrap()
+                        .to_string()
+                })
+                .filter(|name| !(cfg!(feature = "cuda") && name == "LD_LIBRARY_PATH"))
+                .collect();
+            names.sort();
+            assert_eq!(
+                names,
+                ["RAYON_NUM_THREADS", wasm_infer::worker::CGROUP_PROBE_VAR],
+                "{}",
+                path.display()
+            );
+            environs += 1;
+        }
+    }
+    assert_eq!(environs, 2, "a pre-initialisation and a compile child");
     let root = unsafe { libc::geteuid() } == 0;
     if !(root && Path::new("/sys/fs/cgroup").is_dir()) {
         eprintln!("no cgroup here: {stderr}");
@@ -488,7 +518,7 @@ fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
     let mut pids: Vec<String> = std::fs::read_dir(&probes)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("load-") && !name.ends_with(".limits"))
+        .filter(|name| name.starts_with("load-") && !name.contains('.'))
         .collect();
     pids.sort();
     assert_eq!(pids.len(), 2, "{pids:?}");

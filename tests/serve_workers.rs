@@ -432,6 +432,70 @@ fn a_kill_storm_costs_only_the_requests_it_hits_and_their_fuel_comes_back() {
     );
 }
 
+/// One worker and two tenants taking turns: with `worker_affinity = "tenant"` each turn is
+/// served by a worker process no other tenant's request reached (the server's one child,
+/// read from /proc after each answer, is a new process at every switch, and counted as a
+/// `tenant` recycle); with the default (`shared`) the same process serves both. Every
+/// answer is the reference embedding with its golden fuel.
+#[test]
+fn with_tenant_affinity_a_worker_process_never_serves_a_second_tenant() {
+    const KEYS: [(&str, &str); 2] = [("alpha", "sk-alpha"), ("beta", "sk-beta")];
+    let short = case("short_bench");
+    for affinity in ["tenant", "shared"] {
+        let mut config = format!(
+            "isolation = \"process\"\nworkers = 1\nworker_affinity = \"{affinity}\"\n\
+             [[models]]\nname = \"minilm\"\npath = \"{}\"\n",
+            minilm_wasm().display()
+        );
+        for (name, key) in KEYS {
+            config.push_str(&format!(
+                "[[tenants]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n",
+                wasm_infer::serve::hash_key(key)
+            ));
+        }
+        let server = Server::start(&config, &[]);
+        let mut served: Vec<(i32, &str)> = Vec::new();
+        for turn in 0..4 {
+            let (tenant, key) = KEYS[turn % 2];
+            let answer = server.infer(Some(key), "minilm", &short.text);
+            let vector: Vec<f32> =
+                serde_json::from_value(answer["output"]["embeddings"][0].clone()).unwrap();
+            assert!(cosine(&vector, &short.embedding) >= 0.9999, "{affinity}");
+            assert_golden(
+                "minilm_short_bench",
+                answer["usage"]["fuel_consumed"].as_u64().unwrap(),
+            );
+            let workers = server.workers();
+            assert_eq!(
+                workers.len(),
+                1,
+                "{affinity}: {workers:?}\n{}",
+                server.log()
+            );
+            served.push((workers[0], tenant));
+        }
+        let recycled =
+            server.metric_where("wasm_infer_workers_recycled_total", "reason=\"tenant\"");
+        if affinity == "tenant" {
+            for (pid, tenant) in &served {
+                assert!(
+                    served.iter().all(|(p, t)| p != pid || t == tenant),
+                    "worker {pid} served two tenants: {served:?}"
+                );
+            }
+            let pids: std::collections::BTreeSet<i32> = served.iter().map(|(p, _)| *p).collect();
+            assert_eq!(pids.len(), 4, "{served:?}");
+            assert_eq!(recycled, 3.0);
+            assert_eq!(server.metric("wasm_infer_workers_started_total"), 4.0);
+        } else {
+            assert!(served.iter().all(|(p, _)| *p == served[0].0), "{served:?}");
+            assert_eq!(recycled, 0.0);
+            assert_eq!(server.metric("wasm_infer_workers_started_total"), 1.0);
+        }
+        assert_eq!(server.metric("wasm_infer_workers_lost_total"), 0.0);
+    }
+}
+
 fn wait_for(mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
     while !condition() {

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{assert_golden, case, cosine, hostile_wasm, minilm_wasm, text};
-use wasm_infer::worker::cgroup::CgroupLimits;
-use wasm_infer::worker::{WorkerPool, WorkerPoolConfig};
+use wasm_infer::worker::cgroup::{Cgroup, CgroupLimits, CgroupRoot};
+use wasm_infer::worker::{WorkerAffinity, WorkerPool, WorkerPoolConfig};
 use wasm_infer::{Error, Input, Limits, Model};
 
 fn binary() -> PathBuf {
@@ -36,6 +36,7 @@ fn forbidden_system_calls_kill_a_locked_down_process() {
         "socket",
         "execve",
         "fork",
+        "ioctl",
         "mmap_exec",
         "mprotect_exec",
     ] {
@@ -179,6 +180,239 @@ fn a_worker_is_recycled_after_its_run_count_with_unchanged_results() {
     assert_ne!(pool.idle_pids()[0], first_pid);
     assert!(fuels.iter().all(|&f| f == fuels[0]), "{fuels:?}");
     assert_golden("hostile_work_1000", fuels[3]);
+}
+
+/// One worker, runs of two tenants: with `WorkerAffinity::Tenant` no worker process runs a
+/// second tenant's request (a switch kills the worker and a fresh one takes the request; the
+/// same tenant again reuses its worker), with `Shared` the one worker serves both; either way
+/// every answer is the reference embedding with its golden fuel.
+#[test]
+fn with_tenant_affinity_no_worker_serves_two_tenants_and_shared_workers_serve_both() {
+    let short = case("short_bench");
+    let tenants = ["a", "b", "a", "a", "b"];
+    for affinity in [WorkerAffinity::Tenant, WorkerAffinity::Shared] {
+        let mut config = config(1);
+        config.affinity = affinity;
+        let pool = WorkerPool::start(config).unwrap();
+        let first = pool.idle_pids()[0];
+        let mut served = Vec::new();
+        for tenant in tenants {
+            let outcome = pool
+                .run_for_tenant_blocking(
+                    tenant,
+                    1,
+                    Input::Text(short.text.clone()),
+                    &Limits::default(),
+                )
+                .unwrap();
+            let vector = &outcome.output.embeddings().unwrap()[0];
+            assert!(cosine(vector, &short.embedding) >= 0.9999, "{affinity:?}");
+            assert_golden("minilm_short_bench", outcome.usage.fuel_consumed);
+            // One worker: the one idle now is the one that ran the request.
+            let idle = pool.idle_tenants();
+            assert_eq!(idle.len(), 1, "{affinity:?}: {idle:?}");
+            let (pid, bound) = idle[0].clone();
+            let expected = (affinity == WorkerAffinity::Tenant).then(|| tenant.to_string());
+            assert_eq!(bound, expected, "{affinity:?}");
+            served.push(pid);
+        }
+        let stats = pool.stats();
+        match affinity {
+            WorkerAffinity::Tenant => {
+                // a (the first worker), b (a fresh one), a (fresh), a (the same), b (fresh).
+                let [p1, p2, p3, p4, p5] = served[..] else {
+                    unreachable!()
+                };
+                assert_eq!(p1, first);
+                assert_eq!(p4, p3);
+                let distinct: std::collections::BTreeSet<u32> = [p1, p2, p3, p5].into();
+                assert_eq!(distinct.len(), 4, "{served:?}");
+                // The worker a tenant switch replaced is gone, not parked.
+                assert!(!std::path::Path::new(&format!("/proc/{p1}")).exists());
+                assert_eq!(stats.recycled_tenant, 3);
+                assert_eq!(stats.recycled, 3);
+                assert_eq!(stats.started, 4);
+                // A run for no tenant (a readiness probe) takes the idle worker and binds
+                // nothing new: no recycle, the worker still `b`'s.
+                pool.run_blocking(0, text("work:1000"), &Limits::default())
+                    .unwrap();
+                assert_eq!(pool.idle_tenants(), vec![(p5, Some("b".to_string()))]);
+                assert_eq!(pool.stats().recycled, 3);
+                assert_eq!(pool.stats().started, 4);
+            }
+            WorkerAffinity::Shared => {
+                assert_eq!(served, vec![first; tenants.len()]);
+                assert_eq!(stats.recycled, 0);
+                assert_eq!(stats.started, 1);
+            }
+        }
+        assert_eq!(stats.lost, 0);
+    }
+}
+
+/// A scratch directory laid out as a cgroup hierarchy by the test, removed on drop.
+struct FakeHierarchy(PathBuf);
+
+impl FakeHierarchy {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "wasm-infer-fake-cgroup-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn put(&self, file: &str, text: &str) {
+        let path = self.0.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.0.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+    }
+
+    fn root(&self, proc_self_cgroup: &str) -> CgroupRoot {
+        CgroupRoot {
+            mount: self.0.clone(),
+            proc_self_cgroup: proc_self_cgroup.to_string(),
+        }
+    }
+}
+
+impl Drop for FakeHierarchy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cgroup v2 branch, against a directory laid out as a unified hierarchy (these machines
+/// are v1): the controllers the parent offers but does not pass down are enabled in its
+/// `cgroup.subtree_control` in one write, the limits land in `memory.max`, `memory.swap.max`,
+/// `pids.max` and `cpu.max` with exact contents, a child placed before exec writes `0` (itself)
+/// to `cgroup.procs`, and a parent that offers no memory controller is refused with the reason.
+/// What the kernel does with these writes is not tested here (docs/security.md).
+#[test]
+fn the_cgroup_v2_files_hold_the_exact_limits_in_a_v2_layout() {
+    let fake = FakeHierarchy::new("v2");
+    fake.put(
+        "cgroup.controllers",
+        "cpuset cpu io memory hugetlb pids rdma misc\n",
+    );
+    fake.put("svc/cgroup.controllers", "cpu memory pids\n");
+    fake.put("svc/cgroup.subtree_control", "\n");
+    // The kernel makes a group's interface files at mkdir; the fake has them made first.
+    fake.put("svc/g1/cgroup.procs", "");
+    let limits = CgroupLimits {
+        memory: 3 << 30,
+        cpus: Some(1.5),
+        pids: Some(77),
+    };
+    let root = fake.root("0::/svc\n");
+    let group = Cgroup::create_at(&root, "g1", &limits).unwrap();
+    assert_eq!(group.dirs(), [fake.0.join("svc/g1")]);
+    assert_eq!(
+        fake.read("svc/cgroup.subtree_control"),
+        "+memory +pids +cpu"
+    );
+    assert_eq!(fake.read("svc/g1/memory.max"), "3221225472");
+    assert_eq!(fake.read("svc/g1/memory.swap.max"), "0");
+    assert_eq!(fake.read("svc/g1/pids.max"), "77");
+    assert_eq!(fake.read("svc/g1/cpu.max"), "150000 100000");
+    let mut child = Command::new("true");
+    group.place_before_exec(&mut child);
+    assert!(child.status().unwrap().success());
+    assert_eq!(fake.read("svc/g1/cgroup.procs"), "0");
+    fake.put(
+        "svc/g1/memory.events",
+        "low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n",
+    );
+    assert_eq!(group.oom_kills(), Some(2));
+    drop(group);
+
+    // Controllers already passed down are not written again; one not offered (cpu) is left
+    // out, with a warning, and its file not made.
+    fake.put("svc/cgroup.controllers", "memory pids\n");
+    fake.put("svc/cgroup.subtree_control", "memory pids\n");
+    fake.put("svc/g2/cgroup.procs", "");
+    let group = Cgroup::create_at(&root, "g2", &limits).unwrap();
+    assert_eq!(fake.read("svc/cgroup.subtree_control"), "memory pids\n");
+    assert_eq!(fake.read("svc/g2/memory.max"), "3221225472");
+    assert_eq!(fake.read("svc/g2/pids.max"), "77");
+    assert!(!fake.0.join("svc/g2/cpu.max").exists());
+    drop(group);
+
+    // No memory controller to pass down: no group, and why.
+    fake.put("svc/cgroup.controllers", "cpu pids\n");
+    fake.put("svc/cgroup.subtree_control", "\n");
+    let error = Cgroup::create_at(&root, "g3", &limits).unwrap_err();
+    assert_eq!(
+        error,
+        format!(
+            "{} offers no memory controller (its cgroup.controllers: \"cpu pids\"): this \
+             subtree is not delegated with it",
+            fake.0.join("svc").display()
+        )
+    );
+    assert!(!fake.0.join("svc/g3").exists());
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Groups made three times where swap accounting and the pids hierarchy are missing (a fake
+/// v1 layout with only `memory`): each missing piece is said once, not once per group (the
+/// load children make a group per model loaded).
+#[test]
+fn a_missing_swap_limit_or_pids_controller_is_warned_once_per_process() {
+    let fake = FakeHierarchy::new("v1");
+    fake.put("memory/svc/memory.limit_in_bytes", "9223372036854771712\n");
+    let root = fake.root("5:memory:/svc\n0::/\n");
+    let limits = CgroupLimits {
+        memory: 1 << 30,
+        cpus: None,
+        pids: Some(40),
+    };
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        for name in ["g1", "g2", "g3"] {
+            fake.put(&format!("memory/svc/{name}/cgroup.procs"), "");
+            let group = Cgroup::create_at(&root, name, &limits).unwrap();
+            assert_eq!(
+                fake.read(&format!("memory/svc/{name}/memory.limit_in_bytes")),
+                "1073741824"
+            );
+            drop(group);
+        }
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("the workers' swap is not limited"), 1, "{text}");
+    assert_eq!(
+        count("workers run without a pids cap: no cgroup v1 pids hierarchy"),
+        1,
+        "{text}"
+    );
 }
 
 /// Whether this process may make cgroups here (root, as on these machines and in CI); where

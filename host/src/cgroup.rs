@@ -7,12 +7,14 @@
 //! A worker is placed in the group between fork and exec ([`Cgroup::place_before_exec`]):
 //! its first instruction already runs, and its first page is already charged, inside it.
 
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -78,8 +80,49 @@ pub struct Cgroup {
 /// The CPU-quota period: 100 ms, the kernel's default.
 const CPU_PERIOD: Duration = Duration::from_millis(100);
 
-fn own_path(controller: &str) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+/// Where the cgroup hierarchies are mounted and where a process is in them: what
+/// [`Cgroup::create_at`] works from. [`CgroupRoot::of_this_process`] is the real one; a test
+/// may lay out a directory like either hierarchy and name it here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupRoot {
+    /// The mount point: one unified hierarchy (v2, recognised by its `cgroup.controllers`)
+    /// or a directory per v1 controller.
+    pub mount: PathBuf,
+    /// The process's cgroups, as `/proc/self/cgroup` lists them (`ID:CONTROLLERS:PATH` a
+    /// line; v2's line is `0::PATH`).
+    pub proc_self_cgroup: String,
+}
+
+impl CgroupRoot {
+    /// `/sys/fs/cgroup` and this process's `/proc/self/cgroup`.
+    pub fn of_this_process() -> Self {
+        Self {
+            mount: PathBuf::from("/sys/fs/cgroup"),
+            proc_self_cgroup: std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+        }
+    }
+
+    /// The process's path in the hierarchy of `controller` (`""`: the unified one).
+    fn own_path(&self, controller: &str) -> Option<String> {
+        own_path(&self.proc_self_cgroup, controller)
+    }
+}
+
+/// Logs `message` unless a warning of this `kind` about this `place` was logged before by
+/// this process: a missing controller is a fact of the machine, said once, not at every
+/// group made (the load children get one per model loaded).
+fn warn_once(kind: &str, place: &Path, message: impl std::fmt::Display) {
+    static WARNED: Mutex<BTreeSet<(String, PathBuf)>> = Mutex::new(BTreeSet::new());
+    let first = WARNED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((kind.to_string(), place.to_path_buf()));
+    if first {
+        tracing::warn!("{message}");
+    }
+}
+
+fn own_path(text: &str, controller: &str) -> Option<String> {
     text.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
@@ -152,40 +195,131 @@ fn remove_stale(parent: &Path) {
 impl Cgroup {
     /// Creates `name` below this process's cgroups with `limits`, or says why it cannot.
     /// The memory ceiling (swap included) is required; the pids cap and the CPU quota are
-    /// set where their controller is available, with a warning where not.
+    /// set where their controller is available, with a warning (once per process) where not.
     pub fn create(name: &str, limits: &CgroupLimits) -> Result<Self, String> {
-        let root = Path::new("/sys/fs/cgroup");
+        Self::create_at(&CgroupRoot::of_this_process(), name, limits)
+    }
+
+    /// [`Cgroup::create`] in the hierarchies `root` describes.
+    pub fn create_at(root: &CgroupRoot, name: &str, limits: &CgroupLimits) -> Result<Self, String> {
+        if root.mount.join("cgroup.controllers").is_file() {
+            return Self::create_v2(root, name, limits);
+        }
+        Self::create_v1(root, name, limits)
+    }
+
+    /// v2 (unified): one directory below this process's group, whose controllers the parent
+    /// must pass down: those missing from the parent's `cgroup.subtree_control` are enabled
+    /// there (one write, `+memory +pids …`) if its `cgroup.controllers` offers them. The
+    /// kernel refuses that write where the parent itself holds processes (v2's "no internal
+    /// processes" rule, `EBUSY`), unless it is the root: the error says so, and the workers
+    /// run on rlimits. Then `memory.max`, `memory.swap.max` 0, `pids.max`, `cpu.max`.
+    fn create_v2(root: &CgroupRoot, name: &str, limits: &CgroupLimits) -> Result<Self, String> {
+        let own = root
+            .own_path("")
+            .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+        let parent = root.mount.join(own.trim_start_matches('/'));
+        let read_list = |file: &str| {
+            std::fs::read_to_string(parent.join(file))
+                .map(|text| {
+                    text.split_whitespace()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| format!("{}/{file}: {e}", parent.display()))
+        };
+        let offered = read_list("cgroup.controllers")?;
+        let enabled = read_list("cgroup.subtree_control")?;
+        let mut wanted = vec![("memory", true)];
+        if limits.pids.is_some() {
+            wanted.push(("pids", false));
+        }
+        if limits.cpus.is_some() {
+            wanted.push(("cpu", false));
+        }
+        let mut enable = Vec::new();
+        let mut usable = Vec::new();
+        for (controller, required) in wanted {
+            if enabled.iter().any(|c| c == controller) {
+                usable.push(controller);
+            } else if offered.iter().any(|c| c == controller) {
+                enable.push(format!("+{controller}"));
+                usable.push(controller);
+            } else if required {
+                return Err(format!(
+                    "{} offers no {controller} controller (its cgroup.controllers: {:?}): \
+                     this subtree is not delegated with it",
+                    parent.display(),
+                    offered.join(" ")
+                ));
+            }
+        }
+        if !enable.is_empty() {
+            write(&parent, "cgroup.subtree_control", &enable.join(" ")).map_err(|why| {
+                format!(
+                    "{why} (enabling controllers for the workers' group; the kernel refuses \
+                     while this process's own group holds processes, unless it is the root)"
+                )
+            })?;
+        }
+        remove_stale(&parent);
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut group = Self {
-            dirs: Vec::new(),
+            dirs: vec![dir.clone()],
             procs: Vec::new(),
         };
-        // v2 (unified): one directory, controllers in the subtree.
-        if root.join("cgroup.controllers").is_file() {
-            let own = own_path("").ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
-            let parent = root.join(own.trim_start_matches('/'));
-            remove_stale(&parent);
-            let dir = parent.join(name);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            group.dirs.push(dir.clone());
-            write(&dir, "memory.max", &limits.memory.to_string())?;
-            if let Err(why) = write(&dir, "memory.swap.max", "0") {
-                tracing::warn!("the workers' swap is not limited: {why}");
+        write(&dir, "memory.max", &limits.memory.to_string())?;
+        if let Err(why) = write(&dir, "memory.swap.max", "0") {
+            warn_once(
+                "swap",
+                &parent,
+                format_args!("the workers' swap is not limited: {why}"),
+            );
+        }
+        if let Some(pids) = limits.pids {
+            if usable.contains(&"pids") {
+                write(&dir, "pids.max", &pids.to_string())?;
+            } else {
+                warn_once(
+                    "pids",
+                    &parent,
+                    format_args!(
+                        "workers run without a pids cap: {} offers no pids controller",
+                        parent.display()
+                    ),
+                );
             }
-            if let Some(cpus) = limits.cpus {
+        }
+        if let Some(cpus) = limits.cpus {
+            if usable.contains(&"cpu") {
                 let quota = (cpus * CPU_PERIOD.as_micros() as f64) as u64;
                 write(
                     &dir,
                     "cpu.max",
                     &format!("{quota} {}", CPU_PERIOD.as_micros()),
                 )?;
+            } else {
+                warn_once(
+                    "cpu",
+                    &parent,
+                    format_args!(
+                        "workers run without a CPU quota: {} offers no cpu controller",
+                        parent.display()
+                    ),
+                );
             }
-            if let Some(pids) = limits.pids {
-                write(&dir, "pids.max", &pids.to_string())?;
-            }
-            group.procs.push(open_procs(&dir)?);
-            return Ok(group);
         }
-        // v1: the memory hierarchy is required, cpu and pids are used where writable.
+        group.procs.push(open_procs(&dir)?);
+        Ok(group)
+    }
+
+    /// v1: the memory hierarchy is required, cpu and pids are used where writable.
+    fn create_v1(root: &CgroupRoot, name: &str, limits: &CgroupLimits) -> Result<Self, String> {
+        let mut group = Self {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
         let memory = Self::v1_dir(root, "memory", name)?;
         group.dirs.push(memory.clone());
         Self::v1_memory(&memory, limits.memory)?;
@@ -203,7 +337,11 @@ impl Cgroup {
             });
             match cpu {
                 Ok(dir) => group.dirs.push(dir),
-                Err(why) => tracing::warn!("workers run without a CPU quota: {why}"),
+                Err(why) => warn_once(
+                    "cpu",
+                    &root.mount,
+                    format_args!("workers run without a CPU quota: {why}"),
+                ),
             }
         }
         if let Some(pids) = limits.pids {
@@ -212,7 +350,11 @@ impl Cgroup {
             });
             match dir {
                 Ok(dir) => group.dirs.push(dir),
-                Err(why) => tracing::warn!("workers run without a pids cap: {why}"),
+                Err(why) => warn_once(
+                    "pids",
+                    &root.mount,
+                    format_args!("workers run without a pids cap: {why}"),
+                ),
             }
         }
         for dir in &group.dirs {
@@ -227,10 +369,15 @@ impl Cgroup {
     fn v1_memory(dir: &Path, memory: u64) -> Result<(), String> {
         let value = memory.to_string();
         if !dir.join("memory.memsw.limit_in_bytes").exists() {
-            tracing::warn!(
-                "the workers' swap is not limited: {} has no memory.memsw.limit_in_bytes \
-                 (swap accounting is off)",
-                dir.display()
+            let hierarchy = dir.parent().unwrap_or(dir);
+            warn_once(
+                "swap",
+                hierarchy,
+                format_args!(
+                    "the workers' swap is not limited: {} has no memory.memsw.limit_in_bytes \
+                     (swap accounting is off)",
+                    hierarchy.display()
+                ),
             );
             return write(dir, "memory.limit_in_bytes", &value);
         }
@@ -244,7 +391,7 @@ impl Cgroup {
 
     /// A v1 group in an optional hierarchy, set up by `set`; removed again if that fails.
     fn v1_optional(
-        root: &Path,
+        root: &CgroupRoot,
         controller: &str,
         name: &str,
         set: impl FnOnce(&Path) -> Result<(), String>,
@@ -259,9 +406,14 @@ impl Cgroup {
         }
     }
 
-    fn v1_dir(root: &Path, controller: &str, name: &str) -> Result<PathBuf, String> {
-        let own = own_path(controller).ok_or(format!("no cgroup v1 {controller} hierarchy"))?;
-        let parent = root.join(controller).join(own.trim_start_matches('/'));
+    fn v1_dir(root: &CgroupRoot, controller: &str, name: &str) -> Result<PathBuf, String> {
+        let own = root
+            .own_path(controller)
+            .ok_or(format!("no cgroup v1 {controller} hierarchy"))?;
+        let parent = root
+            .mount
+            .join(controller)
+            .join(own.trim_start_matches('/'));
         remove_stale(&parent);
         let dir = parent.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;

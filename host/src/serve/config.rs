@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::cgroup::CgroupLimits;
 use crate::limits::{DeviceAccess, Limits};
 use crate::serve::ratelimit::{Quota, RateLimitConfig};
+pub use crate::worker::WorkerAffinity;
 
 /// Default listen address: loopback only, so a server started without a config is not
 /// reachable from the network.
@@ -173,6 +174,10 @@ pub struct ServeConfig {
     /// [`WORKER_EXTRA_PIDS`](crate::cgroup::WORKER_EXTRA_PIDS), 16); the group gets
     /// `workers` times it.
     pub worker_pids: Option<u64>,
+    /// Whether a worker may serve more than one tenant (default `shared`): `tenant` binds
+    /// each worker to the first tenant it serves and replaces it, rather than reuse it, when
+    /// another tenant's request needs its place ([`WorkerAffinity`]).
+    pub worker_affinity: WorkerAffinity,
     /// The server's run limits: every tenant's limits are capped by these.
     pub limits: Limits,
     /// The models served (the command line's model paths are added to these).
@@ -211,6 +216,7 @@ impl Default for ServeConfig {
             worker_cgroup: true,
             worker_memory: None,
             worker_pids: None,
+            worker_affinity: WorkerAffinity::Shared,
             limits: Limits::default(),
             models: Vec::new(),
             rate_limit: RateLimitConfig::default(),
@@ -603,6 +609,21 @@ mod tests {
         );
         let config = ServeConfig::from_toml("worker_cgroup = false").unwrap();
         assert_eq!(config.worker_cgroup_limits(3, 2 << 30), None);
+    }
+
+    #[test]
+    fn worker_affinity_is_shared_unless_set_to_tenant() {
+        let default = ServeConfig::from_toml("").unwrap();
+        assert_eq!(default.worker_affinity, WorkerAffinity::Shared);
+        let tenant = ServeConfig::from_toml("worker_affinity = \"tenant\"").unwrap();
+        assert_eq!(tenant.worker_affinity, WorkerAffinity::Tenant);
+        let error = ServeConfig::from_toml("worker_affinity = \"model\"").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("unknown variant `model`, expected `shared` or `tenant`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -43,6 +43,14 @@ pub struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why a worker was recycled: `abnormal` (a run that trapped or failed internally),
+    /// `runs` (`recycle_after_runs`), `memory` (`recycle_above_rss`) or `tenant` (another
+    /// tenant's request needed its place, `worker_affinity = "tenant"`).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
 }
@@ -89,8 +97,8 @@ pub struct Metrics {
     pub workers_started: Counter,
     /// Requests lost with their worker (answered 503 `worker_lost`).
     pub workers_lost: Counter,
-    /// Workers replaced after a trap, their run count or their memory bound.
-    pub workers_recycled: Counter,
+    /// Workers replaced while alive, by reason.
+    pub workers_recycled: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -221,10 +229,10 @@ impl Metrics {
             "Requests lost with their worker process",
             workers_lost.clone(),
         );
-        let workers_recycled = Counter::default();
+        let workers_recycled = Family::default();
         registry.register(
             "workers_recycled",
-            "Worker processes replaced after a trap, a run count or a memory bound",
+            "Worker processes replaced while alive, by reason: a trap (abnormal), a run count, a memory bound, a tenant switch",
             workers_recycled.clone(),
         );
         Self {

@@ -99,6 +99,24 @@ impl State {
         }
     }
 
+    /// Runs `tenant`'s `input` on `served`, as [`State::run`]; with workers and
+    /// `worker_affinity = "tenant"`, only in a worker that ran no other tenant's request.
+    pub async fn run_for_tenant(
+        &self,
+        served: &Served,
+        tenant: &str,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Outcome, RunError> {
+        match &self.workers {
+            Some(pool) => {
+                pool.run_for_tenant(tenant, served.index, input, limits)
+                    .await
+            }
+            None => served.model.run_async(input, limits).await,
+        }
+    }
+
     /// Refreshes the gauges that are read from elsewhere (device memory, free slots).
     fn refresh_gauges(&self) {
         let device = self.runtime.device_usage();
@@ -121,10 +139,20 @@ impl State {
                 .workers_lost
                 .inner()
                 .store(stats.lost, Ordering::Relaxed);
-            self.metrics
-                .workers_recycled
-                .inner()
-                .store(stats.recycled, Ordering::Relaxed);
+            for (reason, count) in [
+                ("abnormal", stats.recycled_abnormal),
+                ("runs", stats.recycled_runs),
+                ("memory", stats.recycled_memory),
+                ("tenant", stats.recycled_tenant),
+            ] {
+                self.metrics
+                    .workers_recycled
+                    .get_or_create(&metrics::ReasonLabels {
+                        reason: reason.into(),
+                    })
+                    .inner()
+                    .store(count, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -268,7 +296,8 @@ pub async fn prepare(
         .map_err(|e| ServeError::Config(e.to_string()))?;
     let workers = if process {
         let cgroup = config.worker_cgroup_limits(workers, runtime.config().device_memory);
-        Some(start_workers(&runtime, paths, workers, load, cgroup).await?)
+        let affinity = config.worker_affinity;
+        Some(start_workers(&runtime, paths, workers, load, cgroup, affinity).await?)
     } else {
         None
     };
@@ -297,6 +326,7 @@ async fn start_workers(
     count: u32,
     load: &LoadOptions,
     cgroup: Option<crate::cgroup::CgroupLimits>,
+    affinity: crate::worker::WorkerAffinity,
 ) -> Result<WorkerPool, ServeError> {
     let parent = runtime.config();
     let binary = std::env::current_exe()
@@ -312,6 +342,7 @@ async fn start_workers(
     };
     pool.preinit = load.preinit;
     pool.cgroup = cgroup;
+    pool.affinity = affinity;
     let pool = tokio::task::spawn_blocking(move || WorkerPool::start(pool))
         .await
         .map_err(|e| ServeError::Config(format!("starting the workers: {e}")))?

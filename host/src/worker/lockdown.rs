@@ -385,7 +385,8 @@ pub fn lock_down_compiler() -> Result<(), String> {
 /// allow-list lives on); `pause` writes `locked` on stdout and sleeps for a while, to be
 /// stopped and continued (the interrupted sleep resumes through `restart_syscall`).
 /// `tgkill:PID` signals another process, `dumpable` undoes `PR_SET_DUMPABLE 0`, `setown`
-/// asks for I/O signals to be sent to a process of its choosing, `mmap_exec` maps executable
+/// asks for I/O signals to be sent to a process of its choosing, `ioctl` makes a harmless
+/// `FIONREAD` on stdin (every `ioctl` is refused), `mmap_exec` maps executable
 /// memory and `mprotect_exec` makes writable memory executable (both refused to every locked
 /// process: code is mapped before the lock-down, and precompiled code needs no more).
 pub fn forbidden(what: &str) -> Result<(), String> {
@@ -407,6 +408,11 @@ pub fn forbidden(what: &str) -> Result<(), String> {
         "setown" => {
             // SAFETY: F_SETOWN on stdout takes an integer; nothing is read or written.
             let _ = unsafe { libc::fcntl(1, libc::F_SETOWN, 1) };
+        }
+        "ioctl" => {
+            let mut pending: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int, to a local that outlives the call.
+            let _ = unsafe { libc::ioctl(0, libc::FIONREAD, &mut pending) };
         }
         other if other.starts_with("tgkill:") => {
             let pid: libc::pid_t = other["tgkill:".len()..]

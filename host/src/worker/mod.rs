@@ -76,6 +76,28 @@ pub struct WorkerPoolConfig {
     /// [`CgroupLimits::for_workers`](cgroup::CgroupLimits::for_workers) for the default run
     /// limits and device budget; set it again when those change. `None`: no cgroup.
     pub cgroup: Option<cgroup::CgroupLimits>,
+    /// Whether a worker may serve more than one tenant (default
+    /// [`WorkerAffinity::Shared`]); see [`WorkerAffinity::Tenant`].
+    pub affinity: WorkerAffinity,
+}
+
+/// Which requests a worker may serve, by tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerAffinity {
+    /// Any worker serves any tenant's request (a guest that escaped wasmtime in one tenant's
+    /// run could see later tenants' inputs in the same process).
+    #[default]
+    Shared,
+    /// A worker is bound to the first tenant whose request it takes
+    /// ([`WorkerPool::run_for_tenant`]) and never runs another tenant's: a request takes an
+    /// idle worker of its own tenant, else one bound to none (fresh), else the worker idle
+    /// longest, which is killed and replaced by a fresh one for this request (counted in
+    /// [`PoolStats::recycled_tenant`]). A tenant switch on a busy pool therefore costs a
+    /// worker start (the code is in the parent's memory: the link and each model's `info`).
+    /// Runs with no tenant ([`WorkerPool::run`]; the server's readiness probes, whose input
+    /// is the server's own) take any idle worker and bind none.
+    Tenant,
 }
 
 impl WorkerPoolConfig {
@@ -99,6 +121,7 @@ impl WorkerPoolConfig {
                 crate::limits::DEFAULT_MEMORY_BYTES,
                 RuntimeConfig::default().device_memory,
             )),
+            affinity: WorkerAffinity::Shared,
         }
     }
 }
@@ -580,16 +603,24 @@ fn probe_cgroup() {
 
 /// The probe of a load child, whose group is gone when the test could look: its
 /// `/proc/self/cgroup` in `load-<pid>` (named apart from run workers' probes, which a pool's
-/// own load children would otherwise add to), and in `load-<pid>.limits` the limit files of
-/// the groups it is in, one `<hierarchy>/<file> <value>` a line (`unified` for v2).
+/// own load children would otherwise add to), in `load-<pid>.limits` the limit files of
+/// the groups it is in, one `<hierarchy>/<file> <value>` a line (`unified` for v2), and in
+/// `load-<pid>.environ` its `/proc/self/environ` (the child is gone before a test could read
+/// it there).
 pub(crate) fn probe_load_cgroup() {
     let Some(dir) = std::env::var_os(CGROUP_PROBE_VAR) else {
         return;
     };
+    let dir = PathBuf::from(dir);
+    if let Ok(environ) = std::fs::read("/proc/self/environ") {
+        let _ = std::fs::write(
+            dir.join(format!("load-{}.environ", std::process::id())),
+            environ,
+        );
+    }
     let Ok(groups) = std::fs::read_to_string("/proc/self/cgroup") else {
         return;
     };
-    let dir = PathBuf::from(dir);
     let _ = std::fs::write(dir.join(format!("load-{}", std::process::id())), &groups);
     let mut limits = String::new();
     for line in groups.lines() {
@@ -630,6 +661,9 @@ struct Worker {
     child: Child,
     channel: Channel,
     runs: u64,
+    /// The tenant it is bound to ([`WorkerAffinity::Tenant`]): set before its first run of a
+    /// tenant's request, never changed.
+    tenant: Option<String>,
 }
 
 impl Worker {
@@ -705,8 +739,26 @@ pub struct PoolStats {
     pub started: u64,
     /// Requests lost with their worker.
     pub lost: u64,
-    /// Workers replaced after their run count or memory bound.
+    /// Workers replaced while alive, for any of the reasons below (their sum).
     pub recycled: u64,
+    /// ... after a run that trapped or failed internally.
+    pub recycled_abnormal: u64,
+    /// ... after `recycle_after_runs` runs.
+    pub recycled_runs: u64,
+    /// ... above `recycle_above_rss` bytes resident.
+    pub recycled_memory: u64,
+    /// ... because a request of another tenant needed its place
+    /// ([`WorkerAffinity::Tenant`]).
+    pub recycled_tenant: u64,
+}
+
+/// Why a worker was replaced while alive (the index into `PoolInner::recycled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recycle {
+    Abnormal = 0,
+    Runs = 1,
+    Memory = 2,
+    Tenant = 3,
 }
 
 struct PoolInner {
@@ -725,7 +777,8 @@ struct PoolInner {
     models: Vec<ModelInfo>,
     started: AtomicU64,
     lost: AtomicU64,
-    recycled: AtomicU64,
+    /// Workers recycled, by [`Recycle`].
+    recycled: [AtomicU64; 4],
 }
 
 /// Worker processes serving runs: see the module docs. Cheap to clone.
@@ -789,6 +842,7 @@ impl PoolInner {
             channel,
             child,
             runs: 0,
+            tenant: None,
         };
         let hello = Hello {
             models: config.models.clone(),
@@ -832,16 +886,55 @@ impl PoolInner {
         }
     }
 
-    fn should_recycle(&self, worker: &Worker) -> bool {
+    fn should_recycle(&self, worker: &Worker) -> Option<Recycle> {
         let runs = self
             .config
             .recycle_after_runs
             .is_some_and(|k| worker.runs >= k);
-        let rss = self
-            .config
-            .recycle_above_rss
-            .is_some_and(|bound| worker.rss_bytes().is_some_and(|rss| rss > bound));
-        runs || rss
+        let rss = || {
+            self.config
+                .recycle_above_rss
+                .is_some_and(|bound| worker.rss_bytes().is_some_and(|rss| rss > bound))
+        };
+        if runs {
+            Some(Recycle::Runs)
+        } else if rss() {
+            Some(Recycle::Memory)
+        } else {
+            None
+        }
+    }
+
+    fn count_recycle(&self, why: Recycle) {
+        self.recycled[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes an idle worker for a request of `tenant` (the caller holds a permit, so there
+    /// is one): with [`WorkerAffinity::Tenant`] and a tenant, one bound to it, else a fresh
+    /// one, else the one idle longest, which is then another tenant's (`true`); otherwise
+    /// the one given back last.
+    fn take_idle(&self, tenant: Option<&str>) -> (Worker, bool) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let tenant = match (self.config.affinity, tenant) {
+            (WorkerAffinity::Tenant, Some(tenant)) => tenant,
+            _ => {
+                return (
+                    idle.pop().expect("a permit stands for an idle worker"),
+                    false,
+                )
+            }
+        };
+        let at = idle
+            .iter()
+            .rposition(|w| w.tenant.as_deref() == Some(tenant))
+            .or_else(|| idle.iter().rposition(|w| w.tenant.is_none()));
+        match at {
+            Some(at) => (idle.remove(at), false),
+            None => {
+                assert!(!idle.is_empty(), "a permit stands for an idle worker");
+                (idle.remove(0), true)
+            }
+        }
     }
 
     /// Puts a worker back and frees its place.
@@ -971,7 +1064,7 @@ impl WorkerPool {
             models: Vec::new(),
             started: AtomicU64::new(0),
             lost: AtomicU64::new(0),
-            recycled: AtomicU64::new(0),
+            recycled: Default::default(),
         };
         let mut workers = Vec::new();
         for _ in 0..inner.config.workers {
@@ -1013,6 +1106,13 @@ impl WorkerPool {
         idle.iter().map(Worker::pid).collect()
     }
 
+    /// The idle workers' process ids, each with the tenant it is bound to
+    /// ([`WorkerAffinity::Tenant`]; always `None` with [`WorkerAffinity::Shared`]).
+    pub fn idle_tenants(&self) -> Vec<(u32, Option<String>)> {
+        let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter().map(|w| (w.pid(), w.tenant.clone())).collect()
+    }
+
     /// Worker places left: the configured count, less the places whose replacement could not
     /// be started.
     pub fn places(&self) -> u64 {
@@ -1021,16 +1121,52 @@ impl WorkerPool {
 
     /// The pool's counters.
     pub fn stats(&self) -> PoolStats {
+        let recycled = |why: Recycle| self.inner.recycled[why as usize].load(Ordering::Relaxed);
+        let by = [
+            recycled(Recycle::Abnormal),
+            recycled(Recycle::Runs),
+            recycled(Recycle::Memory),
+            recycled(Recycle::Tenant),
+        ];
         PoolStats {
             started: self.inner.started.load(Ordering::Relaxed),
             lost: self.inner.lost.load(Ordering::Relaxed),
-            recycled: self.inner.recycled.load(Ordering::Relaxed),
+            recycled: by.iter().sum(),
+            recycled_abnormal: by[0],
+            recycled_runs: by[1],
+            recycled_memory: by[2],
+            recycled_tenant: by[3],
         }
     }
 
-    /// Runs `input` on model `model` in an idle worker (waiting for one), under `limits`.
+    /// Runs `input` on model `model` in an idle worker (waiting for one), under `limits`,
+    /// for no tenant: with [`WorkerAffinity::Tenant`] it takes any idle worker and binds
+    /// none (for runs whose input is no tenant's, such as a readiness probe).
     pub async fn run(
         &self,
+        model: usize,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Outcome, RunError> {
+        self.run_as(None, model, input, limits).await
+    }
+
+    /// Runs `input` on model `model` for `tenant`: as [`WorkerPool::run`], but with
+    /// [`WorkerAffinity::Tenant`] only in a worker that has run no other tenant's request.
+    pub async fn run_for_tenant(
+        &self,
+        tenant: &str,
+        model: usize,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Outcome, RunError> {
+        self.run_as(Some(tenant.to_string()), model, input, limits)
+            .await
+    }
+
+    async fn run_as(
+        &self,
+        tenant: Option<String>,
         model: usize,
         input: Input,
         limits: &Limits,
@@ -1054,12 +1190,29 @@ impl WorkerPool {
             limits: limits.clone(),
         };
         let joined = tokio::task::spawn_blocking(move || {
-            let mut worker = inner
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop()
-                .expect("a permit stands for an idle worker");
+            let (mut worker, other_tenants) = inner.take_idle(tenant.as_deref());
+            if other_tenants {
+                // Bound to another tenant: it goes, and a fresh one takes this request.
+                inner.count_recycle(Recycle::Tenant);
+                worker.retire();
+                worker = match inner.spawn() {
+                    Ok((fresh, _)) => fresh,
+                    Err(e) => {
+                        let reason = format!("no fresh worker for this tenant could start: {e}");
+                        inner.lost.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%reason, "a worker was lost during a request; replacing it");
+                        inner.replace(permit);
+                        return Err(RunError::new(
+                            Error::WorkerLost { reason },
+                            Usage::default(),
+                        ));
+                    }
+                };
+            }
+            if inner.config.affinity == WorkerAffinity::Tenant && tenant.is_some() {
+                // Bound before the tenant's input reaches it, however the run ends.
+                worker.tenant = tenant;
+            }
             let pid = worker.pid();
             inner
                 .busy
@@ -1078,11 +1231,11 @@ impl WorkerPool {
                     if !ended_cleanly(&result) {
                         // Killed, not asked to leave: a worker that trapped may not be the
                         // program it was.
-                        inner.recycled.fetch_add(1, Ordering::Relaxed);
+                        inner.count_recycle(Recycle::Abnormal);
                         let _ = worker.reap();
                         inner.replace(permit);
-                    } else if inner.should_recycle(&worker) {
-                        inner.recycled.fetch_add(1, Ordering::Relaxed);
+                    } else if let Some(why) = inner.should_recycle(&worker) {
+                        inner.count_recycle(why);
                         worker.retire();
                         inner.replace(permit);
                     } else {
@@ -1130,6 +1283,18 @@ impl WorkerPool {
         limits: &Limits,
     ) -> Result<Outcome, RunError> {
         crate::runtime::block_on(self.run(model, input, limits))
+            .unwrap_or_else(|error| Err(RunError::new(error, Usage::default())))
+    }
+
+    /// Blocking form of [`WorkerPool::run_for_tenant`].
+    pub fn run_for_tenant_blocking(
+        &self,
+        tenant: &str,
+        model: usize,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Outcome, RunError> {
+        crate::runtime::block_on(self.run_for_tenant(tenant, model, input, limits))
             .unwrap_or_else(|error| Err(RunError::new(error, Usage::default())))
     }
 }
