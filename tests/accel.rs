@@ -685,8 +685,9 @@ fn a_fuel_cap_one_unit_short_of_a_calls_charge_stops_it_before_any_host_work() {
         ("download", "4096", 16_384, 16_384, 0, 16_384),
         // Bound by rule: the run's budget is charged the 16 KiB.
         ("resident", "4096,7", 0, 16_384, 16_384, 0),
-        // x [2048,1], w [2048,1], b [2048]: 24 KiB in; a 2048x2048 result (16 MiB).
-        ("linear", "2048,1,2048", 24_576, 16 << 20, 0, 0),
+        // x [2048,1], w [2048,1], b [2048]: 24 KiB in; a 2048x2048 result (16 MiB) and, in
+        // one slice with a bias, the product before the bias is added (16 MiB more).
+        ("linear", "2048,1,2048", 24_576, 32 << 20, 0, 0),
         ("gelu", "4096", 16_384, 16_384, 0, 0),
         // q [64,64] (16 KiB): result 16 KiB + scratch::attention(64, 64, 64) = 3,227,648.
         ("attention", "64,64,64", 16_384, 16_384 + 3_227_648, 0, 0),
@@ -758,6 +759,13 @@ fn an_ops_intermediates_are_charged_while_it_runs() {
         ("layer-norm", "1,4096", 49_152, 65_552),
         // The 4096-float tensor; its staging copy.
         ("download", "4096", 16_384, 16_384),
+        // One slice with a bias: the product before the bias is added is held beside the
+        // result: x, w [64,64] and the result 16,384 bytes each, b 256; 64·64·4 = 16,384.
+        ("linear", "64,64,64", 49_408, 16_384),
+        // MiniLM's largest at 128 tokens, in two slices of 768 output columns: x [128,384]
+        // 196,608, w [1536,384] 2,359,296, b 6,144, the [128,1536] result 786,432; each
+        // slice's product and its sum with the bias: 2·128·768·4 = 786,432.
+        ("linear", "128,384,1536", 3_348_480, 786_432),
         // Computed in slices, each slice's product and its sum with the bias are held until
         // copied into the result: x [1028,256], w [512,256], b [512] and the [1028,512]
         // result (1,052,672 + 524,288 + 2,048 + 2,105,344); 3 slices of at most 343 rows:
@@ -800,7 +808,7 @@ fn an_ops_intermediates_are_charged_while_it_runs() {
 #[test]
 fn long_linear_gelu_and_layer_norm_calls_stop_at_the_deadline_between_slices() {
     use wasm_infer::accel::{gelu_slices, linear_slices, norm_slices};
-    assert_eq!(linear_slices(4096, 1024, 2048), 15);
+    assert_eq!(linear_slices(4096, 1024, 2048), 105);
     assert_eq!(gelu_slices(1 << 22), 4);
     assert_eq!(norm_slices(2048, 2048), 4);
     let (_runtime, model) = cpu();
@@ -821,6 +829,46 @@ fn long_linear_gelu_and_layer_norm_calls_stop_at_the_deadline_between_slices() {
         }
         assert_eq!(failure.usage.accel_interrupted, 1, "{command}");
     }
+}
+
+/// A `linear` of fewer than 514 rows was one slice whatever its size: 513x4096·4088 (2^33
+/// multiply-accumulates, seconds of CPU) ran whole past the deadline. Now its output columns
+/// are sliced (15 slices of 273 columns, the same bits: `host/src/accel/host.rs`
+/// `linear_in_slices_gives_the_same_bits_and_stops_between_slices`), so such calls in a row
+/// under a 1.5 s limit are stopped between two slices, the call counted as interrupted. A
+/// product that cannot be sliced to 2^30 multiply-accumulates a slice (fewer than 514 rows and
+/// columns, k long) is refused before it is charged; one at the bound runs.
+#[test]
+fn a_linear_of_few_rows_is_sliced_by_its_columns_or_refused() {
+    use wasm_infer::accel::{linear_grid, linear_slice_macs, LINEAR_MAX_SLICE_MACS};
+    assert_eq!(linear_grid(513, 4096, 4088), (1, 15));
+    assert_eq!(LINEAR_MAX_SLICE_MACS, 1 << 30);
+    let (_runtime, model) = cpu();
+    let wall = Duration::from_millis(1500);
+    let limits = Limits::default()
+        .memory(1 << 30)
+        .device_memory(1 << 30)
+        .wall_time(wall);
+    let failure = run(&model, "op:linear,20,513,4096,4088", &limits).unwrap_err();
+    match failure.error.limit() {
+        Some(&LimitExceeded::WallTime { limit, .. }) => assert_eq!(limit, wall),
+        other => panic!("expected the wall-time limit, got {other:?}"),
+    }
+    assert_eq!(failure.usage.accel_interrupted, 1);
+    // 513x4081·513: one slice of 1,073,992,689 multiply-accumulates, past 2^30.
+    assert_eq!(linear_slice_macs(513, 4081, 513), 1_073_992_689);
+    let refused = run(&model, "op:linear,1,513,4081,513", &Limits::default()).unwrap();
+    assert_eq!(
+        text(&refused),
+        "error: AccelError::InvalidArgument(\"a 513x4081·513 product cannot be computed in slices of at most \
+         1073741824 multiply-accumulates (its slices would be 1073992689)\")"
+    );
+    // Refused before its charge: the run's device peak is its operands' (x, w, b) alone.
+    assert_eq!(refused.usage.device_peak_bytes, (513 * 4081 * 2 + 513) * 4);
+    // 513x4080·513 (1,073,729,520) is within the bound and runs, in one slice.
+    assert_eq!(linear_slice_macs(513, 4080, 513), 1_073_729_520);
+    let ran = run(&model, "op:linear,1,513,4080,513", &Limits::default()).unwrap();
+    assert_eq!(text(&ran), "linear x1");
 }
 
 /// A long host call checks the run's deadline as it goes: an attention of 2^33

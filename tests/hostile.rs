@@ -569,6 +569,82 @@ fn a_poll_costs_its_floor_and_100_a_pollable() {
     );
 }
 
+/// `poll`'s list is charged for before any entry of it is looked at: a list of 1,000 handles
+/// that name nothing makes a run with the fuel for the charge trap on the first handle (the
+/// list was lifted after the charge), and one with a unit less end out of fuel with no trap
+/// (nothing of the list was lifted, so nothing copied or allocated for it). When wasmtime
+/// lifted the list before the call (a `Vec` argument), the trap came first whatever the cap.
+#[test]
+fn a_polls_list_is_not_lifted_before_it_is_charged() {
+    use wasm_infer::wasi_cost::poll;
+    let command = "op:poll-invalid,1,1000";
+    let lifted = hostile_run(command, &Limits::default()).unwrap_err();
+    match &lifted.error {
+        Error::Trap { message, .. } => {
+            assert!(message.contains("unknown handle index"), "{message}")
+        }
+        other => panic!("expected the lift's trap, got {other}"),
+    }
+    // The charge was taken: 100 + 100 a handle, the only WASI call of the run.
+    assert_eq!(lifted.usage.wasi_fuel, poll(1000));
+    assert_eq!(poll(1000), 100_100);
+    let needed = lifted.usage.fuel_consumed;
+    // With exactly that much fuel the charge is taken and the list then lifted: the trap.
+    let exact = hostile_run(command, &Limits::default().fuel(needed)).unwrap_err();
+    assert!(matches!(exact.error, Error::Trap { .. }), "{}", exact.error);
+    assert_eq!(exact.usage.fuel_consumed, needed);
+    // One unit short, the charge is refused and not one handle is looked at.
+    let short = hostile_run(command, &Limits::default().fuel(needed - 1));
+    let short = short.unwrap_err();
+    assert_eq!(
+        short.error.limit(),
+        Some(&LimitExceeded::Fuel {
+            limit: needed - 1,
+            consumed: needed
+        }),
+        "{}",
+        short.error
+    );
+    assert_eq!(short.usage.wasi_fuel, 0);
+}
+
+/// `resolve-addresses` (name lookup is off) costs its floor and nothing by the name's length,
+/// answers `permanent-resolver-failure` (error-code 20), and does not read the name: one of
+/// 1 MiB costs what one of 1 byte does, and a name that is not UTF-8, which wasmtime-wasi's
+/// implementation copied and then refused to decode (a trap before the call ran, so before
+/// its floor was charged), gets the same answer at the same fuel. A cap one unit short of the
+/// floor ends the run out of fuel.
+#[test]
+fn name_lookup_costs_its_floor_and_never_reads_the_name() {
+    use wasm_infer::wasi_cost::WASI_CALL;
+    let answer = |shape: &str| reply(&format!("op:resolve,1,{shape}"));
+    for shape in ["1,0", "1048576,0", "1,1", "1048576,1"] {
+        assert_eq!(answer(shape), "resolve x1: error-code 20", "{shape}");
+    }
+    let mut guest_side = None;
+    for shape in [",1,0", ",1048576,0", ",1,1", ",1048576,1"] {
+        let (all, wasi) = one_more_call_split("resolve", shape);
+        assert_eq!(wasi, WASI_CALL, "{shape}");
+        // The guest's own loop is a pointer and a length whatever the name.
+        let guest = all - wasi;
+        assert_eq!(*guest_side.get_or_insert(guest), guest, "{shape}");
+    }
+    // The floor is taken before anything else: a cap one unit short stops the run there.
+    let run = |limits: &Limits| hostile_run("op:resolve,1,1048576,1", limits);
+    let needed = run(&Limits::default()).unwrap().usage.fuel_consumed;
+    assert_eq!(
+        run(&Limits::default().fuel(needed))
+            .unwrap()
+            .usage
+            .fuel_consumed,
+        needed
+    );
+    assert!(matches!(
+        limit(run(&Limits::default().fuel(needed - 1))),
+        LimitExceeded::Fuel { .. }
+    ));
+}
+
 /// Fuel of one more call of `op:NAME,..,SHAPE` as (all of it, the WASI calls' share: the
 /// usage's `wasi_fuel`), each the run with two calls less the run with one.
 fn one_more_call_split(op: &str, shape: &str) -> (u64, u64) {
@@ -612,6 +688,9 @@ fn no_wasi_call_is_free() {
         // One `poll`: 100 + 100 a pollable.
         ("poll", ",1", 200),
         ("poll", ",1000", 100_100),
+        // One `resolve-addresses` (refused: name lookup is off): the floor, whatever the name.
+        ("resolve", ",1,0", 100),
+        ("resolve", ",1048576,0", 100),
     ];
     let mut guest_side = std::collections::HashMap::new();
     for &(op, shape, figure) in cases {
@@ -622,6 +701,7 @@ fn no_wasi_call_is_free() {
             "stdout" => 2 * WASI_CALL,
             "write" | "read" => stream(shape[1..].parse::<u64>().unwrap().min(65_536)),
             "random" | "insecure-random" => random(shape[1..].parse().unwrap()),
+            "resolve" => WASI_CALL,
             _ => poll(shape[1..].parse().unwrap()),
         };
         assert_eq!(wasi, model, "{op}{shape}");

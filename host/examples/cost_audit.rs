@@ -228,6 +228,11 @@ fn main() {
         ("wasi poll", "1 pollable", Box::new(op("poll,1"))),
         ("wasi get-stdout + drop", "2 calls", Box::new(op("stdout"))),
         (
+            "wasi resolve-addresses",
+            "1 MiB name (refused)",
+            Box::new(op("resolve,1048576,0")),
+        ),
+        (
             "result copy-out",
             "bytes:N (1 MiB steps)",
             Box::new(|n| format!("bytes:{}", n << 20)),

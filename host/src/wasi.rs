@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use wasmtime::component::{HasData, Linker, Resource, ResourceTable, WasmList};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable, WasmList, WasmStr};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
@@ -171,8 +171,9 @@ impl HasData for Io {
 /// Links every WASI interface wasmtime-wasi offers (its `add_to_linker_async`: the
 /// `wasi:cli/imports` world), each function metered: through [`getters`] a floor per call, and
 /// for the functions whose work grows with an argument a charge taken before the work
-/// ([`add_metered_random`], [`add_metered_streams`], [`add_metered_poll`]). The monotonic
-/// clock is the frozen one ([`add_frozen_clock`]).
+/// ([`add_metered_random`], [`add_metered_streams`], [`add_metered_poll`]), and name lookup,
+/// which is off, refused after its floor without reading the name
+/// ([`add_metered_name_lookup`]). The monotonic clock is the frozen one ([`add_frozen_clock`]).
 pub(crate) fn add_to_linker<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     use wasmtime_wasi::cli::WasiCli;
     use wasmtime_wasi::clocks::WasiClocks;
@@ -211,6 +212,7 @@ pub(crate) fn add_to_linker<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::R
     add_metered_random(l)?;
     add_metered_streams(l)?;
     add_metered_poll(l)?;
+    add_metered_name_lookup(l)?;
     Ok(())
 }
 
@@ -480,6 +482,38 @@ pub(crate) fn add_metered_poll<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime
             },
         )
     });
+    linker.allow_shadowing(false);
+    linked
+}
+
+/// Replaces `wasi:sockets/ip-name-lookup.resolve-addresses`, which wasmtime-wasi implements
+/// by copying the name out of the guest (and checking it is UTF-8) before it refuses it (name
+/// lookup is off in every run), with one that takes the name where it lies (its bounds
+/// checked, nothing copied or decoded), charges the call's floor with the run's deadline
+/// checked first, checks the network handle as wasmtime-wasi does, and answers
+/// `permanent-resolver-failure` as it did. The name is never read, so the floor is all the
+/// call costs, whatever its length.
+pub(crate) fn add_metered_name_lookup<T: WasiMeter>(
+    linker: &mut Linker<T>,
+) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::ResolveAddressStream;
+    use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, Network};
+    type Answer = wasmtime::Result<(Result<Resource<ResolveAddressStream>, ErrorCode>,)>;
+    linker.allow_shadowing(true);
+    let linked = linker
+        .instance("wasi:sockets/ip-name-lookup@0.2.12")
+        .and_then(|mut lookup| {
+            lookup.func_wrap(
+                "resolve-addresses",
+                |mut store: Store<'_, T>,
+                 (network, _name): (Resource<Network>, WasmStr)|
+                 -> Answer {
+                    begin(&mut store, cost::WASI_CALL)?;
+                    store.data_mut().ctx().table.get(&network)?;
+                    Ok((Err(ErrorCode::PermanentResolverFailure),))
+                },
+            )
+        });
     linker.allow_shadowing(false);
     linked
 }

@@ -150,6 +150,25 @@ pub mod scratch {
             .saturating_add(4u64.saturating_mul(rows))
             .saturating_mul(4)
     }
+    /// `linear` of `rows` rows by `n` outputs in the grid `(row slices, column slices)`
+    /// ([`linear_grid`](super::linear_grid)), with a bias or not. In one slice with a bias,
+    /// the product before the bias is added (`rows·n` floats) alongside the result; without
+    /// one, nothing (the product is the result). In slices, each slice's product and, with a
+    /// bias, its sum with the bias, until copied into the result: one or two times
+    /// `ceil(rows / row slices)·ceil(n / column slices)` floats.
+    pub fn linear(rows: u64, n: u64, (by_rows, by_columns): (u64, u64), bias: bool) -> u64 {
+        let copies = u64::from(bias);
+        if by_rows * by_columns == 1 {
+            return copies
+                .saturating_mul(rows)
+                .saturating_mul(n)
+                .saturating_mul(4);
+        }
+        let slice = rows
+            .div_ceil(by_rows)
+            .saturating_mul(n.div_ceil(by_columns));
+        (1 + copies).saturating_mul(slice).saturating_mul(4)
+    }
     /// `tensor.download` of `elements` floats: the staging copy the values are read into
     /// before they cross into the sandbox (host memory on the CPU backend, the host side of
     /// the device-to-host copy on CUDA).
@@ -176,15 +195,22 @@ pub const MAX_ELEMENTS: u64 = 1 << 31;
 /// error. MiniLM's attention (12.6 million) is one slice.
 pub const ATTENTION_SLICE_MACS: u64 = 1 << 26;
 /// Most multiply-accumulates a `linear` does between two checks of the run's deadline (2^26,
-/// as [`ATTENTION_SLICE_MACS`]): a longer one is computed in slices of rows of x, each at
-/// least [`LINEAR_MIN_SLICE_ROWS`] rows, and so is exact ([`linear_slices`]).
+/// as [`ATTENTION_SLICE_MACS`]), where its shape allows: a longer one is computed in a grid of
+/// slices, of rows of x and of output columns (rows of the weight), each at least
+/// [`LINEAR_MIN_SLICE_ROWS`] rows and columns, and so is exact ([`linear_grid`]).
 pub const LINEAR_SLICE_MACS: u64 = 1 << 26;
-/// Fewest rows of x in one slice of a `linear`: with more than 256 rows (and so more than
-/// 64, and more than 256 outputs for any n) every slice takes the same path through the CPU
-/// backend's matrix product (gemm) as the whole, which sums each output over k in an order
-/// that depends on k alone; with fewer, gemm may take a small-matrix path that sums in
-/// another order. So a product with fewer than 514 rows is one slice, whatever its size.
+/// Fewest rows of x, and fewest output columns, in one slice of a `linear`: with more than
+/// 256 of each (and so more than 64, and more than 256 outputs) every slice takes the same
+/// path through the CPU backend's matrix product (gemm) as the whole, which sums each output
+/// over k in an order that depends on k alone; with fewer, gemm may take a small-matrix path
+/// that sums in another order. So rows are sliced only from 514 rows, columns only from 514
+/// columns, and a product under 514 of both is one slice ([`LINEAR_MAX_SLICE_MACS`] bounds it).
 pub const LINEAR_MIN_SLICE_ROWS: u64 = 257;
+/// Most multiply-accumulates one slice of a `linear` may hold the thread for (2^30, a few
+/// hundred ms of one core): the per-call bound past the deadline. A product whose slices
+/// cannot be made this small (fewer than 514 rows and columns, or a k so long that slices of
+/// 257 by 257 exceed it) is refused before it is charged, as one past [`MAX_OP_MACS`] is.
+pub const LINEAR_MAX_SLICE_MACS: u64 = 1 << 30;
 /// Most elements a `gelu` computes between two checks of the run's deadline (2^20, about 10
 /// ms of one core at the ~10 ns an erf costs).
 pub const GELU_SLICE_ELEMENTS: u64 = 1 << 20;
@@ -195,15 +221,32 @@ pub const NORM_SLICE_ELEMENTS: u64 = 1 << 20;
 /// of the run's deadline (2^22 floats, 16 MiB: a few ms).
 pub const COPY_SLICE_ELEMENTS: u64 = 1 << 22;
 
-/// How many slices `linear` of `[rows, k] · [n, k]ᵀ` is computed in: one per
-/// [`LINEAR_SLICE_MACS`] multiply-accumulates (rounded up), but no more than leaves each slice
-/// [`LINEAR_MIN_SLICE_ROWS`] rows. The rows are shared out evenly (slice `i` of `c` is rows
-/// `i·rows/c` to `(i+1)·rows/c`).
-pub fn linear_slices(rows: u64, k: u64, n: u64) -> u64 {
+/// The grid `linear` of `[rows, k] · [n, k]ᵀ` is computed in: `(row slices, column slices)`.
+/// One slice per [`LINEAR_SLICE_MACS`] multiply-accumulates (rounded up) is the aim; rows are
+/// sliced first, no more than leaves each slice [`LINEAR_MIN_SLICE_ROWS`] rows, then output
+/// columns, as many more as the aim asks and no more than leaves each slice that many columns.
+/// Rows and columns are shared out evenly (slice `i` of `c` is `i·len/c` to `(i+1)·len/c`).
+pub fn linear_grid(rows: u64, k: u64, n: u64) -> (u64, u64) {
     let macs = rows.saturating_mul(k).saturating_mul(n);
-    macs.div_ceil(LINEAR_SLICE_MACS)
-        .min(rows / LINEAR_MIN_SLICE_ROWS)
-        .max(1)
+    let aim = macs.div_ceil(LINEAR_SLICE_MACS).max(1);
+    let by_rows = aim.min(rows / LINEAR_MIN_SLICE_ROWS).max(1);
+    let by_columns = aim.div_ceil(by_rows).min(n / LINEAR_MIN_SLICE_ROWS).max(1);
+    (by_rows, by_columns)
+}
+
+/// How many slices `linear` of `[rows, k] · [n, k]ᵀ` is computed in ([`linear_grid`]).
+pub fn linear_slices(rows: u64, k: u64, n: u64) -> u64 {
+    let (by_rows, by_columns) = linear_grid(rows, k, n);
+    by_rows * by_columns
+}
+
+/// Multiply-accumulates in the largest slice of `linear` of `[rows, k] · [n, k]ᵀ`: what one
+/// slice may do past the run's deadline (at most [`LINEAR_MAX_SLICE_MACS`], or refused).
+pub fn linear_slice_macs(rows: u64, k: u64, n: u64) -> u64 {
+    let (by_rows, by_columns) = linear_grid(rows, k, n);
+    rows.div_ceil(by_rows)
+        .saturating_mul(n.div_ceil(by_columns))
+        .saturating_mul(k)
 }
 
 /// How many slices `gelu` of `elements` elements is computed in.
@@ -620,22 +663,24 @@ pub(crate) fn add_to_linker<T: AccelState>(linker: &mut Linker<T>) -> wasmtime::
                     "{macs} multiply-accumulates is more than one call may do ({MAX_OP_MACS})"
                 ))),));
             }
+            let slice = linear_slice_macs(rows, k, n);
+            if slice > LINEAR_MAX_SLICE_MACS {
+                return Ok((Err(invalid(format!(
+                    "a {rows}x{k}·{n} product cannot be computed in slices of at most \
+                     {LINEAR_MAX_SLICE_MACS} multiply-accumulates (its slices would be {slice})"
+                ))),));
+            }
             let elements = rows * n;
             let work = cost::linear(rows, k, n) - cost::CALL;
             let mut out_dims = x.dims().to_vec();
             *out_dims.last_mut().unwrap() = n as usize;
-            let count = linear_slices(rows, k, n);
-            // Sliced, each slice's product and its sum with the bias are held until copied
-            // into the result.
-            let held = match count {
-                1 => 0,
-                _ => 2 * rows.div_ceil(count) * n * 4,
-            };
+            let grid = linear_grid(rows, k, n);
+            let held = scratch::linear(rows, n, grid, b.is_some());
             let past = deadline(&mut store);
             let created = create(&mut store, elements, held, work, |_| {
                 let y = x
                     .reshape((rows as usize, k as usize))
-                    .and_then(|x2| linear_in_slices(&x2, &w, b.as_ref(), count as usize, &past))
+                    .and_then(|x2| linear_in_slices(&x2, &w, b.as_ref(), grid, &past))
                     .and_then(|y| y.map(|y| y.reshape(out_dims)).transpose());
                 made(y)
             })?;
@@ -936,32 +981,44 @@ fn multi_head_attention(
     ))
 }
 
-/// `x · wᵀ (+ b)` for x `[rows, k]`, in `count` slices of rows ([`linear_slices`]), `past`
-/// asked between two of them; `None` when it said to stop. Each slice has at least
-/// [`LINEAR_MIN_SLICE_ROWS`] rows, so it sums each output in the order the whole product
-/// would (the bits do not depend on the slices), and is copied into the result as it is made.
+/// `x · wᵀ (+ b)` for x `[rows, k]`, in a grid of `(row slices, column slices)`
+/// ([`linear_grid`]), `past` asked between two slices; `None` when it said to stop. Each
+/// slice has at least [`LINEAR_MIN_SLICE_ROWS`] rows and columns (or all of them), so it sums
+/// each output in the order the whole product would (the bits do not depend on the slices),
+/// and is copied into its place in the result as it is made.
 fn linear_in_slices(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    count: usize,
+    (by_rows, by_columns): (u64, u64),
     past: &dyn Fn() -> bool,
 ) -> candle_core::Result<Option<Tensor>> {
-    let wt = w.t()?;
-    let product = |x: &Tensor| -> candle_core::Result<Tensor> {
-        let y = x.matmul(&wt)?;
+    let product = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| -> candle_core::Result<Tensor> {
+        let y = x.matmul(&w.t()?)?;
         match b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     };
+    let (by_rows, by_columns) = (by_rows as usize, by_columns as usize);
+    let count = by_rows * by_columns;
     if count <= 1 {
-        return product(x).map(Some);
+        return product(x, w, b).map(Some);
     }
     let (rows, n) = (x.dim(0)?, w.dim(0)?);
     let out = Tensor::zeros((rows, n), x.dtype(), x.device())?;
-    let done = in_slices(rows, count, past, |start, length| {
-        out.slice_set(&product(&x.narrow(0, start, length)?)?, 0, start)
+    let done = in_slices(count, count, past, |i, _| {
+        let (start, length) = slice_of(rows, by_rows, i / by_columns);
+        let (first, width) = slice_of(n, by_columns, i % by_columns);
+        let b = b.map(|b| b.narrow(0, first, width)).transpose()?;
+        let block = product(
+            &x.narrow(0, start, length)?,
+            &w.narrow(0, first, width)?,
+            b.as_ref(),
+        )?;
+        // Rows of a contiguous tensor are contiguous: the block goes into its rows, at its
+        // first column.
+        out.narrow(0, start, length)?.slice_set(&block, 1, first)
     })?;
     Ok(done.map(|()| out))
 }
@@ -1273,16 +1330,40 @@ mod tests {
 
     #[test]
     fn slice_counts_are_their_formulas() {
-        // linear: ceil(macs / 2^26), at most rows / 257, at least 1.
-        // 4096·1024·2048 = 2^33: 128 by the MACs, 15 by the rows (4096 / 257 = 15.9).
-        assert_eq!(linear_slices(4096, 1024, 2048), 15);
-        // 1028·256·512 = 134,742,016 MACs: 3 by the MACs (2.008 rounded up), 4 by the rows.
-        assert_eq!(linear_slices(1028, 256, 512), 3);
-        // MiniLM's largest: 128·384·1536 = 75,497,472 MACs, but 128 rows: one slice.
-        assert_eq!(linear_slices(128, 384, 1536), 1);
-        // 513 rows: one slice whatever the MACs (2^33 here).
-        assert_eq!(linear_slices(513, 4096, 4088), 1);
-        assert_eq!(linear_slices(514, 4096, 4080), 2);
+        // linear: aim for ceil(macs / 2^26) slices: rows first, at most rows / 257 of them,
+        // then columns, ceil(aim / row slices) and at most n / 257 of them.
+        // 4096·1024·2048 = 2^33: an aim of 128; 15 by the rows (4096 / 257 = 15.9), then
+        // ceil(128 / 15) = 9 but at most 7 by the columns (2048 / 257 = 7.97): 105 slices of
+        // at most 274 x 293 outputs, 82,206,720 MACs.
+        assert_eq!(linear_grid(4096, 1024, 2048), (15, 7));
+        assert_eq!(linear_slices(4096, 1024, 2048), 105);
+        assert_eq!(linear_slice_macs(4096, 1024, 2048), 274 * 293 * 1024);
+        // 1028·256·512 = 134,742,016 MACs: an aim of 3 (2.008 rounded up), 4 by the rows.
+        assert_eq!(linear_grid(1028, 256, 512), (3, 1));
+        // MiniLM's largest at 128 tokens: 128·384·1536 = 75,497,472 MACs, an aim of 2; 128
+        // rows cannot be sliced, 1536 columns can (5 at most): two slices of 768 columns.
+        assert_eq!(linear_grid(128, 384, 1536), (1, 2));
+        // MiniLM's at its 512-token maximum: 302 M MACs, an aim of 5; 1 by the rows
+        // (512 / 257), 5 by the columns (1536 / 257 = 5.98).
+        assert_eq!(linear_grid(512, 384, 1536), (1, 5));
+        // Its other two at 128 tokens (56.6 M and 18.9 M MACs): one slice.
+        assert_eq!(linear_slices(128, 1536, 384), 1);
+        assert_eq!(linear_slices(128, 384, 384), 1);
+        // 513 rows, once one slice whatever the MACs (2^33 here): now 15 slices of columns.
+        assert_eq!(linear_grid(513, 4096, 4088), (1, 15));
+        assert_eq!(linear_slice_macs(513, 4096, 4088), 513 * 273 * 4096);
+        assert_eq!(linear_grid(514, 4096, 4080), (2, 15));
+        // Fewer than 514 rows and columns: one slice, refused past 2^30 MACs.
+        assert_eq!(linear_grid(513, 4080, 513), (1, 1));
+        assert!(linear_slice_macs(513, 4080, 513) <= LINEAR_MAX_SLICE_MACS);
+        assert!(linear_slice_macs(513, 4081, 513) > LINEAR_MAX_SLICE_MACS);
+        // Scratch: one slice with a bias holds the product beside the result; in slices, each
+        // slice's product and its sum with the bias (or the product alone without one).
+        assert_eq!(scratch::linear(64, 64, (1, 1), true), 64 * 64 * 4);
+        assert_eq!(scratch::linear(64, 64, (1, 1), false), 0);
+        assert_eq!(scratch::linear(1028, 512, (3, 1), true), 2 * 343 * 512 * 4);
+        assert_eq!(scratch::linear(128, 1536, (1, 2), true), 2 * 128 * 768 * 4);
+        assert_eq!(scratch::linear(128, 1536, (1, 2), false), 128 * 768 * 4);
         // gelu: ceil(elements / 2^20).
         assert_eq!(gelu_slices(128 * 1536), 1);
         assert_eq!(gelu_slices(1 << 20), 1);
@@ -1304,8 +1385,10 @@ mod tests {
     }
 
     /// Each path the CPU backend's matrix product takes for a shape (its general kernel, the
-    /// matrix-vector one for n = 1, the one for k <= 2, tall and wide outputs): the product
-    /// in slices of at least 257 rows has the bits of the whole.
+    /// matrix-vector one for one row or n = 1, the one for k <= 2, tall, wide and square
+    /// outputs, MiniLM's shapes, k over gemm's 512 block and not a multiple of it): the product
+    /// in a grid of slices of at least 257 rows and 257 columns has the bits of the whole, for
+    /// every grid the shape allows.
     #[test]
     fn linear_in_slices_gives_the_same_bits_and_stops_between_slices() {
         for (rows, k, n) in [
@@ -1314,28 +1397,54 @@ mod tests {
             (520, 700, 1),
             (600, 2, 9),
             (777, 513, 3),
+            // Rows too few to slice: the columns are.
+            (1, 700, 1030),
+            (1, 1, 600),
+            (2, 2, 771),
+            (3, 1025, 520),
+            (64, 64, 1028),
+            (65, 100, 600),
+            (128, 384, 1536),
+            (257, 333, 514),
+            (513, 1100, 530),
+            // Both.
+            (530, 77, 800),
+            (1028, 513, 771),
         ] {
             let (x, w, b) = (filled(rows, k, 1), filled(n, k, 2), filled(1, n, 3));
             let b = b.reshape(n).unwrap();
             for bias in [None, Some(&b)] {
-                let whole = linear_in_slices(&x, &w, bias, 1, &|| false)
+                let whole = linear_in_slices(&x, &w, bias, (1, 1), &|| false)
                     .unwrap()
                     .unwrap();
-                for count in 2..=rows / LINEAR_MIN_SLICE_ROWS as usize {
-                    let (asked, never) = asking(false);
-                    let sliced = linear_in_slices(&x, &w, bias, count, &never)
-                        .unwrap()
-                        .unwrap();
-                    assert_eq!(
-                        bits_of(&sliced),
-                        bits_of(&whole),
-                        "{rows}x{k}x{n} in {count}"
-                    );
-                    assert_eq!(asked.get() as usize, count - 1);
+                let min = LINEAR_MIN_SLICE_ROWS as usize;
+                for by_rows in 1..=(rows / min).max(1) {
+                    for by_columns in 1..=(n / min).max(1) {
+                        let count = by_rows * by_columns;
+                        if count == 1 {
+                            continue;
+                        }
+                        let (asked, never) = asking(false);
+                        let grid = (by_rows as u64, by_columns as u64);
+                        let sliced = linear_in_slices(&x, &w, bias, grid, &never)
+                            .unwrap()
+                            .unwrap();
+                        assert_eq!(
+                            bits_of(&sliced),
+                            bits_of(&whole),
+                            "{rows}x{k}x{n} in {grid:?}"
+                        );
+                        assert_eq!(asked.get() as usize, count - 1);
+                    }
                 }
             }
+            let grid = match (rows >= 514, n >= 514) {
+                (true, _) => (2, 1),
+                (false, true) => (1, 2),
+                (false, false) => continue,
+            };
             let (asked, stopped) = asking(true);
-            assert!(linear_in_slices(&x, &w, None, 2, &stopped)
+            assert!(linear_in_slices(&x, &w, None, grid, &stopped)
                 .unwrap()
                 .is_none());
             assert_eq!(asked.get(), 1);

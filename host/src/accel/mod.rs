@@ -40,9 +40,10 @@ use crate::bindings::wasm_infer::model::accel::{AccelError, BudgetRefusal, Devic
 pub(crate) use account::RunDevice;
 pub(crate) use host::{add_to_linker, charge, AccelState};
 pub use host::{
-    copy_slices, cost, gelu_slices, linear_slices, norm_slices, DeviceTensor, ATTENTION_SLICE_MACS,
-    COPY_SLICE_ELEMENTS, GELU_SLICE_ELEMENTS, LINEAR_MIN_SLICE_ROWS, LINEAR_SLICE_MACS,
-    MAX_ELEMENTS, MAX_OP_MACS, MAX_RANK, NORM_SLICE_ELEMENTS,
+    copy_slices, cost, gelu_slices, linear_grid, linear_slice_macs, linear_slices, norm_slices,
+    scratch, DeviceTensor, ATTENTION_SLICE_MACS, COPY_SLICE_ELEMENTS, GELU_SLICE_ELEMENTS,
+    LINEAR_MAX_SLICE_MACS, LINEAR_MIN_SLICE_ROWS, LINEAR_SLICE_MACS, MAX_ELEMENTS, MAX_OP_MACS,
+    MAX_RANK, NORM_SLICE_ELEMENTS,
 };
 pub(crate) use resident::ModelWeights;
 use resident::Resident;

@@ -268,7 +268,10 @@ fn poll_timer(arg: &str) -> String {
 /// its runs, so P keeps them new; the content is hashed each time, copied once),
 /// `random,R,BYTES`, `insecure-random,R,BYTES`, `write,R,BYTES` (one stdout `write`),
 /// `read,R,BYTES` (one stdin `read`, which is closed), `stdout,R` (`get-stdout` and the
-/// handle's drop), `poll,R,N` (one `poll` of N pollables, see [`raw_poll`]).
+/// handle's drop), `poll,R,N` (one `poll` of N pollables, see [`raw_poll`]),
+/// `poll-invalid,R,N` (one `poll` of N handles that name nothing: a trap),
+/// `resolve,R,BYTES,NOT_UTF8` (one `resolve-addresses` of a BYTES-byte name, 0xff bytes if
+/// NOT_UTF8 is 1; answers the error code, see [`raw_resolve`]).
 fn op(arg: &str) -> Result<String, AccelError> {
     let mut parts = arg.split(',');
     let name = parts.next().expect("NAME");
@@ -368,9 +371,51 @@ fn op(arg: &str) -> Result<String, AccelError> {
                 assert_eq!(raw_poll(&handles), [0]);
             }
         }
+        "poll-invalid" => {
+            // N handles that name nothing: the host must charge the list before it looks at
+            // (copies, lifts) any entry, and then traps on the first.
+            let handles = vec![u32::MAX - 1; d[0] as usize];
+            for _ in 0..reps {
+                raw_poll(&handles);
+            }
+        }
+        "resolve" => {
+            // A name of N bytes, all 'a' (D2 = 0) or all 0xff (D2 = 1, not UTF-8): the host
+            // charges the call's floor and refuses it without reading the name.
+            let network = wasip2::sockets::instance_network::instance_network();
+            let byte = if d.get(1) == Some(&1) { 0xff } else { b'a' };
+            let host = vec![byte; d[0] as usize];
+            let mut answer = String::new();
+            for _ in 0..reps {
+                answer = match raw_resolve(network.handle(), &host) {
+                    Ok(_) => "resolved".to_string(),
+                    Err(code) => format!("error-code {code}"),
+                };
+            }
+            return Ok(format!("{name} x{reps}: {answer}"));
+        }
         other => panic!("unknown op {other:?}"),
     }
     Ok(format!("{name} x{reps}"))
+}
+
+/// `wasi:sockets/ip-name-lookup.resolve-addresses` called with any bytes as the name (the
+/// binding takes a `&str`): `Ok(stream handle)` or `Err(error-code's discriminant)`.
+fn raw_resolve(network: u32, name: &[u8]) -> Result<u32, u8> {
+    #[link(wasm_import_module = "wasi:sockets/ip-name-lookup@0.2.12")]
+    unsafe extern "C" {
+        #[link_name = "resolve-addresses"]
+        fn resolve(network: u32, name: *const u8, len: usize, ret: *mut u8);
+    }
+    let mut ret = [0u32; 2];
+    // SAFETY: the canonical ABI of `resolve-addresses(borrow<network>, string) ->
+    // result<resolve-address-stream, error-code>`: a live borrow, a pointer and a length into
+    // this memory, and an 8-byte return area (the case at 0, the payload at 4).
+    unsafe { resolve(network, name.as_ptr(), name.len(), ret.as_mut_ptr().cast()) };
+    match ret[0] & 0xff {
+        0 => Ok(ret[1]),
+        _ => Err(ret[1] as u8),
+    }
 }
 
 /// `wasi:io/poll.poll` called on a list of handles made once, so that a call's guest-side
