@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use support::{cosine, hostile_wasm, minilm_wasm};
 use wasm_infer::{
-    AccelMode, Error, Input, LimitExceeded, Limits, Model, Outcome, Output, RunError, Runtime,
+    AccelMode, Input, LimitExceeded, Limits, Model, Outcome, Output, RunError, Runtime,
     RuntimeConfig,
 };
 
