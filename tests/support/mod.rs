@@ -554,6 +554,7 @@ pub fn every_run_ending_frees_the_device(
 }
 
 /// An HTTP answer from a test's `wasm-infer serve` (any status), its header names lowercased.
+#[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub headers: std::collections::HashMap<String, String>,
