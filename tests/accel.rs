@@ -155,43 +155,7 @@ fn a_guest_that_does_not_fall_back_fails_with_the_device_budget_error() {
 #[test]
 fn device_memory_returns_to_zero_after_every_kind_of_run_ending() {
     let (runtime, model) = cpu();
-    let quick = Limits::default().wall_time(Duration::from_millis(100));
-    let endings: [(&str, Limits, &str); 5] = [
-        ("accel-hold:echo:done", Limits::default(), "success"),
-        (
-            "accel-hold:spin",
-            Limits::default().fuel(20_000_000),
-            "fuel",
-        ),
-        ("accel-hold:spin", quick.clone(), "timeout in wasm"),
-        ("accel-hold:sleep", quick, "timeout in a host call"),
-        ("accel-hold:panic", Limits::default(), "trap"),
-    ];
-    for (command, limits, ending) in endings {
-        let result = run(&model, command, &limits);
-        let usage = match &result {
-            Ok(outcome) => &outcome.usage,
-            Err(failure) => &failure.usage,
-        };
-        assert_eq!(usage.device_peak_bytes, 4 << 20, "{ending}");
-        match (ending, &result) {
-            ("success", Ok(_)) => {}
-            ("fuel", Err(e)) => {
-                assert!(matches!(e.error.limit(), Some(LimitExceeded::Fuel { .. })))
-            }
-            ("trap", Err(e)) => assert!(matches!(e.error, Error::Trap { .. })),
-            (_, Err(e)) => assert!(matches!(
-                e.error.limit(),
-                Some(LimitExceeded::WallTime { .. })
-            )),
-            (_, Ok(_)) => panic!("{ending}: the run should have failed"),
-        }
-        assert_eq!(
-            runtime.device_usage().used,
-            0,
-            "{ending}: device memory leaked"
-        );
-    }
+    support::every_run_ending_frees_the_device(&model, || runtime.device_usage().used).unwrap();
 }
 
 #[test]

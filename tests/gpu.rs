@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use support::{cosine, hostile_wasm, minilm_wasm};
 use wasm_infer::{
-    AccelMode, Error, Input, LimitExceeded, Limits, Model, Outcome, Output, RunError, Runtime,
+    AccelMode, Input, LimitExceeded, Limits, Model, Outcome, Output, RunError, Runtime,
     RuntimeConfig,
 };
 
@@ -389,41 +389,9 @@ fn gpu_check() {
     check(&mut rows, "every run ending frees", || {
         let rt = runtime(mode, wasm_infer::DEFAULT_HOST_DEVICE_MEMORY);
         let model = Model::load(&rt, hostile_wasm()).map_err(|e| e.to_string())?;
-        let quick = Limits::default().wall_time(Duration::from_millis(100));
-        let endings: [(&str, Limits, &str); 5] = [
-            ("accel-hold:echo:done", Limits::default(), "success"),
-            (
-                "accel-hold:spin",
-                Limits::default().fuel(20_000_000),
-                "fuel",
-            ),
-            ("accel-hold:spin", quick.clone(), "timeout in wasm"),
-            ("accel-hold:sleep", quick, "timeout in a host call"),
-            ("accel-hold:panic", Limits::default(), "trap"),
-        ];
         #[cfg(feature = "cuda")]
         let before = gpu.as_ref().map(|gpu| gpu.free());
-        for (command, limits, ending) in endings {
-            let result = run(&model, command, &limits);
-            let usage = match &result {
-                Ok(outcome) => &outcome.usage,
-                Err(failure) => &failure.usage,
-            };
-            ensure(usage.device_peak_bytes == 4 * MIB, || {
-                format!("{ending}: peak {}", usage.device_peak_bytes)
-            })?;
-            let ended_right = match (ending, &result) {
-                ("success", Ok(_)) => true,
-                ("fuel", Err(e)) => matches!(e.error.limit(), Some(LimitExceeded::Fuel { .. })),
-                ("trap", Err(e)) => matches!(e.error, Error::Trap { .. }),
-                (_, Err(e)) => matches!(e.error.limit(), Some(LimitExceeded::WallTime { .. })),
-                (_, Ok(_)) => false,
-            };
-            ensure(ended_right, || format!("{ending}: ended as {result:?}"))?;
-            ensure(rt.device_usage().used == 0, || {
-                format!("{ending}: {:?} still accounted", rt.device_usage())
-            })?;
-        }
+        support::every_run_ending_frees_the_device(&model, || rt.device_usage().used)?;
         #[cfg(feature = "cuda")]
         if let (Some(gpu), Some(before)) = (&gpu, before) {
             let left = before as i64 - gpu.free() as i64;

@@ -204,10 +204,13 @@ fn root_imports(root: &str, files: &BTreeSet<String>) -> BTreeMap<String, String
     names
 }
 
-/// For each directory module under `src`, the graph of its files (the root excluded): an edge
-/// from a file to each sibling it names through `super::` or `crate::<dir>::`, directly
-/// (`super::host::failure`) or through a name the root takes from that sibling
-/// (`super::ModelWeights`, `super::{Accel, ModelWeights}`).
+/// For each directory module under `src` (nested ones too, keyed by their path:
+/// `serve/ratelimit`), the graph of its files (the root excluded): an edge from a file to each
+/// sibling it names through `super::` or `crate::<dir>::`, directly (`super::host::failure`) or
+/// through a name the root takes from that sibling (`super::ModelWeights`,
+/// `super::{Accel, ModelWeights}`). A nested directory module is one node of its parent's
+/// graph, with the edges of all its files (`super::super::x` from its files, `super::x` from
+/// its root).
 fn file_graphs(src: &Path) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     let mut graphs = BTreeMap::new();
     for entry in std::fs::read_dir(src).unwrap() {
@@ -216,22 +219,61 @@ fn file_graphs(src: &Path) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>
         if !dir.is_dir() || name == "bin" || !dir.join("mod.rs").is_file() {
             continue;
         }
-        let files: BTreeSet<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter_map(|e| {
-                let file = e.unwrap().path();
-                let stem = file.file_stem()?.to_string_lossy().to_string();
-                (file.extension()? == "rs" && stem != "mod").then_some(stem)
-            })
-            .collect();
-        let via_root = root_imports(&code_of(&dir.join("mod.rs")), &files);
-        let mut graph = BTreeMap::new();
-        for file in &files {
+        dir_graphs(&dir, &name, &mut graphs);
+    }
+    graphs
+}
+
+/// The graph of the directory module `dir` (`path` from the crate root, `/`-separated), and
+/// those of the directory modules inside it.
+fn dir_graphs(
+    dir: &Path,
+    path: &str,
+    graphs: &mut BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
+) {
+    let mut files = BTreeSet::new();
+    let mut subdirs = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let file = entry.unwrap().path();
+        let stem = file.file_stem().unwrap().to_string_lossy().to_string();
+        if file.is_dir() && file.join("mod.rs").is_file() {
+            dir_graphs(&file, &format!("{path}/{stem}"), graphs);
+            subdirs.insert(stem.clone());
+            files.insert(stem);
+        } else if file.extension().is_some_and(|e| e == "rs") && stem != "mod" {
+            files.insert(stem);
+        }
+    }
+    let via_root = root_imports(&code_of(&dir.join("mod.rs")), &files);
+    let prefix = format!("crate::{}::", path.replace('/', "::"));
+    let mut graph = BTreeMap::new();
+    for file in &files {
+        // (code, the markers that name this directory's root in it)
+        let sources: Vec<(String, Vec<String>)> = if subdirs.contains(file) {
+            let sub = dir.join(file);
+            std::fs::read_dir(&sub)
+                .unwrap()
+                .filter_map(|e| {
+                    let f = e.unwrap().path();
+                    (f.extension()? == "rs").then_some(f)
+                })
+                .map(|f| {
+                    let up = if f.file_stem().unwrap() == "mod" {
+                        "super::"
+                    } else {
+                        "super::super::"
+                    };
+                    (code_of(&f), vec![up.to_string(), prefix.clone()])
+                })
+                .collect()
+        } else {
             let code = code_of(&dir.join(format!("{file}.rs")));
-            let mut deps = BTreeSet::new();
-            let prefix = format!("crate::{name}::");
-            for marker in ["super::", prefix.as_str()] {
-                for (i, _) in code.match_indices(marker) {
+            vec![(code, vec!["super::".to_string(), prefix.clone()])]
+        };
+        let mut deps = BTreeSet::new();
+        for (code, markers) in &sources {
+            for marker in markers {
+                for (i, _) in code.match_indices(marker.as_str()) {
                     let rest = &code[i + marker.len()..];
                     let names: Vec<String> = match rest.strip_prefix('{') {
                         Some(group) => group[..group.find('}').unwrap_or(group.len())]
@@ -252,20 +294,33 @@ fn file_graphs(src: &Path) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>
                     }
                 }
             }
-            graph.insert(file.clone(), deps);
         }
-        graphs.insert(name, graph);
+        graph.insert(file.clone(), deps);
     }
-    graphs
+    graphs.insert(path.to_string(), graph);
 }
 
 #[test]
 fn the_files_of_each_directory_module_import_each_other_without_a_circle() {
     let graphs = file_graphs(&support::workspace_root().join("host/src"));
     assert!(
-        graphs.contains_key("accel") && graphs.contains_key("serve"),
+        graphs.contains_key("accel")
+            && graphs.contains_key("serve")
+            && graphs.contains_key("serve/ratelimit"),
         "{graphs:?}"
     );
+    // The pipeline and the HTTP translation are apart: routes uses execute, never the other
+    // way; the rate-limit stores share the algorithm and not each other.
+    assert!(graphs["serve"]["routes"].contains("execute"));
+    assert!(!graphs["serve"]["execute"].contains("routes"));
+    assert!(graphs["serve"]["execute"].contains("ratelimit"));
+    let ratelimit = &graphs["serve/ratelimit"];
+    assert_eq!(
+        ratelimit["memory_store"],
+        BTreeSet::from(["gcra".to_string()])
+    );
+    assert_eq!(ratelimit["redis_store"], BTreeSet::new());
+    assert_eq!(ratelimit["gcra"], BTreeSet::new());
     for (dir, graph) in &graphs {
         assert_eq!(find_cycle(graph), None, "host/src/{dir}: {graph:#?}");
     }
@@ -298,6 +353,29 @@ fn the_file_graph_sees_a_planted_circle_through_the_root() {
     assert_eq!(
         find_cycle(graph),
         Some(vec!["a".to_string(), "b".to_string(), "a".to_string()])
+    );
+}
+
+#[test]
+fn the_file_graph_sees_a_planted_circle_through_a_nested_directory_module() {
+    let src = std::env::temp_dir().join(format!("wasm-infer-layout-n-{}", std::process::id()));
+    let dir = src.join("outer");
+    std::fs::create_dir_all(dir.join("inner")).unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    write("mod.rs", "mod inner;\nmod a;\n");
+    // a -> inner by path; inner (one of its files) -> a through `super::super::`.
+    write("a.rs", "use super::inner::Thing;\n");
+    write("inner/mod.rs", "mod x;\npub use x::Thing;\n");
+    write(
+        "inner/x.rs",
+        "pub struct Thing;\nfn f() { super::super::a::g() }\n",
+    );
+    let graphs = file_graphs(&src);
+    std::fs::remove_dir_all(&src).unwrap();
+    assert_eq!(graphs["outer/inner"]["x"], BTreeSet::new());
+    assert_eq!(
+        find_cycle(&graphs["outer"]),
+        Some(vec!["a".to_string(), "inner".to_string(), "a".to_string()])
     );
 }
 

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::{cache_dir, cosine, hostile, hostile_wasm, minilm_wasm, reference, text};
+use support::{cache_dir, cosine, hostile, hostile_wasm, minilm_wasm, reference, text, Reply};
 use wasm_infer::Limits;
 
 /// How long a server may take to load its models and listen (a first, uncached compile of
@@ -130,60 +129,6 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// One HTTP answer.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: HashMap<String, String>,
-    text: String,
-}
-
-impl Reply {
-    fn from(result: Result<ureq::Response, ureq::Error>) -> Self {
-        let response = match result {
-            Ok(response) => response,
-            Err(ureq::Error::Status(_, response)) => response,
-            Err(e) => panic!("HTTP transport error: {e}"),
-        };
-        let status = response.status();
-        let headers = response
-            .headers_names()
-            .into_iter()
-            .filter_map(|name| {
-                let value = response.header(&name)?.to_string();
-                Some((name.to_ascii_lowercase(), value))
-            })
-            .collect();
-        let text = response.into_string().unwrap_or_default();
-        Self {
-            status,
-            headers,
-            text,
-        }
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-
-    /// Asserts an OpenAI-shaped error with `status` and `code`; returns the `error` object.
-    fn assert_error(&self, status: u16, code: &str) -> Value {
-        assert_eq!(self.status, status, "{}", self.text);
-        let body = self.json();
-        let error = body["error"].clone();
-        for field in ["message", "type", "param", "code"] {
-            assert!(error.get(field).is_some(), "no {field} in {body}");
-        }
-        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
-        assert_eq!(error["code"], code, "{body}");
-        error
-    }
 }
 
 fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -5,15 +5,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{assert_golden, cache_dir, case, cosine, hostile_wasm, minilm_wasm, reference};
+use support::{
+    assert_golden, cache_dir, case, cosine, hostile_wasm, minilm_wasm, reference, Reply,
+};
 use wasm_infer::{Input, Limits, Model, Output, Runtime, RuntimeConfig};
 
 const START_TIMEOUT: Duration = Duration::from_secs(300);
@@ -41,43 +42,10 @@ impl Server {
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("serve.toml");
         std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .args(args)
-            .env("WASM_INFER_CACHE_DIR", cache_dir())
-            .env("WASM_INFER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting wasm-infer serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        let _ = tx.send(addr.to_string());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let base = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(base) => base,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the server did not start:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
+        // Flags ride where the models would: spawn_serve passes its paths as arguments.
+        let args: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
+        let support::ServeProcess { child, base, log } =
+            support::spawn_serve(&config_path, &args, START_TIMEOUT);
         Self {
             child,
             base,
@@ -155,48 +123,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    text: String,
-}
-
-impl Reply {
-    fn from(result: Result<ureq::Response, ureq::Error>) -> Self {
-        let response = match result {
-            Ok(response) => response,
-            Err(ureq::Error::Status(_, response)) => response,
-            Err(e) => panic!("HTTP transport error: {e}"),
-        };
-        let status = response.status();
-        let headers = response
-            .headers_names()
-            .into_iter()
-            .filter_map(|name| {
-                let value = response.header(&name)?.to_string();
-                Some((name.to_ascii_lowercase(), value))
-            })
-            .collect();
-        let text = response.into_string().unwrap_or_default();
-        Self {
-            status,
-            headers,
-            text,
-        }
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
     }
 }
 

@@ -482,15 +482,17 @@ impl Model {
         let input = input.into_wit();
         let limited = call_limited(&self.inner.runtime, limits, move |store| {
             Box::pin(async move {
-                store.data_mut().device.weights = weights;
+                store.data_mut().device.share_weights(weights);
                 let instance = pre.instantiate_async(&mut *store).await?;
                 store.data_mut().mark_instantiated();
                 instance.call_infer(&mut *store, &input).await
             })
         })
         .await;
-        let mut usage = limited.usage;
-        usage.input_bytes = input_bytes;
+        let mut usage = Usage {
+            input_bytes,
+            ..limited.usage
+        };
         let output = match limited.result {
             Ok(Ok(output)) => Output::from_wit(output),
             Ok(Err(refusal)) => {
@@ -779,7 +781,7 @@ async fn fetch_info(
         Box::pin(async move {
             let instance = pre.instantiate_async(&mut *store).await?;
             store.data_mut().mark_instantiated();
-            store.data_mut().copy_budgets.result = MAX_INFO_BYTES as usize;
+            store.data_mut().limit_result_copy(MAX_INFO_BYTES as usize);
             instance.call_info(&mut *store).await
         })
     })

@@ -40,7 +40,7 @@ where
     let queued = Instant::now();
     let slot = runtime.slot().await;
     let queue_time = queued.elapsed();
-    let accel = runtime.inner.accel.clone();
+    let accel = runtime.accel().clone();
     let meter_fuel = runtime.config().meter_fuel;
     let mut store = match store::new_store(runtime.engine(), accel, meter_fuel, limits) {
         Ok(store) => store,
@@ -104,8 +104,6 @@ fn usage_of(
         wall_time,
         queue_time,
         instantiate_time,
-        input_bytes: 0,
-        output_bytes: 0,
         guest_stdout_bytes: state.stdout.written(),
         guest_stderr_bytes: state.stderr.written(),
         device_peak_bytes: state.device.peak,
@@ -115,6 +113,9 @@ fn usage_of(
         accel_refusals: state.device.refusals,
         accel_interrupted: state.device.interrupted,
         wasi_fuel: state.wasi_fuel,
+        // The input's and the output's sizes are the caller's: only it knows what they are
+        // (a run's, in `Model::run_async`; a model's info and a pre-initialisation have none).
+        ..Usage::default()
     }
 }
 
@@ -156,7 +157,7 @@ pub(crate) fn classify(e: wasmtime::Error, state: &RunState, limits: &Limits) ->
     {
         return LimitExceeded::Output {
             limit: limits.max_output,
-            size: state.copy_budgets.current() as u64 + 1,
+            size: state.copy_budget() as u64 + 1,
             at_least: true,
         }
         .into();

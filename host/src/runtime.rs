@@ -151,7 +151,7 @@ pub(crate) struct RuntimeInner {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<RunState>,
     pub(crate) config: RuntimeConfig,
-    pub(crate) accel: Arc<Accel>,
+    accel: Arc<Accel>,
     /// One permit per pooled slot (`None` without a pool).
     slots: Option<Arc<tokio::sync::Semaphore>>,
     admission: Option<Admission>,
@@ -209,6 +209,11 @@ impl Runtime {
                 cache_key,
             }),
         })
+    }
+
+    /// The device every run of this runtime is offered, and its host-wide pool.
+    pub(crate) fn accel(&self) -> &Arc<Accel> {
+        &self.inner.accel
     }
 
     /// The host-wide device-memory figures (all runs of this runtime).

@@ -198,7 +198,7 @@ pub(crate) async fn make_locked(
     let memory_bytes = limited.usage.peak_memory_bytes;
     // wizer reads each memory whole as one `list<u8>`; the default cap on data copied per
     // host call (128 MiB, a guard against guests) is for runs, not for reading our own snapshot.
-    store.data_mut().copy_budgets.result = usize::MAX;
+    store.data_mut().limit_result_copy(usize::MAX);
     let rewritten = wizer
         .snapshot_component(
             &context,

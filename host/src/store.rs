@@ -84,7 +84,7 @@ pub(crate) struct RunState {
     /// When instantiation finished and the memory it took (set by the call's body).
     pub(crate) instantiated: Option<(Instant, u64)>,
     /// How much the host may copy out of the guest (see [`CopyBudgets`]).
-    pub(crate) copy_budgets: CopyBudgets,
+    copy_budgets: CopyBudgets,
     /// Fuel owed by the WASI calls now in progress (see [`wasi::WasiMeter`]).
     wasi_owed: u64,
     /// Fuel WASI calls have been charged (reported as [`Usage::wasi_fuel`](crate::Usage)).
@@ -154,6 +154,17 @@ impl RunState {
     /// memory).
     pub(crate) fn mark_instantiated(&mut self) {
         self.instantiated = Some((Instant::now(), self.limiter.peak));
+    }
+
+    /// Sets the copy budget of the value the guest returns to `bytes` (a model's info is
+    /// allowed less than an output; a snapshot's own read of the memories is not limited).
+    pub(crate) fn limit_result_copy(&mut self, bytes: usize) {
+        self.copy_budgets.result = bytes;
+    }
+
+    /// The copy budget that applies now (the one a refused copy ran past).
+    pub(crate) fn copy_budget(&self) -> usize {
+        self.copy_budgets.current()
     }
 }
 

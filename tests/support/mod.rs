@@ -503,3 +503,106 @@ pub fn assert_cache_refusal(error: &Error, dir: &std::path::Path, entry: &std::p
         other => panic!("expected the cache refusal, got {other}"),
     }
 }
+
+/// Every way a run holding 4 MiB on the device can end (hostile's `accel-hold:`), for the
+/// "every run ending frees the device" checks of tests/accel.rs and tests/gpu.rs: each run's
+/// peak is the 4 MiB it held, it ends as its name says (success, fuel, a wall-time trip in
+/// wasm or in a host call, a trap), and `used()` (the runtime's device memory in use) is 0
+/// after it. The first ending that is not so is the error.
+pub fn every_run_ending_frees_the_device(
+    model: &Model,
+    used: impl Fn() -> u64,
+) -> Result<(), String> {
+    use std::time::Duration;
+    use wasm_infer::Limits;
+    let quick = Limits::default().wall_time(Duration::from_millis(100));
+    let endings: [(&str, Limits, &str); 5] = [
+        ("accel-hold:echo:done", Limits::default(), "success"),
+        (
+            "accel-hold:spin",
+            Limits::default().fuel(20_000_000),
+            "fuel",
+        ),
+        ("accel-hold:spin", quick.clone(), "timeout in wasm"),
+        ("accel-hold:sleep", quick, "timeout in a host call"),
+        ("accel-hold:panic", Limits::default(), "trap"),
+    ];
+    for (command, limits, ending) in endings {
+        let result = model.run(Input::Text(command.into()), &limits);
+        let usage = match &result {
+            Ok(outcome) => &outcome.usage,
+            Err(failure) => &failure.usage,
+        };
+        if usage.device_peak_bytes != 4 << 20 {
+            return Err(format!("{ending}: peak {}", usage.device_peak_bytes));
+        }
+        let ended_right = match (ending, &result) {
+            ("success", Ok(_)) => true,
+            ("fuel", Err(e)) => matches!(e.error.limit(), Some(LimitExceeded::Fuel { .. })),
+            ("trap", Err(e)) => matches!(e.error, Error::Trap { .. }),
+            (_, Err(e)) => matches!(e.error.limit(), Some(LimitExceeded::WallTime { .. })),
+            (_, Ok(_)) => false,
+        };
+        if !ended_right {
+            return Err(format!("{ending}: ended as {result:?}"));
+        }
+        if used() != 0 {
+            return Err(format!("{ending}: {} bytes still accounted", used()));
+        }
+    }
+    Ok(())
+}
+
+/// An HTTP answer from a test's `wasm-infer serve` (any status), its header names lowercased.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: std::collections::HashMap<String, String>,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn from(result: Result<ureq::Response, ureq::Error>) -> Self {
+        let response = match result {
+            Ok(response) => response,
+            Err(ureq::Error::Status(_, response)) => response,
+            Err(e) => panic!("HTTP transport error: {e}"),
+        };
+        let status = response.status();
+        let headers = response
+            .headers_names()
+            .into_iter()
+            .filter_map(|name| {
+                let value = response.header(&name)?.to_string();
+                Some((name.to_ascii_lowercase(), value))
+            })
+            .collect();
+        let text = response.into_string().unwrap_or_default();
+        Self {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// Asserts an OpenAI-shaped error with `status` and `code`; returns the `error` object.
+    pub fn assert_error(&self, status: u16, code: &str) -> serde_json::Value {
+        assert_eq!(self.status, status, "{}", self.text);
+        let body = self.json();
+        let error = body["error"].clone();
+        for field in ["message", "type", "param", "code"] {
+            assert!(error.get(field).is_some(), "no {field} in {body}");
+        }
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(error["code"], code, "{body}");
+        error
+    }
+}

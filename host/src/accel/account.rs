@@ -23,7 +23,7 @@ pub(crate) struct RunDevice {
     /// Bytes this run holds in the host-wide pool (returned when the run ends).
     pooled: u64,
     /// The loaded model's resident weights (a run of no model gets a table of its own).
-    pub(crate) weights: Arc<ModelWeights>,
+    pub(super) weights: Arc<ModelWeights>,
     pub(crate) peak: u64,
     pub(crate) uploaded: u64,
     pub(crate) downloaded: u64,
@@ -36,6 +36,12 @@ pub(crate) struct RunDevice {
 }
 
 impl RunDevice {
+    /// Gives this run the loaded model's resident weights (before it is instantiated), so
+    /// that its uploads of them share the model's one copy on the device.
+    pub(crate) fn share_weights(&mut self, weights: Arc<ModelWeights>) {
+        self.weights = weights;
+    }
+
     pub(crate) fn new(
         accel: Arc<Accel>,
         budget: u64,

@@ -95,26 +95,22 @@ impl DevicePool {
 
     /// Takes `bytes` from the pool, or says why not (nothing taken).
     pub(super) fn reserve(&self, bytes: u64) -> Result<(), BudgetRefusal> {
-        let mut used = self.used.load(Ordering::SeqCst);
-        loop {
-            let total = used.saturating_add(bytes);
-            if total > self.limit {
-                return Err(BudgetRefusal {
-                    requested: bytes,
-                    used,
-                    budget: self.limit,
-                });
+        let taken = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                Some(used.saturating_add(bytes)).filter(|total| *total <= self.limit)
+            });
+        match taken {
+            Ok(used) => {
+                self.peak
+                    .fetch_max(used.saturating_add(bytes), Ordering::SeqCst);
+                Ok(())
             }
-            match self
-                .used
-                .compare_exchange_weak(used, total, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => {
-                    self.peak.fetch_max(total, Ordering::SeqCst);
-                    return Ok(());
-                }
-                Err(actual) => used = actual,
-            }
+            Err(used) => Err(BudgetRefusal {
+                requested: bytes,
+                used,
+                budget: self.limit,
+            }),
         }
     }
 

@@ -296,38 +296,64 @@ fn default_queue() -> u32 {
 }
 
 /// A model's fallback: retried once, with one of these, after a fuel, memory, wall-time or
-/// device-memory trip.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FallbackConfig {
-    /// Another served model.
-    pub model: Option<String>,
-    /// The same model with each text cut to this many bytes (at a character boundary).
-    #[serde(default, with = "opt_size")]
-    pub truncate: Option<u64>,
+/// device-memory trip. In `serve.toml` a table that sets exactly one of `model`, `truncate` and
+/// `in_sandbox = true`; any other table is refused when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "FallbackTable")]
+pub enum FallbackConfig {
+    /// Another served model (`model = "NAME"`).
+    Model(String),
+    /// The same model with each text cut to this many bytes, at a character boundary
+    /// (`truncate = "2KiB"`).
+    Truncate(u64),
     /// The same model and input with the accelerator hidden from the run, so a guest with an
-    /// in-sandbox path takes it ([`crate::DeviceAccess::Hidden`]).
-    #[serde(default)]
-    pub in_sandbox: bool,
+    /// in-sandbox path takes it ([`crate::DeviceAccess::Hidden`]) (`in_sandbox = true`).
+    InSandbox,
 }
 
-impl FallbackConfig {
-    /// Exactly one of `model`, `truncate` and `in_sandbox = true` must be set.
-    pub fn check(&self) -> Result<(), String> {
-        let set = [
-            self.model.is_some(),
-            self.truncate.is_some(),
-            self.in_sandbox,
-        ]
-        .into_iter()
-        .filter(|set| *set)
-        .count();
-        if set == 1 {
-            Ok(())
-        } else {
-            Err(format!(
-                "a fallback sets exactly one of model, truncate, in_sandbox = true ({set} set)"
-            ))
+/// A `[models.fallback]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FallbackTable {
+    model: Option<String>,
+    #[serde(default, with = "opt_size")]
+    truncate: Option<u64>,
+    #[serde(default)]
+    in_sandbox: bool,
+}
+
+impl TryFrom<FallbackTable> for FallbackConfig {
+    type Error = String;
+
+    fn try_from(table: FallbackTable) -> Result<Self, String> {
+        match table {
+            FallbackTable {
+                model: Some(model),
+                truncate: None,
+                in_sandbox: false,
+            } => Ok(FallbackConfig::Model(model)),
+            FallbackTable {
+                model: None,
+                truncate: Some(bytes),
+                in_sandbox: false,
+            } => Ok(FallbackConfig::Truncate(bytes)),
+            FallbackTable {
+                model: None,
+                truncate: None,
+                in_sandbox: true,
+            } => Ok(FallbackConfig::InSandbox),
+            FallbackTable {
+                model,
+                truncate,
+                in_sandbox,
+            } => {
+                let set = usize::from(model.is_some())
+                    + usize::from(truncate.is_some())
+                    + usize::from(in_sandbox);
+                Err(format!(
+                    "a fallback sets exactly one of model, truncate, in_sandbox = true ({set} set)"
+                ))
+            }
         }
     }
 }
@@ -760,25 +786,37 @@ mod tests {
     fn a_fallback_sets_exactly_one_of_model_truncate_and_in_sandbox() {
         let fallback = |table: &str| {
             let text = format!("[[models]]\nname = \"m\"\npath = \"m.wasm\"\nfallback = {table}");
-            ServeConfig::from_toml(&text).unwrap().models[0]
-                .fallback
-                .clone()
-                .unwrap()
+            ServeConfig::from_toml(&text).map(|config| config.models[0].fallback.clone())
         };
-        for one in [
-            "{ in_sandbox = true }",
-            "{ model = \"small\" }",
-            "{ truncate = \"2KiB\" }",
+        for (one, expected) in [
+            ("{ in_sandbox = true }", FallbackConfig::InSandbox),
+            (
+                "{ model = \"small\" }",
+                FallbackConfig::Model("small".into()),
+            ),
+            ("{ truncate = \"2KiB\" }", FallbackConfig::Truncate(2048)),
+            ("{ truncate = 8 }", FallbackConfig::Truncate(8)),
         ] {
-            assert_eq!(fallback(one).check(), Ok(()), "{one}");
+            assert_eq!(fallback(one), Ok(Some(expected)), "{one}");
         }
-        for bad in [
-            "{}",
-            "{ in_sandbox = false }",
-            "{ in_sandbox = true, truncate = 8 }",
-            "{ model = \"small\", truncate = 8 }",
+        for (bad, set) in [
+            ("{}", 0),
+            ("{ in_sandbox = false }", 0),
+            ("{ in_sandbox = true, truncate = 8 }", 2),
+            ("{ model = \"small\", truncate = 8 }", 2),
+            ("{ model = \"small\", truncate = 8, in_sandbox = true }", 3),
         ] {
-            assert!(fallback(bad).check().is_err(), "{bad}");
+            let why = fallback(bad).unwrap_err();
+            assert!(
+                why.contains(&format!(
+                    "a fallback sets exactly one of model, truncate, in_sandbox = true ({set} set)"
+                )),
+                "{bad}: {why}"
+            );
         }
+        // An unknown key is still refused.
+        assert!(fallback("{ modle = \"small\" }")
+            .unwrap_err()
+            .contains("modle"));
     }
 }

@@ -8,22 +8,24 @@
 //! connection is watched for slow heads and idleness ([`connections`]); per request, from its
 //! head alone: the tenant from its API key ([`auth`]), its declared length, its request and fuel
 //! quotas reserved ([`ratelimit`]); then its body read and parsed, its tokens reserved, a place
-//! in the model's bounded queue ([`admission`]), the run under the tenant's limits, the unused
-//! fuel refunded, the answer in OpenAI's shape ([`routes`]), the figures counted ([`metrics`]).
+//! in the model's bounded queue ([`queue`]), the run under the tenant's limits, the unused fuel
+//! refunded ([`execute`], the pipeline), the answer in OpenAI's shape ([`routes`], the HTTP
+//! translation), the figures counted ([`metrics`]).
 //! SIGTERM/SIGINT drains: `/readyz` turns false, new requests get 503, in-flight ones finish
 //! within the drain deadline.
 
-pub mod admission;
-pub mod auth;
+mod auth;
 mod body;
 pub mod config;
-pub mod connections;
+mod connections;
+mod execute;
 mod memory;
-pub mod metrics;
-pub mod peers;
+mod metrics;
+mod peers;
+mod queue;
 pub mod ratelimit;
-pub mod routes;
-pub mod status;
+mod routes;
+mod status;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -45,49 +47,49 @@ use crate::model::Outcome;
 use crate::worker::{WorkerPool, WorkerPoolConfig};
 
 /// One served model and its queue.
-pub struct Served {
-    pub name: String,
+pub(crate) struct Served {
+    pub(crate) name: String,
     /// The model as loaded in this process: its info, and its runs with
     /// `isolation = "in_process"`.
-    pub model: Model,
+    pub(crate) model: Model,
     /// Its index in the worker pool's models.
-    pub index: usize,
-    pub queue: admission::Queue,
-    pub fallback: Option<config::FallbackConfig>,
+    pub(crate) index: usize,
+    pub(crate) queue: queue::Queue,
+    pub(crate) fallback: Option<config::FallbackConfig>,
 }
 
 /// Everything a request handler reads.
 pub struct State {
-    pub config: ServeConfig,
-    pub runtime: Runtime,
+    pub(crate) config: ServeConfig,
+    pub(crate) runtime: Runtime,
     /// The workers every run goes to (`isolation = "process"`).
-    pub workers: Option<WorkerPool>,
-    pub models: BTreeMap<String, Arc<Served>>,
-    pub tenants: Vec<Tenant>,
-    pub limiter: ratelimit::Limiter,
-    pub metrics: metrics::Metrics,
+    pub(crate) workers: Option<WorkerPool>,
+    pub(crate) models: BTreeMap<String, Arc<Served>>,
+    pub(crate) tenants: Vec<Tenant>,
+    pub(crate) limiter: ratelimit::Limiter,
+    pub(crate) metrics: metrics::Metrics,
     /// Set on SIGTERM/SIGINT: readyz false, new requests 503.
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Requests between admission and answer (what the drain waits for).
-    pub in_flight: AtomicUsize,
-    pub drained: tokio::sync::Notify,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) drained: tokio::sync::Notify,
     /// The last readiness check (`/readyz`); its lock is held while a check runs, so callers
     /// meanwhile wait for that one rather than start their own.
-    pub readiness: tokio::sync::Mutex<Option<Readiness>>,
+    pub(crate) readiness: tokio::sync::Mutex<Option<Readiness>>,
 }
 
 /// One readiness check's result.
-pub struct Readiness {
-    pub checked: std::time::Instant,
-    pub ready: bool,
+pub(crate) struct Readiness {
+    pub(crate) checked: std::time::Instant,
+    pub(crate) ready: bool,
     /// What `/readyz` answers (each model's probe).
-    pub body: serde_json::Value,
+    pub(crate) body: serde_json::Value,
 }
 
 impl State {
     /// Runs `input` on `served` under `limits`: in a worker with `isolation = "process"`,
     /// else in this process.
-    pub async fn run(
+    pub(crate) async fn run(
         &self,
         served: &Served,
         input: Input,
@@ -248,7 +250,7 @@ pub async fn prepare(
                 path: path.clone(),
                 error,
             })?;
-        // A profile admits this model's requests by prediction (routes.rs, before they queue).
+        // A profile admits this model's requests by prediction (execute.rs, before they queue).
         let model = match profile {
             Some(profile_path) => crate::profile::Profile::read(&profile_path)
                 .map_err(|e| ServeError::Config(e.to_string()))
@@ -268,7 +270,7 @@ pub async fn prepare(
             name: name.clone(),
             model,
             index: paths.len(),
-            queue: admission::Queue::new(concurrency, queue),
+            queue: queue::Queue::new(concurrency, queue),
             fallback,
         };
         if loaded.insert(name.clone(), Arc::new(served)).is_some() {
@@ -277,12 +279,7 @@ pub async fn prepare(
         paths.push(path);
     }
     for served in loaded.values() {
-        if let Some(fallback) = &served.fallback {
-            fallback
-                .check()
-                .map_err(|why| ServeError::Config(format!("model {}: {why}", served.name)))?;
-        }
-        if let Some(other) = served.fallback.as_ref().and_then(|f| f.model.as_ref()) {
+        if let Some(config::FallbackConfig::Model(other)) = &served.fallback {
             if !loaded.contains_key(other) {
                 return Err(ServeError::Config(format!(
                     "model {}: fallback model {other} is not served",

@@ -1,9 +1,10 @@
 //! The routes: `POST /v1/embeddings` (OpenAI's shape), `POST /v1/infer` (native), `GET
-//! /v1/models`, `/healthz`, `/readyz`, `/metrics`; and the one path every run takes through
-//! them: [`Context::admit`] from the head alone (draining check, tenant, declared length, the
-//! request and fuel quotas), then the body (read under `max_body` and `body_read_timeout`,
-//! parsed off the async workers), then [`execute`] (input check, tokens quota, queue, run,
-//! refund, fallback, metrics).
+//! /v1/models`, `/healthz`, `/readyz`, `/metrics`: HTTP in and out. Every run takes one path
+//! through them: [`Context::admit`] from the head alone (draining check, tenant, declared
+//! length, then the request and fuel quotas of [`execute::admit`](super::execute::admit)),
+//! then the body (read under `max_body` and `body_read_timeout`, parsed off the async
+//! workers), then the pipeline's [`execute`] (input check, tokens quota, queue, run, refund,
+//! fallback, metrics), then the answer in the route's shape.
 //!
 //! Nothing a client sends is logged whole: its request id is kept only when short and plain
 //! ([`acceptable_request_id`]), and every string of its in a log line is cut to
@@ -27,17 +28,15 @@ use tower_http::request_id::{
 };
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
-use super::admission::Refused;
 use super::body::{EmbeddingInput, InferInput, MAX_BATCH_ITEMS};
-use super::config::{Tenant, TenantRates};
-use super::metrics::{ModelLabels, RateLabels, RequestLabels, RunLabels, TripLabels};
-use super::ratelimit::{Charge, Decision, Quota};
-use super::status::{retry_after_seconds, ApiError};
+use super::config::Tenant;
+use super::execute::{self, execute, Admitted, Done};
+use super::metrics::RequestLabels;
+use super::status::ApiError;
 use super::{Served, State};
 use crate::data::{DataKind, Input};
-use crate::error::{ErrorKind, RunError};
+use crate::error::ErrorKind;
 use crate::limits::Limits;
-use crate::model::Outcome;
 
 type Shared = Arc<State>;
 
@@ -47,14 +46,8 @@ const REQUEST_ID: &str = "x-request-id";
 const ANSWERED_BY: &str = "x-wasm-infer-answered-by";
 /// Set when a fallback answered: which (`model NAME`, `truncated to N bytes`, `in-sandbox`).
 const FALLBACK: &str = "x-wasm-infer-fallback";
-/// Retry-After for a full queue or a wait that ran out: about one run's time.
-const QUEUE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Retry-After while draining: this replica will not come back.
 const DRAINING_RETRY_AFTER: Duration = Duration::from_secs(1);
-/// Retry-After when the rate-limit backend is down.
-const BACKEND_RETRY_AFTER: Duration = Duration::from_secs(1);
-/// What a client is told when the rate-limit backend cannot answer (fail-closed): a fixed text.
-pub const BACKEND_UNAVAILABLE: &str = "Rate limits cannot be checked now; retry later.";
 /// Limits of the readiness probe's run (a few words through the real model).
 const READY_WALL_TIME: Duration = Duration::from_secs(10);
 /// The longest client request id kept (a UUID is 36, a W3C trace id 32); a longer one, or one
@@ -409,7 +402,7 @@ async fn embeddings_inner(
         Ok(prepared) => prepared,
         Err(e) => return Err(admitted.release(state, e).await),
     };
-    let done = execute(state, tenant, &served, input, tokens, admitted, ctx).await?;
+    let done = execute(state, tenant, &served, input, tokens, admitted).await?;
     let Some(vectors) = done.outcome.output.embeddings() else {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -430,7 +423,7 @@ async fn embeddings_inner(
         },
     };
     let body = encode_answer(state, &body)?;
-    Ok(done.respond(body))
+    Ok(respond(done, body))
 }
 
 /// An embeddings answer in OpenAI's shape, serialised from the run's vectors as they are (no
@@ -663,7 +656,7 @@ async fn infer_inner(
             .sum(),
         _ => 0,
     };
-    let done = execute(state, tenant, &served, input, tokens, admitted, ctx).await?;
+    let done = execute(state, tenant, &served, input, tokens, admitted).await?;
     #[derive(serde::Serialize)]
     struct InferAnswer<'a> {
         model: &'a str,
@@ -682,7 +675,32 @@ async fn infer_inner(
             fallback: done.fallback.as_deref(),
         },
     )?;
-    Ok(done.respond(body))
+    Ok(respond(done, body))
+}
+
+/// The answer to a run that succeeded: `body` (JSON, already encoded) with the run's headers.
+fn respond(done: Done, body: Vec<u8>) -> Response {
+    let mut response = (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.extend(done.rate_headers);
+    if let Ok(v) = HeaderValue::from_str(&done.answered_by) {
+        headers.insert(ANSWERED_BY, v);
+    }
+    if let Some(v) = done
+        .fallback
+        .as_deref()
+        .and_then(|f| HeaderValue::from_str(f).ok())
+    {
+        headers.insert(FALLBACK, v);
+    }
+    response
 }
 
 /// What a request is labelled with in metrics, filled in as it is learned.
@@ -762,21 +780,8 @@ impl Context {
         if declared.is_some_and(|length| length > state.config.max_body) {
             return Err(body_too_large(state.config.max_body));
         }
-        let TenantRates { requests, fuel, .. } = tenant.rates;
-        let wanted: Vec<(&'static str, Quota, u64)> = [
-            requests.map(|q| ("requests", q, 1)),
-            fuel.map(|q| ("fuel", q, tenant.limits.fuel.unwrap_or(q.burst))),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let (charges, rates) = reserve(state, tenant, &wanted, &[], self).await?;
-        let fuel = charges
-            .into_iter()
-            .zip(&wanted)
-            .find(|(_, (name, _, _))| *name == "fuel")
-            .map(|(charge, _)| charge);
-        Ok((tenant, Admitted { fuel, rates }))
+        let admitted = execute::admit(state, tenant).await?;
+        Ok((tenant, admitted))
     }
 
     /// Refuses while draining, then finds the tenant.
@@ -868,498 +873,6 @@ impl Context {
     }
 }
 
-/// A run that succeeded, with what its answer carries.
-struct Done {
-    outcome: Outcome,
-    answered_by: String,
-    fallback: Option<String>,
-    limits: Limits,
-    rate_headers: HeaderMap,
-}
-
-impl Done {
-    /// The answer: `body` (JSON, already encoded) with the run's headers.
-    fn respond(self, body: Vec<u8>) -> Response {
-        let mut response = (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response();
-        let headers = response.headers_mut();
-        headers.extend(self.rate_headers);
-        if let Ok(v) = HeaderValue::from_str(&self.answered_by) {
-            headers.insert(ANSWERED_BY, v);
-        }
-        if let Some(v) = self
-            .fallback
-            .as_deref()
-            .and_then(|f| HeaderValue::from_str(f).ok())
-        {
-            headers.insert(FALLBACK, v);
-        }
-        response
-    }
-}
-
-/// What an admitted request holds: its fuel reservation (refunded by what its run does not
-/// burn, whole if it never runs) and the quotas' figures for its answer's headers.
-struct Admitted {
-    /// The fuel charge (its key, quota and the cap reserved).
-    fuel: Option<Charge>,
-    rates: Vec<RateEntry>,
-}
-
-impl Admitted {
-    /// The request will not run: its fuel reservation goes back whole (its request stays
-    /// spent). Returns `error` with the quotas' headers.
-    async fn release(self, state: &Shared, mut error: ApiError) -> ApiError {
-        if let Some(fuel) = self.fuel {
-            state.limiter.refund_all(&[fuel]).await;
-        }
-        error.headers.extend(rate_headers(&self.rates));
-        error
-    }
-}
-
-/// One run, start to end: input check, tokens quota, queue, run (and fallback), refund,
-/// metrics.
-async fn execute(
-    state: &Shared,
-    tenant: &Tenant,
-    served: &Arc<Served>,
-    input: Input,
-    tokens: u64,
-    admitted: Admitted,
-    ctx: &Context,
-) -> Result<Done, ApiError> {
-    let limits = tenant.limits.clone();
-    // Refused before it is queued (too large, or predicted over a limit by the model's
-    // profile): its request is spent, its fuel given back.
-    if let Err(limit) = served.model.admit(&input, &limits) {
-        let error: crate::Error = limit.into();
-        return Err(admitted.release(state, ApiError::from_error(&error)).await);
-    }
-    // The tokens are known only now that the body is parsed: their quota is the one reserved
-    // after admission (one more step of the limiter, only for tenants that have it).
-    let mut rates = admitted.rates.clone();
-    if let Some(quota) = tenant.rates.tokens {
-        let wanted = [("tokens", quota, tokens)];
-        match reserve(state, tenant, &wanted, &admitted.rates, ctx).await {
-            Ok((_, entries)) => rates.extend(entries),
-            Err(e) => {
-                let Admitted { fuel, .. } = admitted;
-                if let Some(fuel) = fuel {
-                    state.limiter.refund_all(&[fuel]).await;
-                }
-                return Err(e);
-            }
-        }
-    }
-    let rate_headers = rate_headers(&rates);
-    let cap_charge = admitted.fuel.clone();
-    let reserved = hold_prediction(state, served, &input, admitted).await;
-    // Kept for the fallback's retry only when there is one.
-    let retry_input = served.fallback.as_ref().map(|_| input.clone());
-    let result = run_queued(state, served, input, &limits, ctx).await;
-    // Fuel reserved for this request's runs: the admission's cap, and as much again for a
-    // fallback's run.
-    let mut reserved_fuel = reserved.fuel.as_ref().map_or(0, |fuel| fuel.cost);
-    let result = match (result, retry_input) {
-        (Err(Failure::Run(failure)), Some(input)) if is_fallback_trip(failure.kind()) => {
-            // The fallback is a second run: it needs its own fuel reservation, and both runs'
-            // fuel is charged and reported.
-            if reserve_fallback_fuel(state, cap_charge.as_ref()).await {
-                reserved_fuel += cap_charge.as_ref().map_or(0, |fuel| fuel.cost);
-                let first = failure.usage.fuel_consumed;
-                match run_fallback(state, served, input, &limits, ctx, &failure).await {
-                    Ok((mut outcome, by, how)) => {
-                        outcome.usage.fuel_consumed += first;
-                        Ok((outcome, by, how))
-                    }
-                    Err(Failure::Run(mut second)) => {
-                        second.usage.fuel_consumed += first;
-                        Err(Failure::Run(second))
-                    }
-                    // No slot for the fallback: the first run's trip is the answer.
-                    Err(Failure::Refused(_)) => Err(Failure::Run(failure)),
-                }
-            } else {
-                Err(Failure::Run(failure))
-            }
-        }
-        (other, _) => other.map(|outcome| (outcome, served.name.clone(), None)),
-    };
-    // Refund what the runs did not use, in one step of the limiter: the fuel they did not burn
-    // (a failed run burnt what its usage says). Requests and tokens are spent once admitted.
-    if let Some(fuel) = reserved.fuel {
-        let consumed = match &result {
-            Ok((outcome, _, _)) => outcome.usage.fuel_consumed,
-            Err(Failure::Run(failure)) => failure.usage.fuel_consumed,
-            Err(Failure::Refused(_)) => 0,
-        };
-        if consumed > reserved_fuel && served.model.profile().is_some() {
-            // A run the profile under-predicted (its cap still bounded it): the difference is
-            // charged now, as far as the quota has room for it. Without a profile the cap was
-            // reserved, and what a trip burns past it is not charged (as before).
-            let over = Charge {
-                cost: consumed - reserved_fuel,
-                ..fuel
-            };
-            let _ = state.limiter.reserve_all(&[over]).await;
-        } else {
-            let unused = Charge {
-                cost: reserved_fuel.saturating_sub(consumed),
-                ..fuel
-            };
-            state.limiter.refund_all(&[unused]).await;
-        }
-    }
-    match result {
-        Ok((outcome, answered_by, fallback)) => Ok(Done {
-            outcome,
-            answered_by,
-            fallback,
-            limits,
-            rate_headers,
-        }),
-        Err(Failure::Run(failure)) => {
-            let mut e = ApiError::from_run(&failure);
-            e.headers.extend(rate_headers);
-            Err(e)
-        }
-        Err(Failure::Refused(e)) => Err(e),
-    }
-}
-
-/// With a profile, the fuel quota holds the request's predicted fuel instead of its cap while
-/// it runs: the difference is refunded now (the rest after the run, or the overrun charged).
-async fn hold_prediction(
-    state: &Shared,
-    served: &Served,
-    input: &Input,
-    mut admitted: Admitted,
-) -> Admitted {
-    if let (Some(profile), Some(fuel)) = (served.model.profile(), admitted.fuel.as_mut()) {
-        let predicted = profile.predict(input).0;
-        if predicted < fuel.cost {
-            let released = Charge {
-                cost: fuel.cost - predicted,
-                ..fuel.clone()
-            };
-            state.limiter.refund_all(&[released]).await;
-            fuel.cost = predicted;
-        }
-    }
-    admitted
-}
-
-/// Reserves a fallback run's fuel (the same cap as the first run's), when the tenant has a fuel
-/// quota: whether the fallback may run. A quota with no room for it (or a backend that cannot
-/// answer) leaves the first run's trip as the answer.
-async fn reserve_fallback_fuel(state: &Shared, fuel: Option<&Charge>) -> bool {
-    let Some(fuel) = fuel else {
-        return true;
-    };
-    match state.limiter.reserve_all(std::slice::from_ref(fuel)).await {
-        Ok(decisions) => super::ratelimit::all_allowed(&decisions),
-        Err(_) => false,
-    }
-}
-
-/// The trips a fallback answers: the run was too big for its limits, not wrong.
-fn is_fallback_trip(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::Fuel | ErrorKind::Memory | ErrorKind::WallTime | ErrorKind::DeviceMemory
-    )
-}
-
-enum Failure {
-    Run(RunError),
-    Refused(ApiError),
-}
-
-/// A slot in `served`'s queue, then the run, with the queue wait taken out of its wall time.
-async fn run_queued(
-    state: &Shared,
-    served: &Served,
-    input: Input,
-    limits: &Limits,
-    ctx: &Context,
-) -> Result<Outcome, Failure> {
-    let model_labels = ModelLabels {
-        model: served.name.clone(),
-    };
-    let deadline = state
-        .config
-        .queue_wait
-        .map_or(limits.wall_time, |w| w.min(limits.wall_time));
-    state
-        .metrics
-        .queue_depth
-        .get_or_create(&model_labels)
-        .set(served.queue.waiting() as i64 + 1);
-    let slot = served.queue.acquire(&ctx.tenant, deadline).await;
-    state
-        .metrics
-        .queue_depth
-        .get_or_create(&model_labels)
-        .set(served.queue.waiting() as i64);
-    let slot = slot.map_err(|refused| {
-        let message = match refused {
-            Refused::Full => format!("Model {} is overloaded: its queue is full.", served.name),
-            Refused::TimedOut => format!(
-                "Model {} is overloaded: no run slot came free within {}.",
-                served.name,
-                humantime::format_duration(deadline)
-            ),
-        };
-        Failure::Refused(ApiError::unavailable(
-            message,
-            "overloaded",
-            QUEUE_RETRY_AFTER,
-        ))
-    })?;
-    let run_labels = RunLabels {
-        tenant: ctx.tenant.clone(),
-        model: served.name.clone(),
-    };
-    state
-        .metrics
-        .queue_wait
-        .get_or_create(&run_labels)
-        .observe(slot.waited.as_secs_f64());
-    // The request's deadline covers its wait in the queue.
-    let limits = Limits {
-        wall_time: limits.wall_time.saturating_sub(slot.waited),
-        ..limits.clone()
-    };
-    let in_flight = state.metrics.in_flight.get_or_create(&model_labels).clone();
-    in_flight.inc();
-    let result = state
-        .run_for_tenant(served, &ctx.tenant, input, &limits)
-        .await;
-    in_flight.dec();
-    drop(slot);
-    let usage = match &result {
-        Ok(outcome) => &outcome.usage,
-        Err(failure) => &failure.usage,
-    };
-    state.metrics.record_run(&ctx.tenant, &served.name, usage);
-    if let Err(failure) = &result {
-        if failure.kind().is_limit() {
-            state
-                .metrics
-                .limit_trips
-                .get_or_create(&TripLabels {
-                    tenant: ctx.tenant.clone(),
-                    model: served.name.clone(),
-                    kind: failure.kind().as_str().into(),
-                })
-                .inc();
-        }
-    }
-    result.map_err(Failure::Run)
-}
-
-/// The model's fallback after a limit trip: another model, or the input cut shorter.
-async fn run_fallback(
-    state: &Shared,
-    served: &Served,
-    input: Input,
-    limits: &Limits,
-    ctx: &Context,
-    first: &RunError,
-) -> Result<(Outcome, String, Option<String>), Failure> {
-    let fallback = served.fallback.as_ref().expect("checked by the caller");
-    let mut limits = limits.clone();
-    let (target, input, how) = match (&fallback.model, fallback.truncate) {
-        (Some(other), _) => (
-            state.models.get(other).expect("checked at start").clone(),
-            input,
-            format!("model {other}"),
-        ),
-        (None, Some(bytes)) => (
-            state.models[&served.name].clone(),
-            truncate(input, bytes as usize),
-            format!("truncated to {bytes} bytes"),
-        ),
-        (None, None) if fallback.in_sandbox => {
-            limits = limits.hide_device();
-            (
-                state.models[&served.name].clone(),
-                input,
-                "in-sandbox".to_string(),
-            )
-        }
-        (None, None) => {
-            return Err(Failure::Run(RunError {
-                error: clone_error(&first.error),
-                usage: first.usage.clone(),
-            }))
-        }
-    };
-    tracing::info!(model = %served.name, first = %first.error, fallback = %how, "retrying with the fallback");
-    let outcome = run_queued(state, &target, input, &limits, ctx).await?;
-    state
-        .metrics
-        .fallbacks
-        .get_or_create(&RunLabels {
-            tenant: ctx.tenant.clone(),
-            model: served.name.clone(),
-        })
-        .inc();
-    Ok((outcome, target.name.clone(), Some(how)))
-}
-
-fn clone_error(error: &crate::Error) -> crate::Error {
-    match error.limit() {
-        Some(limit) => limit.clone().into(),
-        None => crate::Error::Internal(error.to_string()),
-    }
-}
-
-fn truncate(input: Input, bytes: usize) -> Input {
-    let cut = |mut s: String| {
-        if s.len() > bytes {
-            let mut end = bytes;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s.truncate(end);
-        }
-        s
-    };
-    match input {
-        Input::Text(t) => Input::Text(cut(t)),
-        Input::Texts(ts) => Input::Texts(ts.into_iter().map(cut).collect()),
-        other => other,
-    }
-}
-
-/// One quota's figures for the `RateLimit-Policy` and `RateLimit` headers.
-#[derive(Clone)]
-struct RateEntry {
-    name: &'static str,
-    policy: String,
-    remaining: String,
-}
-
-/// Reserves `wanted` (name, quota, cost) of the tenant's quotas, all or none, in one step of the
-/// limiter (one round trip to Redis). 429 when one does not fit, naming the quota that limits
-/// (the longest wait; a cost above its burst is the longest of all), with its Retry-After and
-/// the headers of `earlier` entries and these; 503 when the backend cannot answer
-/// (fail-closed). Nothing is asked of the limiter when `wanted` is empty.
-async fn reserve(
-    state: &Shared,
-    tenant: &Tenant,
-    wanted: &[(&'static str, Quota, u64)],
-    earlier: &[RateEntry],
-    ctx: &Context,
-) -> Result<(Vec<Charge>, Vec<RateEntry>), ApiError> {
-    if wanted.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
-    }
-    let charges: Vec<Charge> = wanted
-        .iter()
-        .map(|(name, quota, cost)| Charge::new(format!("{}:{name}", tenant.name), *quota, *cost))
-        .collect();
-    // The backend's error text (its address, script digest, server message) stays in the
-    // server's log, which the limiter writes once per outage, not once per request.
-    let decisions = state.limiter.reserve_all(&charges).await.map_err(|_| {
-        ApiError::unavailable(
-            BACKEND_UNAVAILABLE,
-            "rate_limit_unavailable",
-            BACKEND_RETRY_AFTER,
-        )
-    })?;
-    let mut entries = Vec::new();
-    // The refusing quota with the longest wait (`None`, never fits, is longest).
-    let mut limiting: Option<(usize, Option<Duration>, u64)> = None;
-    for (i, ((name, quota, _), decision)) in wanted.iter().zip(&decisions).enumerate() {
-        let window = (quota.burst as f64 / quota.per_second).ceil() as u64;
-        let policy = format!("\"{name}\";q={};w={window}", quota.burst);
-        let (r, reset) = match decision {
-            Decision::Allowed { remaining, reset } => (*remaining, *reset),
-            Decision::Limited {
-                retry_after,
-                remaining,
-                reset,
-            } => {
-                let longer = match limiting {
-                    None => true,
-                    Some((_, None, _)) => false,
-                    Some((_, Some(longest), _)) => retry_after.is_none_or(|after| after > longest),
-                };
-                if longer {
-                    limiting = Some((i, *retry_after, *remaining));
-                }
-                (*remaining, *reset)
-            }
-        };
-        entries.push(RateEntry {
-            name,
-            policy,
-            remaining: format!("\"{name}\";r={r};t={}", reset.as_secs_f64().ceil() as u64),
-        });
-    }
-    if let Some((i, retry_after, r)) = limiting {
-        let (name, quota, cost) = wanted[i];
-        state
-            .metrics
-            .rate_limited
-            .get_or_create(&RateLabels {
-                tenant: ctx.tenant.clone(),
-                limit: name.into(),
-            })
-            .inc();
-        let message = match retry_after {
-            Some(after) => format!(
-                "Rate limit reached for {name}: this request needs {cost}, {r} left; \
-                 retry after {} s.",
-                retry_after_seconds(after)
-            ),
-            None => format!(
-                "Rate limit for {name}: this request needs {cost}, more than the burst \
-                 of {} ever admits.",
-                quota.burst
-            ),
-        };
-        let mut e =
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, name, message).code("rate_limit_exceeded");
-        if let Some(after) = retry_after {
-            e = e.retry_after(after);
-        }
-        let all: Vec<RateEntry> = earlier.iter().cloned().chain(entries).collect();
-        e.headers.extend(rate_headers(&all));
-        return Err(e);
-    }
-    Ok((charges, entries))
-}
-
-/// The `RateLimit-Policy` and `RateLimit` headers, one item per quota in a fixed order
-/// (requests, tokens, fuel) whichever step reserved it.
-fn rate_headers(entries: &[RateEntry]) -> HeaderMap {
-    const ORDER: [&str; 3] = ["requests", "tokens", "fuel"];
-    let mut sorted: Vec<&RateEntry> = entries.iter().collect();
-    sorted.sort_by_key(|e| ORDER.iter().position(|n| *n == e.name));
-    let mut headers = HeaderMap::new();
-    if !sorted.is_empty() {
-        let policies: Vec<&str> = sorted.iter().map(|e| e.policy.as_str()).collect();
-        let remaining: Vec<&str> = sorted.iter().map(|e| e.remaining.as_str()).collect();
-        if let Ok(v) = HeaderValue::from_str(&policies.join(", ")) {
-            headers.insert(HeaderName::from_static("ratelimit-policy"), v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&remaining.join(", ")) {
-            headers.insert(HeaderName::from_static("ratelimit"), v);
-        }
-    }
-    headers
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1412,17 +925,5 @@ mod tests {
         );
         // Cut at a character boundary: é is two bytes.
         assert_eq!(clip("aé", 2), "a");
-    }
-
-    #[test]
-    fn truncation_cuts_at_a_character_boundary() {
-        assert_eq!(
-            truncate(Input::Text("héllo".into()), 2),
-            Input::Text("h".into())
-        );
-        assert_eq!(
-            truncate(Input::Texts(vec!["abc".into(), "d".into()]), 2),
-            Input::Texts(vec!["ab".into(), "d".into()])
-        );
     }
 }

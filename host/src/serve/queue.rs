@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 /// A model's run slots and waiting line.
 pub struct Queue {
     line: Arc<Mutex<Line>>,
+    #[cfg(test)]
     concurrency: usize,
     capacity: usize,
 }
@@ -156,6 +157,7 @@ impl Queue {
                 waiters: VecDeque::new(),
                 next_id: 0,
             })),
+            #[cfg(test)]
             concurrency: concurrency as usize,
             capacity: capacity as usize,
         }
@@ -167,7 +169,8 @@ impl Queue {
     }
 
     /// Runs holding a slot now.
-    pub fn running(&self) -> usize {
+    #[cfg(test)]
+    fn running(&self) -> usize {
         self.concurrency - lock(&self.line).free
     }
 
