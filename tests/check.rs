@@ -310,7 +310,7 @@ fn a_cosine_bound_compares_vectors_names_the_worst_cosine_and_bless_rewrites_onl
     let mut edited = file.clone();
     edited.cases[0].output_vectors = Some(vec![plain.embedding.clone()]);
     let against_reference = cosine(&plain.embedding, &outputs[0]);
-    assert!(against_reference < 1.0 && against_reference >= 0.9999);
+    assert!((0.9999..1.0).contains(&against_reference));
     write_canonical(&cases, &edited);
     let passed = check(&cases, false);
     assert_eq!(passed.status.code(), Some(0), "{}", stderr(&passed));
