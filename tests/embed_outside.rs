@@ -7,9 +7,12 @@
 //! code generation only, never results or fuel (docs/library.md#outside-this-workspace).
 //!
 //! The build shares this checkout's target directory (`$CARGO_TARGET_DIR`), with the
-//! workspace's lockfile and release profile, so it reuses every dependency already compiled
-//! and rebuilds only what sits above the unpatched code generator: wasmtime-internal-cranelift,
-//! wasmtime, wasmtime-wasi(-io), wasmtime-wizer, the host library and the example.
+//! workspace's lockfile and release profile, so it reuses the dependencies already compiled
+//! with the same features and rebuilds what sits above the unpatched code generator:
+//! wasmtime-internal-cranelift, wasmtime, wasmtime-wasi(-io), wasmtime-wizer, the host library
+//! and the example (3m24s on a shared 2-core VM where `cargo build` had built the rest). Where
+//! only `cargo test` built the target, a few crates whose features the test dependencies
+//! widen (wasmparser, semver) and their dependents may be rebuilt too.
 
 mod support;
 
