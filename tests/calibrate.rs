@@ -5,15 +5,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 use wasm_infer::profile::{self, Profile, Sample};
 use wasm_infer::{Error, ErrorKind, Input, LimitExceeded, Limits, PredictedLimit};
 
-use support::{cache_dir, minilm, minilm_wasm, runtime};
+use support::{minilm, minilm_wasm, runtime, scratch, stderr, wasm_infer};
 
 /// Deterministic texts varied in length: 0 to 60 words of everyday English (so tokens grow
 /// with bytes at a steady rate), from a 64-bit LCG. Bytes are the only figure known before a
@@ -266,25 +265,6 @@ fn a_profile_of_another_component_or_engine_is_refused_naming_what_differs() {
 }
 
 // The CLI: `calibrate`, `--profile`, and what a bad profile file gets.
-
-fn wasm_infer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-        .env("WASM_INFER_CACHE_DIR", cache_dir())
-        .args(args)
-        .output()
-        .expect("running wasm-infer")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = support::target_dir().join("calibrate-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn path(p: &Path) -> String {
     p.display().to_string()

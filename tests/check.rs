@@ -5,33 +5,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use sha2::{Digest, Sha256};
-use wasm_infer::testing::{assert_cases, check_cases, CheckError};
+use wasm_infer::testing::{assert_cases, check_cases, CasesFile, CheckError};
 use wasm_infer::{Input, Limits};
 
-use support::{cache_dir, minilm, minilm_wasm};
-
-fn wasm_infer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-        .env("WASM_INFER_CACHE_DIR", cache_dir())
-        .args(args)
-        .output()
-        .expect("running wasm-infer")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = support::target_dir().join("check-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use support::{case, cosine, embedding_bits, minilm, minilm_wasm, scratch, stderr, wasm_infer};
 
 fn check(cases: &Path, bless: bool) -> Output {
     let minilm = minilm_wasm().display().to_string();
@@ -214,6 +195,23 @@ fn a_bad_cases_file_is_refused_naming_it_and_is_never_overwritten() {
             "{\"cases\": [{\"input\": \"x\", \"fule\": 3}]}".to_string(),
             "not a cases file: unknown field `fule`",
         ),
+        (
+            "two-ways.json",
+            "{\"cases\": [{\"input\": \"x\", \"output_sha256\": \"ab\", \"min_cosine\": 0.9}]}"
+                .to_string(),
+            "case 1 (\"x\"): has both output_sha256 and min_cosine (its output is compared one \
+             way: drop one)",
+        ),
+        (
+            "bound.json",
+            "{\"cases\": [{\"input\": \"x\", \"min_cosine\": 1.5}]}".to_string(),
+            "case 1 (\"x\"): min_cosine 1.5 is not in [-1, 1]",
+        ),
+        (
+            "vectors.json",
+            "{\"cases\": [{\"input\": \"x\", \"output_vectors\": [[1.0]]}]}".to_string(),
+            "case 1 (\"x\"): has output_vectors without a min_cosine bound",
+        ),
     ];
     for (name, contents, needle) in files {
         let file = dir.join(name);
@@ -259,4 +257,108 @@ fn a_bad_cases_file_is_refused_naming_it_and_is_never_overwritten() {
     )
     .unwrap_err();
     assert!(matches!(error, CheckError::File(ref e) if e.problem.contains("malformed JSON")));
+}
+
+/// Writes a cases file in the canonical form a bless writes.
+fn write_canonical(path: &Path, file: &CasesFile) {
+    let mut bytes = serde_json::to_vec_pretty(file).unwrap();
+    bytes.push(b'\n');
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_cosine_bound_compares_vectors_names_the_worst_cosine_and_bless_rewrites_only_them() {
+    let dir = scratch("cosine");
+    let cases = dir.join("usage.json");
+    let (plain, cyrillic) = (case("plain"), case("cyrillic"));
+    let fresh = serde_json::json!({"cases": [
+        {"name": "plain", "input": plain.text, "min_cosine": 0.9999},
+        {"name": "cyrillic", "input": cyrillic.text, "min_cosine": 0.9999},
+    ]});
+    std::fs::write(&cases, fresh.to_string()).unwrap();
+
+    // Blessed: fuel, peak memory and the vectors themselves (no digest), bit for bit the
+    // library's.
+    let blessed = check(&cases, true);
+    assert_eq!(blessed.status.code(), Some(0), "{}", stderr(&blessed));
+    assert!(
+        stderr(&blessed).contains("6 figure(s) rewritten"),
+        "{}",
+        stderr(&blessed)
+    );
+    let file: CasesFile = serde_json::from_slice(&std::fs::read(&cases).unwrap()).unwrap();
+    let mut outputs = Vec::new();
+    for (i, text) in [&plain.text, &cyrillic.text].into_iter().enumerate() {
+        let outcome = minilm()
+            .run(Input::Text(text.clone()), &Limits::default())
+            .unwrap();
+        let recorded = file.cases[i].output_vectors.as_deref().unwrap();
+        let vectors = outcome.output.embeddings().unwrap();
+        assert_eq!(embedding_bits(recorded), embedding_bits(vectors));
+        assert_eq!(file.cases[i].output_sha256, None);
+        assert_eq!(file.cases[i].fuel, Some(outcome.usage.fuel_consumed));
+        outputs.push(vectors[0].clone());
+    }
+
+    // As blessed: the vectors are the output's own, cosine exactly 1.
+    let passed = check(&cases, false);
+    assert_eq!(passed.status.code(), Some(0), "{}", stderr(&passed));
+    assert!(stderr(&passed).contains("worst cosine against the recorded vectors: 1\n"));
+
+    // Case 1 recorded as sentence-transformers' embedding (tests/fixtures/reference.json): its
+    // cosine with the sandbox's, computed here, is the worst; within 0.9999 it passes.
+    let mut edited = file.clone();
+    edited.cases[0].output_vectors = Some(vec![plain.embedding.clone()]);
+    let against_reference = cosine(&plain.embedding, &outputs[0]);
+    assert!((0.9999..1.0).contains(&against_reference));
+    write_canonical(&cases, &edited);
+    let passed = check(&cases, false);
+    assert_eq!(passed.status.code(), Some(0), "{}", stderr(&passed));
+    assert!(
+        stderr(&passed).contains(&format!(
+            "worst cosine against the recorded vectors: {against_reference}\n"
+        )),
+        "{}",
+        stderr(&passed)
+    );
+
+    // A bound above that cosine: a diff naming the case, the bound and the worst cosine;
+    // nothing written.
+    let bound = against_reference + (1.0 - against_reference) / 2.0;
+    edited.cases[0].min_cosine = Some(bound);
+    write_canonical(&cases, &edited);
+    let before = std::fs::read_to_string(&cases).unwrap();
+    let failed = check(&cases, false);
+    assert_eq!(failed.status.code(), Some(20), "{}", stderr(&failed));
+    assert!(
+        stderr(&failed).contains(&format!(
+            "case 1 (plain): output_vectors expected cosine >= {bound}, got worst cosine \
+             {against_reference} (vector 1)\n"
+        )),
+        "{}",
+        stderr(&failed)
+    );
+    assert!(stderr(&failed).contains("1 figure(s) moved"));
+    assert_eq!(std::fs::read_to_string(&cases).unwrap(), before);
+
+    // Bless rewrites exactly those vectors (the bound stays): the file is the edited one with
+    // case 1's vectors the output's again.
+    let reblessed = check(&cases, true);
+    assert_eq!(reblessed.status.code(), Some(0), "{}", stderr(&reblessed));
+    assert!(stderr(&reblessed).contains("1 figure(s) rewritten"));
+    let mut expected = edited.clone();
+    expected.cases[0].output_vectors = Some(vec![outputs[0].clone()]);
+    let mut expected_bytes = serde_json::to_vec_pretty(&expected).unwrap();
+    expected_bytes.push(b'\n');
+    assert_eq!(std::fs::read(&cases).unwrap(), expected_bytes);
+    let changed = changed_lines(&before, &String::from_utf8(expected_bytes).unwrap());
+    let differing = plain
+        .embedding
+        .iter()
+        .zip(&outputs[0])
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(changed.len(), differing, "only case 1's vector components");
+    let passed = check(&cases, false);
+    assert_eq!(passed.status.code(), Some(0), "{}", stderr(&passed));
 }

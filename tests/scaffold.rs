@@ -8,34 +8,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use support::{cache_dir, target_dir};
+use support::{empty_dir, stderr, target_dir, wasm_infer_in};
 
 const NAME: &str = "my-model";
-
-fn wasm_infer(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-        .current_dir(dir)
-        .env("WASM_INFER_CACHE_DIR", cache_dir())
-        .args(args)
-        .output()
-        .expect("running wasm-infer")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// An empty directory of this test's own, outside the repository (as a user's would be: no
-/// `.cargo/config.toml` of this checkout applies to it).
-fn empty_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasm-infer-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// The starter's answer, computed here: [characters, letters − digits].
 fn starter(text: &str) -> [f32; 2] {
@@ -47,7 +24,7 @@ fn starter(text: &str) -> [f32; 2] {
 #[test]
 fn a_scaffolded_model_builds_outside_the_workspace_inspects_and_runs() {
     let work = empty_dir("scaffold");
-    let created = wasm_infer(&work, &["new", "model", NAME]);
+    let created = wasm_infer_in(&work, &["new", "model", NAME]);
     assert!(created.status.success(), "{}", stderr(&created));
     let crate_dir = work.join(NAME);
     for file in [
@@ -91,7 +68,7 @@ fn a_scaffolded_model_builds_outside_the_workspace_inspects_and_runs() {
     let wasm = target_dir().join("scaffold/wasm32-wasip2/release/my_model.wasm");
     let wasm = wasm.to_str().unwrap();
 
-    let inspect = wasm_infer(&work, &["inspect", "--json", wasm]);
+    let inspect = wasm_infer_in(&work, &["inspect", "--json", wasm]);
     assert!(inspect.status.success(), "{}", stderr(&inspect));
     let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     assert_eq!(info["world"], "wasm-infer:model/model@0.1.0");
@@ -100,13 +77,13 @@ fn a_scaffolded_model_builds_outside_the_workspace_inspects_and_runs() {
 
     let texts = ["Hello World 42!", "ünï 3"];
     assert_eq!(starter(texts[0]), [15.0, 8.0]);
-    let run = wasm_infer(&work, &["--fuel", "100M", wasm, texts[0]]);
+    let run = wasm_infer_in(&work, &["--fuel", "100M", wasm, texts[0]]);
     assert!(run.status.success(), "{}", stderr(&run));
     let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(out["model"], NAME);
     assert_eq!(out["embeddings"], serde_json::json!([starter(texts[0])]));
     std::fs::write(work.join("texts.txt"), texts.join("\n")).unwrap();
-    let run = wasm_infer(&work, &["--accel", "off", wasm, "@texts.txt"]);
+    let run = wasm_infer_in(&work, &["--accel", "off", wasm, "@texts.txt"]);
     assert!(run.status.success(), "{}", stderr(&run));
     let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     let expected: Vec<[f32; 2]> = texts.iter().map(|t| starter(t)).collect();
@@ -120,7 +97,7 @@ fn new_refuses_an_existing_directory_and_writes_nothing() {
     let work = empty_dir("scaffold-exists");
     std::fs::create_dir(work.join(NAME)).unwrap();
     std::fs::write(work.join(NAME).join("Cargo.toml"), "mine").unwrap();
-    let refused = wasm_infer(&work, &["new", "model", NAME]);
+    let refused = wasm_infer_in(&work, &["new", "model", NAME]);
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(refused.stdout.is_empty());
     assert!(
@@ -138,7 +115,7 @@ fn new_refuses_an_existing_directory_and_writes_nothing() {
 fn new_refuses_a_name_that_is_not_a_crate_name_or_a_missing_sdk() {
     let work = empty_dir("scaffold-names");
     for bad in ["../escape", "2fast", "a b"] {
-        let refused = wasm_infer(&work, &["new", "model", bad]);
+        let refused = wasm_infer_in(&work, &["new", "model", bad]);
         assert_eq!(
             refused.status.code(),
             Some(2),
@@ -151,7 +128,7 @@ fn new_refuses_a_name_that_is_not_a_crate_name_or_a_missing_sdk() {
             stderr(&refused)
         );
     }
-    let refused = wasm_infer(&work, &["new", "model", "ok", "--sdk", "/nonexistent/sdk"]);
+    let refused = wasm_infer_in(&work, &["new", "model", "ok", "--sdk", "/nonexistent/sdk"]);
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(
         stderr(&refused).contains("no guest SDK at /nonexistent/sdk"),

@@ -1634,3 +1634,110 @@ fn a_body_slower_than_min_body_rate_is_408_after_the_grace_and_its_connection_cl
     let head = read_head(&mut steady).expect("an answer");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+/// The `r=` figure of the `fuel` item of a `RateLimit` header.
+fn fuel_remaining(reply: &Reply) -> u64 {
+    let header = reply.header("ratelimit").expect("a RateLimit header");
+    let item = header
+        .split(", ")
+        .find(|item| item.starts_with("\"fuel\";"))
+        .unwrap_or_else(|| panic!("no fuel item in {header}"));
+    item.split(';')
+        .find_map(|part| part.strip_prefix("r="))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no r= in {item}"))
+}
+
+#[test]
+fn a_model_profile_refuses_a_predicted_overrun_with_the_quota_untouched_and_charges_what_runs_use()
+{
+    use wasm_infer::profile::{Bound, Profile, Suggested};
+    use wasm_infer::{Error, LimitExceeded, PredictedLimit};
+    // A profile predicting 1,000,000 fuel per input byte (and no memory) for the hostile guest:
+    // `work:1000` (9 bytes) is predicted 9,000,000, under the tenant's cap of 10,000,000;
+    // `work:100000` (11 bytes) 11,000,000, over it.
+    let (under, over) = ("work:1000", "work:100000");
+    let cap: u64 = 10_000_000;
+    let burst = 3 * cap;
+    let flat = |per_byte: f64| Bound {
+        intercept: 0.0,
+        per_byte,
+        per_byte_squared: 0.0,
+        shift: 0.0,
+    };
+    let profile = Profile {
+        schema_version: wasm_infer::profile::PROFILE_SCHEMA_VERSION,
+        component_sha256: hostile().load_report().component_sha256.clone(),
+        engine: hostile().runtime().fingerprint(),
+        model: "hostile".into(),
+        inputs: 1,
+        max_input_bytes: 11,
+        fuel: flat(1_000_000.0),
+        peak_memory: flat(0.0),
+        suggested: Suggested {
+            margin_percent: 10,
+            fuel: cap,
+            memory: 64 << 10,
+        },
+    };
+    assert_eq!(profile.predict(&text(under)).0, 9_000_000);
+    assert_eq!(profile.predict(&text(over)).0, 11_000_000);
+    let dir = support::scratch("profile");
+    let profile_path = dir.join("hostile.profile.json");
+    profile.write(&profile_path).unwrap();
+    let config = format!(
+        "[[models]]\nname = \"hostile\"\npath = \"{}\"\nprofile = \"{}\"\n{}",
+        hostile_wasm().display(),
+        profile_path.display(),
+        tenant(
+            "a",
+            KEY_A,
+            &format!(
+                "[tenants.limits]\nfuel = {cap}\n[tenants.rates]\nfuel_per_second = 1\n\
+                 fuel_burst = {burst}"
+            )
+        ),
+    );
+    let server = Server::start(&config, &[]);
+    let started = Instant::now();
+
+    // Predicted over the cap: the fuel limit's status and body, as serve maps the library's
+    // `LimitExceeded::Predicted`; nothing ran.
+    let refused = server.infer(Some(KEY_A), "hostile", over);
+    let expected =
+        wasm_infer::serve::status::ApiError::from_error(&Error::Limit(LimitExceeded::Predicted {
+            limit: cap,
+            predicted: 11_000_000,
+            resource: PredictedLimit::Fuel,
+        }));
+    assert_eq!(refused.status, 422, "{}", refused.text);
+    assert_eq!(refused.json(), expected.body());
+    assert_eq!(refused.json()["error"]["code"], "fuel");
+    // The bucket was full: the admission reserved the cap, nothing more.
+    assert_eq!(fuel_remaining(&refused), burst - cap);
+
+    // Under the cap: it runs, and its admission finds the quota full again (the refused
+    // request's reservation was given back whole; the bucket cannot refill past full).
+    let consumed = hostile_fuel(under);
+    let ran = server.infer(Some(KEY_A), "hostile", under);
+    assert_eq!(ran.status, 200, "{}", ran.text);
+    assert_eq!(ran.json()["usage"]["fuel_consumed"], consumed);
+    assert_eq!(fuel_remaining(&ran), burst - cap);
+
+    // The run was charged what it consumed, exactly (its prediction held while it ran, the
+    // difference refunded after): the next admission finds `burst - consumed - cap`, plus at
+    // most one fuel unit per second since then (the quota refills at 1/s).
+    let next = server.infer(Some(KEY_A), "hostile", under);
+    assert_eq!(next.status, 200, "{}", next.text);
+    let refill = started.elapsed().as_secs() + 1;
+    let remaining = fuel_remaining(&next);
+    let floor = burst - consumed - cap;
+    assert!(
+        (floor..=floor + refill).contains(&remaining),
+        "remaining {remaining}, expected {floor} + at most {refill} of refill"
+    );
+    assert_eq!(
+        server.metric("wasm_infer_fuel_consumed_total", &[("tenant", "a")]),
+        (2 * consumed) as f64
+    );
+}

@@ -32,7 +32,7 @@ use crate::error::Error;
 /// The local change to Wasmtime's code generation (vendor/README.md) as built: the SHA-256 of
 /// the patch file when the patched crate is compiled in, `absent` when it is not (build.rs).
 /// Part of every cache key: code generated under another patch, or none, is never reused.
-pub(crate) const CODEGEN_PATCH: &str = env!("WASM_INFER_CODEGEN_PATCH");
+pub const CODEGEN_PATCH: &str = env!("WASM_INFER_CODEGEN_PATCH");
 
 /// SHA-256 of a component's bytes, as lowercase hex.
 pub(crate) fn component_digest(wasm: &[u8]) -> String {

@@ -328,19 +328,21 @@ impl Model {
     }
 
     /// Finishes [`Model::link_handed_code`] once the worker is locked: asks for the info.
-    /// `resident_memory` as [`LoadOptions::resident_memory`].
+    /// `resident_memory` as [`LoadOptions::resident_memory`]; `component` is the SHA-256 and
+    /// size of the component the parent compiled the code from (its load report's figures).
     pub(crate) fn from_linked(
         runtime: &Runtime,
         pre: ModelPre<RunState>,
         limits: &Limits,
         resident_memory: u64,
+        component: &ComponentIdentity,
     ) -> Result<Self> {
         let info = block_on(fetch_info(runtime, &pre, limits))??;
         let load = LoadReport {
             code: CodeSource::Cached,
             code_time: Duration::ZERO,
-            component_sha256: String::new(),
-            component_bytes: 0,
+            component_sha256: component.sha256.clone(),
+            component_bytes: component.bytes,
             preinit: None,
             limits: limits.clone(),
         };
@@ -662,6 +664,24 @@ async fn obtain(runtime: &Runtime, wasm: &[u8], options: &LoadOptions) -> Result
 /// [`Model::from_bytes_with`] does (and cached), without running any of the model here (the
 /// workers ask for its info once locked down). `options.isolate` should be set: else
 /// pre-initialisation runs guest code in this process.
+/// The component a worker's code was compiled from, as its load report names it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ComponentIdentity {
+    /// SHA-256 of the component's bytes, lowercase hex.
+    pub sha256: String,
+    /// The component's size in bytes.
+    pub bytes: u64,
+}
+
+impl ComponentIdentity {
+    pub(crate) fn of(wasm: &[u8]) -> Self {
+        Self {
+            sha256: cache::component_digest(wasm),
+            bytes: wasm.len() as u64,
+        }
+    }
+}
+
 pub(crate) fn code_for_workers(
     runtime: &Runtime,
     wasm: &[u8],

@@ -19,8 +19,13 @@
 //! ```
 //!
 //! A case with only its `input` gets `fuel`, `peak_memory_bytes` and `output_sha256` filled in
-//! by a bless (`wasm-infer check --bless`, or `WASM_INFER_BLESS=1` with [`assert_cases`]),
-//! which also records `schema_version`, `component_sha256` and `engine`. A bless writes the
+//! by a bless. A case with a cosine bound instead, `{ "input": "...", "min_cosine": 0.9999 }`,
+//! gets `output_vectors` (the embedding vectors) instead of a digest, and a check then passes
+//! while every vector's cosine similarity with its recorded one is at least the bound; the
+//! diff of one below it names the worst cosine and its vector, and a bless rewrites only
+//! vectors that fell below their bound. A bless (`wasm-infer check --bless`, or
+//! `WASM_INFER_BLESS=1` with [`assert_cases`]) also records `schema_version`,
+//! `component_sha256` and `engine`. A bless writes the
 //! file in its canonical form (two-space JSON, fields in the order above, one trailing
 //! newline): a file already in that form changes in exactly the figures that moved.
 //!
@@ -85,7 +90,7 @@ fn schema_version() -> u32 {
 }
 
 /// One input and what it is expected to use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Case {
     /// A name for reports (else the case is named by its number and input).
@@ -102,6 +107,15 @@ pub struct Case {
     /// SHA-256 of the output as JSON (serde_json's, whose floats print exactly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_sha256: Option<String>,
+    /// Compare the output's vectors with [`output_vectors`](Self::output_vectors) by cosine
+    /// similarity, each at least this, instead of by digest (for outputs that may move in the
+    /// last bits, e.g. on the accelerator path, whose kernels depend on the host CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cosine: Option<f64>,
+    /// The expected embedding vectors of a case with [`min_cosine`](Self::min_cosine) (filled
+    /// in by a bless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_vectors: Option<Vec<Vec<f32>>>,
 }
 
 impl Case {
@@ -130,7 +144,7 @@ pub fn output_digest(output: &Output) -> String {
 pub struct Moved {
     /// The case (`case 2 ("hello")`).
     pub case: String,
-    /// `fuel`, `peak_memory_bytes` or `output_sha256`.
+    /// `fuel`, `peak_memory_bytes`, `output_sha256` or `output_vectors`.
     pub figure: &'static str,
     /// What the file says (`None`: not yet blessed).
     pub expected: Option<String>,
@@ -175,6 +189,10 @@ pub struct CheckReport {
     pub cases: usize,
     /// The file was rewritten (a bless that changed something).
     pub written: bool,
+    /// The lowest cosine similarity between an output vector and its expected vector, over
+    /// every case with a `min_cosine` bound and recorded vectors of the same shape (`None`
+    /// when there is none).
+    pub worst_cosine: Option<f64>,
 }
 
 impl CheckReport {
@@ -226,6 +244,7 @@ pub fn check_cases(
 ) -> Result<CheckReport, CheckError> {
     let path = path.as_ref();
     let mut file: CasesFile = profile::read_versioned(path, "cases file", true)?;
+    validate(path, &file)?;
     let sha256 = model.load_report().component_sha256.clone();
     let engine = model.runtime().fingerprint();
     let mut report = CheckReport {
@@ -257,7 +276,6 @@ pub fn check_cases(
                 case: label.clone(),
                 error,
             })?;
-        let digest = output_digest(&outcome.output);
         compare(
             &mut report.moved,
             &label,
@@ -272,13 +290,28 @@ pub fn check_cases(
             &mut case.peak_memory_bytes,
             outcome.usage.peak_memory_bytes,
         );
-        compare(
-            &mut report.moved,
-            &label,
-            "output_sha256",
-            &mut case.output_sha256,
-            digest,
-        );
+        match case.min_cosine {
+            Some(bound) => {
+                let worst = compare_vectors(
+                    &mut report.moved,
+                    &label,
+                    bound,
+                    &mut case.output_vectors,
+                    &outcome.output,
+                );
+                if let Some(worst) = worst {
+                    report.worst_cosine =
+                        Some(report.worst_cosine.map_or(worst, |w: f64| w.min(worst)));
+                }
+            }
+            None => compare(
+                &mut report.moved,
+                &label,
+                "output_sha256",
+                &mut case.output_sha256,
+                output_digest(&outcome.output),
+            ),
+        }
     }
     if bless && !report.passed() {
         file.schema_version = PROFILE_SCHEMA_VERSION;
@@ -290,6 +323,113 @@ pub fn check_cases(
         report.written = true;
     }
     Ok(report)
+}
+
+/// Refuses, before anything runs, a case whose output would be compared two ways or whose
+/// cosine bound is not a cosine.
+fn validate(path: &Path, file: &CasesFile) -> Result<(), FileError> {
+    for (index, case) in file.cases.iter().enumerate() {
+        let problem = match case.min_cosine {
+            Some(bound) if !(-1.0..=1.0).contains(&bound) => {
+                format!("min_cosine {bound} is not in [-1, 1]")
+            }
+            Some(_) if case.output_sha256.is_some() => {
+                "has both output_sha256 and min_cosine (its output is compared one way: drop one)"
+                    .to_string()
+            }
+            None if case.output_vectors.is_some() => {
+                "has output_vectors without a min_cosine bound".to_string()
+            }
+            _ => continue,
+        };
+        return Err(FileError::new(
+            path,
+            format!("{}: {problem}", case.label(index)),
+        ));
+    }
+    Ok(())
+}
+
+/// The cosine similarity of two vectors of the same length, in f64 (1 for identical bits,
+/// so that a zero vector matches itself; NaN, which fails every bound, for a zero vector
+/// against another).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    if a.iter()
+        .map(|x| x.to_bits())
+        .eq(b.iter().map(|x| x.to_bits()))
+    {
+        return 1.0;
+    }
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Compares an output's vectors with the expected ones under a cosine bound; records a moved
+/// `output_vectors` (with the worst cosine) and takes the output's vectors when they are
+/// missing, of another shape or below the bound. Returns the worst cosine when the shapes
+/// match.
+fn compare_vectors(
+    moved: &mut Vec<Moved>,
+    case: &str,
+    bound: f64,
+    expected: &mut Option<Vec<Vec<f32>>>,
+    output: &Output,
+) -> Option<f64> {
+    let shape =
+        |v: &[Vec<f32>]| format!("{} vector(s) of {}", v.len(), v.first().map_or(0, Vec::len));
+    let mut record = |expected_text: Option<String>, got: String| {
+        moved.push(Moved {
+            case: case.to_string(),
+            figure: "output_vectors",
+            expected: expected_text,
+            got,
+        })
+    };
+    let Some(got) = output.embeddings() else {
+        record(
+            expected.as_deref().map(shape),
+            "an output without vectors".into(),
+        );
+        return None;
+    };
+    let Some(want) = expected.as_deref() else {
+        record(None, shape(got));
+        *expected = Some(got.to_vec());
+        return None;
+    };
+    let same_shape =
+        want.len() == got.len() && want.iter().zip(got).all(|(w, g)| w.len() == g.len());
+    if !same_shape {
+        record(Some(shape(want)), shape(got));
+        *expected = Some(got.to_vec());
+        return None;
+    }
+    if want.is_empty() {
+        return None;
+    }
+    // The lowest cosine and its vector (1-based); NaN counts as the worst.
+    let (at, worst) = want
+        .iter()
+        .zip(got)
+        .map(|(w, g)| cosine(w, g))
+        .enumerate()
+        .fold((0, f64::INFINITY), |(at, worst), (i, c)| {
+            if c < worst || (c.is_nan() && !worst.is_nan()) {
+                (i + 1, c)
+            } else {
+                (at, worst)
+            }
+        });
+    if worst.is_nan() || worst < bound {
+        record(
+            Some(format!("cosine >= {bound}")),
+            format!("worst cosine {worst} (vector {at})"),
+        );
+        *expected = Some(got.to_vec());
+    }
+    Some(worst)
 }
 
 /// Records a moved figure and sets the expectation to what the run gave (used when blessing).

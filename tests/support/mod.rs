@@ -81,6 +81,48 @@ pub fn model_dir() -> PathBuf {
     dir
 }
 
+/// Runs the `wasm-infer` binary with `args` and the tests' compiled-model cache.
+pub fn wasm_infer(args: &[&str]) -> std::process::Output {
+    wasm_infer_in(Path::new("."), args)
+}
+
+/// [`wasm_infer`] in directory `dir` (for commands that write into, or read relative to, the
+/// current directory).
+pub fn wasm_infer_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
+        .current_dir(dir)
+        .env("WASM_INFER_CACHE_DIR", cache_dir())
+        .args(args)
+        .output()
+        .expect("running wasm-infer")
+}
+
+/// A finished command's stderr, as text.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A fresh, empty directory for one test's files under the target directory
+/// (`test-scratch/TEST_FILE/NAME`), emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = target_dir()
+        .join("test-scratch")
+        .join(env!("CARGO_CRATE_NAME"))
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// An empty directory of a test's own outside the repository and its target directory, as a
+/// user's would be: no `.cargo/config.toml` of this checkout (or above it) applies to it.
+pub fn empty_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasm-infer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// One runtime per test binary, caching compiled guests under target/ (not the user's cache).
 pub fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();

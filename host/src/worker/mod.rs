@@ -36,7 +36,7 @@ use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
 use crate::isolate::{CompileLimits, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
-use crate::model::{LoadOptions, Model, Outcome};
+use crate::model::{ComponentIdentity, LoadOptions, Model, Outcome};
 use crate::runtime::{EngineSettings, Runtime, RuntimeConfig};
 use crate::usage::Usage;
 use crate::AccelMode;
@@ -141,6 +141,9 @@ struct Hello {
     engine: EngineSettings,
     preinit: bool,
     lockdown: bool,
+    /// Each model's component digest and size, for its load report (the worker gets code,
+    /// not the component, so it cannot compute them).
+    components: Vec<ComponentIdentity>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -552,8 +555,9 @@ fn start(hello: &Hello, code: Vec<Vec<u8>>) -> Result<Vec<Model>, String> {
         .models
         .iter()
         .zip(linked)
-        .map(|(path, pre)| {
-            Model::from_linked(&runtime, pre, &limits, hello.resident_memory)
+        .zip(&hello.components)
+        .map(|((path, pre), component)| {
+            Model::from_linked(&runtime, pre, &limits, hello.resident_memory, component)
                 .map_err(|e| format!("{}: {e}", path.display()))
         })
         .collect()
@@ -774,6 +778,8 @@ struct PoolInner {
     /// Each model's compiled code, verified once: every worker, replacements included, gets
     /// it from here (a cache entry altered later reaches no worker).
     code: Vec<Vec<u8>>,
+    /// Each model's component digest and size (the workers' load reports carry them).
+    components: Vec<ComponentIdentity>,
     models: Vec<ModelInfo>,
     started: AtomicU64,
     lost: AtomicU64,
@@ -853,6 +859,7 @@ impl PoolInner {
             engine: config.engine.clone(),
             preinit: config.preinit,
             lockdown: config.lockdown,
+            components: self.components.clone(),
         };
         let deadline = deadline_after(START_DEADLINE);
         let ready = worker
@@ -993,7 +1000,7 @@ impl PoolInner {
 /// Each model's compiled code, obtained in this process without running any of it: from the
 /// cache (authenticated), else from load workers (pre-initialised in a locked-down child,
 /// compiled in another), and cached.
-fn code_for_workers(config: &WorkerPoolConfig) -> Result<Vec<Vec<u8>>, Error> {
+fn code_for_workers(config: &WorkerPoolConfig) -> Result<Vec<(Vec<u8>, ComponentIdentity)>, Error> {
     let runtime = Runtime::with_config(
         RuntimeConfig {
             cache_dir: config.cache_dir.clone(),
@@ -1019,7 +1026,8 @@ fn code_for_workers(config: &WorkerPoolConfig) -> Result<Vec<Vec<u8>>, Error> {
                 path: path.clone(),
                 error,
             })?;
-            crate::model::code_for_workers(&runtime, &wasm, &options)
+            let code = crate::model::code_for_workers(&runtime, &wasm, &options)?;
+            Ok((code, ComponentIdentity::of(&wasm)))
         })
         .collect()
 }
@@ -1052,9 +1060,10 @@ impl WorkerPool {
             }
             None => Err("no cgroup configured".to_string()),
         };
-        let code = code_for_workers(&config)?;
+        let (code, components) = code_for_workers(&config)?.into_iter().unzip();
         let mut inner = PoolInner {
             code,
+            components,
             permits: Arc::new(tokio::sync::Semaphore::new(config.workers as usize)),
             places: AtomicU64::new(u64::from(config.workers)),
             config,

@@ -37,6 +37,9 @@ pub fn run(opts: &Opts) -> u8 {
     match check_cases(&model, &opts.cases, &opts.limits.limits(), opts.bless) {
         Ok(report) => {
             eprint!("{report}");
+            if let Some(worst) = report.worst_cosine {
+                eprintln!("worst cosine against the recorded vectors: {worst}");
+            }
             if opts.bless {
                 if report.written {
                     eprintln!(
