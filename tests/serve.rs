@@ -1704,15 +1704,19 @@ fn a_model_profile_refuses_a_predicted_overrun_with_the_quota_untouched_and_char
     // Predicted over the cap: the fuel limit's status and body, as serve maps the library's
     // `LimitExceeded::Predicted`; nothing ran.
     let refused = server.infer(Some(KEY_A), "hostile", over);
-    let expected =
-        wasm_infer::serve::status::ApiError::from_error(&Error::Limit(LimitExceeded::Predicted {
-            limit: cap,
-            predicted: 11_000_000,
-            resource: PredictedLimit::Fuel,
-        }));
+    let predicted = Error::Limit(LimitExceeded::Predicted {
+        limit: cap,
+        predicted: 11_000_000,
+        resource: PredictedLimit::Fuel,
+    });
     assert_eq!(refused.status, 422, "{}", refused.text);
-    assert_eq!(refused.json(), expected.body());
-    assert_eq!(refused.json()["error"]["code"], "fuel");
+    let error = &refused.json()["error"];
+    assert_eq!(error["message"], predicted.to_string());
+    assert_eq!(error["type"], "limit_exceeded");
+    assert_eq!(error["code"], "fuel");
+    assert_eq!(error["param"], serde_json::Value::Null);
+    assert_eq!(error["limit"]["limit"], cap);
+    assert_eq!(error["limit"]["predicted"], 11_000_000);
     // The bucket was full: the admission reserved the cap, nothing more.
     assert_eq!(fuel_remaining(&refused), burst - cap);
 

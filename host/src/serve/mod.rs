@@ -103,7 +103,7 @@ impl State {
 
     /// Runs `tenant`'s `input` on `served`, as [`State::run`]; with workers and
     /// `worker_affinity = "tenant"`, only in a worker that ran no other tenant's request.
-    pub async fn run_for_tenant(
+    pub(crate) async fn run_for_tenant(
         &self,
         served: &Served,
         tenant: &str,
