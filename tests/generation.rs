@@ -58,8 +58,13 @@ fn generate(request: GenerateRequest, limits: &Limits) -> Generation {
     model().generate(request, limits).expect("generation")
 }
 
+/// The default limits with a wall time long enough for a contended test machine (the default
+/// 30 s stopped a 24-token generation on two shared cores); fuel is what these tests cap.
 fn limits() -> Limits {
-    Limits::default()
+    Limits {
+        wall_time: std::time::Duration::from_secs(600),
+        ..Limits::default()
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! candle's CPU kernels do) token for token, up to the first step where the reference's own
 //! top two logits are within [`NEAR_TIE`] of each other (a tie that summation order may break
 //! either way); and along the reference's sequence (teacher forcing), every reference top-5
-//! logit within [`LOGIT_TOLERANCE`] of ours.
+//! logit within the fixture's `logit_tolerance` of ours.
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::path::PathBuf;
@@ -18,8 +18,12 @@ use serde_json::Value;
 use smollm2::{render, request, SmolLm};
 
 /// Largest difference allowed between one of the reference's top-5 logits and ours for the
-/// same token at the same step (measured: see `logits_match_the_reference_along_its_tokens`).
-const LOGIT_TOLERANCE: f64 = 0.25;
+/// same token at the same step: the fixture's `logit_tolerance` (1.5), which its generator
+/// derives from its f64 and summation-order checks (docs/testing.md); the test prints the
+/// largest difference it saw.
+fn logit_tolerance() -> f64 {
+    fixture()["logit_tolerance"].as_f64().unwrap()
+}
 /// A step whose reference top two logits are closer than this may go either way.
 const NEAR_TIE: f64 = 0.25;
 
@@ -114,6 +118,7 @@ fn greedy_tokens_match_the_reference_up_to_a_near_tie() {
 #[test]
 fn logits_match_the_reference_along_its_tokens() {
     let model = model();
+    let tolerance = logit_tolerance();
     let mut worst: f64 = 0.0;
     for case in cases() {
         let mut context = ids(&case["prompt_tokens"]);
@@ -125,7 +130,7 @@ fn logits_match_the_reference_along_its_tokens() {
                 let diff = (logits[id] as f64 - pair[1].as_f64().unwrap()).abs();
                 worst = worst.max(diff);
                 assert!(
-                    diff <= LOGIT_TOLERANCE,
+                    diff <= tolerance,
                     "{:?} step {step} token {id}: {} vs reference {}",
                     case["prompt"],
                     logits[id],
