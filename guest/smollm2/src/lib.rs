@@ -580,7 +580,8 @@ fn tokenizer(tokens: &[String], merges: &[String], types: &[i32]) -> Result<Toke
         .filter(|(_, &kind)| kind == 3)
         .map(|(t, _)| AddedToken::from(t.clone(), true))
         .collect();
-    tokenizer.add_special_tokens(special);
+    // The count is of entries new to the vocabulary: none, every control token is in it.
+    let _ = tokenizer.add_special_tokens(special);
     Ok(tokenizer)
 }
 
