@@ -580,8 +580,9 @@ fn tokenizer(tokens: &[String], merges: &[String], types: &[i32]) -> Result<Toke
         .filter(|(_, &kind)| kind == 3)
         .map(|(t, _)| AddedToken::from(t.clone(), true))
         .collect();
-    // The count is of entries new to the vocabulary: none, every control token is in it.
-    let _ = tokenizer.add_special_tokens(special);
+    tokenizer
+        .add_special_tokens(special)
+        .map_err(|e| format!("control tokens: {e}"))?;
     Ok(tokenizer)
 }
 
