@@ -3,6 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 model_dir := env_var_or_default("WASM_INFER_MODEL_DIR", env_var("HOME") / ".cache/wasm-infer/model")
+smollm2_dir := env_var_or_default("WASM_INFER_SMOLLM2_DIR", env_var("HOME") / ".cache/wasm-infer/smollm2")
 minilm := "target/wasm32-wasip2/release/minilm.wasm"
 demo_text := "WebAssembly sandboxes keep untrusted models in check."
 
@@ -18,9 +19,11 @@ setup:
 model:
     bash scripts/setup.sh
 
-# Build the MiniLM guest component (release, simd128), embedding the model files.
+# Build the model guest components (release, simd128), embedding the model files: MiniLM, then
+# SmolLM2 (a separate build: it turns on the SDK's `generator` feature, which MiniLM must not get).
 guest:
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo build --release --target wasm32-wasip2 -p minilm
+    WASM_INFER_SMOLLM2_DIR="{{smollm2_dir}}" cargo build --release --target wasm32-wasip2 -p smollm2
 
 # Build the small test guests (guest/test-guests/*: hostile, and toy on the guest SDK) for
 # wasm32-wasip2; the tests read them from target/wasm32-wasip2/release.
@@ -40,6 +43,7 @@ demo: guest build
 test: guest test-guests
     cargo test --release
     cargo test --release -p minilm -p wasm-infer-guest
+    cargo test --release -p smollm2
 
 # Soak: thousands of hostile runs mixed with good ones, then RSS, fds and cache must be as before.
 soak: guest test-guests
@@ -55,6 +59,7 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --release --all-targets -- -D warnings
     WASM_INFER_MODEL_DIR="{{model_dir}}" cargo clippy --release --target wasm32-wasip2 -p minilm -p hostile -p wasm-infer-guest -p toy -- -D warnings
+    WASM_INFER_SMOLLM2_DIR="{{smollm2_dir}}" cargo clippy --release --target wasm32-wasip2 -p smollm2 -- -D warnings
 
 # deploy/ without a cluster or docker: the Kubernetes manifests parse and agree with
 # deploy/serve.toml (grace period >= preStop + drain deadline, ports, probes, Redis Service, its

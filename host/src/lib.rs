@@ -27,6 +27,7 @@ pub mod cgroup;
 mod component;
 mod data;
 mod error;
+pub mod generate;
 pub mod isolate;
 mod limiter;
 pub mod limits;
@@ -50,6 +51,10 @@ pub use data::{DataKind, Input, ModelInfo, Output};
 pub use error::{
     ComponentPart, Error, ErrorKind, InvalidModel, LimitExceeded, ModelErrorCode, PredictedLimit,
     Result, RunError,
+};
+pub use generate::{
+    FinishReason, GenerateRequest, Generated, Generation, GenerationError, GeneratorInfo, Message,
+    Prompt,
 };
 pub use limits::{DeviceAccess, Limits};
 pub use model::{

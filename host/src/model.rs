@@ -14,6 +14,7 @@ use crate::cache::{self, Cache};
 use crate::component;
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
+use crate::generate::{fetch_generator, GeneratorModel};
 use crate::isolate::{self, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::profile::{Profile, Sample};
@@ -218,6 +219,8 @@ struct ModelInner {
     /// The accelerator weights this model's runs made resident: shared by all of them, freed
     /// (when no other model holds the same content) with the last clone of the model.
     weights: Arc<ModelWeights>,
+    /// The `generator` world's bindings and facts, when the model exports `generate`.
+    generator: Option<GeneratorModel>,
 }
 
 impl std::fmt::Debug for Model {
@@ -285,6 +288,7 @@ impl Model {
         options.phase(LoadPhase::Checking);
         let pre = link(runtime, &component)?;
         let info = fetch_info(runtime, &pre, &options.limits).await?;
+        let generator = fetch_generator(runtime, &pre, &options.limits).await?;
         // Only a model that answered its info is written to the cache.
         if obtained.store && obtained.entry.is_some() {
             let bytes = match obtained.bytes.take() {
@@ -310,6 +314,7 @@ impl Model {
                 info,
                 load,
                 weights: Arc::new(ModelWeights::new(options.resident_memory)),
+                generator,
             }),
             profile: None,
         })
@@ -338,6 +343,7 @@ impl Model {
         component: &ComponentIdentity,
     ) -> Result<Self> {
         let info = block_on(fetch_info(runtime, &pre, limits))??;
+        let generator = block_on(fetch_generator(runtime, &pre, limits))??;
         let load = LoadReport {
             code: CodeSource::Cached,
             code_time: Duration::ZERO,
@@ -353,6 +359,7 @@ impl Model {
                 info,
                 load,
                 weights: Arc::new(ModelWeights::new(resident_memory)),
+                generator,
             }),
             profile: None,
         })
@@ -441,6 +448,14 @@ impl Model {
     /// How the model's code was obtained and what that cost.
     pub fn load_report(&self) -> &LoadReport {
         &self.inner.load
+    }
+
+    pub(crate) fn generator(&self) -> Option<&GeneratorModel> {
+        self.inner.generator.as_ref()
+    }
+
+    pub(crate) fn weights(&self) -> Arc<ModelWeights> {
+        self.inner.weights.clone()
     }
 
     /// Runs `input` in a fresh sandbox under `limits`, blocking the calling thread.

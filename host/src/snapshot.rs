@@ -248,17 +248,19 @@ pub(crate) async fn make_locked(
     })
 }
 
-/// The imports initialisation may use: only `wasi:random`, which is seeded deterministically
+/// The imports initialisation may use: `wasi:random`, which is seeded deterministically
 /// in every store (Rust's std seeds its `HashMap`s from it, so nearly every guest calls it while
 /// initialising), so what it returned is what a run would have seen, and metered as in a run
 /// (a floor a call, 16 fuel a random byte, 1 MiB a call at most: `wasi::cost`), so
-/// the initialisation's fuel counts it. Every other import traps.
+/// the initialisation's fuel counts it; and `wasi:cli/environment`, empty as in a run (candle
+/// reads a variable while it builds quantized layers). Every other import traps.
 fn init_linker(
     engine: &wasmtime::Engine,
     component: &Component,
 ) -> wasmtime::Result<Linker<RunState>> {
     let mut linker: Linker<RunState> = Linker::new(engine);
     crate::wasi::add_random_only(&mut linker)?;
+    crate::wasi::add_environment_only(&mut linker)?;
     linker.define_unknown_imports_as_traps(component)?;
     Ok(linker)
 }

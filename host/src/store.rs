@@ -89,6 +89,8 @@ pub(crate) struct RunState {
     wasi_owed: u64,
     /// Fuel WASI calls have been charged (reported as [`Usage::wasi_fuel`](crate::Usage)).
     pub(crate) wasi_fuel: u64,
+    /// What a generation has streamed so far (`generate.rs`).
+    pub(crate) stream: crate::generate::Stream,
 }
 
 /// How many bytes the host may copy out of the guest, and so allocate for it, in one crossing
@@ -147,6 +149,10 @@ impl RunState {
             },
             wasi_owed: 0,
             wasi_fuel: 0,
+            stream: crate::generate::Stream {
+                max_output: limits.max_output,
+                ..Default::default()
+            },
         }
     }
 

@@ -230,6 +230,17 @@ pub(crate) fn add_random_only<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime:
     add_metered_random(linker)
 }
 
+/// Links `wasi:cli/environment` (arguments, environment variables, initial directory) for
+/// pre-initialisation ([`crate::snapshot`]): a run's are empty ([`no_authority`]), and so are
+/// initialisation's, so a library that reads a variable while the model is built (candle's
+/// `QMatMul` reads `CANDLE_DEQUANTIZE_ALL` once and caches it) finds in the snapshot what a run
+/// would have found. Each call costs the WASI floor.
+pub(crate) fn add_environment_only<T: WasiMeter>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::cli::WasiCli;
+    use wasmtime_wasi::p2::bindings::cli;
+    cli::environment::add_to_linker::<T, WasiCli>(linker, getters::cli)
+}
+
 /// Replaces wasmtime-wasi's `get-random-bytes` and `get-insecure-random-bytes` (which cost the
 /// guest no fuel however many bytes it asks for) with the same generators behind a charge of
 /// [`cost::random`], taken before the bytes are made; past [`MAX_RANDOM_BYTES_PER_CALL`] the

@@ -46,6 +46,8 @@
 //! embeddings), so a decoder fits the same shape as an encoder.
 
 pub mod accel;
+#[cfg(feature = "generator")]
+pub mod generator;
 pub mod io;
 pub mod kernels;
 pub mod layers;
@@ -70,6 +72,8 @@ pub use accel::Accel;
 pub use bindings::wasm_infer::model::types::{
     DataKind, ErrorCode, Input, ModelError, ModelInfo, Output, Tensor as WitTensor,
 };
+#[cfg(feature = "generator")]
+pub use generator::Generator;
 pub use layers::{attention, Ids, InSandbox, Linear, LinearId, Linears, Norm, NormId, Packed};
 
 /// The candle crates the SDK is built on, so a model needs no version of its own.

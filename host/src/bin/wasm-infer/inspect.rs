@@ -9,6 +9,8 @@ use crate::load::LoadArgs;
 
 /// The world every model implements.
 const WORLD: &str = "wasm-infer:model/model@0.1.0";
+/// The world a text generator implements (the model world plus `generate`).
+const GENERATOR_WORLD: &str = "wasm-infer:model/generator@0.1.0";
 
 #[derive(Args)]
 pub struct Opts {
@@ -27,17 +29,29 @@ pub fn run(opts: &Opts) -> u8 {
         Err(status) => return status,
     };
     let (kind, name) = model.runtime().device();
+    let generator = model.generator_info();
+    let (world, model_kind) = match generator {
+        Some(_) => (GENERATOR_WORLD, "text-generation"),
+        None => (WORLD, "model"),
+    };
     if opts.json {
         let value = serde_json::json!({
-            "world": WORLD,
+            "world": world,
+            "kind": model_kind,
+            "generator": generator,
             "info": model.info(),
             "component": model.load_report(),
             "accel": { "kind": kind, "name": name },
         });
         println!("{value}");
     } else {
-        println!("world:       {WORLD}");
+        println!("world:       {world}");
+        println!("kind:        {model_kind}");
         println!("{}", model.info());
+        if let Some(generator) = generator {
+            println!("context:     {} tokens", generator.context_length);
+            println!("chat template: {}", generator.chat_template);
+        }
         println!("{}", model.load_report());
         println!("accel:       {kind} ({name})");
     }

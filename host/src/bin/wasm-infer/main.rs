@@ -7,6 +7,7 @@ mod cache;
 mod calibrate;
 mod check;
 mod exit;
+mod generate;
 mod inspect;
 mod load;
 mod new;

@@ -29,6 +29,8 @@ pub struct Opts {
     profile: Option<PathBuf>,
     #[command(flatten)]
     load: LoadArgs,
+    #[command(flatten)]
+    generation: crate::generate::GenerationArgs,
     /// How to report usage on stderr.
     #[arg(long, value_enum, default_value_t = Report::Text)]
     report: Report,
@@ -38,7 +40,7 @@ pub struct Opts {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Report {
+pub(crate) enum Report {
     /// One human-readable line.
     Text,
     /// One JSON object.
@@ -74,6 +76,21 @@ pub fn run(opts: &Opts) -> u8 {
             Ok(model) => model,
             Err(e) => return exit::report(Some(path), &e),
         };
+    }
+    if model.generator_info().is_some() {
+        let Input::Text(prompt) = input else {
+            eprintln!("error: a text generator takes one prompt: a literal text, or `@file` / `-` holding one line");
+            return exit::USAGE;
+        };
+        let report = (!opts.quiet).then_some(opts.report);
+        return crate::generate::run(&opts.generation, &model, prompt, &limits, report);
+    }
+    if let Some(flag) = opts.generation.given() {
+        eprintln!(
+            "error: {flag} applies to text generators; {} is not one",
+            model.info().name
+        );
+        return exit::USAGE;
     }
     match model.run(input, &limits) {
         Ok(outcome) => {
@@ -134,7 +151,7 @@ fn render_output(model: &Model, output: &Output) -> String {
     value.to_string()
 }
 
-fn print_report(
+pub(crate) fn print_report(
     report: Report,
     model: &Model,
     usage: &Usage,
