@@ -333,7 +333,7 @@ impl Model {
         let request = request.into_wit();
         let limited = call_limited(self.runtime(), limits, move |store| {
             Box::pin(async move {
-                store.data_mut().device.weights = weights;
+                store.data_mut().device.share_weights(weights);
                 store.data_mut().stream.on_emit = on_emit;
                 let instance = generator.pre.instantiate_async(&mut *store).await?;
                 store.data_mut().mark_instantiated();
@@ -393,7 +393,7 @@ pub(crate) async fn fetch_generator(
     let limited = call_limited(runtime, limits, move |store| {
         Box::pin(async move {
             let instance = call.instantiate_async(&mut *store).await?;
-            store.data_mut().copy_budgets.result = crate::limits::MAX_INFO_BYTES as usize;
+            store.data_mut().limit_result_copy(crate::limits::MAX_INFO_BYTES as usize);
             instance.call_generator_info(&mut *store).await
         })
     })
