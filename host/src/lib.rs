@@ -28,6 +28,7 @@ mod component;
 mod data;
 mod error;
 pub mod generate;
+mod generator;
 pub mod isolate;
 mod limiter;
 pub mod limits;
@@ -38,6 +39,7 @@ mod run;
 mod runtime;
 #[cfg(feature = "serve")]
 pub mod serve;
+mod sink;
 pub mod snapshot;
 mod store;
 pub mod testing;

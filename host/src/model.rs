@@ -14,7 +14,7 @@ use crate::cache::{self, Cache};
 use crate::component;
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, Result, RunError};
-use crate::generate::{fetch_generator, GeneratorModel};
+use crate::generator::{fetch_generator, GeneratorModel};
 use crate::isolate::{self, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::profile::{Profile, Sample};

@@ -190,7 +190,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         crate::wasi::add_to_linker(&mut linker).map_err(internal)?;
         crate::accel::add_to_linker(&mut linker).map_err(internal)?;
-        crate::generate::add_to_linker(&mut linker).map_err(internal)?;
+        crate::sink::add_to_linker(&mut linker).map_err(internal)?;
         let accel =
             Arc::new(Accel::new(config.accel, config.device_memory).map_err(Error::Config)?);
         let ticker = Ticker::start(engine.clone(), config.epoch_tick);

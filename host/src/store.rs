@@ -90,7 +90,7 @@ pub(crate) struct RunState {
     /// Fuel WASI calls have been charged (reported as [`Usage::wasi_fuel`](crate::Usage)).
     pub(crate) wasi_fuel: u64,
     /// What a generation has streamed so far (`generate.rs`).
-    pub(crate) stream: crate::generate::Stream,
+    pub(crate) stream: crate::sink::Stream,
 }
 
 /// How many bytes the host may copy out of the guest, and so allocate for it, in one crossing
@@ -149,7 +149,7 @@ impl RunState {
             },
             wasi_owed: 0,
             wasi_fuel: 0,
-            stream: crate::generate::Stream {
+            stream: crate::sink::Stream {
                 max_output: limits.max_output,
                 ..Default::default()
             },
@@ -322,4 +322,13 @@ pub(crate) fn new_store(
             .map_err(|e| Error::Internal(format!("{e:#}")))?;
     }
     Ok(store)
+}
+
+impl crate::sink::Streams for RunState {
+    fn deadline_passed(&mut self) -> bool {
+        self.deadline.check()
+    }
+    fn stream(&mut self) -> &mut crate::sink::Stream {
+        &mut self.stream
+    }
 }

@@ -296,9 +296,7 @@ async fn run_queued(
     };
     let in_flight = state.metrics.in_flight.get_or_create(&model_labels).clone();
     in_flight.inc();
-    let result = state
-        .run_for_tenant(served, tenant, input, &limits)
-        .await;
+    let result = state.run_for_tenant(served, tenant, input, &limits).await;
     in_flight.dec();
     drop(slot);
     let usage = match &result {
