@@ -179,12 +179,25 @@ impl SmolLm {
             .collect()
     }
 
-    /// Logits for the next token after `tokens`, computed from scratch (the tests compare
-    /// them with the reference's).
-    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+    /// The logits at each step of a generation that produced `tokens` after `prompt` (teacher
+    /// forcing, with the KV cache as generation uses it): one vector per token, the first for
+    /// the step after the prompt (the tests compare them with the reference's).
+    pub fn logits_along(
+        &self,
+        prompt: &[u32],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut model = self.model.clone();
-        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
-        Ok(model.forward(&input, 0)?.squeeze(0)?.to_vec1()?)
+        let mut input = prompt.to_vec();
+        let mut position = 0;
+        let mut steps = Vec::with_capacity(tokens.len());
+        for &token in tokens {
+            let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            steps.push(model.forward(&x, position)?.squeeze(0)?.to_vec1::<f32>()?);
+            position += input.len();
+            input = vec![token];
+        }
+        Ok(steps)
     }
 
     /// Checks `request` and returns the prompt's token ids.
@@ -292,6 +305,29 @@ impl SmolLm {
         };
         let generation = self.generate(request, &mut sink)?;
         Ok((generation, collected))
+    }
+}
+
+impl SmolLm {
+    /// Replays `request` along `tokens` (what [`SmolLm::generate`] produced for it) and returns
+    /// each step's draw margin (see `Sampler::draw`): the native tests compare seeded sampling
+    /// with the sandbox only where every margin is wider than float differences between builds
+    /// can move a share.
+    pub fn draw_margins(&self, request: &Request, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let prompt = self.prepare(request)?;
+        let mut sampler = Sampler::new(request);
+        let steps = self.logits_along(&prompt, tokens)?;
+        let mut margins = Vec::with_capacity(tokens.len());
+        for (logits, &token) in steps.iter().zip(tokens) {
+            let (drawn, margin) = sampler.draw(logits);
+            if drawn != token {
+                return Err(ModelError::internal(format!(
+                    "replay drew {drawn} where the generation had {token}"
+                )));
+            }
+            margins.push(margin);
+        }
+        Ok(margins)
     }
 }
 
@@ -460,8 +496,24 @@ impl Sampler {
     }
 
     fn next(&mut self, logits: &[f32]) -> u32 {
+        self.draw(logits).0
+    }
+
+    /// The next token, and how far the draw fell from the nearest edge of that token's share
+    /// of the nucleus, as a fraction of the nucleus (when greedy: the gap between the two
+    /// highest logits). A build
+    /// whose logits differ slightly (other kernels, fused multiply-add, activations quantised
+    /// to 8 bits after them) draws the same token as long as the edges move by less than this.
+    fn draw(&mut self, logits: &[f32]) -> (u32, f32) {
         if self.temperature == 0.0 {
-            return argmax(logits);
+            let best = argmax(logits);
+            let second = logits
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i as u32 != best)
+                .map(|(_, &l)| l)
+                .fold(f32::NEG_INFINITY, f32::max);
+            return (best, logits[best as usize] - second);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f32)> = logits
@@ -481,16 +533,20 @@ impl Sampler {
                 break;
             }
         }
-        let nucleus = &probs[..kept];
+        // The draw walks the nucleus in id order, not likelihood order: where another build's
+        // logits differ slightly, two near-equal tokens that swap places then move the
+        // edges by their small difference instead of trading whole intervals.
+        let nucleus = &mut probs[..kept];
+        nucleus.sort_by_key(|p| p.0);
         let nucleus_total: f32 = nucleus.iter().map(|p| p.1).sum();
         let mut u = self.rng.unit() as f32 * nucleus_total;
-        for &(id, p) in nucleus {
+        for &(id, p) in nucleus.iter() {
             if u < p {
-                return id;
+                return (id, u.min(p - u) / nucleus_total);
             }
             u -= p;
         }
-        nucleus[kept - 1].0
+        (nucleus[kept - 1].0, 0.0)
     }
 }
 
