@@ -198,35 +198,49 @@ fn tokens_and_fuel_are_the_same_in_two_processes() {
     assert_eq!(first, run());
 }
 
+/// The token fuel figures are exact boundaries: `to_first_token` is the smallest cap that lets
+/// the first token through (one unit less stops the run before it), `to_last_token` the same for
+/// the last; a cap between two tokens stops after the first of them, the same way every time.
 #[test]
-fn a_fuel_cap_between_two_tokens_stops_after_the_first_of_them_every_time() {
+fn token_fuel_figures_are_the_caps_at_which_tokens_come_through() {
     let prompt = "Write a haiku about sandboxes";
-    let three = generate(GenerateRequest::new(prompt, 3), &limits());
-    let four = generate(GenerateRequest::new(prompt, 4), &limits());
-    assert_eq!(three.generated.tokens[..], four.generated.tokens[..3]);
-    let (f3, f4) = (three.usage.fuel_consumed, four.usage.fuel_consumed);
+    let full = generate(GenerateRequest::new(prompt, 2), &limits());
+    let fuel = full.token_fuel;
+    let (first, last) = (fuel.to_first_token.unwrap(), fuel.to_last_token.unwrap());
+    assert_eq!(fuel.tokens_after_first, 1);
+    assert_eq!(fuel.per_token, Some(last - first));
     // A whole decoding step (millions of fuel) separates them.
-    assert!(f4 > f3 + 1_000_000, "{f3} {f4}");
-    let cap = f3 + (f4 - f3) / 2;
-    let capped = Limits {
-        fuel: Some(cap),
-        ..limits()
+    assert!(last > first + 1_000_000, "{first} {last}");
+    assert!(last < full.usage.fuel_consumed);
+    let capped = |cap: u64| {
+        let failure = model()
+            .generate(
+                GenerateRequest::new(prompt, 2),
+                &Limits {
+                    fuel: Some(cap),
+                    ..limits()
+                },
+            )
+            .expect_err("capped below the whole generation");
+        match failure.error.error {
+            Error::Limit(LimitExceeded::Fuel { limit, consumed }) => {
+                assert_eq!((limit, consumed), (cap, cap + 1));
+            }
+            ref other => panic!("{other}"),
+        }
+        failure.partial
     };
-    let stopped = || {
-        model()
-            .generate(GenerateRequest::new(prompt, 4), &capped)
-            .expect_err("the cap is below a 4-token generation")
-    };
-    let (a, b) = (stopped(), stopped());
-    for failure in [&a, &b] {
-        assert!(
-            matches!(failure.error.error, Error::Limit(LimitExceeded::Fuel { limit, .. }) if limit == cap),
-            "{}",
-            failure.error
-        );
-        assert_eq!(failure.partial, three.generated);
-    }
-    assert_eq!(a.error.usage.fuel_consumed, b.error.usage.fuel_consumed);
+    let tokens = &full.generated.tokens;
+    assert!(capped(first - 1).tokens.is_empty());
+    assert_eq!(capped(first).tokens, tokens[..1]);
+    let between = capped(last - 1);
+    assert_eq!(between.tokens, tokens[..1]);
+    assert_eq!(
+        between,
+        capped(last - 1),
+        "the same cap, the same partial output"
+    );
+    assert_eq!(capped(last).tokens, tokens[..2]);
 }
 
 #[test]

@@ -21,6 +21,7 @@ use crate::runtime::block_on;
 use crate::usage::Usage;
 
 pub use crate::generator::GeneratorInfo;
+use crate::sink::EmitStamp;
 pub use crate::sink::{cost, Generated, OnEmit, MAX_TOKENS_PER_EMIT};
 
 /// One message of a conversation.
@@ -116,6 +117,40 @@ pub enum FinishReason {
     Length,
 }
 
+/// Where a generation's fuel went, read off the fuel left at each `emit` that handed over a
+/// token (docs/generation.md#fuel-per-token): figures to plan a fuel cap with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TokenFuel {
+    /// Fuel used when the first token had been handed over: the prompt's processing, the first
+    /// decoding step and its `emit`. It is the smallest fuel cap that lets the first token
+    /// through: with one unit less the run stops before it.
+    pub to_first_token: Option<u64>,
+    /// The same for the last token handed over.
+    pub to_last_token: Option<u64>,
+    /// Tokens between the two (the first excluded).
+    pub tokens_after_first: u64,
+    /// Mean fuel per token after the first: (`to_last_token` - `to_first_token`) /
+    /// `tokens_after_first`, rounded down (`None` for fewer than two tokens).
+    pub per_token: Option<u64>,
+}
+
+impl TokenFuel {
+    fn from_stamps(budget: u64, first: Option<EmitStamp>, last: Option<EmitStamp>) -> Self {
+        let (Some(first), Some(last)) = (first, last) else {
+            return Self::default();
+        };
+        let used = |stamp: EmitStamp| budget.saturating_sub(stamp.fuel_left);
+        let tokens_after_first = last.tokens.saturating_sub(first.tokens);
+        Self {
+            to_first_token: Some(used(first)),
+            to_last_token: Some(used(last)),
+            tokens_after_first,
+            per_token: (tokens_after_first > 0)
+                .then(|| (used(last) - used(first)) / tokens_after_first),
+        }
+    }
+}
+
 /// A finished generation.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Generation {
@@ -125,6 +160,7 @@ pub struct Generation {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub finish_reason: FinishReason,
+    pub token_fuel: TokenFuel,
     pub usage: Usage,
 }
 
@@ -134,6 +170,8 @@ pub struct Generation {
 pub struct GenerationError {
     pub error: RunError,
     pub partial: Generated,
+    /// The fuel figures of the tokens in `partial`.
+    pub token_fuel: TokenFuel,
 }
 
 impl std::fmt::Display for GenerationError {
@@ -159,7 +197,7 @@ impl Model {
         &self,
         request: GenerateRequest,
         limits: &Limits,
-    ) -> Result<Generation, GenerationError> {
+    ) -> Result<Generation, Box<GenerationError>> {
         self.generate_streaming(request, limits, None)
     }
 
@@ -169,12 +207,13 @@ impl Model {
         request: GenerateRequest,
         limits: &Limits,
         on_emit: Option<OnEmit>,
-    ) -> Result<Generation, GenerationError> {
+    ) -> Result<Generation, Box<GenerationError>> {
         block_on(self.generate_async(request, limits, on_emit)).unwrap_or_else(|error| {
-            Err(GenerationError {
+            Err(Box::new(GenerationError {
                 error: RunError::new(error, Usage::default()),
                 partial: Generated::default(),
-            })
+                token_fuel: TokenFuel::default(),
+            }))
         })
     }
 
@@ -184,16 +223,19 @@ impl Model {
         request: GenerateRequest,
         limits: &Limits,
         on_emit: Option<OnEmit>,
-    ) -> Result<Generation, GenerationError> {
-        let refuse = |error: Error, input_bytes: u64| GenerationError {
-            error: RunError::new(
-                error,
-                Usage {
-                    input_bytes,
-                    ..Usage::default()
-                },
-            ),
-            partial: Generated::default(),
+    ) -> Result<Generation, Box<GenerationError>> {
+        let refuse = |error: Error, input_bytes: u64| {
+            Box::new(GenerationError {
+                error: RunError::new(
+                    error,
+                    Usage {
+                        input_bytes,
+                        ..Usage::default()
+                    },
+                ),
+                partial: Generated::default(),
+                token_fuel: TokenFuel::default(),
+            })
         };
         let input_bytes = request.payload_bytes();
         let Some(generator) = self.generator().cloned() else {
@@ -234,12 +276,14 @@ impl Model {
         .await;
         let mut usage = limited.usage;
         usage.input_bytes = input_bytes;
-        let (partial, tripped) = match limited.store {
+        let (partial, tripped, token_fuel) = match limited.store {
             Some(mut store) => {
                 let stream = std::mem::take(&mut store.data_mut().stream);
-                (stream.generated, stream.tripped)
+                let budget = crate::store::fuel_budget(limits);
+                let fuel = TokenFuel::from_stamps(budget, stream.first_emit, stream.last_emit);
+                (stream.generated, stream.tripped, fuel)
             }
-            None => (Generated::default(), None),
+            None => (Generated::default(), None, TokenFuel::default()),
         };
         usage.output_bytes = partial.text.len() as u64;
         let error = match limited.result {
@@ -252,6 +296,7 @@ impl Model {
                         wit::FinishReason::Stop => FinishReason::Stop,
                         wit::FinishReason::Length => FinishReason::Length,
                     },
+                    token_fuel,
                     usage,
                 })
             }
@@ -263,9 +308,10 @@ impl Model {
             Err(Error::Trap { .. }) if tripped.is_some() => tripped.expect("checked").into(),
             Err(error) => error,
         };
-        Err(GenerationError {
+        Err(Box::new(GenerationError {
             error: RunError::new(error, usage),
             partial,
-        })
+            token_fuel,
+        }))
     }
 }

@@ -56,7 +56,7 @@ pub use error::{
 };
 pub use generate::{
     FinishReason, GenerateRequest, Generated, Generation, GenerationError, GeneratorInfo, Message,
-    Prompt,
+    Prompt, TokenFuel,
 };
 pub use limits::{DeviceAccess, Limits};
 pub use model::{

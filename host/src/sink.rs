@@ -39,10 +39,22 @@ pub struct Generated {
 /// Called with each `emit` (token ids, text) as it arrives, e.g. to print tokens as they come.
 pub type OnEmit = Box<dyn FnMut(&[u32], &str) + Send>;
 
+/// The fuel a run had left just after an `emit`, and how many tokens it had handed over by
+/// then (the first and the last of a run give its prompt and per-token fuel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EmitStamp {
+    pub(crate) fuel_left: u64,
+    pub(crate) tokens: u64,
+}
+
 /// A run's generation state in its store.
 #[derive(Default)]
 pub(crate) struct Stream {
     pub(crate) generated: Generated,
+    /// Stamps of the first and the latest `emit` that handed over a token (`None` without fuel
+    /// metering): two figures, however many calls, so their memory does not grow with a run.
+    pub(crate) first_emit: Option<EmitStamp>,
+    pub(crate) last_emit: Option<EmitStamp>,
     /// The run's output limit (bytes of text).
     pub(crate) max_output: u64,
     /// The limit an `emit` hit (the call trapped), reported instead of the trap.
@@ -93,8 +105,17 @@ pub(crate) fn add_to_linker<T: Streams + 'static>(linker: &mut Linker<T>) -> was
                 .map(|id| u32::from_le(*id))
                 .collect();
             let piece = text.to_str(&store)?.into_owned();
+            let fuel_left = store.get_fuel().ok();
             let stream = store.data_mut().stream();
             stream.generated.tokens.extend_from_slice(&ids);
+            if let (Some(fuel_left), false) = (fuel_left, ids.is_empty()) {
+                let stamp = EmitStamp {
+                    fuel_left,
+                    tokens: stream.generated.tokens.len() as u64,
+                };
+                stream.first_emit.get_or_insert(stamp);
+                stream.last_emit = Some(stamp);
+            }
             stream.generated.text.push_str(&piece);
             if let Some(on_emit) = stream.on_emit.as_mut() {
                 on_emit(&ids, &piece);

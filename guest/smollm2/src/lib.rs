@@ -310,16 +310,21 @@ impl SmolLm {
 
 impl SmolLm {
     /// Replays `request` along `tokens` (what [`SmolLm::generate`] produced for it) and returns
-    /// each step's draw margin (see `Sampler::draw`): the native tests compare seeded sampling
-    /// with the sandbox only where every margin is wider than float differences between builds
-    /// can move a share.
+    /// each step's margin: a sampled draw's distance from an edge (see `Sampler::draw`), a
+    /// greedy step's gap between the two highest logits. The native tests compare tokens with
+    /// the sandbox only where every margin is wider than float differences between builds can
+    /// move it.
     pub fn draw_margins(&self, request: &Request, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let prompt = self.prepare(request)?;
         let mut sampler = Sampler::new(request);
         let steps = self.logits_along(&prompt, tokens)?;
         let mut margins = Vec::with_capacity(tokens.len());
         for (logits, &token) in steps.iter().zip(tokens) {
-            let (drawn, margin) = sampler.draw(logits);
+            let (drawn, margin) = if request.temperature == 0.0 {
+                (argmax(logits), top_two_gap(logits))
+            } else {
+                sampler.draw(logits)
+            };
             if drawn != token {
                 return Err(ModelError::internal(format!(
                     "replay drew {drawn} where the generation had {token}"
@@ -500,20 +505,12 @@ impl Sampler {
     }
 
     /// The next token, and how far the draw fell from the nearest edge of that token's share
-    /// of the nucleus, as a fraction of the nucleus (when greedy: the gap between the two
-    /// highest logits). A build
+    /// of the nucleus, as a fraction of the nucleus (infinite when greedy). A build
     /// whose logits differ slightly (other kernels, fused multiply-add, activations quantised
     /// to 8 bits after them) draws the same token as long as the edges move by less than this.
     fn draw(&mut self, logits: &[f32]) -> (u32, f32) {
         if self.temperature == 0.0 {
-            let best = argmax(logits);
-            let second = logits
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| i as u32 != best)
-                .map(|(_, &l)| l)
-                .fold(f32::NEG_INFINITY, f32::max);
-            return (best, logits[best as usize] - second);
+            return (argmax(logits), f32::INFINITY);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f32)> = logits
@@ -559,6 +556,18 @@ fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The highest logit less the second highest (how clear a greedy choice is).
+fn top_two_gap(logits: &[f32]) -> f32 {
+    let best = argmax(logits) as usize;
+    let second = logits
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != best)
+        .map(|(_, &l)| l)
+        .fold(f32::NEG_INFINITY, f32::max);
+    logits[best] - second
 }
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed generator whose sequence is fixed

@@ -15,6 +15,7 @@
 use std::io::Write;
 
 use clap::Args;
+use wasm_infer::units::format_count;
 use wasm_infer::{Error, GenerateRequest, Generated, Limits, Model, Prompt, Usage};
 
 use crate::exit;
@@ -118,6 +119,7 @@ pub fn run(
                     "prompt_tokens": generation.prompt_tokens,
                     "completion_tokens": generation.completion_tokens,
                     "finish_reason": generation.finish_reason,
+                    "token_fuel": generation.token_fuel,
                 });
                 print(report, model, &generation.usage, limits, None, extra);
             }
@@ -147,6 +149,7 @@ pub fn run(
                 let extra = serde_json::json!({
                     "completion_tokens": failure.partial.tokens.len(),
                     "finish_reason": limit,
+                    "token_fuel": failure.token_fuel,
                 });
                 print(
                     report,
@@ -201,7 +204,17 @@ fn print(
     generation: serde_json::Value,
 ) {
     match report {
-        Report::Text => print_report(report, model, usage, limits, None),
+        Report::Text => {
+            print_report(report, model, usage, limits, None);
+            let fuel = &generation["token_fuel"];
+            if let Some(first) = fuel["to_first_token"].as_u64() {
+                let then = fuel["per_token"]
+                    .as_u64()
+                    .map(|n| format!(", then {} per token", format_count(n)))
+                    .unwrap_or_default();
+                eprintln!("tokens: fuel {} to the first{then}", format_count(first));
+            }
+        }
         Report::Json => {
             let error = error.map(|e| {
                 serde_json::json!({
