@@ -27,15 +27,7 @@ struct Server {
     child: Child,
     base: String,
     log: Arc<Mutex<Vec<String>>>,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _dir: support::TempDir,
 }
 
 impl Server {
@@ -55,7 +47,7 @@ impl Server {
             child,
             base,
             log,
-            _dir: TempDir(dir),
+            _dir: support::TempDir(dir),
         }
     }
 
@@ -94,7 +86,7 @@ impl Server {
     /// The value of one sample of `/metrics` (0 if absent).
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let text = self.get("/metrics", None).text;
-        metric_value(&text, name, labels)
+        support::metric_value(&text, name, labels)
     }
 
     fn signal(&self, signal: i32) {
@@ -129,23 +121,6 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            if metric != name {
-                return None;
-            }
-            let all = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
 }
 
 fn tenant(name: &str, key: &str, extra: &str) -> String {
@@ -635,7 +610,7 @@ fn metrics_after_a_scripted_mix_equal_what_was_sent() {
     assert_eq!(separate.status, 200);
     let text = separate.text;
     let requests = |status: &str, tenant: &str| {
-        metric_value(
+        support::metric_value(
             &text,
             "wasm_infer_requests_total",
             &[
@@ -650,22 +625,25 @@ fn metrics_after_a_scripted_mix_equal_what_was_sent() {
     assert_eq!(requests("401", "-"), 1.0);
     assert_eq!(requests("422", "a"), 1.0);
     assert_eq!(
-        metric_value(&text, "wasm_infer_limit_trips_total", &[("kind", "fuel")]),
+        support::metric_value(&text, "wasm_infer_limit_trips_total", &[("kind", "fuel")]),
         1.0
     );
     assert_eq!(
-        metric_value(&text, "wasm_infer_fuel_consumed_total", &[("tenant", "a")]),
+        support::metric_value(&text, "wasm_infer_fuel_consumed_total", &[("tenant", "a")]),
         fuel as f64
     );
     assert_eq!(
-        metric_value(
+        support::metric_value(
             &text,
             "wasm_infer_run_wall_seconds_count",
             &[("tenant", "a")]
         ),
         4.0
     );
-    assert_eq!(metric_value(&text, "wasm_infer_in_flight", &[]), 0.0);
+    assert_eq!(
+        support::metric_value(&text, "wasm_infer_in_flight", &[]),
+        0.0
+    );
 }
 
 #[test]
@@ -739,7 +717,7 @@ fn past_max_connections_the_longest_idle_connection_is_closed_for_a_new_one_and_
     let server = Server::start(&config, &[]);
     let metrics_url = metrics_url(&server);
     let metric = |name: &str, labels: &[(&str, &str)]| {
-        metric_value(
+        support::metric_value(
             &Reply::from(ureq::get(&metrics_url).call()).text,
             name,
             labels,
@@ -831,7 +809,7 @@ fn past_max_connections_with_none_idle_the_oldest_slow_head_is_closed_for_a_new_
     let server = Server::start(&config, &[]);
     let metrics_url = metrics_url(&server);
     let closed = |reason: &str| {
-        metric_value(
+        support::metric_value(
             &Reply::from(ureq::get(&metrics_url).call()).text,
             "wasm_infer_connections_closed_total",
             &[("reason", reason)],
@@ -1015,18 +993,9 @@ print(json.dumps({
 
 #[test]
 fn the_official_openai_client_gets_the_same_vectors_and_honours_retry_after() {
-    let setup = Command::new("bash")
-        .arg(support::workspace_root().join("scripts/openai-venv.sh"))
-        .output()
-        .expect("running scripts/openai-venv.sh");
-    if !setup.status.success() {
-        println!(
-            "skipped: the openai venv could not be created: {}",
-            String::from_utf8_lossy(&setup.stderr)
-        );
+    let Some(python) = support::openai_python() else {
         return;
-    }
-    let python = String::from_utf8(setup.stdout).unwrap().trim().to_string();
+    };
     // One request per second, burst one: the client's second call gets 429 with Retry-After 1
     // and only a retry after that wait can pass.
     let config = tenant(
@@ -1041,18 +1010,13 @@ fn the_official_openai_client_gets_the_same_vectors_and_honours_retry_after() {
         .take(3)
         .map(|c| c.text.as_str())
         .collect();
-    let output = Command::new(&python)
-        .args(["-c", OPENAI_SCRIPT, &server.base, KEY_A])
-        .arg(serde_json::to_string(&texts).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        server.log()
+    let texts = serde_json::to_string(&texts).unwrap();
+    let got = support::python_json(
+        &python,
+        OPENAI_SCRIPT,
+        &[&server.base, KEY_A, &texts],
+        || server.log(),
     );
-    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(got["model"], "all-MiniLM-L6-v2");
     let first: Vec<Vec<f32>> = serde_json::from_value(got["first"].clone()).unwrap();
     for (vector, case) in first.iter().zip(&reference().cases) {
@@ -1212,7 +1176,7 @@ fn half_a_head_is_closed_after_the_header_timeout_and_an_idle_connection_after_t
     );
     let text = server.get("/metrics", None).text;
     let closed = |reason| {
-        metric_value(
+        support::metric_value(
             &text,
             "wasm_infer_connections_closed_total",
             &[("reason", reason)],
@@ -1491,7 +1455,7 @@ fn a_peer_past_its_connection_cap_is_closed_unanswered_and_past_its_rate_gets_42
     let server = Server::start(&config, &[]);
     let metrics_url = metrics_url(&server);
     let refused = |reason: &str| {
-        metric_value(
+        support::metric_value(
             &Reply::from(ureq::get(&metrics_url).call()).text,
             "wasm_infer_peer_refused_total",
             &[("reason", reason)],

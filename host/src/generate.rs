@@ -24,6 +24,10 @@ pub use crate::generator::GeneratorInfo;
 use crate::sink::EmitStamp;
 pub use crate::sink::{cost, Generated, OnEmit, MAX_TOKENS_PER_EMIT};
 
+/// Tokens generated when a request does not say (the CLI's `--max-tokens`, serve's
+/// `max_tokens`).
+pub const DEFAULT_MAX_TOKENS: u32 = 64;
+
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
@@ -108,7 +112,7 @@ impl GenerateRequest {
 }
 
 /// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// The model's end-of-turn token or a stop string.
@@ -119,7 +123,7 @@ pub enum FinishReason {
 
 /// Where a generation's fuel went, read off the fuel left at each `emit` that handed over a
 /// token (docs/generation.md#fuel-per-token): figures to plan a fuel cap with.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenFuel {
     /// Fuel used when the first token had been handed over: the prompt's processing, the first
     /// decoding step and its `emit`. It is the smallest fuel cap that lets the first token

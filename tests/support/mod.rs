@@ -648,3 +648,95 @@ impl Reply {
         error
     }
 }
+
+/// The sum of the samples of `name` in a `/metrics` text whose labels include `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// smollm2.wasm, built by `just guest`.
+pub fn smollm2_wasm() -> PathBuf {
+    let path = guest_dir().join("smollm2.wasm");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `just guest`",
+        path.display()
+    );
+    path
+}
+
+/// A directory removed (with everything in it) on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new empty directory in the system's temporary directory, unique to this process.
+    pub fn new(name: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "wasm-infer-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The Python of the venv with the official `openai` client (scripts/openai-venv.sh), or `None`
+/// (said on stdout) where it cannot be made, e.g. without network.
+pub fn openai_python() -> Option<String> {
+    let setup = std::process::Command::new("bash")
+        .arg(workspace_root().join("scripts/openai-venv.sh"))
+        .output()
+        .expect("running scripts/openai-venv.sh");
+    if !setup.status.success() {
+        println!(
+            "skipped: the openai venv could not be created: {}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
+        return None;
+    }
+    Some(String::from_utf8(setup.stdout).unwrap().trim().to_string())
+}
+
+/// Runs `python -c script args...` and parses what it prints as JSON; a failure fails the test
+/// with its stderr and `context()` (a server's log).
+pub fn python_json(
+    python: &str,
+    script: &str,
+    args: &[&str],
+    context: impl Fn() -> String,
+) -> serde_json::Value {
+    let output = std::process::Command::new(python)
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        context()
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}

@@ -6,6 +6,8 @@
 //! refusal comes back as the [`ApiError`] its answer is made of; nothing here knows about
 //! routes, bodies or JSON.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -18,8 +20,11 @@ use super::status::{retry_after_seconds, ApiError};
 use super::{Served, State};
 use crate::data::Input;
 use crate::error::{ErrorKind, RunError};
+use crate::generate::{GenerateRequest, Generation, GenerationError, OnEmit};
 use crate::limits::Limits;
 use crate::model::Outcome;
+use crate::usage::Usage;
+use crate::worker::StopCheck;
 
 /// Retry-After for a full queue or a wait that ran out: about one run's time.
 const QUEUE_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -234,6 +239,175 @@ fn is_fallback_trip(kind: ErrorKind) -> bool {
     )
 }
 
+/// [`execute`] in a task of its own: a client that goes away mid-run (hyper then drops its
+/// handler) does not cut the pipeline short, so the run's fuel is still settled and its
+/// figures recorded.
+pub(super) async fn execute_detached(
+    state: &Arc<State>,
+    tenant: &Tenant,
+    served: &Arc<Served>,
+    input: Input,
+    tokens: u64,
+    admitted: Admitted,
+) -> Result<Done, ApiError> {
+    let (state, tenant, served) = (state.clone(), tenant.clone(), served.clone());
+    tokio::spawn(async move { execute(&state, &tenant, &served, input, tokens, admitted).await })
+        .await
+        .unwrap_or_else(|e| Err(pipeline_failed(e)))
+}
+
+pub(super) fn pipeline_failed(e: tokio::task::JoinError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        format!("The request's pipeline failed: {e}"),
+    )
+}
+
+/// A generation that ran (to its end, or to the limit or failure that stopped it), with its
+/// quotas' headers.
+pub(super) struct GenerationRun {
+    pub(super) result: Result<Generation, Box<GenerationError>>,
+    pub(super) rate_headers: HeaderMap,
+}
+
+/// One generation, start to end, in a task of its own (it outlives its client's connection
+/// only until `stop` says the client is gone): the tokens quota (the prompt's estimate plus
+/// `max_tokens`, settled to the tokens the guest really read and wrote), the queue, the
+/// generation in a worker (or in this process) with its pieces handed to `on_emit`, the fuel
+/// refund and the metrics. A generation `stop` ended keeps its whole fuel reservation: its
+/// figures went with its worker.
+/// What a generation brings to the pipeline besides its tenant and model.
+pub(super) struct GenerationJob {
+    pub(super) request: GenerateRequest,
+    /// The prompt's tokens as estimated before the guest counts them.
+    pub(super) prompt_estimate: u64,
+    pub(super) admitted: Admitted,
+    /// Each piece, as the guest hands it over.
+    pub(super) on_emit: OnEmit,
+    /// Whether the client is gone.
+    pub(super) stop: StopCheck,
+}
+
+pub(super) fn spawn_generation(
+    state: &Arc<State>,
+    tenant: &Tenant,
+    served: &Arc<Served>,
+    job: GenerationJob,
+) -> tokio::task::JoinHandle<Result<GenerationRun, ApiError>> {
+    let (state, tenant, served) = (state.clone(), tenant.clone(), served.clone());
+    tokio::spawn(async move { generation_pipeline(&state, &tenant, &served, job).await })
+}
+
+async fn generation_pipeline(
+    state: &State,
+    tenant: &Tenant,
+    served: &Served,
+    job: GenerationJob,
+) -> Result<GenerationRun, ApiError> {
+    let GenerationJob {
+        request,
+        prompt_estimate,
+        admitted,
+        on_emit,
+        stop,
+    } = job;
+    let mut rates = admitted.rates.clone();
+    let mut tokens = None;
+    if let Some(quota) = tenant.rates.tokens {
+        let wanted = prompt_estimate.saturating_add(u64::from(request.max_tokens));
+        match reserve(state, tenant, &[("tokens", quota, wanted)], &admitted.rates).await {
+            Ok((charges, entries)) => {
+                rates.extend(entries);
+                tokens = charges.into_iter().next();
+            }
+            Err(e) => {
+                if let Some(fuel) = admitted.fuel {
+                    state.limiter.refund_all(&[fuel]).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let rate_headers = rate_headers(&rates);
+    let (slot, limits) = match take_slot(state, served, &tenant.limits, &tenant.name).await {
+        Ok(taken) => taken,
+        Err(mut e) => {
+            let refunds: Vec<Charge> = admitted.fuel.into_iter().chain(tokens).collect();
+            state.limiter.refund_all(&refunds).await;
+            e.headers.extend(rate_headers);
+            return Err(e);
+        }
+    };
+    let fired = Arc::new(AtomicBool::new(false));
+    let stopped = {
+        let fired = fired.clone();
+        Arc::new(move || {
+            let gone = stop();
+            if gone {
+                fired.store(true, Ordering::Relaxed);
+            }
+            gone
+        }) as StopCheck
+    };
+    let running = Running::new(state, served);
+    let result = state
+        .generate_for_tenant(
+            served,
+            Some(&tenant.name),
+            request,
+            &limits,
+            on_emit,
+            stopped,
+        )
+        .await;
+    drop(running);
+    drop(slot);
+    let (usage, kind) = match &result {
+        Ok(generation) => (&generation.usage, None),
+        Err(failure) => (&*failure.error.usage, Some(failure.error.kind())),
+    };
+    record_run(state, served, &tenant.name, usage, kind);
+    let mut settle = Vec::new();
+    let mut overrun = Vec::new();
+    // Fuel: what the run did not burn goes back, unless it was stopped (no figure came back).
+    if let Some(fuel) = admitted.fuel {
+        if !fired.load(Ordering::Relaxed) {
+            settle.push(Charge {
+                cost: fuel.cost.saturating_sub(usage.fuel_consumed),
+                ..fuel
+            });
+        }
+    }
+    // Tokens: the guest's own counts (on a failure, the estimate and the tokens generated).
+    if let Some(charge) = tokens {
+        let used = match &result {
+            Ok(g) => u64::from(g.prompt_tokens) + u64::from(g.completion_tokens),
+            Err(failure) => prompt_estimate + failure.partial.tokens.len() as u64,
+        };
+        if used <= charge.cost {
+            settle.push(Charge {
+                cost: charge.cost - used,
+                ..charge
+            });
+        } else {
+            overrun.push(Charge {
+                cost: used - charge.cost,
+                ..charge
+            });
+        }
+    }
+    state.limiter.refund_all(&settle).await;
+    if !overrun.is_empty() {
+        // Charged as far as the quota has room: the tokens were already generated.
+        let _ = state.limiter.reserve_all(&overrun).await;
+    }
+    Ok(GenerationRun {
+        result,
+        rate_headers,
+    })
+}
+
 enum Failure {
     Run(RunError),
     Refused(ApiError),
@@ -247,6 +421,29 @@ async fn run_queued(
     limits: &Limits,
     tenant: &str,
 ) -> Result<Outcome, Failure> {
+    let (slot, limits) = take_slot(state, served, limits, tenant)
+        .await
+        .map_err(Failure::Refused)?;
+    let running = Running::new(state, served);
+    let result = state.run_for_tenant(served, tenant, input, &limits).await;
+    drop(running);
+    drop(slot);
+    let (usage, kind) = match &result {
+        Ok(outcome) => (&outcome.usage, None),
+        Err(failure) => (&*failure.usage, Some(failure.kind())),
+    };
+    record_run(state, served, tenant, usage, kind);
+    result.map_err(Failure::Run)
+}
+
+/// A place in `served`'s queue for `tenant`, waited for no longer than the request's wall time
+/// (or `queue_wait`), and the limits its run gets: the wall time less the wait.
+async fn take_slot(
+    state: &State,
+    served: &Served,
+    limits: &Limits,
+    tenant: &str,
+) -> Result<(super::queue::Slot, Limits), ApiError> {
     let model_labels = ModelLabels {
         model: served.name.clone(),
     };
@@ -274,11 +471,7 @@ async fn run_queued(
                 humantime::format_duration(deadline)
             ),
         };
-        Failure::Refused(ApiError::unavailable(
-            message,
-            "overloaded",
-            QUEUE_RETRY_AFTER,
-        ))
+        ApiError::unavailable(message, "overloaded", QUEUE_RETRY_AFTER)
     })?;
     let run_labels = RunLabels {
         tenant: tenant.into(),
@@ -294,30 +487,52 @@ async fn run_queued(
         wall_time: limits.wall_time.saturating_sub(slot.waited),
         ..limits.clone()
     };
-    let in_flight = state.metrics.in_flight.get_or_create(&model_labels).clone();
-    in_flight.inc();
-    let result = state.run_for_tenant(served, tenant, input, &limits).await;
-    in_flight.dec();
-    drop(slot);
-    let usage = match &result {
-        Ok(outcome) => &outcome.usage,
-        Err(failure) => &failure.usage,
-    };
-    state.metrics.record_run(tenant, &served.name, usage);
-    if let Err(failure) = &result {
-        if failure.kind().is_limit() {
-            state
-                .metrics
-                .limit_trips
-                .get_or_create(&TripLabels {
-                    tenant: tenant.into(),
-                    model: served.name.clone(),
-                    kind: failure.kind().as_str().into(),
-                })
-                .inc();
-        }
+    Ok((slot, limits))
+}
+
+/// A run counted in `wasm_infer_in_flight{model}` until dropped, however its future ends.
+struct Running(prometheus_client::metrics::gauge::Gauge);
+
+impl Running {
+    fn new(state: &State, served: &Served) -> Self {
+        let gauge = state
+            .metrics
+            .in_flight
+            .get_or_create(&ModelLabels {
+                model: served.name.clone(),
+            })
+            .clone();
+        gauge.inc();
+        Self(gauge)
     }
-    result.map_err(Failure::Run)
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A finished run's figures into the metrics: its usage, and its limit trip if it had one.
+fn record_run(
+    state: &State,
+    served: &Served,
+    tenant: &str,
+    usage: &Usage,
+    failed: Option<ErrorKind>,
+) {
+    state.metrics.record_run(tenant, &served.name, usage);
+    if let Some(kind) = failed.filter(|kind| kind.is_limit()) {
+        state
+            .metrics
+            .limit_trips
+            .get_or_create(&TripLabels {
+                tenant: tenant.into(),
+                model: served.name.clone(),
+                kind: kind.as_str().into(),
+            })
+            .inc();
+    }
 }
 
 /// The model's fallback after a limit trip: another model, or the input cut shorter.

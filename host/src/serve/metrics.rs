@@ -45,8 +45,9 @@ pub struct CloseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     /// Why a worker was recycled: `abnormal` (a run that trapped or failed internally),
-    /// `runs` (`recycle_after_runs`), `memory` (`recycle_above_rss`) or `tenant` (another
-    /// tenant's request needed its place, `worker_affinity = "tenant"`).
+    /// `runs` (`recycle_after_runs`), `memory` (`recycle_above_rss`), `tenant` (another
+    /// tenant's request needed its place, `worker_affinity = "tenant"`) or `stopped` (its
+    /// client went away during a generation).
     pub reason: String,
 }
 

@@ -16,6 +16,7 @@
 
 mod auth;
 mod body;
+mod chat;
 pub mod config;
 mod connections;
 mod execute;
@@ -24,6 +25,7 @@ mod metrics;
 mod peers;
 mod queue;
 pub mod ratelimit;
+mod request;
 mod routes;
 mod status;
 
@@ -42,9 +44,13 @@ pub use config::{Isolation, ServeConfig, Tenant};
 
 use crate::data::Input;
 use crate::error::RunError;
+use crate::generate::{GenerateRequest, Generation, GenerationError, OnEmit};
 use crate::limits::Limits;
 use crate::model::Outcome;
-use crate::worker::{WorkerPool, WorkerPoolConfig};
+use crate::worker::{StopCheck, WorkerPool, WorkerPoolConfig};
+
+/// How often an in-process generation asks whether its client is still there.
+const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// One served model and its queue.
 pub(crate) struct Served {
@@ -119,6 +125,48 @@ impl State {
         }
     }
 
+    /// Generates for `request` on `served` under `limits` (for `tenant`, as
+    /// [`State::run_for_tenant`] runs; `None` for the server's own probes), each piece handed
+    /// to `on_emit`; `stop` is asked while it runs. In a worker, a stop kills the worker
+    /// ([`WorkerPool::generate_for_tenant`]); in this process it drops the generation, which
+    /// wasmtime cancels at the guest's next yield. Either way what the run used is not known.
+    pub(crate) async fn generate_for_tenant(
+        &self,
+        served: &Served,
+        tenant: Option<&str>,
+        request: GenerateRequest,
+        limits: &Limits,
+        on_emit: OnEmit,
+        stop: StopCheck,
+    ) -> Result<Generation, Box<GenerationError>> {
+        if let Some(pool) = &self.workers {
+            return pool
+                .generate_for_tenant(tenant, served.index, request, limits, on_emit, stop)
+                .await;
+        }
+        let generation = served.model.generate_async(request, limits, Some(on_emit));
+        tokio::pin!(generation);
+        loop {
+            tokio::select! {
+                result = &mut generation => return result,
+                () = tokio::time::sleep(STOP_POLL) => {
+                    if stop() {
+                        return Err(Box::new(GenerationError {
+                            error: RunError::new(
+                                Error::WorkerLost {
+                                    reason: "stopped by its caller (the client went away)".into(),
+                                },
+                                crate::usage::Usage::default(),
+                            ),
+                            partial: Default::default(),
+                            token_fuel: Default::default(),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
     /// Refreshes the gauges that are read from elsewhere (device memory, free slots).
     fn refresh_gauges(&self) {
         let device = self.runtime.device_usage();
@@ -146,6 +194,7 @@ impl State {
                 ("runs", stats.recycled_runs),
                 ("memory", stats.recycled_memory),
                 ("tenant", stats.recycled_tenant),
+                ("stopped", stats.recycled_stopped),
             ] {
                 self.metrics
                     .workers_recycled

@@ -34,6 +34,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::data::{Input, ModelInfo, Output};
 use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
+use crate::generate::{
+    FinishReason, GenerateRequest, Generated, Generation, GenerationError, OnEmit, TokenFuel,
+    MAX_TOKENS_PER_EMIT,
+};
 use crate::isolate::{CompileLimits, Isolation};
 use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::model::{ComponentIdentity, LoadOptions, Model, Outcome};
@@ -153,6 +157,39 @@ struct RunRequest {
     limits: Limits,
 }
 
+/// A generation for a worker (a model that exports `generate`): its tokens come back as
+/// [`FromWorker::Token`] frames while it runs, then one [`FromWorker::Generated`].
+#[derive(Debug, Serialize, Deserialize)]
+struct GenerateJob {
+    model: usize,
+    request: GenerateRequest,
+    limits: Limits,
+}
+
+/// What a worker reads after its start: one job at a time.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ToWorker {
+    Run(RunRequest),
+    Generate(GenerateJob),
+}
+
+/// [`ToWorker`] as the supervisor writes it (the same JSON, borrowed).
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum ToWorkerRef<'a> {
+    Run(&'a RunRequest),
+    Generate(&'a GenerateJob),
+}
+
+/// How a generation that ran to its end ended (its text came in `Token` frames).
+#[derive(Debug, Serialize, Deserialize)]
+struct GenerationEnd {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    finish_reason: FinishReason,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 // One message at a time crosses the pipe, serialised: its size in memory does not matter.
@@ -166,6 +203,17 @@ enum FromWorker {
     },
     Done {
         result: Result<Output, WireError>,
+        usage: Usage,
+    },
+    /// A piece of a generation, as the guest handed it to `emit`.
+    Token {
+        tokens: Vec<u32>,
+        text: String,
+    },
+    /// A generation's end: its result, fuel per token and usage.
+    Generated {
+        result: Result<GenerationEnd, WireError>,
+        token_fuel: TokenFuel,
         usage: Usage,
     },
 }
@@ -257,6 +305,44 @@ impl From<WireError> for Error {
 /// (up to the output limit, as JSON) must still be written and read. Past it the worker is
 /// taken for wedged or hostile, killed, and its request answered [`Error::WorkerLost`].
 pub const EXCHANGE_MARGIN: Duration = Duration::from_secs(5);
+
+/// How often a supervisor waiting on a generation asks whether its client is still there.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// A generation as a worker reported it: the text and ids relayed, then its end.
+struct GenerateReply {
+    generated: Generated,
+    result: Result<GenerationEnd, WireError>,
+    token_fuel: TokenFuel,
+    usage: Usage,
+}
+
+impl GenerateReply {
+    fn into_result(self) -> Result<Generation, Box<GenerationError>> {
+        let GenerateReply {
+            generated,
+            result,
+            token_fuel,
+            mut usage,
+        } = self;
+        usage.output_bytes = generated.text.len() as u64;
+        match result {
+            Ok(end) => Ok(Generation {
+                generated,
+                prompt_tokens: end.prompt_tokens,
+                completion_tokens: end.completion_tokens,
+                finish_reason: end.finish_reason,
+                token_fuel,
+                usage,
+            }),
+            Err(error) => Err(Box::new(GenerationError {
+                error: RunError::new(Error::from(error), usage),
+                partial: generated,
+                token_fuel,
+            })),
+        }
+    }
+}
 
 /// How long a starting worker may take to load its models and report ready: loading from a
 /// warm cache takes milliseconds, compiling a large model on a cache miss tens of seconds.
@@ -468,7 +554,7 @@ fn check_usage(usage: &Usage, limits: &Limits) -> Result<(), String> {
 /// nothing behind; a trap, an internal failure or an invalid-model verdict in the middle of a
 /// run is where a compromise or a corrupted process would show first, so its worker is
 /// replaced.
-fn ended_cleanly(result: &Result<Output, WireError>) -> bool {
+fn ended_cleanly<T>(result: &Result<T, WireError>) -> bool {
     match result {
         Ok(_) | Err(WireError::Limit(_)) | Err(WireError::Model { .. }) => true,
         Err(WireError::Trap { .. } | WireError::InvalidModel(_) | WireError::Other { .. }) => false,
@@ -476,7 +562,7 @@ fn ended_cleanly(result: &Result<Output, WireError>) -> bool {
 }
 
 /// The worker side (`wasm-infer __run-worker`): see the module docs. Returns the exit status.
-pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
+pub fn worker_main(mut input: impl Read, output: impl Write + Send + 'static) -> u8 {
     probe_cgroup();
     let Ok(hello) = read_frame::<Hello>(&mut input, MAX_REQUEST_FRAME) else {
         return 1;
@@ -488,38 +574,94 @@ pub fn worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
             Err(_) => return 1,
         }
     }
+    // Shared with a generation's token sink, which writes its `Token` frames as they come.
+    let output = Arc::new(Mutex::new(output));
+    let write = |message: &FromWorker| {
+        let mut output = output.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *output, message)
+    };
     let models = match start(&hello, code) {
         Ok(models) => models,
         Err(message) => {
-            let _ = write_frame(&mut output, &FromWorker::Failed { message });
+            let _ = write(&FromWorker::Failed { message });
             return 1;
         }
     };
     let infos = models.iter().map(|m| m.info().clone()).collect();
-    if write_frame(&mut output, &FromWorker::Ready { models: infos }).is_err() {
+    if write(&FromWorker::Ready { models: infos }).is_err() {
         return 1;
     }
-    while let Ok(request) = read_frame::<RunRequest>(&mut input, MAX_REQUEST_FRAME) {
-        let reply = match models.get(request.model) {
-            Some(model) => match model.run(request.input, &request.limits) {
-                Ok(outcome) => FromWorker::Done {
-                    result: Ok(outcome.output),
-                    usage: outcome.usage,
-                },
-                Err(failure) => FromWorker::Done {
-                    result: Err(failure.error.into()),
-                    usage: *failure.usage,
-                },
-            },
-            None => FromWorker::Failed {
-                message: format!("no model {}", request.model),
-            },
+    while let Ok(job) = read_frame::<ToWorker>(&mut input, MAX_REQUEST_FRAME) {
+        let (index, reply) = match job {
+            ToWorker::Run(request) => (
+                request.model,
+                models.get(request.model).map(|model| {
+                    match model.run(request.input, &request.limits) {
+                        Ok(outcome) => FromWorker::Done {
+                            result: Ok(outcome.output),
+                            usage: outcome.usage,
+                        },
+                        Err(failure) => FromWorker::Done {
+                            result: Err(failure.error.into()),
+                            usage: *failure.usage,
+                        },
+                    }
+                }),
+            ),
+            ToWorker::Generate(job) => (
+                job.model,
+                models.get(job.model).map(|model| {
+                    let sink = output.clone();
+                    let on_emit: OnEmit = Box::new(move |tokens, text| {
+                        let token = FromWorker::Token {
+                            tokens: tokens.to_vec(),
+                            text: text.to_string(),
+                        };
+                        let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+                        // A broken channel shows again at the end, where the worker exits.
+                        let _ = write_frame(&mut *sink, &token);
+                    });
+                    generated_reply(model.generate_streaming(
+                        job.request,
+                        &job.limits,
+                        Some(on_emit),
+                    ))
+                }),
+            ),
         };
-        if write_frame(&mut output, &reply).is_err() {
+        let reply = reply.unwrap_or_else(|| FromWorker::Failed {
+            message: format!("no model {index}"),
+        });
+        if write(&reply).is_err() {
             return 1;
         }
     }
     0
+}
+
+/// A generation's result as its last frame (its text went out in `Token` frames).
+fn generated_reply(result: Result<Generation, Box<GenerationError>>) -> FromWorker {
+    match result {
+        Ok(generation) => FromWorker::Generated {
+            result: Ok(GenerationEnd {
+                prompt_tokens: generation.prompt_tokens,
+                completion_tokens: generation.completion_tokens,
+                finish_reason: generation.finish_reason,
+            }),
+            token_fuel: generation.token_fuel,
+            usage: generation.usage,
+        },
+        Err(failure) => {
+            let GenerationError {
+                error, token_fuel, ..
+            } = *failure;
+            FromWorker::Generated {
+                result: Err(error.error.into()),
+                token_fuel,
+                usage: *error.usage,
+            }
+        }
+    }
 }
 
 /// Links the models' code, warms what would otherwise start lazily after lock-down, locks
@@ -681,10 +823,13 @@ impl Worker {
     fn exchange(&mut self, request: &RunRequest) -> Result<FromWorker, String> {
         let patience = request.limits.wall_time.saturating_add(EXCHANGE_MARGIN);
         let deadline = deadline_after(patience);
-        let reply = self.channel.send(request, deadline).and_then(|()| {
-            self.channel
-                .receive(max_run_frame(&request.limits), deadline)
-        });
+        let reply = self
+            .channel
+            .send(&ToWorkerRef::Run(request), deadline)
+            .and_then(|()| {
+                self.channel
+                    .receive(max_run_frame(&request.limits), deadline)
+            });
         match reply {
             Ok(FromWorker::Done { result, usage }) => {
                 check_usage(&usage, &request.limits)?;
@@ -695,6 +840,96 @@ impl Worker {
                 "no answer within {patience:?} (the wall-time limit and {EXCHANGE_MARGIN:?})"
             )),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Sends a generation and relays its tokens to `on_token` as their frames arrive, until
+    /// its last frame: no longer than its wall-time limit plus [`EXCHANGE_MARGIN`], each frame
+    /// within [`max_run_frame`], the text within the output limit and the token ids within
+    /// `max_tokens` (plus one `emit`'s worth), the usage checked ([`check_usage`]). `stop` is
+    /// asked every [`STOP_POLL`] while it waits: `true` ends the exchange (`Ok(None)`), and the
+    /// caller ends the worker, which is still generating.
+    fn generate(
+        &mut self,
+        job: &GenerateJob,
+        on_token: &mut dyn FnMut(&[u32], &str),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<GenerateReply>, String> {
+        let patience = job.limits.wall_time.saturating_add(EXCHANGE_MARGIN);
+        let deadline = deadline_after(patience);
+        let timed_out = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                format!(
+                    "no answer within {patience:?} (the wall-time limit and {EXCHANGE_MARGIN:?})"
+                )
+            } else {
+                e.to_string()
+            }
+        };
+        self.channel
+            .send(&ToWorkerRef::Generate(job), deadline)
+            .map_err(timed_out)?;
+        let max_tokens = (job.request.max_tokens as usize).saturating_add(MAX_TOKENS_PER_EMIT);
+        let mut generated = Generated::default();
+        loop {
+            // A frame is written whole: once its first byte is readable, the rest follows.
+            loop {
+                if stop() {
+                    return Ok(None);
+                }
+                let slice = (Instant::now() + STOP_POLL).min(deadline);
+                match wait_for(self.channel.stdout.as_raw_fd(), libc::POLLIN, slice) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut && slice < deadline => {}
+                    Err(e) => return Err(timed_out(e)),
+                }
+            }
+            let frame = self
+                .channel
+                .receive(max_run_frame(&job.limits), deadline)
+                .map_err(timed_out)?;
+            match frame {
+                FromWorker::Token { tokens, text } => {
+                    let bytes = generated.text.len() as u64 + text.len() as u64;
+                    if bytes > job.limits.max_output {
+                        return Err(format!(
+                            "it sent {bytes} bytes of text, above the output limit of {}",
+                            job.limits.max_output
+                        ));
+                    }
+                    if generated.tokens.len() + tokens.len() > max_tokens {
+                        return Err(format!("it sent more than {max_tokens} token ids"));
+                    }
+                    on_token(&tokens, &text);
+                    generated.tokens.extend_from_slice(&tokens);
+                    generated.text.push_str(&text);
+                }
+                FromWorker::Generated {
+                    result,
+                    token_fuel,
+                    usage,
+                } => {
+                    check_usage(&usage, &job.limits)?;
+                    return Ok(Some(GenerateReply {
+                        generated,
+                        result,
+                        token_fuel,
+                        usage,
+                    }));
+                }
+                FromWorker::Failed { message } => {
+                    return Ok(Some(GenerateReply {
+                        generated,
+                        result: Err(WireError::Other {
+                            kind: "config".into(),
+                            message,
+                        }),
+                        token_fuel: TokenFuel::default(),
+                        usage: Usage::default(),
+                    }))
+                }
+                _ => return Err("it answered a generation out of protocol".into()),
+            }
         }
     }
 
@@ -754,6 +989,8 @@ pub struct PoolStats {
     /// ... because a request of another tenant needed its place
     /// ([`WorkerAffinity::Tenant`]).
     pub recycled_tenant: u64,
+    /// ... because its caller stopped a generation midway (its client went away).
+    pub recycled_stopped: u64,
 }
 
 /// Why a worker was replaced while alive (the index into `PoolInner::recycled`).
@@ -763,7 +1000,23 @@ enum Recycle {
     Runs = 1,
     Memory = 2,
     Tenant = 3,
+    Stopped = 4,
 }
+
+/// How a job on a worker ended ([`WorkerPool::with_worker`]).
+enum Ended<T> {
+    /// It answered; `clean` when the worker may serve again ([`ended_cleanly`]).
+    Answered { answer: T, clean: bool },
+    /// It refused the job (`failed`): the worker stays.
+    Refused(String),
+    /// Its caller stopped it midway: the worker is killed and replaced.
+    Stopped,
+    /// It broke the protocol, or died: killed, replaced, counted as lost.
+    Lost(String),
+}
+
+/// Asked while a worker generates: `true` stops the generation ([`WorkerPool::generate_for_tenant`]).
+pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 struct PoolInner {
     config: WorkerPoolConfig,
@@ -784,7 +1037,7 @@ struct PoolInner {
     started: AtomicU64,
     lost: AtomicU64,
     /// Workers recycled, by [`Recycle`].
-    recycled: [AtomicU64; 4],
+    recycled: [AtomicU64; 5],
 }
 
 /// Worker processes serving runs: see the module docs. Cheap to clone.
@@ -884,7 +1137,10 @@ impl PoolInner {
                     "a worker could not start: {message}"
                 )))
             }
-            Ok(FromWorker::Done { .. }) | Err(_) => {
+            Ok(
+                FromWorker::Done { .. } | FromWorker::Token { .. } | FromWorker::Generated { .. },
+            )
+            | Err(_) => {
                 let reason = worker.reap();
                 Err(Error::Internal(format!(
                     "a worker could not start: {reason}"
@@ -1136,6 +1392,7 @@ impl WorkerPool {
             recycled(Recycle::Runs),
             recycled(Recycle::Memory),
             recycled(Recycle::Tenant),
+            recycled(Recycle::Stopped),
         ];
         PoolStats {
             started: self.inner.started.load(Ordering::Relaxed),
@@ -1145,6 +1402,7 @@ impl WorkerPool {
             recycled_runs: by[1],
             recycled_memory: by[2],
             recycled_tenant: by[3],
+            recycled_stopped: by[4],
         }
     }
 
@@ -1180,6 +1438,90 @@ impl WorkerPool {
         input: Input,
         limits: &Limits,
     ) -> Result<Outcome, RunError> {
+        let request = RunRequest {
+            model,
+            input,
+            limits: limits.clone(),
+        };
+        let answer = self
+            .with_worker(tenant, move |worker| match worker.exchange(&request) {
+                Ok(FromWorker::Done { result, usage }) => Ended::Answered {
+                    clean: ended_cleanly(&result),
+                    answer: (result, usage),
+                },
+                Ok(FromWorker::Failed { message }) => Ended::Refused(message),
+                Ok(_) => Ended::Lost("it answered a run out of protocol".into()),
+                Err(why) => Ended::Lost(why),
+            })
+            .await?;
+        match answer {
+            (Ok(output), usage) => Ok(Outcome { output, usage }),
+            (Err(error), usage) => Err(RunError::new(Error::from(error), usage)),
+        }
+    }
+
+    /// Generates for `request` with model `model` (one that exports `generate`) in an idle
+    /// worker, for `tenant` as [`WorkerPool::run_for_tenant`] runs, calling `on_emit` with each
+    /// piece as the worker relays it. `stop` is asked while the generation runs (every
+    /// 50 ms): once it says `true` the worker is killed and replaced, and the generation ends
+    /// with [`Error::WorkerLost`], its partial output what was relayed (a killed worker
+    /// reports no usage: the caller that stopped it accounts for it).
+    pub async fn generate_for_tenant(
+        &self,
+        tenant: Option<&str>,
+        model: usize,
+        request: GenerateRequest,
+        limits: &Limits,
+        mut on_emit: OnEmit,
+        stop: StopCheck,
+    ) -> Result<Generation, Box<GenerationError>> {
+        let job = GenerateJob {
+            model,
+            request,
+            limits: limits.clone(),
+        };
+        let relayed = Arc::new(Mutex::new(Generated::default()));
+        let relay = relayed.clone();
+        let answer = self
+            .with_worker(tenant.map(str::to_string), move |worker| {
+                let mut on_token = |tokens: &[u32], text: &str| {
+                    let mut relay = relay.lock().unwrap_or_else(|e| e.into_inner());
+                    relay.tokens.extend_from_slice(tokens);
+                    relay.text.push_str(text);
+                    on_emit(tokens, text);
+                };
+                match worker.generate(&job, &mut on_token, &*stop) {
+                    Ok(Some(reply)) => Ended::Answered {
+                        clean: ended_cleanly(&reply.result),
+                        answer: reply,
+                    },
+                    Ok(None) => Ended::Stopped,
+                    Err(why) => Ended::Lost(why),
+                }
+            })
+            .await;
+        match answer {
+            Ok(reply) => reply.into_result(),
+            Err(error) => {
+                let partial =
+                    std::mem::take(&mut *relayed.lock().unwrap_or_else(|e| e.into_inner()));
+                Err(Box::new(GenerationError {
+                    error,
+                    partial,
+                    token_fuel: TokenFuel::default(),
+                }))
+            }
+        }
+    }
+
+    /// Takes an idle worker for `tenant` (waiting for one; a fresh one in the place of one bound
+    /// to another tenant), runs `job` with it on a blocking thread, and then gives it back,
+    /// recycles it, or replaces it, as the job ended.
+    async fn with_worker<T: Send + 'static>(
+        &self,
+        tenant: Option<String>,
+        job: impl FnOnce(&mut Worker) -> Ended<T> + Send + 'static,
+    ) -> Result<T, RunError> {
         let permit = self
             .inner
             .permits
@@ -1193,12 +1535,16 @@ impl WorkerPool {
                 )
             })?;
         let inner = self.inner.clone();
-        let request = RunRequest {
-            model,
-            input,
-            limits: limits.clone(),
-        };
         let joined = tokio::task::spawn_blocking(move || {
+            let lost = |inner: &Arc<PoolInner>, permit, reason: String| {
+                inner.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%reason, "a worker was lost during a request; replacing it");
+                inner.replace(permit);
+                Err(RunError::new(
+                    Error::WorkerLost { reason },
+                    Usage::default(),
+                ))
+            };
             let (mut worker, other_tenants) = inner.take_idle(tenant.as_deref());
             if other_tenants {
                 // Bound to another tenant: it goes, and a fresh one takes this request.
@@ -1208,13 +1554,7 @@ impl WorkerPool {
                     Ok((fresh, _)) => fresh,
                     Err(e) => {
                         let reason = format!("no fresh worker for this tenant could start: {e}");
-                        inner.lost.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%reason, "a worker was lost during a request; replacing it");
-                        inner.replace(permit);
-                        return Err(RunError::new(
-                            Error::WorkerLost { reason },
-                            Usage::default(),
-                        ));
+                        return lost(&inner, permit, reason);
                     }
                 };
             }
@@ -1228,16 +1568,16 @@ impl WorkerPool {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(pid);
-            let reply = worker.exchange(&request);
+            let ended = job(&mut worker);
             inner
                 .busy
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|&p| p != pid);
-            match reply {
-                Ok(FromWorker::Done { result, usage }) => {
+            match ended {
+                Ended::Answered { answer, clean } => {
                     worker.runs += 1;
-                    if !ended_cleanly(&result) {
+                    if !clean {
                         // Killed, not asked to leave: a worker that trapped may not be the
                         // program it was.
                         inner.count_recycle(Recycle::Abnormal);
@@ -1250,28 +1590,26 @@ impl WorkerPool {
                     } else {
                         inner.give_back(worker, permit);
                     }
-                    match result {
-                        Ok(output) => Ok(Outcome { output, usage }),
-                        Err(error) => Err(RunError::new(Error::from(error), usage)),
-                    }
+                    Ok(answer)
                 }
-                Ok(FromWorker::Failed { message }) => {
+                Ended::Refused(message) => {
                     inner.give_back(worker, permit);
                     Err(RunError::new(Error::Config(message), Usage::default()))
                 }
-                out_of_protocol => {
-                    let why = match out_of_protocol {
-                        Err(why) => why,
-                        _ => "it answered a run with `ready`".to_string(),
-                    };
-                    let reason = format!("{why}; {}", worker.reap());
-                    inner.lost.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%reason, "a worker was lost during a request; replacing it");
+                Ended::Stopped => {
+                    inner.count_recycle(Recycle::Stopped);
+                    let _ = worker.reap();
                     inner.replace(permit);
                     Err(RunError::new(
-                        Error::WorkerLost { reason },
+                        Error::WorkerLost {
+                            reason: "stopped by its caller (the client went away)".into(),
+                        },
                         Usage::default(),
                     ))
+                }
+                Ended::Lost(why) => {
+                    let reason = format!("{why}; {}", worker.reap());
+                    lost(&inner, permit, reason)
                 }
             }
         })
@@ -1368,13 +1706,13 @@ mod tests {
 
     #[test]
     fn a_worker_whose_run_trapped_is_not_reused() {
-        let trap = Err(WireError::Trap {
+        let trap: Result<Output, _> = Err(WireError::Trap {
             code: None,
             message: "unreachable".into(),
             guest_stderr: String::new(),
         });
         assert!(!ended_cleanly(&trap));
-        let fuel = Err(WireError::Limit(LimitExceeded::Fuel {
+        let fuel: Result<Output, _> = Err(WireError::Limit(LimitExceeded::Fuel {
             limit: 1,
             consumed: 1,
         }));

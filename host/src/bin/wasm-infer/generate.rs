@@ -21,8 +21,7 @@ use wasm_infer::{Error, GenerateRequest, Generated, Limits, Model, Prompt, Usage
 use crate::exit;
 use crate::run::{print_report, Report};
 
-/// Tokens generated when `--max-tokens` is not given.
-const DEFAULT_MAX_TOKENS: u32 = 64;
+use wasm_infer::generate::DEFAULT_MAX_TOKENS;
 
 #[derive(Args)]
 #[command(next_help_heading = "Text generation (models that export `generate`)")]

@@ -90,7 +90,7 @@ fn main() -> ExitCode {
             wasm_infer::worker::load_worker_main(std::io::stdin().lock(), std::io::stdout())
         }
         Some(Command::RunWorker) => {
-            wasm_infer::worker::worker_main(std::io::stdin().lock(), std::io::stdout().lock())
+            wasm_infer::worker::worker_main(std::io::stdin().lock(), std::io::stdout())
         }
         Some(Command::LockdownSelftest { call }) => selftest::run(&call),
         None => run::run(&cli.run),
