@@ -5,6 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 model_dir := env_var_or_default("WASM_INFER_MODEL_DIR", env_var("HOME") / ".cache/wasm-infer/model")
 smollm2_dir := env_var_or_default("WASM_INFER_SMOLLM2_DIR", env_var("HOME") / ".cache/wasm-infer/smollm2")
 minilm := "target/wasm32-wasip2/release/minilm.wasm"
+smollm2 := "target/wasm32-wasip2/release/smollm2.wasm"
 demo_text := "WebAssembly sandboxes keep untrusted models in check."
 
 # List the recipes.
@@ -77,9 +78,11 @@ image: guest build
 
 # Benchmarks in one run: native candle (1 thread, all cores) vs in-sandbox (NaN canonicalisation
 # off and on) vs the accelerator path, short / long / max inputs; throughput of 4 concurrent
-# requests (pooled) vs native; compile, precompiled-load, instantiate; memory. Markdown on stdout.
+# requests (pooled) vs native; compile, precompiled-load, instantiate; memory. Then SmolLM2:
+# prompt and generated tokens/s, sandbox vs native candle, 1 thread. Markdown on stdout.
 bench: guest build
     cargo run --release -p wasm-infer --example bench -- {{minilm}}
+    WASM_INFER_SMOLLM2_DIR="{{smollm2_dir}}" cargo run --release -p wasm-infer --example bench_generate -- {{smollm2}}
 
 # The same, plus peak RSS/PSS with 1, 4 and 16 concurrent runs (several more minutes).
 bench-memory: guest build
