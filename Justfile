@@ -152,7 +152,9 @@ check-cuda:
     export CARGO_TARGET_DIR="${WASM_INFER_CUDA_TARGET_DIR:-$PWD/target/cuda}"
     echo "check-cuda: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, driver: $WASM_INFER_CUDA_DRIVER"
     cargo build --release --target wasm32-wasip2 -p hostile
-    cargo build --release -p wasm-infer --features cuda
+    # No separate `cargo build --features cuda`: clippy type-checks every target with the
+    # feature, and the test build compiles the library and the binary with it (a plain build
+    # would compile wasmtime and candle once more, with the dev-dependencies' features off).
     cargo clippy --release -p wasm-infer --features cuda --all-targets -- -D warnings
     cargo test --release -p wasm-infer --features cuda --test device
 
