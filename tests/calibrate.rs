@@ -420,3 +420,74 @@ fn a_bad_profile_file_is_refused_naming_the_file_and_what_is_wrong() {
     assert!(stderr(&failed).contains("input 1 (line 1) failed: fuel limit"));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous");
 }
+
+/// A generator's calibration: the profile's token figures are the library's own, prompt by
+/// prompt. The first-token bound covers every prompt and touches one (it is the least-squares
+/// line raised by the largest under-prediction); the per-token figure is the set's largest.
+#[test]
+fn a_generator_is_calibrated_to_its_fuel_to_the_first_token_and_per_token() {
+    let dir = scratch("generator");
+    let prompts = [
+        "Hi",
+        "Write a haiku about sandboxes",
+        "Explain in two sentences why a compute cap matters for a service that runs untrusted models.",
+    ];
+    let inputs = dir.join("prompts.txt");
+    std::fs::write(&inputs, prompts.join("\n")).unwrap();
+    let out = dir.join("smollm2.profile.json");
+    let smollm2 = path(&support::smollm2_wasm());
+    let calibrated = wasm_infer(&[
+        "calibrate",
+        "--compile-mem",
+        "6G",
+        &smollm2,
+        &format!("@{}", inputs.display()),
+        "--max-tokens",
+        "3",
+        "--out",
+        &path(&out),
+    ]);
+    assert_eq!(calibrated.status.code(), Some(0), "{}", stderr(&calibrated));
+    let profile = Profile::read(&out).unwrap();
+    let tokens = profile
+        .tokens
+        .as_ref()
+        .expect("a generator's profile has token figures");
+    assert_eq!(tokens.max_tokens, 3);
+
+    let model = wasm_infer::Model::load(runtime(), support::smollm2_wasm()).unwrap();
+    let mut per_token = Vec::new();
+    let mut slack = Vec::new();
+    for prompt in prompts {
+        let generation = model
+            .generate(
+                wasm_infer::GenerateRequest::new(prompt, 3),
+                &Limits::default(),
+            )
+            .unwrap();
+        let first = generation.token_fuel.to_first_token.unwrap();
+        let bound = tokens.to_first_token.predict(prompt.len() as u64);
+        assert!(bound >= first, "{prompt:?}: bound {bound} < {first}");
+        slack.push(bound - first);
+        per_token.push(generation.token_fuel.per_token.unwrap());
+        // The whole run is what the profile's fuel bound covers, as for any model.
+        assert!(profile.fuel.predict(prompt.len() as u64) >= generation.usage.fuel_consumed);
+        assert_eq!(
+            tokens.predict(prompt.len() as u64, 3),
+            bound + 2 * tokens.per_token
+        );
+    }
+    assert!(slack.iter().min().unwrap() <= &1, "{slack:?}");
+    assert_eq!(Some(&tokens.per_token), per_token.iter().max());
+
+    // `--max-tokens` is for generators only.
+    let refused = wasm_infer(&[
+        "calibrate",
+        &path(&minilm_wasm()),
+        &format!("@{}", inputs.display()),
+        "--max-tokens",
+        "3",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--max-tokens is for text generators"));
+}

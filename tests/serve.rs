@@ -1643,6 +1643,7 @@ fn a_model_profile_refuses_a_predicted_overrun_with_the_quota_untouched_and_char
             fuel: cap,
             memory: 64 << 10,
         },
+        tokens: None,
     };
     assert_eq!(profile.predict(&text(under)).0, 9_000_000);
     assert_eq!(profile.predict(&text(over)).0, 11_000_000);

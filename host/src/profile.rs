@@ -2,8 +2,8 @@
 //! so that a request whose predicted cost is over its limits is refused before any guest work.
 //!
 //! **What is fitted.** The only figure known about a request before it runs is its size in
-//! bytes ([`Input::payload_bytes`]); tokens are counted inside the guest and neither
-//! [`Usage`](crate::Usage) nor the WIT output reports them, so bytes are the predictor.
+//! bytes ([`Input::payload_bytes`]); tokens are counted inside the guest and known only after a
+//! run (a generation reports them, `infer` does not), so bytes are the predictor.
 //! Each resource gets a [`Bound`]: `ceil(a + b·x + c·x²)` with `x` the input's bytes, fitted
 //! by least squares (the quadratic term because attention is quadratic in the sequence), with
 //! `b` and `c` forced non-negative (terms are dropped and the fit redone until they are) so
@@ -20,6 +20,15 @@
 //! **Batches.** Calibration runs single texts. A batch is predicted as the sum of its texts'
 //! fuel and the memory of its largest text, which holds for a model that runs a batch one
 //! text at a time (as MiniLM does); calibrate a model that pads a batch with batches.
+//!
+//! **Generators.** For a model that exports `generate`, calibration generates for each input
+//! (greedy, a fixed `max_tokens`) and the profile also holds a [`TokenProfile`]: the fuel to the
+//! first token (the prompt's processing and one decoding step) as a [`Bound`] of the prompt's
+//! bytes, and the most fuel per token after it, read off the run's [`crate::TokenFuel`]. A
+//! generation of `n` tokens is then planned at the first token's bound plus `n - 1` times the
+//! per-token figure. A token costs a little more the longer the context it attends to, so a
+//! generation much longer than the calibration's can cost more per token than the profile says;
+//! the real cap still stops it.
 //!
 //! **Identity.** A profile records the component's SHA-256 and the engine fingerprint
 //! ([`EngineFingerprint`], what snapshots record: the settings that decide what fuel counts).
@@ -219,6 +228,63 @@ pub struct Profile {
     pub peak_memory: Bound,
     /// Suggested limits.
     pub suggested: Suggested,
+    /// For a generator: fuel to the first token and per token after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenProfile>,
+}
+
+/// One calibration generation's token figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSample {
+    /// The prompt's bytes (what the request's size says before the guest tokenizes it).
+    pub prompt_bytes: u64,
+    /// The prompt's tokens, as the guest counted them (chat template included).
+    pub prompt_tokens: u32,
+    /// Fuel when the first token was handed over ([`crate::TokenFuel::to_first_token`]).
+    pub to_first_token: u64,
+    /// Mean fuel per token after the first ([`crate::TokenFuel::per_token`]).
+    pub per_token: Option<u64>,
+}
+
+/// A generator's fuel per token, fitted by `calibrate` (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenProfile {
+    /// Tokens each calibration generation asked for (greedy).
+    pub max_tokens: u32,
+    /// Fuel to the first token against the prompt's bytes.
+    pub to_first_token: Bound,
+    /// The most fuel per token after the first over the calibration set.
+    pub per_token: u64,
+}
+
+impl TokenProfile {
+    /// Fits the token figures of a calibration set (at least one sample).
+    pub fn fit(max_tokens: u32, samples: &[TokenSample]) -> TokenProfile {
+        TokenProfile {
+            max_tokens,
+            to_first_token: Bound::fit(
+                &samples
+                    .iter()
+                    .map(|s| (s.prompt_bytes, s.to_first_token))
+                    .collect::<Vec<_>>(),
+            ),
+            per_token: samples
+                .iter()
+                .filter_map(|s| s.per_token)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// Fuel planned for `max_tokens` tokens after a prompt of `prompt_bytes`: the first
+    /// token's bound plus the per-token figure for each token after it.
+    pub fn predict(&self, prompt_bytes: u64, max_tokens: u32) -> u64 {
+        let after_first = u64::from(max_tokens.saturating_sub(1));
+        self.to_first_token
+            .predict(prompt_bytes)
+            .saturating_add(after_first.saturating_mul(self.per_token))
+    }
 }
 
 /// Why a profile or cases file cannot be used; displays as `path: what is wrong`.
@@ -353,6 +419,7 @@ impl Profile {
                 fuel: with_margin(fuel.predict(max_input_bytes)),
                 memory: memory.div_ceil(WASM_PAGE_BYTES) * WASM_PAGE_BYTES,
             },
+            tokens: None,
         }
     }
 
@@ -471,6 +538,29 @@ mod tests {
         assert_eq!(bound.predict(0), 500);
         assert_eq!(bound.predict(1000), 500);
         assert_eq!(bound.shift, 100.0);
+    }
+
+    #[test]
+    fn a_generation_is_planned_as_its_first_token_and_the_most_per_token_after_it() {
+        let sample = |bytes: u64, first: u64, per: Option<u64>| TokenSample {
+            prompt_bytes: bytes,
+            prompt_tokens: 0,
+            to_first_token: first,
+            per_token: per,
+        };
+        let profile = TokenProfile::fit(
+            4,
+            &[
+                sample(10, 1_000, Some(70)),
+                sample(20, 2_000, Some(90)),
+                sample(30, 3_000, None),
+            ],
+        );
+        assert_eq!(profile.per_token, 90);
+        assert_eq!(profile.to_first_token.predict(20), 2_000);
+        assert_eq!(profile.predict(20, 1), 2_000);
+        assert_eq!(profile.predict(20, 5), 2_000 + 4 * 90);
+        assert_eq!(profile.predict(20, 0), 2_000);
     }
 
     #[test]

@@ -6,8 +6,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
-use wasm_infer::profile::{self, Bound, Profile, Sample, DEFAULT_MARGIN_PERCENT};
+use wasm_infer::profile::{
+    self, Bound, Profile, Sample, TokenProfile, TokenSample, DEFAULT_MARGIN_PERCENT,
+};
 use wasm_infer::units::{format_count, format_size};
+use wasm_infer::{GenerateRequest, Limits, Model, RunError};
 
 use crate::args::LimitArgs;
 use crate::exit;
@@ -34,7 +37,15 @@ pub struct Opts {
     /// Print no progress (the report still goes to stdout).
     #[arg(long, short)]
     quiet: bool,
+    /// For a generator (a model that exports `generate`): tokens each calibration generation
+    /// asks for, greedy [default: 16]; the profile then also holds the fuel to the first token
+    /// and per token after it. Refused (exit 2) for any other model.
+    #[arg(long)]
+    max_tokens: Option<u32>,
 }
+
+/// Tokens per calibration generation when `--max-tokens` is not given.
+const DEFAULT_CALIBRATION_TOKENS: u32 = 16;
 
 pub fn run(opts: &Opts) -> u8 {
     let bytes = if opts.inputs == "-" {
@@ -66,16 +77,33 @@ pub fn run(opts: &Opts) -> u8 {
         Err(status) => return status,
     };
     let limits = opts.limits.limits();
+    let generator = model.generator_info().is_some();
+    if opts.max_tokens.is_some() && !generator {
+        eprintln!(
+            "error: --max-tokens is for text generators; {} does not export `generate`",
+            model.info().name
+        );
+        return exit::USAGE;
+    }
     let bar = (!opts.quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(texts.len() as u64);
         bar.set_message("calibrating");
         bar
     });
-    let measured = model.measure(&texts, &limits, |done| {
+    let progress = |done: usize| {
         if let Some(bar) = &bar {
             bar.set_position(done as u64);
         }
-    });
+    };
+    let max_tokens = opts.max_tokens.unwrap_or(DEFAULT_CALIBRATION_TOKENS);
+    let (measured, tokens) = if generator {
+        match measure_generations(&model, &texts, &limits, max_tokens, progress) {
+            Ok((samples, tokens)) => (Ok(samples), tokens),
+            Err(failure) => (Err(failure), Vec::new()),
+        }
+    } else {
+        (model.measure(&texts, &limits, progress), Vec::new())
+    };
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -92,14 +120,20 @@ pub fn run(opts: &Opts) -> u8 {
             return exit::status(failure.kind());
         }
     };
-    let report = Profile::fit(
+    let mut report = Profile::fit(
         &model.load_report().component_sha256,
         model.runtime().fingerprint(),
         &model.info().name,
         &samples,
         opts.margin,
     );
+    if generator {
+        report.tokens = Some(TokenProfile::fit(max_tokens, &tokens));
+    }
     print_report(&report, &samples);
+    if let Some(profile) = &report.tokens {
+        print_tokens(profile, &tokens);
+    }
     if let Some(out) = &opts.out {
         if let Err(e) = report.write(out) {
             eprintln!("error: {e}");
@@ -158,4 +192,65 @@ fn print_report(profile: &Profile, samples: &[Sample]) {
     fit("fuel", &profile.fuel, |s| s.fuel);
     fit("peak-memory", &profile.peak_memory, |s| s.peak_memory_bytes);
     println!("suggested limits: {}", profile.suggested);
+}
+
+/// Generates for each text (greedy, `max_tokens`): each run's whole figures, as for any model,
+/// and its token figures. Fails with the first run that fails (its index and error).
+fn measure_generations(
+    model: &Model,
+    texts: &[String],
+    limits: &Limits,
+    max_tokens: u32,
+    progress: impl Fn(usize),
+) -> Result<(Vec<Sample>, Vec<TokenSample>), (usize, RunError)> {
+    let mut samples = Vec::with_capacity(texts.len());
+    let mut tokens = Vec::with_capacity(texts.len());
+    for (index, text) in texts.iter().enumerate() {
+        let request = GenerateRequest::new(text.clone(), max_tokens);
+        let prompt_bytes = request.payload_bytes();
+        let generation = model
+            .generate(request, limits)
+            .map_err(|failure| (index, failure.error))?;
+        samples.push(Sample {
+            input_bytes: prompt_bytes,
+            fuel: generation.usage.fuel_consumed,
+            peak_memory_bytes: generation.usage.peak_memory_bytes,
+        });
+        tokens.push(TokenSample {
+            prompt_bytes,
+            prompt_tokens: generation.prompt_tokens,
+            to_first_token: generation.token_fuel.to_first_token.unwrap_or(0),
+            per_token: generation.token_fuel.per_token,
+        });
+        progress(index + 1);
+    }
+    Ok((samples, tokens))
+}
+
+fn print_tokens(profile: &TokenProfile, samples: &[TokenSample]) {
+    println!(
+        "tokens: {} per calibration generation (greedy)",
+        profile.max_tokens
+    );
+    println!(
+        "{:>5} {:>7} {:>7} {:>15} {:>15} {:>15}",
+        "input", "bytes", "tokens", "to 1st token", "bound", "per token"
+    );
+    for (i, s) in samples.iter().enumerate() {
+        println!(
+            "{:>5} {:>7} {:>7} {:>15} {:>15} {:>15}",
+            i + 1,
+            s.prompt_bytes,
+            s.prompt_tokens,
+            s.to_first_token,
+            profile.to_first_token.predict(s.prompt_bytes),
+            s.per_token.map_or("-".to_string(), |f| f.to_string())
+        );
+    }
+    println!(
+        "first-token bound: {}; per token after it: {} (the most on the set); a generation of N \
+         tokens is planned at the bound plus N - 1 times that",
+        profile.to_first_token,
+        format_count(profile.per_token)
+    );
 }
