@@ -271,12 +271,6 @@ pub(super) struct GenerationRun {
     pub(super) rate_headers: HeaderMap,
 }
 
-/// One generation, start to end, in a task of its own (it outlives its client's connection
-/// only until `stop` says the client is gone): the tokens quota (the prompt's estimate plus
-/// `max_tokens`, settled to the tokens the guest really read and wrote), the queue, the
-/// generation in a worker (or in this process) with its pieces handed to `on_emit`, the fuel
-/// refund and the metrics. A generation `stop` ended keeps its whole fuel reservation: its
-/// figures went with its worker.
 /// What a generation brings to the pipeline besides its tenant and model.
 pub(super) struct GenerationJob {
     pub(super) request: GenerateRequest,
@@ -289,6 +283,12 @@ pub(super) struct GenerationJob {
     pub(super) stop: StopCheck,
 }
 
+/// One generation, start to end, in a task of its own (it outlives its client's connection
+/// only until `stop` says the client is gone): the tokens quota (the prompt's estimate plus
+/// `max_tokens`, settled to the tokens the guest really read and wrote), the queue, the
+/// generation in a worker (or in this process) with its pieces handed to `on_emit`, the fuel
+/// refund and the metrics. A generation `stop` ended keeps its whole fuel reservation: its
+/// figures went with its worker.
 pub(super) fn spawn_generation(
     state: &Arc<State>,
     tenant: &Tenant,

@@ -47,10 +47,7 @@ use crate::error::RunError;
 use crate::generate::{GenerateRequest, Generation, GenerationError, OnEmit};
 use crate::limits::Limits;
 use crate::model::Outcome;
-use crate::worker::{StopCheck, WorkerPool, WorkerPoolConfig};
-
-/// How often an in-process generation asks whether its client is still there.
-const STOP_POLL: Duration = Duration::from_millis(50);
+use crate::worker::{stopped_by_caller, StopCheck, WorkerPool, WorkerPoolConfig, STOP_POLL};
 
 /// One served model and its queue.
 pub(crate) struct Served {
@@ -153,9 +150,7 @@ impl State {
                     if stop() {
                         return Err(Box::new(GenerationError {
                             error: RunError::new(
-                                Error::WorkerLost {
-                                    reason: "stopped by its caller (the client went away)".into(),
-                                },
+                                stopped_by_caller(),
                                 crate::usage::Usage::default(),
                             ),
                             partial: Default::default(),

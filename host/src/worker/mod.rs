@@ -306,8 +306,16 @@ impl From<WireError> for Error {
 /// taken for wedged or hostile, killed, and its request answered [`Error::WorkerLost`].
 pub const EXCHANGE_MARGIN: Duration = Duration::from_secs(5);
 
-/// How often a supervisor waiting on a generation asks whether its client is still there.
-const STOP_POLL: Duration = Duration::from_millis(50);
+/// How often a generation's caller is asked whether its client is still there (by a
+/// supervisor waiting on a worker, and by serve for a generation in its own process).
+pub const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// The [`Error::WorkerLost`] of a generation its caller stopped: what it used is not known.
+pub fn stopped_by_caller() -> Error {
+    Error::WorkerLost {
+        reason: "stopped by its caller (the client went away)".into(),
+    }
+}
 
 /// A generation as a worker reported it: the text and ids relayed, then its end.
 struct GenerateReply {
@@ -1600,12 +1608,7 @@ impl WorkerPool {
                     inner.count_recycle(Recycle::Stopped);
                     let _ = worker.reap();
                     inner.replace(permit);
-                    Err(RunError::new(
-                        Error::WorkerLost {
-                            reason: "stopped by its caller (the client went away)".into(),
-                        },
-                        Usage::default(),
-                    ))
+                    Err(RunError::new(stopped_by_caller(), Usage::default()))
                 }
                 Ended::Lost(why) => {
                     let reason = format!("{why}; {}", worker.reap());
