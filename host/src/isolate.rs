@@ -3,8 +3,10 @@
 //! costs a child its CPU-time, memory or wall-clock allowance, never the parent.
 //!
 //! The children are the `wasm-infer` binary in a hidden worker mode (`wasm-infer
-//! __load-worker`, [`crate::worker::load_worker_main`]), one per step, each reading a
-//! [`LoadRequest`] and a component on stdin and answering one JSON line followed by bytes:
+//! __load-worker`, [`crate::worker::load_worker_main`]), one per step, started and spoken to
+//! over the same wire protocol as the run workers ([`crate::wire`]: one start path, length-
+//! prefixed frames, one error type): the child reads a [`LoadRequest`] frame and the component
+//! as a raw frame, and answers a [`LoadReply`] frame, followed on success by the step's bytes:
 //!
 //! - **pre-initialisation** ([`Step::Preinit`], components that export `wizer-initialize`)
 //!   runs guest code. The child compiles the instrumented component, locks itself down as a run
@@ -27,18 +29,18 @@
 //! for embedders who load only models they trust: it is faster (no process start) and needs
 //! no worker binary.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{self, Cgroup, CgroupLimits, WORKER_EXTRA_PIDS};
 pub use crate::error::{CompileLimit, CompileLimits, DEFAULT_COMPILE_LIMITS};
-use crate::error::{Error, InvalidModel, LimitExceeded};
+use crate::error::{Error, InvalidModel};
 use crate::limits::Limits;
-use crate::runtime::Runtime;
+use crate::runtime::{EngineSettings, Runtime};
+use crate::wire::{self, Channel, WireError, FRAME_MARGIN};
 
 /// Where and how to compile in a child process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,19 +61,15 @@ pub enum Step {
     Preinit,
 }
 
-/// What the parent asks a load worker to do.
+/// What the parent asks a load worker to do (one JSON frame, then the component as a raw
+/// frame).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadRequest {
     /// The step.
     pub step: Step,
-    /// The engine settings and device that decide the compiled code.
-    pub meter_fuel: bool,
-    /// Pooled slots, as the parent's runtime has them.
-    pub pool: Option<u32>,
-    /// NaN canonicalisation, as the parent's runtime has it.
-    pub nan_canonicalization: bool,
-    /// The CPU features compiled code may use, as the parent's runtime has them.
-    pub cpu_features: crate::CpuFeatures,
+    /// The engine settings that decide the compiled code, whole, as the parent's runtime has
+    /// them (never field by field, so that a new setting cannot be left behind).
+    pub engine: EngineSettings,
     /// The parent's device choice.
     pub accel: crate::AccelMode,
     /// Limits of the initialisation (as `LoadOptions::limits`).
@@ -84,32 +82,27 @@ impl LoadRequest {
         let config = runtime.config();
         Self {
             step,
-            meter_fuel: config.meter_fuel,
-            pool: config.pool,
-            nan_canonicalization: config.nan_canonicalization,
-            cpu_features: config.cpu_features,
+            engine: config.engine_settings(),
             accel: config.accel,
             limits: limits.clone(),
         }
     }
 }
 
-/// What a load worker answers (on one line; `Compiled` and `Snapshot` are followed by their
-/// bytes).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a load worker answers when its step succeeded (one JSON frame, as the `Ok` of a
+/// `Result` whose `Err` is the error as it crosses, [`WireError`]); the bytes follow as a raw
+/// frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadAnswer {
     /// Precompiled: the native code follows.
     Compiled,
     /// Pre-initialised: the snapshot component follows.
     Snapshot,
-    /// Refused as a model.
-    Invalid(InvalidModel),
-    /// A load-time call hit a limit (`init`: while pre-initialising).
-    Limit { init: bool, limit: LimitExceeded },
-    /// Any other failure, by kind and message.
-    Failed { kind: String, message: String },
 }
+
+/// A load worker's reply frame.
+pub(crate) type LoadReply = Result<LoadAnswer, WireError>;
 
 /// Bytes of native code a compile worker may answer: generous (code is a few times the size of
 /// the wasm that it compiles, data segments are copied once), and bounded all the same.
@@ -139,10 +132,7 @@ pub(crate) fn compile_in_worker(
     wasm: &[u8],
 ) -> Result<Vec<u8>, Error> {
     let request = LoadRequest::new(Step::Compile, runtime, &Limits::default());
-    match run_worker(isolation, &request, wasm, max_compiled_bytes(wasm))? {
-        (LoadAnswer::Compiled, code) => Ok(code),
-        (other, _) => Err(out_of_protocol(&other)),
-    }
+    run_worker(isolation, &request, wasm, max_compiled_bytes(wasm))
 }
 
 /// Pre-initialises `wasm` in a locked-down worker under `limits`: the snapshot component
@@ -154,108 +144,90 @@ pub(crate) fn preinit_in_worker(
     limits: &Limits,
 ) -> Result<Vec<u8>, Error> {
     let request = LoadRequest::new(Step::Preinit, runtime, limits);
-    match run_worker(isolation, &request, wasm, max_snapshot_bytes(wasm, limits))? {
-        (LoadAnswer::Snapshot, snapshot) => Ok(snapshot),
-        (other, _) => Err(out_of_protocol(&other)),
+    run_worker(isolation, &request, wasm, max_snapshot_bytes(wasm, limits))
+}
+
+/// How a load worker's exchange went, before its end is known.
+enum Exchange {
+    /// The step's bytes, as the worker answered them.
+    Answered(Vec<u8>),
+    /// The worker's error, as it crossed.
+    Refused(WireError),
+    /// No answer by the deadline.
+    TimedOut,
+    /// An answer the protocol does not allow (the wrong step, a frame over its bound).
+    OutOfProtocol(String),
+    /// The channel broke (the worker ended, or closed it): its exit says why.
+    Broken,
+}
+
+/// Sends the request and the component, and reads the reply and the step's bytes (at most
+/// `max_out`), all by `deadline`.
+fn exchange(
+    channel: &mut Channel,
+    request: &LoadRequest,
+    wasm: &[u8],
+    max_out: u64,
+    deadline: Instant,
+) -> Exchange {
+    let expected = match request.step {
+        Step::Compile => LoadAnswer::Compiled,
+        Step::Preinit => LoadAnswer::Snapshot,
+    };
+    let failed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::TimedOut => Exchange::TimedOut,
+        _ if wire::is_too_long(&e) => Exchange::OutOfProtocol(e.to_string()),
+        _ => Exchange::Broken,
+    };
+    let sent = channel
+        .send(request, deadline)
+        .and_then(|()| channel.send_raw(wasm, deadline));
+    // A worker that stopped reading may still have answered (an error it found early):
+    // its reply is read all the same, but only an error is taken from it.
+    let read_all = match sent {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+        Err(e) => return failed(e),
+    };
+    let reply = channel.receive::<LoadReply>(FRAME_MARGIN, deadline);
+    match reply {
+        Ok(Ok(answer)) if !read_all => {
+            Exchange::OutOfProtocol(format!("{answer:?} before it read the component"))
+        }
+        Ok(Ok(answer)) if answer == expected => match channel.receive_raw(max_out, deadline) {
+            Ok(bytes) => Exchange::Answered(bytes),
+            Err(e) => failed(e),
+        },
+        Ok(Ok(answer)) => {
+            Exchange::OutOfProtocol(format!("{answer:?} to a {:?} request", request.step))
+        }
+        Ok(Err(error)) => Exchange::Refused(error),
+        Err(e) => failed(e),
     }
 }
 
-fn out_of_protocol(answer: &LoadAnswer) -> Error {
-    Error::Internal(format!(
-        "the load worker answered out of protocol ({answer:?})"
-    ))
-}
-
-/// The parent side: runs the worker on `wasm` under `isolation`'s limits, reads at most
-/// `max_out` bytes of answer, and turns its end into the answer and the bytes after its line,
-/// or the error it stands for.
+/// The parent side: runs a load worker on `wasm` under `isolation`'s limits (over the one wire
+/// protocol, [`crate::wire`]), and turns its end into the bytes its step answered (at most
+/// `max_out`: native code, or a snapshot), or the error it stands for.
 fn run_worker(
     isolation: &Isolation,
     request: &LoadRequest,
     wasm: &[u8],
     max_out: u64,
-) -> Result<(LoadAnswer, Vec<u8>), Error> {
+) -> Result<Vec<u8>, Error> {
     let limits = &isolation.limits;
-    let mut command = Command::new(&isolation.worker);
-    command
-        .arg("__load-worker")
-        // Nothing of this process's environment reaches a load worker: it reads no variable
-        // but the one below (its settings come in the request, its stderr goes nowhere).
-        .env_clear()
-        // Threads (the compiler's, candle's) are sized from this, not from /proc or /sys,
-        // which a locked-down worker may not open.
-        .env(
-            "RAYON_NUM_THREADS",
-            candle_core::utils::get_num_threads().to_string(),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    pass_escape_drill(&mut command);
-    cgroup::pass_cgroup_probe(&mut command);
-    pass_library_path(&mut command);
+    let mut command = wire::child_command(&isolation.worker, "__load-worker");
     apply_rlimits(&mut command, limits);
     // Removed when this function returns, after the child was reaped.
     let group = load_cgroup(limits, request);
     if let Some(group) = &group {
         group.place_before_exec(&mut command);
     }
-    let mut child = command.spawn().map_err(|e| {
-        let message = format!(
-            "cannot start the compile worker {}: {e}",
-            isolation.worker.display()
-        );
-        // A worker binary that is missing or not executable is a setting to fix; anything
-        // else (no file descriptors, memory or processes left) is the host's resource failing.
-        match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                Error::Config(message)
-            }
-            _ => Error::Internal(format!("the host ran out of a resource: {message}")),
-        }
-    })?;
-    let mut input = serde_json::to_vec(request).expect("requests serialise");
-    input.push(b'\n');
-    input.extend_from_slice(wasm);
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    // A worker that dies early closes the pipe; its exit status says why.
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let stdout = child.stdout.take().expect("piped stdout");
-    // Reads one byte past the bound (to tell an answer at the bound from one above it), then
-    // closes the pipe, which ends a worker that would write on.
-    let reader = std::thread::spawn(move || {
-        let mut answer = Vec::new();
-        let _ = stdout
-            .take(max_out.saturating_add(1))
-            .read_to_end(&mut answer);
-        answer
-    });
-    let deadline = Instant::now() + limits.wall_time;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(WORKER_POLL),
-            Err(e) => {
-                return Err(Error::Internal(format!(
-                    "waiting for the compile worker: {e}"
-                )))
-            }
-        }
-    };
-    let _ = writer.join();
-    let answer = reader.join().unwrap_or_default();
-    if answer.len() as u64 > max_out {
-        return Err(Error::Internal(format!(
-            "the load worker answered more than {max_out} bytes"
-        )));
-    }
+    let (mut child, mut channel) = wire::spawn(command, "compile worker")?;
+    let deadline = wire::deadline_after(limits.wall_time);
+    let exchange = exchange(&mut channel, request, wasm, max_out, deadline);
+    // Closing the channel ends a worker that would write on.
+    drop(channel);
     let exceeded = |limit: CompileLimit| {
         Err(InvalidModel::CompileLimit {
             limit,
@@ -263,32 +235,29 @@ fn run_worker(
         }
         .into())
     };
+    let status = match exchange {
+        Exchange::TimedOut => None,
+        Exchange::OutOfProtocol(what) => {
+            wire::end(&mut child);
+            return Err(Error::Internal(format!(
+                "the load worker answered out of protocol: {what}"
+            )));
+        }
+        _ => wait_until(&mut child, deadline)?,
+    };
     let Some(status) = status else {
+        wire::end(&mut child);
         return exceeded(CompileLimit::WallTime);
     };
-    let line_end = answer
-        .iter()
-        .position(|&b| b == b'\n')
-        .unwrap_or(answer.len());
-    if let Ok(parsed) = serde_json::from_slice::<LoadAnswer>(&answer[..line_end]) {
-        return match parsed {
-            LoadAnswer::Compiled | LoadAnswer::Snapshot if status.success() => {
-                let bytes = answer.get(line_end + 1..).unwrap_or_default().to_vec();
-                Ok((parsed, bytes))
-            }
-            LoadAnswer::Compiled | LoadAnswer::Snapshot => Err(Error::Internal(format!(
+    match exchange {
+        Exchange::Answered(bytes) if status.success() => return Ok(bytes),
+        Exchange::Answered(_) => {
+            return Err(Error::Internal(format!(
                 "the load worker answered, then ended abnormally ({status})"
-            ))),
-            LoadAnswer::Invalid(reason) => Err(reason.into()),
-            LoadAnswer::Limit { init: false, limit } => Err(limit.into()),
-            LoadAnswer::Limit { init: true, limit } => Err(Error::Init(Box::new(limit.into()))),
-            LoadAnswer::Failed { kind, message } if kind == "trap" => Err(Error::Trap {
-                code: None,
-                message,
-                guest_stderr: String::new(),
-            }),
-            LoadAnswer::Failed { message, .. } => Err(Error::Internal(message)),
-        };
+            )))
+        }
+        Exchange::Refused(error) => return Err(error.into()),
+        _ => {}
     }
     use std::os::unix::process::ExitStatusExt;
     // The kernel's OOM killer ends a child past its group's ceiling with SIGKILL too.
@@ -310,19 +279,29 @@ fn run_worker(
     }
 }
 
-/// A binary built with the `cuda` feature links the CUDA libraries, which its children (the
-/// same binary) find, as this process found them, through `LD_LIBRARY_PATH`: without it they
-/// cannot start (the loader exits 127). Only that variable, and only in such a build; no other
-/// `LD_*` variable reaches a child.
-pub(crate) fn pass_library_path(command: &mut Command) {
-    #[cfg(feature = "cuda")]
-    if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
-        command.env("LD_LIBRARY_PATH", path);
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = command;
-}
+/// How often the parent looks whether a worker has ended: fine enough to notice the deadline
+/// within a few milliseconds, coarse enough to cost nothing.
+const WORKER_POLL: Duration = Duration::from_millis(5);
 
+/// Waits for `child` to end, no later than `deadline` (`None`: still running then).
+fn wait_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> Result<Option<std::process::ExitStatus>, Error> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(Some(status)),
+            Ok(None) if Instant::now() >= deadline => return Ok(None),
+            Ok(None) => std::thread::sleep(WORKER_POLL),
+            Err(e) => {
+                wire::end(child);
+                return Err(Error::Internal(format!(
+                    "waiting for the compile worker: {e}"
+                )));
+            }
+        }
+    }
+}
 /// Memory a load child's cgroup allows beyond its `RLIMIT_DATA` (and, for pre-initialisation,
 /// the guest's linear memory, up to the load's memory limit): the binary's and the compiled
 /// code's pages, the component and the answer it holds, stacks, and the page cache it causes.
@@ -360,10 +339,6 @@ fn load_cgroup(limits: &CompileLimits, request: &LoadRequest) -> Option<Cgroup> 
     }
 }
 
-/// How often the parent looks whether the worker has ended: fine enough to notice the
-/// deadline within a few milliseconds, coarse enough to cost nothing.
-const WORKER_POLL: Duration = Duration::from_millis(5);
-
 /// Sets the child's resource limits between fork and exec.
 fn apply_rlimits(command: &mut Command, limits: &CompileLimits) {
     use std::os::unix::process::CommandExt;
@@ -391,22 +366,126 @@ fn apply_rlimits(command: &mut Command, limits: &CompileLimits) {
     }
 }
 
-/// The variable that arms the escape drill: `<stage>:<call>`, where stage is `run` (a run
-/// worker), `preinit` (a pre-initialisation child) or `compile` (a compile child) and call one
-/// of `worker::lockdown::forbidden`'s. It exists for the tests: right after its lock-down, where
-/// the first guest instruction (or, for the compile child, the compiler) would run, the
-/// process makes that call itself, standing in for native code that escaped wasmtime there;
-/// the filter must kill it (`SIGSYS`). A call the filter let through ends the process with
-/// `worker::ESCAPE_SURVIVED`. `preinit:poison-<kind>` is the poison drill instead: the
-/// pre-initialisation child tampers with the snapshot it hands back (`segment`, `memory`,
-/// `global`, `code`, `digest`), as such code could, and the parent must refuse it
-/// ([`InvalidModel::PoisonedSnapshot`]). Parents pass the variable on to their children by
-/// name; it can only make a worker end itself or a load fail.
-pub const ESCAPE_VAR: &str = "WASM_INFER_TEST_ESCAPE";
+pub use crate::wire::ESCAPE_VAR;
 
-/// Passes the escape drill's variable, if this process has it, on to a child.
-pub(crate) fn pass_escape_drill(command: &mut Command) {
-    if let Some(drill) = std::env::var_os(ESCAPE_VAR) {
-        command.env(ESCAPE_VAR, drill);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::LimitExceeded;
+    use crate::runtime::RuntimeConfig;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A load worker that is a shell script: `body` stands for whatever a compromised or
+    /// broken child could write on its channel.
+    fn scripted(name: &str, body: &str, wall_time: Duration) -> (Isolation, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("wasm-infer-scripted-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("worker");
+        std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let isolation = Isolation {
+            worker: script,
+            limits: CompileLimits {
+                wall_time,
+                ..DEFAULT_COMPILE_LIMITS
+            },
+        };
+        (isolation, dir)
+    }
+
+    fn compile_with(name: &str, body: &str, wall_time: Duration) -> (Error, Duration) {
+        let (isolation, dir) = scripted(name, body, wall_time);
+        let runtime = Runtime::with_config(RuntimeConfig {
+            cache_dir: None,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let started = Instant::now();
+        let error = compile_in_worker(&isolation, &runtime, b"\0asm not a real component")
+            .expect_err("a scripted worker never compiles");
+        let took = started.elapsed();
+        std::fs::remove_dir_all(dir).unwrap();
+        (error, took)
+    }
+
+    /// The script's answer: a frame header saying `len`, as octal escapes for `printf`.
+    fn header(len: u32) -> String {
+        len.to_le_bytes()
+            .iter()
+            .map(|b| format!("\\{b:03o}"))
+            .collect()
+    }
+
+    #[test]
+    fn a_load_worker_answering_out_of_protocol_is_killed_at_once_and_its_answer_refused() {
+        // Each script then spins: the parent must kill it rather than wait for its end (the
+        // wall-time limit of an hour would be the answer otherwise).
+        let spin = "while :; do :; done";
+        let hour = Duration::from_secs(3600);
+        let reply = r#"{"Ok":"snapshot"}"#;
+        let cases = [
+            (
+                "huge-reply",
+                format!("printf '{}'; {spin}", header(u32::MAX)),
+                "the load worker answered out of protocol: a frame of 4294967295 bytes, above \
+                 the bound of 1048576",
+            ),
+            (
+                "wrong-step",
+                format!("printf '{}{reply}'; {spin}", header(reply.len() as u32)),
+                "the load worker answered out of protocol: Snapshot to a Compile request",
+            ),
+            (
+                "huge-code",
+                format!(
+                    "printf '{}{}{}'; {spin}",
+                    header(17),
+                    r#"{"Ok":"compiled"}"#,
+                    header(u32::MAX)
+                ),
+                // The code's bound for a 25-byte component: 16 x 25 + 256 MiB.
+                "the load worker answered out of protocol: a frame of 4294967295 bytes, above \
+                 the bound of 268435856",
+            ),
+        ];
+        for (name, body, message) in cases {
+            let (error, took) = compile_with(name, &body, hour);
+            assert!(
+                matches!(&error, Error::Internal(m) if m == message),
+                "{name}: {error:?}"
+            );
+            assert!(took < hour, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_load_worker_that_never_answers_is_killed_at_its_deadline() {
+        // It reads nothing and writes nothing: the parent's writes and reads both wait on it.
+        let (error, _) = compile_with("silent", "while :; do :; done", Duration::from_millis(300));
+        match error {
+            Error::InvalidModel(InvalidModel::CompileLimit { limit, limits }) => {
+                assert_eq!(limit, CompileLimit::WallTime);
+                assert_eq!(limits.wall_time, Duration::from_millis(300));
+            }
+            other => panic!("expected the wall-time limit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_load_workers_error_crosses_whole() {
+        // An initialisation that ran out of fuel, as the pre-initialisation child reports it.
+        let reply = r#"{"Err":{"init":{"limit":{"Fuel":{"limit":10,"consumed":11}}}}}"#;
+        let body = format!("printf '{}{reply}'", header(reply.len() as u32));
+        let (error, _) = compile_with("init-fuel", &body, Duration::from_secs(60));
+        assert_eq!(
+            error.limit(),
+            Some(&LimitExceeded::Fuel {
+                limit: 10,
+                consumed: 11
+            }),
+            "{error:?}"
+        );
+        assert!(matches!(error, Error::Init(_)), "{error:?}");
     }
 }

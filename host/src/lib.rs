@@ -46,6 +46,7 @@ pub mod testing;
 pub mod units;
 mod usage;
 mod wasi;
+mod wire;
 pub mod worker;
 
 pub use accel::{AccelMode, DeviceUsage};

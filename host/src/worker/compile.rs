@@ -4,37 +4,30 @@
 use std::io::{Read, Write};
 
 use crate::error::Error;
-use crate::isolate::{LoadAnswer, LoadRequest, Step};
+use crate::isolate::{LoadAnswer, LoadReply, LoadRequest, Step};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::wire::{read_frame, read_raw_frame, write_frame, write_raw_frame, MAX_REQUEST_FRAME};
 
 /// The worker side: reads the request and the component from `input`, takes the step, writes
 /// the answer (and the bytes that follow it) to `output`. Returns the process exit status
 /// (0 when it answered).
 pub fn load_worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
     crate::worker::probe_load_cgroup();
-    let mut bytes = Vec::new();
-    if input.read_to_end(&mut bytes).is_err() {
-        return 1;
-    }
-    let Some(split) = bytes.iter().position(|&b| b == b'\n') else {
+    let Ok(request) = read_frame::<LoadRequest>(&mut input, MAX_REQUEST_FRAME) else {
         return 1;
     };
-    let Ok(request) = serde_json::from_slice::<LoadRequest>(&bytes[..split]) else {
+    let Ok(wasm) = read_raw_frame(&mut input, MAX_REQUEST_FRAME) else {
         return 1;
     };
-    let wasm = &bytes[split + 1..];
-    let (answer, payload) = match take_step(&request, wasm) {
-        Ok((answer, payload)) => (answer, payload),
-        Err(error) => (answer_for(error), Vec::new()),
+    let (reply, payload): (LoadReply, Vec<u8>) = match take_step(&request, &wasm) {
+        Ok((answer, payload)) => (Ok(answer), payload),
+        Err(error) => (Err(error.into()), Vec::new()),
     };
-    let mut line = serde_json::to_vec(&answer).expect("answers serialise");
-    line.push(b'\n');
-    if output
-        .write_all(&line)
-        .and_then(|()| output.write_all(&payload))
-        .and_then(|()| output.flush())
-        .is_err()
-    {
+    let answered = write_frame(&mut output, &reply).and_then(|()| match reply {
+        Ok(_) => write_raw_frame(&mut output, &payload),
+        Err(_) => Ok(()),
+    });
+    if answered.is_err() {
         return 1;
     }
     0
@@ -43,13 +36,10 @@ pub fn load_worker_main(mut input: impl Read, mut output: impl Write) -> u8 {
 fn config(request: &LoadRequest) -> RuntimeConfig {
     RuntimeConfig {
         cache_dir: None,
-        meter_fuel: request.meter_fuel,
-        pool: request.pool,
-        nan_canonicalization: request.nan_canonicalization,
-        cpu_features: request.cpu_features,
         accel: request.accel,
         ..RuntimeConfig::default()
     }
+    .with_engine_settings(request.engine.clone())
 }
 
 fn take_step(request: &LoadRequest, wasm: &[u8]) -> Result<(LoadAnswer, Vec<u8>), Error> {
@@ -101,9 +91,9 @@ fn lock() -> Result<(), String> {
 }
 
 /// The poison drill's kind, if the escape drill's variable names one: `preinit:poison-<kind>`
-/// (see [`crate::isolate::ESCAPE_VAR`]).
+/// (see [`crate::wire::ESCAPE_VAR`]).
 fn poison_drill() -> Option<String> {
-    let drill = std::env::var(crate::isolate::ESCAPE_VAR).ok()?;
+    let drill = std::env::var(crate::wire::ESCAPE_VAR).ok()?;
     drill
         .strip_prefix("preinit:poison-")
         .map(ToString::to_string)
@@ -199,30 +189,5 @@ fn write_leb(wasm: &mut [u8], at: usize, mut value: u64) {
         let more = if i + 1 < width { 0x80 } else { 0 };
         *byte = (value & 0x7f) as u8 | more;
         value >>= 7;
-    }
-}
-
-fn answer_for(error: Error) -> LoadAnswer {
-    match error {
-        Error::InvalidModel(reason) => LoadAnswer::Invalid(reason),
-        Error::Limit(limit) => LoadAnswer::Limit { init: false, limit },
-        Error::Init(inner) => match *inner {
-            Error::Limit(limit) => LoadAnswer::Limit { init: true, limit },
-            other => answer_for_other(&other),
-        },
-        other => answer_for_other(&other),
-    }
-}
-
-fn answer_for_other(error: &Error) -> LoadAnswer {
-    // An internal error's own text: the parent makes it an internal error again, whose
-    // display adds the "internal error: " this one's would have carried.
-    let message = match error {
-        Error::Internal(message) => message.clone(),
-        other => other.to_string(),
-    };
-    LoadAnswer::Failed {
-        kind: error.kind().as_str().to_string(),
-        message,
     }
 }

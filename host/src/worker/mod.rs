@@ -23,17 +23,17 @@ pub mod lockdown;
 pub use compile::load_worker_main;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::data::{Input, ModelInfo, Output};
-use crate::error::{Error, InvalidModel, LimitExceeded, ModelErrorCode, RunError};
+use crate::error::{Error, RunError};
 use crate::generate::{
     FinishReason, GenerateRequest, Generated, Generation, GenerationError, OnEmit, TokenFuel,
     MAX_TOKENS_PER_EMIT,
@@ -43,6 +43,10 @@ use crate::limits::{Limits, MAX_INFO_BYTES};
 use crate::model::{ComponentIdentity, LoadOptions, Model, Outcome};
 use crate::runtime::{EngineSettings, Runtime, RuntimeConfig};
 use crate::usage::Usage;
+use crate::wire::{
+    self, deadline_after, read_frame, read_raw_frame, wait_for, write_frame, Channel, WireError,
+    FRAME_MARGIN, MAX_REQUEST_FRAME,
+};
 use crate::AccelMode;
 
 /// How a pool of workers is set up.
@@ -218,88 +222,6 @@ enum FromWorker {
     },
 }
 
-/// An [`Error`] as it crosses the process boundary.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum WireError {
-    Limit(LimitExceeded),
-    InvalidModel(InvalidModel),
-    Trap {
-        code: Option<String>,
-        message: String,
-        guest_stderr: String,
-    },
-    Model {
-        code: ModelErrorCode,
-        message: String,
-    },
-    Other {
-        kind: String,
-        message: String,
-    },
-}
-
-/// The trap codes a worker reports by name.
-const TRAPS: [wasmtime::Trap; 12] = [
-    wasmtime::Trap::StackOverflow,
-    wasmtime::Trap::MemoryOutOfBounds,
-    wasmtime::Trap::HeapMisaligned,
-    wasmtime::Trap::TableOutOfBounds,
-    wasmtime::Trap::IndirectCallToNull,
-    wasmtime::Trap::BadSignature,
-    wasmtime::Trap::IntegerOverflow,
-    wasmtime::Trap::IntegerDivisionByZero,
-    wasmtime::Trap::BadConversionToInteger,
-    wasmtime::Trap::UnreachableCodeReached,
-    wasmtime::Trap::Interrupt,
-    wasmtime::Trap::OutOfFuel,
-];
-
-impl From<Error> for WireError {
-    fn from(error: Error) -> Self {
-        match error {
-            Error::Limit(limit) => Self::Limit(limit),
-            Error::InvalidModel(reason) => Self::InvalidModel(reason),
-            Error::Trap {
-                code,
-                message,
-                guest_stderr,
-            } => Self::Trap {
-                code: code.map(|c| format!("{c:?}")),
-                message,
-                guest_stderr,
-            },
-            Error::Model { code, message } => Self::Model { code, message },
-            other => Self::Other {
-                kind: other.kind().as_str().to_string(),
-                message: other.to_string(),
-            },
-        }
-    }
-}
-
-impl From<WireError> for Error {
-    fn from(error: WireError) -> Self {
-        match error {
-            WireError::Limit(limit) => Error::Limit(limit),
-            WireError::InvalidModel(reason) => Error::InvalidModel(reason),
-            WireError::Trap {
-                code,
-                message,
-                guest_stderr,
-            } => Error::Trap {
-                code: code.and_then(|name| TRAPS.into_iter().find(|t| format!("{t:?}") == name)),
-                message,
-                guest_stderr,
-            },
-            WireError::Model { code, message } => Error::Model { code, message },
-            WireError::Other { kind, message } => {
-                Error::Internal(format!("in a worker ({kind}): {message}"))
-            }
-        }
-    }
-}
-
 /// How long past a run's wall-time limit the supervisor waits for its worker's answer: the
 /// worker's own deadline ends the run within one epoch tick of the limit, and the answer
 /// (up to the output limit, as JSON) must still be written and read. Past it the worker is
@@ -361,10 +283,6 @@ pub const START_DEADLINE: Duration = Duration::from_secs(300);
 /// `\u00XX` (6).
 const JSON_BYTES_PER_BYTE: u64 = 6;
 
-/// Bytes a frame may have beyond its payload: the usage report, error messages and the
-/// tail of the guest's stderr a trap carries (4 KiB before escaping).
-const FRAME_MARGIN: u64 = 1 << 20;
-
 /// The largest frame a worker may answer a run with: the run's output limit in JSON, plus
 /// the margin. Anything longer is out of protocol (the output limit was checked in the
 /// worker, or the worker is lying), read no further, and its worker replaced.
@@ -381,156 +299,6 @@ fn max_ready_frame(models: usize) -> u64 {
     (models as u64)
         .saturating_mul(MAX_INFO_BYTES * JSON_BYTES_PER_BYTE)
         .saturating_add(FRAME_MARGIN)
-}
-
-/// Most bytes a frame the worker reads may have: any length the prefix can say (the worker
-/// trusts its supervisor, whose input limits bound what it sends).
-const MAX_REQUEST_FRAME: u64 = u32::MAX as u64;
-
-fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> std::io::Result<()> {
-    out.write_all(&encode_frame(message)?)?;
-    out.flush()
-}
-
-fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
-    let bytes = serde_json::to_vec(message).map_err(std::io::Error::other)?;
-    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
-    let mut frame = Vec::with_capacity(bytes.len() + 4);
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&bytes);
-    Ok(frame)
-}
-
-/// Reads a binary frame: a little-endian `u32` length, then that many bytes.
-fn read_raw_frame(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    input.read_exact(&mut len)?;
-    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
-    input.read_exact(&mut bytes)?;
-    Ok(bytes)
-}
-
-fn read_frame<T: DeserializeOwned>(input: &mut impl Read, max: u64) -> std::io::Result<T> {
-    let mut len = [0u8; 4];
-    input.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len);
-    if u64::from(len) > max {
-        return Err(std::io::Error::other(format!(
-            "a frame of {len} bytes, above the bound of {max}"
-        )));
-    }
-    let mut bytes = vec![0u8; len as usize];
-    input.read_exact(&mut bytes)?;
-    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
-}
-
-/// The supervisor's end of a worker's channel: every read and write has a deadline, and
-/// every frame read a bound, so that a worker that stops answering, answers slowly or
-/// answers without end costs its request, never the supervisor's thread.
-struct Channel {
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-}
-
-impl Channel {
-    fn new(stdin: ChildStdin, stdout: ChildStdout) -> std::io::Result<Self> {
-        // Writes to a worker that does not read would otherwise block once the pipe is full.
-        let fd = stdin.as_raw_fd();
-        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(Self { stdin, stdout })
-    }
-
-    fn send<T: Serialize>(&mut self, message: &T, deadline: Instant) -> std::io::Result<()> {
-        self.send_frame(&encode_frame(message)?, deadline)
-    }
-
-    /// Sends `bytes` as a binary frame (see [`read_raw_frame`]).
-    fn send_raw(&mut self, bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
-        let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
-        self.send_frame(&len.to_le_bytes(), deadline)?;
-        self.send_frame(bytes, deadline)
-    }
-
-    fn send_frame(&mut self, frame: &[u8], deadline: Instant) -> std::io::Result<()> {
-        let mut sent = 0;
-        while sent < frame.len() {
-            match self.stdin.write(&frame[sent..]) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    wait_for(self.stdin.as_raw_fd(), libc::POLLOUT, deadline)?
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    fn receive<T: DeserializeOwned>(&mut self, max: u64, deadline: Instant) -> std::io::Result<T> {
-        let mut reader = ReadBy {
-            stdout: &mut self.stdout,
-            deadline,
-        };
-        read_frame(&mut reader, max)
-    }
-}
-
-/// A reader that waits for data no later than its deadline.
-struct ReadBy<'a> {
-    stdout: &'a mut ChildStdout,
-    deadline: Instant,
-}
-
-impl Read for ReadBy<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        wait_for(self.stdout.as_raw_fd(), libc::POLLIN, self.deadline)?;
-        self.stdout.read(buf)
-    }
-}
-
-/// The instant `wait` from now; a wait too long for the clock (a wall-time limit of
-/// `Duration::MAX`) is cut to a year, which no run reaches.
-fn deadline_after(wait: Duration) -> Instant {
-    const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
-    Instant::now() + wait.min(LONGEST)
-}
-
-/// Waits until `fd` is ready for `events` (or closed), or fails with `TimedOut` at `deadline`.
-fn wait_for(fd: RawFd, events: libc::c_short, deadline: Instant) -> std::io::Result<()> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        let mut poll = libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        // Rounded up, so that a wait never ends just before the deadline and spins.
-        let millis = left
-            .as_millis()
-            .saturating_add(1)
-            .min(libc::c_int::MAX as u128);
-        // SAFETY: poll reads and writes the one pollfd we pass.
-        match unsafe { libc::poll(&mut poll, 1, millis as libc::c_int) } {
-            n if n > 0 => return Ok(()),
-            0 => {}
-            _ => {
-                let error = std::io::Error::last_os_error();
-                if error.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            }
-        }
-    }
 }
 
 /// Checks the figures a worker reports against what its request allowed and the parent can
@@ -565,7 +333,12 @@ fn check_usage(usage: &Usage, limits: &Limits) -> Result<(), String> {
 fn ended_cleanly<T>(result: &Result<T, WireError>) -> bool {
     match result {
         Ok(_) | Err(WireError::Limit(_)) | Err(WireError::Model { .. }) => true,
-        Err(WireError::Trap { .. } | WireError::InvalidModel(_) | WireError::Other { .. }) => false,
+        Err(
+            WireError::Trap { .. }
+            | WireError::InvalidModel(_)
+            | WireError::Init(_)
+            | WireError::Other { .. },
+        ) => false,
     }
 }
 
@@ -577,7 +350,7 @@ pub fn worker_main(mut input: impl Read, output: impl Write + Send + 'static) ->
     };
     let mut code = Vec::with_capacity(hello.models.len());
     for _ in &hello.models {
-        match read_raw_frame(&mut input) {
+        match read_raw_frame(&mut input, MAX_REQUEST_FRAME) {
             Ok(bytes) => code.push(bytes),
             Err(_) => return 1,
         }
@@ -713,7 +486,7 @@ fn start(hello: &Hello, code: Vec<Vec<u8>>) -> Result<Vec<Model>, String> {
         .collect()
 }
 
-pub use crate::isolate::ESCAPE_VAR;
+pub use crate::wire::ESCAPE_VAR;
 
 /// The exit status of a process whose drill call was allowed (a hole in the filter).
 pub const ESCAPE_SURVIVED: i32 = 75;
@@ -738,8 +511,6 @@ pub(crate) fn escape_drill(stage: &str) {
         std::process::exit(ESCAPE_SURVIVED);
     }
 }
-
-pub(crate) use crate::isolate::pass_escape_drill;
 
 pub use crate::cgroup::CGROUP_PROBE_VAR;
 
@@ -943,16 +714,14 @@ impl Worker {
 
     /// Waits for a worker whose channel broke, and says how it ended.
     fn reap(mut self) -> String {
-        let _ = self.child.kill();
-        match self.child.wait() {
-            Ok(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                match status.signal() {
-                    Some(signal) => format!("worker {} killed by signal {signal}", self.child.id()),
-                    None => format!("worker {} exited ({status})", self.child.id()),
-                }
-            }
-            Err(e) => format!("worker {}: {e}", self.child.id()),
+        use std::os::unix::process::ExitStatusExt;
+        let pid = self.child.id();
+        match wire::end(&mut self.child) {
+            Some(status) => match status.signal() {
+                Some(signal) => format!("worker {pid} killed by signal {signal}"),
+                None => format!("worker {pid} exited ({status})"),
+            },
+            None => format!("worker {pid}: not reaped"),
         }
     }
 
@@ -964,8 +733,7 @@ impl Worker {
             mut child, channel, ..
         } = self;
         drop(channel);
-        let _ = child.kill();
-        let _ = child.wait();
+        wire::end(&mut child);
     }
 
     fn rss_bytes(&self) -> Option<u64> {
@@ -1065,46 +833,11 @@ impl std::fmt::Debug for WorkerPool {
 impl PoolInner {
     fn spawn(&self) -> Result<(Worker, Vec<ModelInfo>), Error> {
         let config = &self.config;
-        let mut command = Command::new(&config.binary);
-        command
-            .arg("__run-worker")
-            // Nothing of this process's environment (secrets, proxies, `LD_*`) reaches the
-            // worker: it reads no variable but the one below (its cache and settings come in
-            // its `Hello`; its stderr goes nowhere, so no logging variable either).
-            .env_clear()
-            // candle sizes its CPU work from this variable, else by reading /proc/cpuinfo on
-            // every matrix product, which a locked-down worker may not open.
-            .env(
-                "RAYON_NUM_THREADS",
-                candle_core::utils::get_num_threads().to_string(),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        pass_escape_drill(&mut command);
-        cgroup::pass_cgroup_probe(&mut command);
-        crate::isolate::pass_library_path(&mut command);
+        let mut command = wire::child_command(&config.binary, "__run-worker");
         if let Ok(group) = &self.cgroup {
             group.place_before_exec(&mut command);
         }
-        let mut child = command.spawn().map_err(|e| {
-            Error::Config(format!(
-                "cannot start worker {}: {e}",
-                config.binary.display()
-            ))
-        })?;
-        let channel = Channel::new(
-            child.stdin.take().expect("piped stdin"),
-            child.stdout.take().expect("piped stdout"),
-        );
-        let channel = match channel {
-            Ok(channel) => channel,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::Internal(format!("a worker's channel: {e}")));
-            }
-        };
+        let (child, channel) = wire::spawn(command, "worker")?;
         let mut worker = Worker {
             channel,
             child,
@@ -1661,6 +1394,7 @@ impl Drop for PoolInner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::LimitExceeded;
 
     #[test]
     fn reported_usage_beyond_the_request_caps_is_refused() {
