@@ -16,10 +16,10 @@ use std::io::Write;
 
 use clap::Args;
 use wasm_infer::units::format_count;
-use wasm_infer::{Error, GenerateRequest, Generated, Limits, Model, Prompt, Usage};
+use wasm_infer::{Error, GenerateRequest, Generated, Limits, Model, Prompt, TokenFuel, Usage};
 
 use crate::exit;
-use crate::run::{print_report, Report};
+use crate::run::{error_json, print_report, report_json, Report};
 
 use wasm_infer::generate::DEFAULT_MAX_TOKENS;
 
@@ -118,9 +118,9 @@ pub fn run(
                     "prompt_tokens": generation.prompt_tokens,
                     "completion_tokens": generation.completion_tokens,
                     "finish_reason": generation.finish_reason,
-                    "token_fuel": generation.token_fuel,
                 });
-                print(report, model, &generation.usage, limits, None, extra);
+                let fuel = &generation.token_fuel;
+                print(report, model, &generation.usage, limits, None, fuel, extra);
             }
             exit::OK
         }
@@ -148,7 +148,6 @@ pub fn run(
                 let extra = serde_json::json!({
                     "completion_tokens": failure.partial.tokens.len(),
                     "finish_reason": limit,
-                    "token_fuel": failure.token_fuel,
                 });
                 print(
                     report,
@@ -156,6 +155,7 @@ pub fn run(
                     &failure.error.usage,
                     limits,
                     Some(error),
+                    &failure.token_fuel,
                     extra,
                 );
             }
@@ -185,52 +185,38 @@ fn partial_json(name: &str, partial: &Generated, limit: &str, error: &Error) -> 
         "tokens": partial.tokens,
         "completion_tokens": partial.tokens.len(),
         "finish_reason": limit,
-        "error": {
-            "kind": error.kind(),
-            "exit_code": exit::status(error.kind()),
-            "message": error.to_string(),
-        },
+        "error": error_json(error),
     })
 }
 
-/// The usage report, with the generation's figures in the JSON form.
+/// The usage report: in the text form, a line of the token fuel figures after the usage; in
+/// the JSON form, the generation's figures (`generation` with `token_fuel` added) in the object.
 fn print(
     report: Report,
     model: &Model,
     usage: &Usage,
     limits: &Limits,
     error: Option<&Error>,
-    generation: serde_json::Value,
+    token_fuel: &TokenFuel,
+    mut generation: serde_json::Value,
 ) {
     match report {
         Report::Text => {
             print_report(report, model, usage, limits, None);
-            let fuel = &generation["token_fuel"];
-            if let Some(first) = fuel["to_first_token"].as_u64() {
-                let then = fuel["per_token"]
-                    .as_u64()
+            if let Some(first) = token_fuel.to_first_token {
+                let then = token_fuel
+                    .per_token
                     .map(|n| format!(", then {} per token", format_count(n)))
                     .unwrap_or_default();
                 eprintln!("tokens: fuel {} to the first{then}", format_count(first));
             }
         }
         Report::Json => {
-            let error = error.map(|e| {
-                serde_json::json!({
-                    "kind": e.kind(),
-                    "exit_code": exit::status(e.kind()),
-                    "message": e.to_string(),
-                })
-            });
-            let value = serde_json::json!({
-                "status": if error.is_some() { "error" } else { "ok" },
-                "usage": usage,
-                "limits": limits,
-                "error": error,
-                "generation": generation,
-                "load": model.load_report(),
-            });
-            eprintln!("{value}");
+            generation["token_fuel"] = serde_json::json!(token_fuel);
+            eprintln!(
+                "{}",
+                report_json(model, usage, limits, error, Some(generation))
+            );
         }
     }
 }

@@ -160,22 +160,37 @@ pub(crate) fn print_report(
 ) {
     match report {
         Report::Text => eprintln!("usage: {usage}"),
-        Report::Json => {
-            let error = error.map(|e| {
-                serde_json::json!({
-                    "kind": e.kind(),
-                    "exit_code": exit::status(e.kind()),
-                    "message": e.to_string(),
-                })
-            });
-            let value = serde_json::json!({
-                "status": if error.is_some() { "error" } else { "ok" },
-                "usage": usage,
-                "limits": limits,
-                "error": error,
-                "load": model.load_report(),
-            });
-            eprintln!("{value}");
-        }
+        Report::Json => eprintln!("{}", report_json(model, usage, limits, error, None)),
     }
+}
+
+/// The `--report json` object: `status`, `usage`, `limits`, `error` ([`error_json`], null
+/// on success), a generator's figures as `generation` when given, and `load`.
+pub(crate) fn report_json(
+    model: &Model,
+    usage: &Usage,
+    limits: &Limits,
+    error: Option<&Error>,
+    generation: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut value = serde_json::json!({
+        "status": if error.is_some() { "error" } else { "ok" },
+        "usage": usage,
+        "limits": limits,
+        "error": error.map(error_json),
+    });
+    if let Some(generation) = generation {
+        value["generation"] = generation;
+    }
+    value["load"] = serde_json::json!(model.load_report());
+    value
+}
+
+/// An error as the JSON reports give it: its kind, exit status and message.
+pub(crate) fn error_json(error: &Error) -> serde_json::Value {
+    serde_json::json!({
+        "kind": error.kind(),
+        "exit_code": exit::status(error.kind()),
+        "message": error.to_string(),
+    })
 }
