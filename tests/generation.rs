@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::OnceLock;
 
 use smollm2::SmolLm;
@@ -167,19 +166,20 @@ fn tokens_and_fuel_are_the_same_on_every_run() {
 #[test]
 fn tokens_and_fuel_are_the_same_in_two_processes() {
     let run = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-            .env("WASM_INFER_CACHE_DIR", support::cache_dir())
-            .args(["--report", "json", "--max-tokens", "4", "--seed", "3"])
-            .args(["--temperature", "0.7"])
-            .arg(smollm2_wasm())
-            .arg("Write a haiku about sandboxes")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let wasm = smollm2_wasm();
+        let out = support::wasm_infer(&[
+            "--report",
+            "json",
+            "--max-tokens",
+            "4",
+            "--seed",
+            "3",
+            "--temperature",
+            "0.7",
+            wasm.to_str().unwrap(),
+            "Write a haiku about sandboxes",
+        ]);
+        assert!(out.status.success(), "{}", support::stderr(&out));
         let stdout: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let report: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
         (
@@ -434,17 +434,10 @@ fn invalid_utf8_is_refused_before_the_model_runs() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("invalid-utf8.txt");
     std::fs::write(&file, b"caf\xe9 au lait").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
-        .env("WASM_INFER_CACHE_DIR", support::cache_dir())
-        .arg(smollm2_wasm())
-        .arg(format!("@{}", file.display()))
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(6),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::wasm_infer(&[
+        smollm2_wasm().to_str().unwrap(),
+        &format!("@{}", file.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", support::stderr(&out));
     assert!(out.stdout.is_empty());
 }
