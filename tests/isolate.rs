@@ -483,19 +483,8 @@ fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
     for entry in std::fs::read_dir(&probes).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "environ") {
-            let environ = std::fs::read(&path).unwrap();
-            let mut names: Vec<String> = environ
-                .split(|&b| b == 0)
-                .filter(|v| !v.is_empty())
-                .map(|v| {
-                    String::from_utf8_lossy(v)
-                        .split('=')
-                        .next()
-                        .unwrap()
-                        .to_string()
-                })
-                .filter(|name| !(cfg!(feature = "cuda") && name == "LD_LIBRARY_PATH"))
-                .collect();
+            let mut names = support::environ_names(&path);
+            names.retain(|name| !(cfg!(feature = "cuda") && name == "LD_LIBRARY_PATH"));
             names.sort();
             assert_eq!(
                 names,

@@ -801,18 +801,7 @@ fn a_worker_sees_only_the_environment_it_is_given() {
     std::env::set_var("WASM_INFER_TEST_SECRET", "hunter2");
     let pool = WorkerPool::start(config(1)).unwrap();
     let pid = pool.idle_pids()[0];
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    let names: Vec<String> = environ
-        .split(|&b| b == 0)
-        .filter(|v| !v.is_empty())
-        .map(|v| {
-            String::from_utf8_lossy(v)
-                .split('=')
-                .next()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let names = support::environ_names(format!("/proc/{pid}/environ"));
     assert_eq!(names, ["RAYON_NUM_THREADS"]);
 }
 

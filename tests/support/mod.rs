@@ -102,6 +102,24 @@ pub fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The variable names in an environ file (`/proc/PID/environ` or a copy of one: `NAME=value`
+/// entries, each ended by a NUL), in the file's order.
+pub fn environ_names(path: impl AsRef<Path>) -> Vec<String> {
+    let path = path.as_ref();
+    let environ = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    environ
+        .split(|&b| b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split('=')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// A fresh, empty directory for one test's files under the target directory
 /// (`test-scratch/TEST_FILE/NAME`), emptied first.
 pub fn scratch(name: &str) -> PathBuf {
