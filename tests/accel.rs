@@ -783,23 +783,33 @@ fn long_linear_gelu_and_layer_norm_calls_stop_at_the_deadline_between_slices() {
     assert_eq!(gelu_slices(1 << 22), 4);
     assert_eq!(norm_slices(2048, 2048), 4);
     let (_runtime, model) = cpu();
-    let wall = Duration::from_millis(1500);
-    let limits = Limits::default()
-        .memory(1 << 30)
-        .device_memory(1 << 30)
-        .wall_time(wall);
     for command in [
         "op:linear,20,4096,1024,2048",
         "op:gelu,500,4194304",
         "op:layer-norm,500,2048,2048",
     ] {
-        let failure = run(&model, command, &limits).unwrap_err();
-        match failure.error.limit() {
-            Some(&LimitExceeded::WallTime { limit, .. }) => assert_eq!(limit, wall),
-            other => panic!("{command}: expected the wall-time limit, got {other:?}"),
-        }
-        assert_eq!(failure.usage.accel_interrupted, 1, "{command}");
+        stopped_between_slices(&model, command, Duration::from_millis(1500));
     }
+}
+
+/// Runs `command` (1 GiB of memory and of device memory) under a wall-time limit of `wall`,
+/// checks that the run ended with its wall-time error and one call interrupted (stopped
+/// between two of its slices), and returns the time elapsed the error reports.
+fn stopped_between_slices(model: &Model, command: &str, wall: Duration) -> Duration {
+    let limits = Limits::default()
+        .memory(1 << 30)
+        .device_memory(1 << 30)
+        .wall_time(wall);
+    let failure = run(model, command, &limits).unwrap_err();
+    let elapsed = match failure.error.limit() {
+        Some(&LimitExceeded::WallTime { limit, elapsed }) => {
+            assert_eq!(limit, wall, "{command}");
+            elapsed
+        }
+        other => panic!("{command}: expected the wall-time limit, got {other:?}"),
+    };
+    assert_eq!(failure.usage.accel_interrupted, 1, "{command}");
+    elapsed
 }
 
 /// A `linear` of fewer than 514 rows was one slice whatever its size: 513x4096·4088 (2^33
@@ -815,17 +825,11 @@ fn a_linear_of_few_rows_is_sliced_by_its_columns_or_refused() {
     assert_eq!(linear_grid(513, 4096, 4088), (1, 15));
     assert_eq!(LINEAR_MAX_SLICE_MACS, 1 << 30);
     let (_runtime, model) = cpu();
-    let wall = Duration::from_millis(1500);
-    let limits = Limits::default()
-        .memory(1 << 30)
-        .device_memory(1 << 30)
-        .wall_time(wall);
-    let failure = run(&model, "op:linear,20,513,4096,4088", &limits).unwrap_err();
-    match failure.error.limit() {
-        Some(&LimitExceeded::WallTime { limit, .. }) => assert_eq!(limit, wall),
-        other => panic!("expected the wall-time limit, got {other:?}"),
-    }
-    assert_eq!(failure.usage.accel_interrupted, 1);
+    stopped_between_slices(
+        &model,
+        "op:linear,20,513,4096,4088",
+        Duration::from_millis(1500),
+    );
     // 513x4081·513: one slice of 1,073,992,689 multiply-accumulates, past 2^30.
     assert_eq!(linear_slice_macs(513, 4081, 513), 1_073_992_689);
     let refused = run(&model, "op:linear,1,513,4081,513", &Limits::default()).unwrap();
@@ -852,19 +856,8 @@ fn a_long_attention_stops_at_the_deadline_between_slices() {
     assert_eq!(wasm_infer::accel::ATTENTION_SLICE_MACS, 1 << 26);
     let (_runtime, model) = cpu();
     let wall = Duration::from_millis(300);
-    let limits = Limits::default()
-        .memory(1 << 30)
-        .device_memory(1 << 30)
-        .wall_time(wall);
-    let failure = run(&model, "op:attention,10,2048,1024,1", &limits).unwrap_err();
-    match failure.error.limit() {
-        Some(&LimitExceeded::WallTime { limit, elapsed }) => {
-            assert_eq!(limit, wall);
-            assert!(elapsed >= wall, "{elapsed:?}");
-        }
-        other => panic!("expected the wall-time limit, got {other:?}"),
-    }
-    assert_eq!(failure.usage.accel_interrupted, 1);
+    let elapsed = stopped_between_slices(&model, "op:attention,10,2048,1024,1", wall);
+    assert!(elapsed >= wall, "{elapsed:?}");
     // The same model then answers, its calls not interrupted.
     let outcome = run(&model, "op:attention,1,64,64,64", &Limits::default()).unwrap();
     assert_eq!(text(&outcome), "attention x1");
