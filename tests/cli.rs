@@ -406,7 +406,7 @@ fn the_guest_sees_no_environment_even_when_the_host_has_secrets() {
 #[test]
 fn cache_list_shows_entries_and_clear_empties_it() {
     let dir = support::target_dir().join(format!("cli-cache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let dir_arg = dir.to_str().unwrap();
     let out = wasm_infer(&["--cache-dir", dir_arg, &hostile(), "echo:x"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -427,7 +427,7 @@ fn cache_list_shows_entries_and_clear_empties_it() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("removed 1 entries"));
     let out = wasm_infer(&["cache", "list", "--json", "--cache-dir", dir_arg]);
     assert_eq!(json(&out.stdout), serde_json::json!([]));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }
 
 #[test]
@@ -485,7 +485,7 @@ fn running_out_of_file_descriptors_is_an_internal_error_not_the_guests_trap() {
     for files in 4..=16u64 {
         let cache =
             support::target_dir().join(format!("tmp-nofile-{}-{files}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&cache);
+        support::remove_cache(&cache);
         let mut command = Command::new(env!("CARGO_BIN_EXE_wasm-infer"));
         command
             .env("WASM_INFER_CACHE_DIR", &cache)
@@ -506,7 +506,7 @@ fn running_out_of_file_descriptors_is_an_internal_error_not_the_guests_trap() {
             });
         }
         let out = command.output().unwrap();
-        let _ = std::fs::remove_dir_all(&cache);
+        support::remove_cache(&cache);
         match code(&out) {
             0 => {}
             1 => {

@@ -24,7 +24,7 @@ fn isolated(limits: CompileLimits) -> LoadOptions {
 
 fn fresh_runtime(name: &str) -> (Runtime, PathBuf) {
     let dir = support::target_dir().join(format!("isolate-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let runtime = Runtime::with_config(RuntimeConfig {
         cache_dir: Some(dir.clone()),
         ..RuntimeConfig::default()
@@ -62,7 +62,7 @@ fn a_model_compiled_in_a_worker_runs_like_one_compiled_here() {
     assert_golden("hostile_work_1000", outcome.usage.fuel_consumed);
     let again = Model::load_with(&runtime, hostile_wasm(), &options).unwrap();
     assert_eq!(again.load_report().code, CodeSource::Cached);
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn a_component_that_compiles_slowly_is_refused_at_the_compile_deadline() {
     good.unwrap()
         .run(text("echo:ok"), &Limits::default())
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }
 
 /// Loads the slow component in a worker under `limits` and returns the compile limit it hit.
@@ -139,7 +139,7 @@ fn slow_compile_hits(name: &str, limits: CompileLimits) -> CompileLimit {
         &slow_to_compile(300_000),
         &isolated(limits.clone()),
     ));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     match reason {
         wasm_infer::InvalidModel::CompileLimit {
             limit,
@@ -203,7 +203,7 @@ fn a_directory_planted_under_the_old_handoff_name_does_not_capture_the_code() {
         })
     });
     for dir in &planted {
-        let _ = std::fs::remove_dir_all(dir);
+        support::remove_cache(dir);
     }
     assert!(untouched, "a planted hand-off directory was used");
     let outcome = loaded
@@ -237,7 +237,7 @@ fn a_tampered_cache_entry_is_refused_naming_the_cache_and_discarded_then_compile
         outcome.output,
         wasm_infer::Output::Text("recompiled".into())
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }
 
 #[test]
@@ -261,7 +261,7 @@ fn cache_files_are_private_and_the_key_lives_beside_the_cache() {
     );
     assert_eq!(mode(&key), 0o600);
     assert_eq!(std::fs::metadata(&key).unwrap().len(), 32);
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let _ = std::fs::remove_file(&key);
 }
 
@@ -274,7 +274,7 @@ fn a_cache_directory_open_to_other_users_is_refused() {
         cache_dir: Some(dir.clone()),
         ..RuntimeConfig::default()
     });
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     match refused {
         Err(Error::Config(message)) => {
             assert!(message.contains("mode 755"), "{message}");
@@ -291,15 +291,14 @@ fn a_cache_directory_open_to_other_users_is_refused() {
 /// `wasm-infer run` of `model` with a fresh cache and the escape drill armed at `drill`.
 fn run_with_drill(name: &str, model: &Path, drill: &str) -> std::process::Output {
     let dir = support::target_dir().join(format!("isolate-drill-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
         .args(["run", &model.to_string_lossy(), "echo:drilled"])
         .env("WASM_INFER_CACHE_DIR", &dir)
         .env(wasm_infer::worker::ESCAPE_VAR, drill)
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_file(wasm_infer::cache::key_path(&dir));
+    support::remove_cache(&dir);
     output
 }
 
@@ -344,7 +343,7 @@ fn the_preinit_child_is_locked_down_before_the_first_guest_instruction() {
 /// the cache holds afterwards.
 fn run_preinit_drill(name: &str, drill: &str) -> (Option<i32>, String, Vec<String>) {
     let dir = support::target_dir().join(format!("isolate-poison-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
         .args(["run", "--report", "json", "--load-mem", "512M"])
         .arg(support::minilm_wasm())
@@ -362,8 +361,7 @@ fn run_preinit_drill(name: &str, drill: &str) -> (Option<i32>, String, Vec<Strin
         })
         .unwrap_or_default();
     cached.sort();
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_file(wasm_infer::cache::key_path(&dir));
+    support::remove_cache(&dir);
     (output.status.code(), stderr, cached)
 }
 
@@ -458,7 +456,7 @@ fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
     let dir = support::target_dir().join(format!("isolate-cgroup-{}", std::process::id()));
     let cache = dir.join("cache");
     let probes = dir.join("probes");
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     std::fs::create_dir_all(&probes).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_wasm-infer"))
         .arg("run")
@@ -499,7 +497,7 @@ fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
     let root = unsafe { libc::geteuid() } == 0;
     if !(root && Path::new("/sys/fs/cgroup").is_dir()) {
         eprintln!("no cgroup here: {stderr}");
-        let _ = std::fs::remove_dir_all(&dir);
+        support::remove_cache(&dir);
         let _ = std::fs::remove_file(wasm_infer::cache::key_path(&cache));
         return;
     }
@@ -576,6 +574,6 @@ fn the_load_children_are_in_a_cgroup_from_their_first_instruction() {
         memory_figures,
         vec![compile, compile + Limits::default().memory]
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let _ = std::fs::remove_file(wasm_infer::cache::key_path(&cache));
 }

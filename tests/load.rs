@@ -14,7 +14,7 @@ use wasm_infer::{
 /// A runtime with its own empty cache directory, `name`d per test.
 fn fresh_runtime(name: &str, pool: Option<u32>) -> (Runtime, std::path::PathBuf) {
     let dir = support::target_dir().join(format!("cache-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let runtime = Runtime::with_config(RuntimeConfig {
         cache_dir: Some(dir.clone()),
         pool,
@@ -151,7 +151,7 @@ fn a_missing_file_is_an_io_error_naming_the_path() {
 #[test]
 fn compiled_code_is_cached_and_reused() {
     let dir = support::target_dir().join(format!("cache-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
     let runtime = Runtime::with_config(RuntimeConfig {
         cache_dir: Some(dir.clone()),
         ..RuntimeConfig::default()
@@ -198,7 +198,7 @@ fn compiled_code_is_cached_and_reused() {
             &Default::default()
         )
         .is_ok());
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }
 
 #[test]
@@ -223,7 +223,7 @@ fn a_model_whose_info_blocks_in_a_host_call_fails_to_load_at_its_wall_time_limit
     assert_eq!(entries(&dir), 0);
     let good = Model::load(&runtime, hostile_wasm()).expect("a good model loads after it");
     good.run(text("echo:ok"), &Limits::default()).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }
 
 #[test]
@@ -270,7 +270,7 @@ fn a_refused_model_is_neither_compiled_nor_cached() {
         Err(Error::Trap { .. })
     ));
     assert_eq!(entries(&dir), 0);
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }
 
 #[test]
@@ -302,5 +302,5 @@ fn a_load_reports_its_phases_and_a_cached_load_skips_compiling() {
     use LoadPhase::*;
     assert_eq!(load(), [Inspecting, Cache, Compiling, Checking]);
     assert_eq!(load(), [Inspecting, Cache, Checking]);
-    let _ = std::fs::remove_dir_all(&dir);
+    support::remove_cache(&dir);
 }

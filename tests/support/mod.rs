@@ -153,6 +153,13 @@ pub fn runtime() -> &'static Runtime {
     })
 }
 
+/// Removes a test's own cache directory and the key file a runtime made beside it
+/// (`<dir>.key`), so that a test leaves neither behind in `target/`.
+pub fn remove_cache(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(wasm_infer::cache::key_path(dir));
+}
+
 /// The tests' compiled-model cache, private to this user as a runtime requires (a directory
 /// made by an older build may be 0755).
 pub fn cache_dir() -> PathBuf {
