@@ -45,8 +45,9 @@ pub struct Usage {
     pub accel_ops: u64,
     /// Device allocations refused for a budget (the guest may have fallen back).
     pub accel_refusals: u64,
-    /// Accelerator calls stopped part-way, at the run's deadline, before their work was done
-    /// (the run then ends with its wall-time error).
+    /// Accelerator calls stopped at the run's deadline before their work was done: between
+    /// two of their slices, after their last one, or as they began (the run then ends with
+    /// its wall-time error).
     #[serde(default)]
     pub accel_interrupted: u64,
     /// Fuel charged by WASI calls (their floors, random bytes, bytes moved on streams, the

@@ -298,12 +298,15 @@ type Handle = Resource<DeviceTensor>;
 /// `layer-norm`'s arguments: x, residual, scale, shift, eps.
 type NormArgs = (Handle, Option<Handle>, Handle, Handle, f32);
 
-/// Starts a call: the deadline check, then the fuel (a trap if either is spent).
+/// Starts a call: the deadline check, then the fuel (a trap if either is spent). A call that
+/// begins past the deadline is stopped there before any of its work, and counted as
+/// interrupted like one stopped between its slices: wherever the deadline falls in a run of
+/// long calls (in a call, or between two), the call it stopped is counted.
 fn begin<T: AccelState>(store: &mut Store<'_, T>, fuel: u64) -> wasmtime::Result<()> {
-    let state = store.data_mut();
-    if state.deadline_passed() {
-        return Err(Trap::Interrupt.into());
+    if store.data_mut().deadline_passed() {
+        return Err(interrupted(store));
     }
+    let state = store.data_mut();
     state.device().ops += 1;
     charge(store, cost::CALL.saturating_add(fuel))
 }
