@@ -332,3 +332,53 @@ impl crate::sink::Streams for RunState {
         &mut self.stream
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::AccelMode;
+    use crate::wasi::{begin, cost, WasiMeter, MAX_RANDOM_BYTES_PER_CALL};
+    use wasmtime::AsContextMut;
+
+    /// A store as a run has it, under `limits`.
+    fn store(limits: &Limits) -> wasmtime::Store<RunState> {
+        // A run's engine as far as a store needs it (no code is compiled here).
+        let mut config = wasmtime::Config::new();
+        config.consume_fuel(true).epoch_interruption(true);
+        let engine = wasmtime::Engine::new(&config).unwrap();
+        let accel = Arc::new(Accel::new(AccelMode::Off, 0).unwrap());
+        new_store(&engine, accel, true, limits).unwrap()
+    }
+
+    /// The gate every WASI call whose work grows with its arguments passes first (random
+    /// bytes, stream writes, reads, skips, splices, `poll`): a call that begins past the
+    /// run's deadline is an interrupt before it takes fuel or does any work, and the same
+    /// call before the deadline takes exactly its charge.
+    #[test]
+    fn a_wasi_call_begun_past_the_deadline_takes_nothing_and_does_nothing() {
+        let charge = cost::random(MAX_RANDOM_BYTES_PER_CALL);
+        assert_eq!(charge, 100 + 16 * (1 << 20));
+        // A wall-time limit of zero has passed when the call begins.
+        let limits = Limits::default().fuel(20_000_000).wall_time(Duration::ZERO);
+        let mut past = store(&limits);
+        let refused = begin(&mut past.as_context_mut(), charge).unwrap_err();
+        assert_eq!(
+            refused.downcast_ref::<wasmtime::Trap>(),
+            Some(&wasmtime::Trap::Interrupt)
+        );
+        assert_eq!(past.get_fuel().unwrap(), 20_000_001, "no fuel taken");
+        assert_eq!(*past.data_mut().wasi_charged(), 0);
+        assert!(matches!(
+            past.data_mut().deadline.tripped(),
+            Some(LimitExceeded::WallTime {
+                limit: Duration::ZERO,
+                ..
+            })
+        ));
+        // Before the deadline: the call's charge, to the unit.
+        let mut before = store(&limits.clone().wall_time(Duration::from_secs(3600)));
+        begin(&mut before.as_context_mut(), charge).unwrap();
+        assert_eq!(before.get_fuel().unwrap(), 20_000_001 - charge);
+        assert_eq!(*before.data_mut().wasi_charged(), charge);
+    }
+}

@@ -87,7 +87,7 @@ pub(crate) trait WasiMeter: WasiView + Send + 'static {
 /// (a trap if either is spent), before any of the work. Each such call's work is capped
 /// (1 MiB of random bytes, 64 KiB moved on a stream), so past the deadline a run goes on for
 /// at most one epoch tick plus one call.
-fn begin<T: WasiMeter>(
+pub(crate) fn begin<T: WasiMeter>(
     store: &mut wasmtime::StoreContextMut<'_, T>,
     fuel: u64,
 ) -> wasmtime::Result<()> {
@@ -748,56 +748,5 @@ impl StdoutStream for GuestLog {
     }
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
         Box::new(self.clone())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::accel::{Accel, AccelMode};
-    use crate::limits::Limits;
-    use crate::runtime::RuntimeConfig;
-    use std::sync::Arc;
-    use std::time::Duration;
-    use wasmtime::AsContextMut;
-
-    /// A store as a run has it, under `limits`.
-    fn store(limits: &Limits) -> wasmtime::Store<crate::store::RunState> {
-        let config = RuntimeConfig::default().engine_settings().config().unwrap();
-        let engine = wasmtime::Engine::new(&config).unwrap();
-        let accel = Arc::new(Accel::new(AccelMode::Off, 0).unwrap());
-        crate::store::new_store(&engine, accel, true, limits).unwrap()
-    }
-
-    /// The gate every WASI call whose work grows with its arguments passes first (random
-    /// bytes, stream writes, reads, skips, splices, `poll`): a call that begins past the
-    /// run's deadline is an interrupt before it takes fuel or does any work, and the same
-    /// call before the deadline takes exactly its charge.
-    #[test]
-    fn a_wasi_call_begun_past_the_deadline_takes_nothing_and_does_nothing() {
-        let charge = cost::random(MAX_RANDOM_BYTES_PER_CALL);
-        assert_eq!(charge, 100 + 16 * (1 << 20));
-        // A wall-time limit of zero has passed when the call begins.
-        let limits = Limits::default().fuel(20_000_000).wall_time(Duration::ZERO);
-        let mut past = store(&limits);
-        let refused = begin(&mut past.as_context_mut(), charge).unwrap_err();
-        assert_eq!(
-            refused.downcast_ref::<wasmtime::Trap>(),
-            Some(&wasmtime::Trap::Interrupt)
-        );
-        assert_eq!(past.get_fuel().unwrap(), 20_000_001, "no fuel taken");
-        assert_eq!(*past.data_mut().wasi_charged(), 0);
-        assert!(matches!(
-            past.data_mut().deadline.tripped(),
-            Some(crate::LimitExceeded::WallTime {
-                limit: Duration::ZERO,
-                ..
-            })
-        ));
-        // Before the deadline: the call's charge, to the unit.
-        let mut before = store(&limits.clone().wall_time(Duration::from_secs(3600)));
-        begin(&mut before.as_context_mut(), charge).unwrap();
-        assert_eq!(before.get_fuel().unwrap(), 20_000_001 - charge);
-        assert_eq!(*before.data_mut().wasi_charged(), charge);
     }
 }
