@@ -515,6 +515,32 @@ pub fn percentile(values: &[u64], p: u32) -> u64 {
 mod tests {
     use super::*;
 
+    /// A float in a profile or cases file reads back as the float written. 0.9999999999998119
+    /// is a bound `check` derives from a cosine; serde_json's default parser reads it one ulp
+    /// high (0.999999999999812), which turned an exact bound into another one.
+    #[test]
+    fn a_float_reads_back_bit_for_bit() {
+        let dir = std::env::temp_dir().join(format!("wasm-infer-floats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("floats.json");
+        let written = [
+            0.9999999999998119_f64,
+            0.1 + 0.2,
+            1.0e-300,
+            2.2250738585072014e-308,
+        ];
+        std::fs::write(&path, serde_json::json!({ "floats": written }).to_string()).unwrap();
+        let read: serde_json::Value = read_versioned(&path, "file", true).unwrap();
+        let bits: Vec<u64> = read["floats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap().to_bits())
+            .collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(bits, written.map(f64::to_bits));
+    }
+
     #[test]
     fn a_quadratic_is_recovered_and_covers_every_point() {
         let points: Vec<(u64, u64)> = (0..40u64)
