@@ -164,6 +164,60 @@ fn epoch_callbacks_at_every_loop_header_keep_every_vector_register() {
     assert!(calls.load(Ordering::Relaxed) > TRIPS as u64);
 }
 
+/// Fuel the epoch callback charges at each call (as the host charges a WASI call's floor in
+/// a call hook, which also runs inside the new-epoch builtin).
+const CHARGE: u64 = 100;
+
+/// `spin(n)`: a loop of `n` trips, a call (which flushes the function's fuel counter to the
+/// store part-way through the active fuel), then another loop of `n` trips.
+const SPIN: &str = r#"(module
+  (func $flush)
+  (func (export "spin") (param $n i32)
+    (local $i i32)
+    (local.set $i (local.get $n))
+    (loop $first (br_if $first (local.tee $i (i32.sub (local.get $i) (i32.const 1)))))
+    (call $flush)
+    (loop $second (br_if $second (local.tee $n (i32.sub (local.get $n) (i32.const 1)))))))"#;
+
+/// Runs `spin(TRIPS)` on the project's engine with the host's fuel yield interval, with an
+/// epoch callback at every loop header when `charging` that takes [`CHARGE`] fuel through
+/// `get_fuel`/`set_fuel`: the fuel the run used and the number of callbacks.
+fn fuel_used(charging: bool) -> (u64, u64) {
+    let engine = Engine::new(&project_config()).unwrap();
+    let mut store = Store::new(&engine, 0u64);
+    const BUDGET: u64 = 1 << 40;
+    store.set_fuel(BUDGET).unwrap();
+    store.fuel_async_yield_interval(Some(10_000_000)).unwrap();
+    store.epoch_deadline_callback(|mut ctx| {
+        *ctx.data_mut() += 1;
+        let left = ctx.get_fuel()?;
+        ctx.set_fuel(left - CHARGE)?;
+        Ok(UpdateDeadline::Yield(0))
+    });
+    store.set_epoch_deadline(if charging { 0 } else { u64::MAX / 2 });
+    let module = Module::new(&engine, SPIN).unwrap();
+    futures::executor::block_on(async {
+        let instance = Instance::new_async(&mut store, &module, &[]).await?;
+        let spin = instance.get_typed_func::<i32, ()>(&mut store, "spin")?;
+        spin.call_async(&mut store, TRIPS).await
+    })
+    .unwrap();
+    (BUDGET - store.get_fuel().unwrap(), *store.data())
+}
+
+#[test]
+fn fuel_an_epoch_callback_charges_is_charged_exactly() {
+    // The new-epoch slow path flushes the loop's fuel counter before the callback and reloads
+    // it after, as the out-of-fuel path does. Without that, a callback after the call saw the
+    // count as the call left it, and its `set_fuel` re-split that stale count between the
+    // active counter and the reserve: the first loop's fuel was counted twice.
+    let (plain, none) = fuel_used(false);
+    assert_eq!(none, 0);
+    let (charged, calls) = fuel_used(true);
+    assert!(calls > 2 * TRIPS as u64, "{calls} callbacks");
+    assert_eq!(charged, plain + calls * CHARGE);
+}
+
 /// The frames of a trap's backtrace, by function name.
 fn frames(error: &wasmtime::Error) -> Vec<String> {
     error

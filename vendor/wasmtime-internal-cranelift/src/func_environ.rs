@@ -847,7 +847,20 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
         let vmctx = self.vmctx_val(&mut builder.cursor());
         // wasm-infer patch: the `PreserveAll` trampoline returns nothing, so reload the new
         // deadline, which new_epoch() stored in the `VMStoreContext`.
+        //
+        // And save the fuel counter before the call and reload it after, as the out-of-fuel
+        // path does. new_epoch() runs host code (the epoch callback, the store's call hooks)
+        // that may read or charge fuel; without the save it reads a stale count, and a
+        // `set_fuel` on that count re-splits it between the active counter and the reserve,
+        // which this function's later save then overwrites: a run charged there lost all the
+        // fuel it had used since the last refill, at a wall-clock-dependent point.
+        if self.tunables.consume_fuel {
+            self.fuel_save_from_var(builder);
+        }
         builder.ins().call(new_epoch, &[vmctx]);
+        if self.tunables.consume_fuel {
+            self.fuel_load_into_var(builder);
+        }
         let vmstore_ctx = self.get_vmstore_context_ptr(builder);
         let new_deadline = self
             .alias_regions
