@@ -87,6 +87,8 @@ pub(crate) struct RunState {
     copy_budgets: CopyBudgets,
     /// Fuel owed by the WASI calls now in progress (see [`wasi::WasiMeter`]).
     wasi_owed: u64,
+    /// Host calls in progress, nested ones included (see the call hook in [`new_store`]).
+    host_calls: u32,
     /// Fuel WASI calls have been charged (reported as [`Usage::wasi_fuel`](crate::Usage)).
     pub(crate) wasi_fuel: u64,
     /// What a generation has streamed so far (`generate.rs`).
@@ -148,6 +150,7 @@ impl RunState {
                 returned: false,
             },
             wasi_owed: 0,
+            host_calls: 0,
             wasi_fuel: 0,
             stream: crate::sink::Stream {
                 max_output: limits.max_output,
@@ -289,13 +292,29 @@ pub(crate) fn new_store(
     // A call into the host gets the calls budget; wasm returning to the host (the export's
     // result, or the guest's allocator called back while the host hands it a result) gets
     // the result budget, until the guest calls the host again.
-    // A WASI call's floor (recorded by the call, see `wasi::WasiMeter`) is charged as it
-    // returns.
+    // A WASI call's floor (recorded by the call, see `wasi::WasiMeter`) is charged as the
+    // outermost host call in progress returns, never as a nested one does. Host calls nest:
+    // a WASI result is lowered through the guest's allocator, whose `memory.grow` or epoch
+    // check is a libcall with these hooks of its own, made while that wasm function still
+    // holds its fuel count in a register. A charge there re-split a stale count between the
+    // active counter and the reserve, and the function's next flush counted the fuel used
+    // since the last refill twice. When the outermost call returns, every wasm frame has
+    // flushed its count.
     store.call_hook(|mut ctx, hook| {
         let returned = match hook {
-            CallHook::CallingHost => false,
+            CallHook::CallingHost => {
+                ctx.data_mut().host_calls += 1;
+                false
+            }
             CallHook::ReturningFromWasm => true,
-            CallHook::ReturningFromHost => return wasi::settle(&mut ctx),
+            CallHook::ReturningFromHost => {
+                let calls = &mut ctx.data_mut().host_calls;
+                *calls = calls.saturating_sub(1);
+                if *calls > 0 {
+                    return Ok(());
+                }
+                return wasi::settle(&mut ctx);
+            }
             CallHook::CallingWasm => return Ok(()),
         };
         let budgets = &mut ctx.data_mut().copy_budgets;
@@ -380,5 +399,58 @@ mod tests {
         begin(&mut before.as_context_mut(), charge).unwrap();
         assert_eq!(before.get_fuel().unwrap(), 20_000_001 - charge);
         assert_eq!(*before.data_mut().wasi_charged(), charge);
+    }
+
+    /// `run` spins, then calls the host's `owe`, which owes `floor` as a WASI call does and
+    /// calls back into `grow` before it returns, as wasmtime lowers a WASI call's result
+    /// through the guest's allocator; `grow` spins and grows memory, a libcall with call
+    /// hooks of its own, nested in `owe`.
+    const NESTED: &str = r#"(module
+      (import "host" "owe" (func $owe))
+      (memory 1)
+      (func (export "grow")
+        (local $i i32)
+        (local.set $i (i32.const 100))
+        (loop $l (br_if $l (local.tee $i (i32.sub (local.get $i) (i32.const 1)))))
+        (drop (memory.grow (i32.const 1))))
+      (func (export "run")
+        (local $i i32)
+        (local.set $i (i32.const 10000))
+        (loop $l (br_if $l (local.tee $i (i32.sub (local.get $i) (i32.const 1)))))
+        (call $owe)))"#;
+
+    /// The fuel [`NESTED`]'s `run` uses in a run's store when `owe` owes `floor`.
+    fn fuel_of_nested(floor: u64) -> u64 {
+        let limits = Limits::default()
+            .fuel(20_000_000)
+            .wall_time(Duration::from_secs(3600));
+        let mut store = store(&limits);
+        let before = store.get_fuel().unwrap();
+        let module = wasmtime::Module::new(store.engine(), NESTED).unwrap();
+        let mut linker = wasmtime::Linker::<RunState>::new(store.engine());
+        linker
+            .func_wrap_async("host", "owe", move |mut caller, (): ()| {
+                Box::new(async move {
+                    *caller.data_mut().wasi_owed() += floor;
+                    let grow = caller.get_export("grow").unwrap().into_func().unwrap();
+                    grow.call_async(&mut caller, &[], &mut []).await
+                })
+            })
+            .unwrap();
+        futures::executor::block_on(async {
+            let instance = linker.instantiate_async(&mut store, &module).await?;
+            let run = instance.get_typed_func::<(), ()>(&mut store, "run")?;
+            run.call_async(&mut store, ()).await
+        })
+        .unwrap();
+        before - store.get_fuel().unwrap()
+    }
+
+    /// What a WASI call owes is charged as the outermost host call returns, not in a libcall
+    /// nested in it: there the nested function's fuel count is still in a register, and a
+    /// charge re-split that stale count, so the run's fuel until then was counted twice.
+    #[test]
+    fn a_floor_owed_by_a_host_call_is_charged_once_its_nested_calls_are_done() {
+        assert_eq!(fuel_of_nested(100), fuel_of_nested(0) + 100);
     }
 }

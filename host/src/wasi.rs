@@ -72,8 +72,8 @@ pub const MAX_STREAM_BYTES_PER_CALL: u64 = LOG_WRITE_PERMIT as u64;
 
 /// What a store must give the metered WASI functions: its WASI view, and a place to record
 /// the floor of calls that go through wasmtime-wasi's own implementations, which see only the
-/// store's data. The store settles that debt as the call returns to the guest (its
-/// `ReturningFromHost` call hook, [`settle`]).
+/// store's data. The store settles that debt as the outermost host call in progress returns
+/// to the guest (its `ReturningFromHost` call hook, [`settle`]).
 pub(crate) trait WasiMeter: WasiView + Send + 'static {
     /// Fuel owed by WASI calls made since the last settlement.
     fn wasi_owed(&mut self) -> &mut u64;
