@@ -808,7 +808,11 @@ fn stopped_between_slices(model: &Model, command: &str, wall: Duration) -> Durat
         }
         other => panic!("{command}: expected the wall-time limit, got {other:?}"),
     };
-    assert_eq!(failure.usage.accel_interrupted, 1, "{command}");
+    assert_eq!(
+        failure.usage.accel_interrupted, 1,
+        "{command} elapsed {elapsed:?} usage {:?}",
+        failure.usage
+    );
     elapsed
 }
 
