@@ -795,25 +795,36 @@ fn long_linear_gelu_and_layer_norm_calls_stop_at_the_deadline_between_slices() {
 /// Runs `command` (1 GiB of memory and of device memory) under a wall-time limit of `wall`,
 /// checks that the run ended with its wall-time error and one call interrupted (stopped
 /// between two of its slices), and returns the time elapsed the error reports.
+///
+/// The deadline can also fall just after a call has ended, while the guest drops the result
+/// and loops to its next call; the guest's own epoch check then ends the run with no call
+/// interrupted, which is the right count. With calls of a few milliseconds (GELU, layer
+/// norm) on a loaded machine that was about one run in ten, so a run that ends that way is
+/// made again, up to three times, each with its wall-time error and no more than one call
+/// interrupted.
 fn stopped_between_slices(model: &Model, command: &str, wall: Duration) -> Duration {
     let limits = Limits::default()
         .memory(1 << 30)
         .device_memory(1 << 30)
         .wall_time(wall);
-    let failure = run(model, command, &limits).unwrap_err();
-    let elapsed = match failure.error.limit() {
-        Some(&LimitExceeded::WallTime { limit, elapsed }) => {
-            assert_eq!(limit, wall, "{command}");
-            elapsed
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let failure = run(model, command, &limits).unwrap_err();
+        let elapsed = match failure.error.limit() {
+            Some(&LimitExceeded::WallTime { limit, elapsed }) => {
+                assert_eq!(limit, wall, "{command}");
+                elapsed
+            }
+            other => panic!("{command}: expected the wall-time limit, got {other:?}"),
+        };
+        let interrupted = failure.usage.accel_interrupted;
+        assert!(interrupted <= 1, "{command}: {:?}", failure.usage);
+        if interrupted == 1 {
+            return elapsed;
         }
-        other => panic!("{command}: expected the wall-time limit, got {other:?}"),
-    };
-    assert_eq!(
-        failure.usage.accel_interrupted, 1,
-        "{command} elapsed {elapsed:?} usage {:?}",
-        failure.usage
-    );
-    elapsed
+        runs.push((elapsed, failure.usage));
+    }
+    panic!("{command}: no call interrupted in three runs: {runs:?}");
 }
 
 /// A `linear` of fewer than 514 rows was one slice whatever its size: 513x4096·4088 (2^33
